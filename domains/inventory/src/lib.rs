@@ -1,0 +1,378 @@
+//! Inventory: the authority on stock. Reserves every line of an order on `OrderPlaced` (all
+//! or nothing), releases a reservation on `ReleaseStock`, commits it on `CommitStock`.
+//!
+//! Conservation: for every sku, `added = available + reserved + committed`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use orders::{LineItem, OrderPlaced};
+use runtime::component::DynComponent;
+use runtime::{
+    decode_as, load, message, read, read_all, save, Component, DecodeError, HandleCtx, HandleError,
+    Message, Outgoing, QueryError, StateRead, StateTx, Subscription,
+};
+use serde::{Deserialize, Serialize};
+
+pub const CONTEXT: &str = "inventory";
+
+/// Command: add stock of a sku.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AddStock {
+    pub sku: String,
+    pub qty: u64,
+}
+message!(AddStock, Command);
+
+/// Command from fulfilment: give a reservation back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseStock {
+    pub order_id: String,
+}
+message!(ReleaseStock, Command);
+
+/// Command from fulfilment: the reserved stock has left the warehouse.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommitStock {
+    pub order_id: String,
+}
+message!(CommitStock, Command);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StockAdded {
+    pub sku: String,
+    pub qty: u64,
+    pub available: u64,
+}
+message!(StockAdded, Event);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StockReserved {
+    pub order_id: String,
+    pub items: Vec<LineItem>,
+}
+message!(StockReserved, Event);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StockRejected {
+    pub order_id: String,
+    pub reason: String,
+}
+message!(StockRejected, Event);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StockReleased {
+    pub order_id: String,
+}
+message!(StockReleased, Event);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StockCommitted {
+    pub order_id: String,
+}
+message!(StockCommitted, Event);
+
+/// Stock of one sku.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sku {
+    pub added: u64,
+    pub available: u64,
+    pub reserved: u64,
+    pub committed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReservationStatus {
+    Reserved,
+    Rejected,
+    Released,
+    Committed,
+}
+
+/// What inventory did for one order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub order_id: String,
+    pub items: Vec<LineItem>,
+    pub status: ReservationStatus,
+}
+
+/// Inputs of the stock component.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    Placed(OrderPlaced),
+    Add(AddStock),
+    Release(ReleaseStock),
+    Commit(CommitStock),
+}
+
+/// The outcome of a decision: the changes to write and the event to publish.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Decision {
+    pub skus: BTreeMap<String, Sku>,
+    pub reservation: Option<Reservation>,
+    pub event: Option<Outgoing>,
+}
+
+/// Decides an input given the skus it touches and the order's reservation.
+/// `Err(Some(m))` retries later (prerequisite missing); `Err(None)` never happens for
+/// valid input.
+pub fn decide(
+    skus: &BTreeMap<String, Sku>,
+    reservation: Option<&Reservation>,
+    input: &Input,
+) -> Result<Decision, HandleError> {
+    let mut d = Decision::default();
+    match input {
+        Input::Add(a) => {
+            if a.qty == 0 || a.sku.trim().is_empty() {
+                return Err(HandleError::Permanent("AddStock needs a sku and qty >= 1".into()));
+            }
+            let mut s = skus.get(&a.sku).cloned().unwrap_or_default();
+            s.added += a.qty;
+            s.available += a.qty;
+            d.event = Some(Outgoing::event(&StockAdded { sku: a.sku.clone(), qty: a.qty, available: s.available }));
+            d.skus.insert(a.sku.clone(), s);
+        }
+        Input::Placed(p) => {
+            if reservation.is_some() {
+                return Ok(d);
+            }
+            let mut wanted: BTreeMap<&str, u64> = BTreeMap::new();
+            for i in &p.items {
+                *wanted.entry(i.sku.as_str()).or_default() += i.qty as u64;
+            }
+            let short: Vec<String> = wanted
+                .iter()
+                .filter(|(sku, qty)| skus.get(**sku).map_or(0, |s| s.available) < **qty)
+                .map(|(sku, _)| sku.to_string())
+                .collect();
+            let status = if short.is_empty() {
+                for (sku, qty) in wanted {
+                    let mut s = skus.get(sku).cloned().unwrap_or_default();
+                    s.available -= qty;
+                    s.reserved += qty;
+                    d.skus.insert(sku.to_string(), s);
+                }
+                d.event = Some(Outgoing::event(&StockReserved { order_id: p.order_id.clone(), items: p.items.clone() }));
+                ReservationStatus::Reserved
+            } else {
+                let reason = format!("insufficient stock: {}", short.join(", "));
+                d.event = Some(Outgoing::event(&StockRejected { order_id: p.order_id.clone(), reason }));
+                ReservationStatus::Rejected
+            };
+            d.reservation = Some(Reservation { order_id: p.order_id.clone(), items: p.items.clone(), status });
+        }
+        Input::Release(ReleaseStock { order_id }) | Input::Commit(CommitStock { order_id }) => {
+            let Some(r) = reservation else {
+                return Err(HandleError::Retry(format!("no reservation for order {order_id} yet")));
+            };
+            let commit = matches!(input, Input::Commit(_));
+            match (r.status, commit) {
+                (ReservationStatus::Reserved, _) => {
+                    for (sku, qty) in sum_by_sku(&r.items) {
+                        let mut s = skus.get(&sku).cloned().unwrap_or_default();
+                        s.reserved -= qty;
+                        if commit {
+                            s.committed += qty;
+                        } else {
+                            s.available += qty;
+                        }
+                        d.skus.insert(sku, s);
+                    }
+                    let mut r = r.clone();
+                    if commit {
+                        r.status = ReservationStatus::Committed;
+                        d.event = Some(Outgoing::event(&StockCommitted { order_id: order_id.clone() }));
+                    } else {
+                        r.status = ReservationStatus::Released;
+                        d.event = Some(Outgoing::event(&StockReleased { order_id: order_id.clone() }));
+                    }
+                    d.reservation = Some(r);
+                }
+                (ReservationStatus::Committed, true) | (ReservationStatus::Released, false) => {}
+                (status, _) => {
+                    return Err(HandleError::Permanent(format!(
+                        "cannot {} the reservation of {order_id}: it is {status:?}",
+                        if commit { "commit" } else { "release" }
+                    )))
+                }
+            }
+        }
+    }
+    Ok(d)
+}
+
+fn sum_by_sku(items: &[LineItem]) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for i in items {
+        *m.entry(i.sku.clone()).or_default() += i.qty as u64;
+    }
+    m
+}
+
+fn sku_key(sku: &str) -> String {
+    format!("sku/{sku}")
+}
+fn reservation_key(order: &str) -> String {
+    format!("reservation/{order}")
+}
+
+/// The stock component.
+pub struct Stock;
+
+impl Component for Stock {
+    type Input = Input;
+    fn name(&self) -> &'static str {
+        "stock"
+    }
+    fn subscriptions(&self) -> Vec<Subscription> {
+        vec![
+            Subscription::events(orders::CONTEXT, &[OrderPlaced::TYPE]),
+            Subscription::commands(CONTEXT, &[AddStock::TYPE, ReleaseStock::TYPE, CommitStock::TYPE]),
+        ]
+    }
+    fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Input, DecodeError> {
+        Ok(match msg_type {
+            OrderPlaced::TYPE => Input::Placed(decode_as(payload)?),
+            AddStock::TYPE => Input::Add(decode_as(payload)?),
+            ReleaseStock::TYPE => Input::Release(decode_as(payload)?),
+            CommitStock::TYPE => Input::Commit(decode_as(payload)?),
+            other => return Err(DecodeError::UnknownType(other.into())),
+        })
+    }
+    fn handle(&self, tx: &dyn StateTx, input: &Input, _: &HandleCtx<'_>) -> Result<Vec<Outgoing>, HandleError> {
+        let order_id = match input {
+            Input::Placed(p) => Some(&p.order_id),
+            Input::Release(r) => Some(&r.order_id),
+            Input::Commit(c) => Some(&c.order_id),
+            Input::Add(_) => None,
+        };
+        let reservation: Option<Reservation> = match order_id {
+            Some(id) => load(tx, &reservation_key(id))?,
+            None => None,
+        };
+        let touched: Vec<String> = match input {
+            Input::Add(a) => vec![a.sku.clone()],
+            Input::Placed(p) => p.items.iter().map(|i| i.sku.clone()).collect(),
+            _ => reservation.iter().flat_map(|r| r.items.iter().map(|i| i.sku.clone())).collect(),
+        };
+        let mut skus = BTreeMap::new();
+        for sku in touched {
+            if let Some(s) = load::<Sku>(tx, &sku_key(&sku))? {
+                skus.insert(sku, s);
+            }
+        }
+        let d = decide(&skus, reservation.as_ref(), input)?;
+        for (sku, s) in &d.skus {
+            save(tx, &sku_key(sku), s)?;
+        }
+        if let Some(r) = &d.reservation {
+            save(tx, &reservation_key(&r.order_id), r)?;
+        }
+        Ok(d.event.into_iter().collect())
+    }
+}
+
+pub fn components() -> Vec<Arc<dyn DynComponent>> {
+    vec![Arc::new(Stock)]
+}
+
+pub const QUERIES: &[&str] = &["reservation", "stock", "summary"];
+
+/// `reservation {"order_id"}`; `stock` -> every sku; `summary` -> every reservation's status
+/// and the stock totals.
+pub fn query(state: &dyn StateRead, name: &str, req: &[u8]) -> Result<serde_json::Value, QueryError> {
+    match name {
+        "reservation" => {
+            let id = runtime::component::request_field(req, "order_id")?;
+            let r: Reservation = read(state, &reservation_key(&id))?.ok_or(QueryError::NotFound)?;
+            Ok(serde_json::to_value(r).unwrap_or_default())
+        }
+        "stock" => Ok(serde_json::to_value(skus(state)?).unwrap_or_default()),
+        "summary" => {
+            let rs: Vec<Reservation> = read_all(state, "reservation/")?;
+            let statuses: serde_json::Map<_, _> =
+                rs.iter().map(|r| (r.order_id.clone(), serde_json::json!(r.status))).collect();
+            Ok(serde_json::json!({ "reservations": statuses, "stock": skus(state)? }))
+        }
+        other => Err(QueryError::Unknown(other.into())),
+    }
+}
+
+fn skus(state: &dyn StateRead) -> Result<BTreeMap<String, Sku>, QueryError> {
+    let mut m = BTreeMap::new();
+    for (k, v) in state.scan_prefix("sku/").map_err(|e| QueryError::Store(e.to_string()))? {
+        let s: Sku = serde_json::from_slice(&v).map_err(|e| QueryError::Store(e.to_string()))?;
+        m.insert(k.trim_start_matches("sku/").to_string(), s);
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn placed(order: &str, sku: &str, qty: u32) -> Input {
+        Input::Placed(OrderPlaced {
+            order_id: order.into(),
+            customer_id: "c".into(),
+            items: vec![LineItem { sku: sku.into(), qty, unit_price_cents: 1 }],
+            total_cents: qty as u64,
+            payment_method: "card".into(),
+        })
+    }
+
+    fn stock(sku: &str, n: u64) -> BTreeMap<String, Sku> {
+        BTreeMap::from([(sku.to_string(), Sku { added: n, available: n, reserved: 0, committed: 0 })])
+    }
+
+    fn conserved(s: &Sku) -> bool {
+        s.added == s.available + s.reserved + s.committed
+    }
+
+    #[test]
+    fn reserves_when_enough_and_conserves() {
+        let d = decide(&stock("a", 5), None, &placed("o1", "a", 3)).unwrap();
+        let s = &d.skus["a"];
+        assert_eq!((s.available, s.reserved), (2, 3));
+        assert!(conserved(s));
+        assert_eq!(d.event.unwrap().msg_type, "StockReserved");
+    }
+
+    #[test]
+    fn rejects_when_short_and_changes_nothing() {
+        let d = decide(&stock("a", 2), None, &placed("o1", "a", 3)).unwrap();
+        assert!(d.skus.is_empty());
+        assert_eq!(d.reservation.unwrap().status, ReservationStatus::Rejected);
+        assert_eq!(d.event.unwrap().msg_type, "StockRejected");
+    }
+
+    #[test]
+    fn release_and_commit_move_reserved_stock() {
+        let d = decide(&stock("a", 5), None, &placed("o1", "a", 3)).unwrap();
+        let r = d.reservation.clone().unwrap();
+        let rel = decide(&d.skus, Some(&r), &Input::Release(ReleaseStock { order_id: "o1".into() })).unwrap();
+        assert_eq!(rel.skus["a"].available, 5);
+        assert!(conserved(&rel.skus["a"]));
+        let com = decide(&d.skus, Some(&r), &Input::Commit(CommitStock { order_id: "o1".into() })).unwrap();
+        assert_eq!((com.skus["a"].committed, com.skus["a"].reserved), (3, 0));
+        assert!(conserved(&com.skus["a"]));
+        // Repeats are no-ops.
+        let again = decide(&com.skus, com.reservation.as_ref(), &Input::Commit(CommitStock { order_id: "o1".into() })).unwrap();
+        assert!(again.event.is_none() && again.skus.is_empty());
+    }
+
+    #[test]
+    fn release_before_reservation_waits() {
+        let r = decide(&BTreeMap::new(), None, &Input::Release(ReleaseStock { order_id: "o1".into() }));
+        assert!(matches!(r, Err(HandleError::Retry(_))));
+    }
+
+    #[test]
+    fn order_placed_twice_reserves_once() {
+        let d = decide(&stock("a", 5), None, &placed("o1", "a", 3)).unwrap();
+        let again = decide(&d.skus, d.reservation.as_ref(), &placed("o1", "a", 3)).unwrap();
+        assert!(again.skus.is_empty() && again.event.is_none());
+    }
+}

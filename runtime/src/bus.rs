@@ -1,0 +1,221 @@
+//! The bus: NATS connection, JetStream streams and durable consumers, publishing.
+//!
+//! Architecture invariant: only this module, `subjects` and `envelope` know the wire format;
+//! components see typed inputs and return [`crate::component::Outgoing`] values.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+
+use crate::component::Subscription;
+use crate::config::NodeConfig;
+use crate::envelope::{self, headers, Envelope};
+use crate::subjects;
+
+/// Bus failures; all transient from a message's point of view.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("jetstream {what}: {message}")]
+    JetStream { what: String, message: String },
+    #[error("publish to {subject}: {message}")]
+    Publish { subject: String, message: String },
+}
+
+fn js_err(what: impl Into<String>, e: impl std::fmt::Display) -> BusError {
+    BusError::JetStream {
+        what: what.into(),
+        message: e.to_string(),
+    }
+}
+
+/// Connected client plus JetStream context; cheap to clone.
+#[derive(Clone)]
+pub struct Bus {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+}
+
+impl Bus {
+    /// Connects, retrying the initial connection for up to `wait`.
+    pub async fn connect(url: &str, name: &str, wait: Duration) -> Result<Self, BusError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let opts = async_nats::ConnectOptions::new()
+                .name(name)
+                .connection_timeout(Duration::from_secs(2))
+                .request_timeout(Some(Duration::from_secs(10)));
+            match opts.connect(url).await {
+                Ok(client) => {
+                    let js = jetstream::new(client.clone());
+                    return Ok(Bus { client, js });
+                }
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(BusError::Connect {
+                        url: url.to_string(),
+                        message: e.to_string(),
+                    })
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// Creates the context's stream (or keeps the existing one) with explicit limits.
+    pub async fn ensure_context_stream(&self, context: &str, cfg: &NodeConfig) -> Result<(), BusError> {
+        let s = &cfg.stream;
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: subjects::stream(context),
+                subjects: subjects::stream_subjects(context),
+                max_age: Duration::from_millis(s.max_age_ms),
+                max_bytes: s.max_bytes,
+                max_message_size: s.max_message_size,
+                duplicate_window: Duration::from_millis(s.duplicate_window_ms),
+                storage: if s.file_storage {
+                    stream::StorageType::File
+                } else {
+                    stream::StorageType::Memory
+                },
+                discard: stream::DiscardPolicy::Old,
+                num_replicas: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err(format!("create stream for {context}"), e))?;
+        Ok(())
+    }
+
+    /// Creates the dead-letter stream (or keeps the existing one).
+    pub async fn ensure_dlq_stream(&self, cfg: &NodeConfig) -> Result<(), BusError> {
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: subjects::DLQ_STREAM.to_string(),
+                subjects: vec![subjects::DLQ_SUBJECTS.to_string()],
+                max_age: Duration::from_millis(cfg.stream.max_age_ms),
+                max_bytes: cfg.stream.max_bytes,
+                max_message_size: cfg.stream.max_message_size + 4096,
+                storage: stream::StorageType::File,
+                num_replicas: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err("create dead-letter stream", e))?;
+        Ok(())
+    }
+
+    /// Creates (or binds to) the durable pull consumer for one subscription.
+    pub async fn durable_consumer(
+        &self,
+        durable: &str,
+        sub: &Subscription,
+        cfg: &NodeConfig,
+    ) -> Result<consumer::PullConsumer, BusError> {
+        let stream = self
+            .js
+            .get_stream(subjects::stream(sub.source))
+            .await
+            .map_err(|e| js_err(format!("get stream of {}", sub.source), e))?;
+        let filters: Vec<String> = sub
+            .types
+            .iter()
+            .map(|t| format!("choreo.{}.{}.{}", sub.source, sub.kind.token(), t))
+            .collect();
+        let c = &cfg.consumer;
+        // Redeliveries after an ack timeout (a crashed or stalled node) wait ack_wait, then
+        // twice that. Failures the handler sees are naked with their own delay instead.
+        let ack_wait = Duration::from_millis(c.ack_wait_ms);
+        stream
+            .get_or_create_consumer(
+                durable,
+                consumer::pull::Config {
+                    durable_name: Some(durable.to_string()),
+                    filter_subjects: filters,
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait,
+                    max_deliver: c.max_deliver,
+                    backoff: vec![ack_wait, ack_wait * 2],
+                    max_ack_pending: (c.max_in_flight * 4) as i64,
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| js_err(format!("create consumer {durable}"), e))
+    }
+
+    /// Publishes an envelope and its payload, with `Nats-Msg-Id`, and waits for the ack.
+    /// Returns true if JetStream reported a duplicate.
+    pub async fn publish(&self, subject: &str, env: &Envelope, payload: Bytes) -> Result<bool, BusError> {
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_string(), env.to_headers(), payload)
+            .await
+            .map_err(|e| pub_err(subject, e))?
+            .await
+            .map_err(|e| pub_err(subject, e))?;
+        Ok(ack.duplicate)
+    }
+
+    /// Sends a message to the dead-letter stream with its reason, keeping its original
+    /// headers and payload, and waits for the ack.
+    pub async fn dead_letter(&self, dl: &DeadLetter<'_>) -> Result<(), BusError> {
+        let mut h = HeaderMap::new();
+        if let Some(orig) = dl.headers {
+            for (name, values) in orig.iter() {
+                let name: &str = name.as_ref();
+                if name.eq_ignore_ascii_case(headers::NATS_MSG_ID) {
+                    continue;
+                }
+                for v in values {
+                    h.append(name, v.as_str());
+                }
+            }
+        }
+        h.insert(headers::DLQ_REASON, one_line(dl.reason).as_str());
+        h.insert(headers::DLQ_CONSUMER, dl.consumer);
+        h.insert(headers::DLQ_SUBJECT, dl.subject);
+        h.insert(headers::DLQ_DELIVERED, dl.delivered.to_string().as_str());
+        // One dead letter per (consumer, stream sequence): a retried dead-lettering is dropped.
+        h.insert(
+            headers::NATS_MSG_ID,
+            envelope::derived_id(&format!("dlq/{}/{}", dl.consumer, dl.stream_sequence)).as_str(),
+        );
+        let subject = subjects::dead_letter(dl.context);
+        self.js
+            .publish_with_headers(subject.clone(), h, dl.payload.clone())
+            .await
+            .map_err(|e| pub_err(&subject, e))?
+            .await
+            .map_err(|e| pub_err(&subject, e))?;
+        Ok(())
+    }
+}
+
+/// A message given up on, and why.
+pub struct DeadLetter<'a> {
+    pub context: &'a str,
+    pub consumer: &'a str,
+    pub subject: &'a str,
+    pub reason: &'a str,
+    pub delivered: i64,
+    pub stream_sequence: u64,
+    pub headers: Option<&'a HeaderMap>,
+    pub payload: Bytes,
+}
+
+fn pub_err(subject: &str, e: impl std::fmt::Display) -> BusError {
+    BusError::Publish {
+        subject: subject.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Header values cannot hold line breaks; reasons are cut to a readable length.
+fn one_line(s: &str) -> String {
+    let s: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    s.chars().take(512).collect()
+}

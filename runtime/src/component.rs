@@ -1,0 +1,281 @@
+//! What a bounded context gives the runtime: components that handle messages, and queries.
+//!
+//! A component is a set of subscriptions plus three pure-ish steps the runtime drives:
+//! `decode` (bytes to a typed input), `plan` (which external call, if any, to make before
+//! the transaction; reads state, never writes) and `handle` (inside the transaction: read
+//! and write state, return the messages to send). `handle` may run more than once on a
+//! conflict, so it must be deterministic: time and external replies come in as data.
+
+use std::any::Any;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::envelope::Envelope;
+use crate::store::{StateError, StateRead, StateTx};
+
+/// Events are facts a context publishes on its own prefix; commands are addressed to one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Event,
+    Command,
+}
+
+impl Kind {
+    pub fn token(self) -> &'static str {
+        match self {
+            Kind::Event => "evt",
+            Kind::Command => "cmd",
+        }
+    }
+}
+
+/// A typed message with a fixed type name (the last token of its subject).
+pub trait Message: Serialize + DeserializeOwned {
+    const TYPE: &'static str;
+    const KIND: Kind;
+}
+
+/// Implements [`Message`] for a struct, with its type name as the wire type:
+/// `runtime::message!(OrderPlaced, Event);`
+#[macro_export]
+macro_rules! message {
+    ($name:ident, $kind:ident) => {
+        impl $crate::component::Message for $name {
+            const TYPE: &'static str = stringify!($name);
+            const KIND: $crate::component::Kind = $crate::component::Kind::$kind;
+        }
+    };
+}
+
+/// What one durable consumer receives: the listed types of one kind from one context.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// Context whose stream holds the messages (the publisher for events, the addressee
+    /// for commands).
+    pub source: &'static str,
+    pub kind: Kind,
+    pub types: Vec<&'static str>,
+}
+
+impl Subscription {
+    pub fn events(source: &'static str, types: &[&'static str]) -> Self {
+        Subscription {
+            source,
+            kind: Kind::Event,
+            types: types.to_vec(),
+        }
+    }
+    pub fn commands(addressee: &'static str, types: &[&'static str]) -> Self {
+        Subscription {
+            source: addressee,
+            kind: Kind::Command,
+            types: types.to_vec(),
+        }
+    }
+}
+
+/// A message a handler sends: it goes through the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    pub kind: Kind,
+    /// Publishing context for events (filled by the runtime), addressee for commands.
+    pub context: Option<String>,
+    pub msg_type: &'static str,
+    pub payload: String,
+}
+
+impl Outgoing {
+    /// An event published on the handling context's own prefix.
+    pub fn event<M: Message>(m: &M) -> Self {
+        debug_assert_eq!(M::KIND, Kind::Event);
+        Outgoing {
+            kind: Kind::Event,
+            context: None,
+            msg_type: M::TYPE,
+            payload: serde_json::to_string(m).expect("message serializes"),
+        }
+    }
+    /// A command addressed to `context`.
+    pub fn command<M: Message>(context: &str, m: &M) -> Self {
+        debug_assert_eq!(M::KIND, Kind::Command);
+        Outgoing {
+            kind: Kind::Command,
+            context: Some(context.to_string()),
+            msg_type: M::TYPE,
+            payload: serde_json::to_string(m).expect("message serializes"),
+        }
+    }
+}
+
+/// A request to an external system, made by the runtime between `plan` and `handle`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExternalCall {
+    /// System name (bounded; used in metrics and, later, per-system breakers).
+    pub system: &'static str,
+    pub subject: String,
+    /// JSON request body. It must carry an idempotency key: the call is repeated if the
+    /// message is redelivered before its transaction commits.
+    pub body: String,
+}
+
+/// Everything `handle` may know besides state and input: given as data, never read.
+pub struct HandleCtx<'a> {
+    pub envelope: &'a Envelope,
+    pub now_ms: u64,
+    /// The external system's JSON reply, if `plan` asked for a call.
+    pub external: Option<&'a serde_json::Value>,
+}
+
+/// How a message failed. Business rejections are not errors: they are events.
+#[derive(Debug)]
+pub enum HandleError {
+    /// Try again later (nak with back-off): a prerequisite is missing or a dependency failed.
+    Retry(String),
+    /// Can never succeed: dead-letter now.
+    Permanent(String),
+    /// Store access failed; transaction conflicts are retried by the store itself.
+    State(StateError),
+}
+
+impl From<StateError> for HandleError {
+    fn from(e: StateError) -> Self {
+        HandleError::State(e)
+    }
+}
+
+impl From<crate::store::TxError> for HandleError {
+    fn from(e: crate::store::TxError) -> Self {
+        HandleError::State(StateError::Tx(e))
+    }
+}
+
+/// The payload could not be decoded into the component's input: a dead-letter reason.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unknown message type {0:?} for this consumer")]
+    UnknownType(String),
+    #[error("malformed {msg_type} payload: {error}")]
+    Malformed { msg_type: String, error: String },
+}
+
+/// Decodes a JSON payload into `M`, naming the type on failure.
+pub fn decode_as<M: Message>(payload: &[u8]) -> Result<M, DecodeError> {
+    serde_json::from_slice(payload).map_err(|e| DecodeError::Malformed {
+        msg_type: M::TYPE.to_string(),
+        error: e.to_string(),
+    })
+}
+
+/// A message handler of one context.
+pub trait Component: Send + Sync + 'static {
+    type Input: Send + Sync + 'static;
+    /// Stable name: part of durable consumer names and inbox keys. Never rename.
+    fn name(&self) -> &'static str;
+    fn subscriptions(&self) -> Vec<Subscription>;
+    fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Self::Input, DecodeError>;
+    /// Decides, before the transaction, whether an external call is needed.
+    fn plan(
+        &self,
+        _state: &dyn StateRead,
+        _input: &Self::Input,
+    ) -> Result<Option<ExternalCall>, HandleError> {
+        Ok(None)
+    }
+    /// Applies the input inside the transaction. Deterministic; may run more than once.
+    fn handle(
+        &self,
+        tx: &dyn StateTx,
+        input: &Self::Input,
+        ctx: &HandleCtx<'_>,
+    ) -> Result<Vec<Outgoing>, HandleError>;
+}
+
+/// Object-safe form of [`Component`] used by the runtime (inputs boxed as `Any`).
+pub trait DynComponent: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn subscriptions(&self) -> Vec<Subscription>;
+    fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Box<dyn Any + Send + Sync>, DecodeError>;
+    fn plan(&self, state: &dyn StateRead, input: &(dyn Any + Send + Sync)) -> Result<Option<ExternalCall>, HandleError>;
+    fn handle(
+        &self,
+        tx: &dyn StateTx,
+        input: &(dyn Any + Send + Sync),
+        ctx: &HandleCtx<'_>,
+    ) -> Result<Vec<Outgoing>, HandleError>;
+}
+
+impl<C: Component> DynComponent for C {
+    fn name(&self) -> &'static str {
+        Component::name(self)
+    }
+    fn subscriptions(&self) -> Vec<Subscription> {
+        Component::subscriptions(self)
+    }
+    fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Box<dyn Any + Send + Sync>, DecodeError> {
+        Ok(Box::new(Component::decode(self, msg_type, payload)?))
+    }
+    fn plan(&self, state: &dyn StateRead, input: &(dyn Any + Send + Sync)) -> Result<Option<ExternalCall>, HandleError> {
+        Component::plan(self, state, downcast::<C>(input)?)
+    }
+    fn handle(
+        &self,
+        tx: &dyn StateTx,
+        input: &(dyn Any + Send + Sync),
+        ctx: &HandleCtx<'_>,
+    ) -> Result<Vec<Outgoing>, HandleError> {
+        Component::handle(self, tx, downcast::<C>(input)?, ctx)
+    }
+}
+
+fn downcast<C: Component>(input: &(dyn Any + Send + Sync)) -> Result<&C::Input, HandleError> {
+    input
+        .downcast_ref::<C::Input>()
+        .ok_or_else(|| HandleError::Permanent("input of another component".into()))
+}
+
+/// A read-model query failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("unknown query {0:?}")]
+    Unknown(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("not found")]
+    NotFound,
+    #[error("store: {0}")]
+    Store(String),
+}
+
+impl From<StateError> for QueryError {
+    fn from(e: StateError) -> Self {
+        match e {
+            StateError::Tx(t) => QueryError::Store(t.to_string()),
+            StateError::Corrupt(m) => QueryError::Store(m),
+        }
+    }
+}
+
+/// Reads one string field of a JSON query request.
+pub fn request_field(req: &[u8], field: &str) -> Result<String, QueryError> {
+    let v: serde_json::Value = serde_json::from_slice(req).map_err(|e| QueryError::BadRequest(e.to_string()))?;
+    v.get(field)
+        .and_then(|f| f.as_str())
+        .map(str::to_string)
+        .ok_or_else(|| QueryError::BadRequest(format!("missing string field {field:?}")))
+}
+
+/// One bounded context: its components and its read-model queries.
+pub trait Context: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn components(&self) -> Vec<Arc<dyn DynComponent>>;
+    /// Query names served on `choreo.<ctx>.query.<name>`.
+    fn queries(&self) -> Vec<&'static str>;
+    /// Answers a read-model query with a JSON value.
+    fn query(&self, state: &dyn StateRead, name: &str, request: &[u8]) -> Result<serde_json::Value, QueryError>;
+}
+
+/// Default timeout of a request to another context's query.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);

@@ -1,0 +1,239 @@
+//! The envelope: the metadata every Choreo message carries, and its mapping to NATS headers.
+//!
+//! Wire format (see README "Wire format"): the body is the JSON payload, untouched; all
+//! metadata travels in headers so that a router or a client in another language never has
+//! to parse the body to route, deduplicate or trace a message.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_nats::HeaderMap;
+use serde::{Deserialize, Serialize};
+
+/// Header names of the wire format. `Nats-Msg-Id` is set to the same value as `Choreo-Id`
+/// when publishing so that JetStream's duplicate window drops a re-publish.
+pub mod headers {
+    pub const ID: &str = "Choreo-Id";
+    pub const TYPE: &str = "Choreo-Type";
+    pub const SCHEMA: &str = "Choreo-Schema";
+    pub const CORRELATION: &str = "Choreo-Correlation";
+    pub const CAUSATION: &str = "Choreo-Causation";
+    pub const SOURCE: &str = "Choreo-Source";
+    pub const OCCURRED_AT: &str = "Choreo-Occurred-At";
+    pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
+    /// Set on dead letters: why the message was dead-lettered.
+    pub const DLQ_REASON: &str = "Choreo-Dlq-Reason";
+    /// Set on dead letters: the durable consumer that gave up on it.
+    pub const DLQ_CONSUMER: &str = "Choreo-Dlq-Consumer";
+    /// Set on dead letters: the subject the message was delivered on.
+    pub const DLQ_SUBJECT: &str = "Choreo-Dlq-Subject";
+    /// Set on dead letters: how many times it was delivered.
+    pub const DLQ_DELIVERED: &str = "Choreo-Dlq-Delivered";
+}
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Metadata of one message. The payload travels beside it as raw JSON bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Unique id; the deduplication key (inbox and JetStream duplicate window).
+    pub id: String,
+    /// Message type, e.g. `OrderPlaced`; equals the last token of the subject.
+    pub msg_type: String,
+    /// Schema version of the payload.
+    pub schema: u32,
+    /// Id shared by every message of one business transaction (e.g. one order).
+    pub correlation_id: String,
+    /// Id of the message that caused this one (its own id for a first message).
+    pub causation_id: String,
+    /// Context that published it.
+    pub source: String,
+    /// Milliseconds since the Unix epoch, UTC.
+    pub occurred_at_ms: u64,
+}
+
+/// Why an incoming message's metadata could not be read. Each is a dead-letter reason.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnvelopeError {
+    #[error("message has no headers")]
+    NoHeaders,
+    #[error("missing header {0}")]
+    MissingHeader(&'static str),
+    #[error("header {header} is not valid: {value:?}")]
+    BadHeader { header: &'static str, value: String },
+    #[error("unsupported schema version {0} (this build reads up to {SCHEMA_VERSION})")]
+    UnsupportedSchema(u32),
+}
+
+impl Envelope {
+    /// A first message of a business transaction: it is its own correlation and causation.
+    pub fn first(id: String, msg_type: &str, source: &str, occurred_at_ms: u64) -> Self {
+        Envelope {
+            correlation_id: id.clone(),
+            causation_id: id.clone(),
+            id,
+            msg_type: msg_type.to_string(),
+            schema: SCHEMA_VERSION,
+            source: source.to_string(),
+            occurred_at_ms,
+        }
+    }
+
+    /// A message caused by `cause`, with a deterministic id: re-running the same handler on
+    /// the same input yields the same ids, so downstream deduplication still holds.
+    pub fn caused_by(
+        cause: &Envelope,
+        scope: &str,
+        index: usize,
+        msg_type: &str,
+        source: &str,
+        occurred_at_ms: u64,
+    ) -> Self {
+        Envelope {
+            id: derived_id(&format!("{scope}/{}/{index}", cause.id)),
+            msg_type: msg_type.to_string(),
+            schema: SCHEMA_VERSION,
+            correlation_id: cause.correlation_id.clone(),
+            causation_id: cause.id.clone(),
+            source: source.to_string(),
+            occurred_at_ms,
+        }
+    }
+
+    /// The headers this envelope is sent with.
+    pub fn to_headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(headers::ID, self.id.as_str());
+        h.insert(headers::NATS_MSG_ID, self.id.as_str());
+        h.insert(headers::TYPE, self.msg_type.as_str());
+        h.insert(headers::SCHEMA, self.schema.to_string().as_str());
+        h.insert(headers::CORRELATION, self.correlation_id.as_str());
+        h.insert(headers::CAUSATION, self.causation_id.as_str());
+        h.insert(headers::SOURCE, self.source.as_str());
+        h.insert(headers::OCCURRED_AT, self.occurred_at_ms.to_string().as_str());
+        h
+    }
+
+    /// Reads an envelope from received headers. `Choreo-Id` is required; `Nats-Msg-Id` is not
+    /// consulted (a message re-published after the duplicate window may carry another).
+    pub fn from_headers(h: Option<&HeaderMap>) -> Result<Self, EnvelopeError> {
+        let h = h.ok_or(EnvelopeError::NoHeaders)?;
+        let get = |name: &'static str| -> Result<String, EnvelopeError> {
+            let v = h
+                .get(name)
+                .map(|v| v.as_str().trim().to_string())
+                .ok_or(EnvelopeError::MissingHeader(name))?;
+            if v.is_empty() {
+                return Err(EnvelopeError::MissingHeader(name));
+            }
+            Ok(v)
+        };
+        let number = |name: &'static str| -> Result<u64, EnvelopeError> {
+            let v = get(name)?;
+            v.parse::<u64>().map_err(|_| EnvelopeError::BadHeader {
+                header: name,
+                value: v,
+            })
+        };
+        let schema = number(headers::SCHEMA)?;
+        let schema = u32::try_from(schema).map_err(|_| EnvelopeError::UnsupportedSchema(u32::MAX))?;
+        if schema == 0 || schema > SCHEMA_VERSION {
+            return Err(EnvelopeError::UnsupportedSchema(schema));
+        }
+        let msg_type = get(headers::TYPE)?;
+        if !is_token(&msg_type) {
+            return Err(EnvelopeError::BadHeader {
+                header: headers::TYPE,
+                value: msg_type,
+            });
+        }
+        Ok(Envelope {
+            id: get(headers::ID)?,
+            msg_type,
+            schema,
+            correlation_id: get(headers::CORRELATION)?,
+            causation_id: get(headers::CAUSATION)?,
+            source: get(headers::SOURCE)?,
+            occurred_at_ms: number(headers::OCCURRED_AT)?,
+        })
+    }
+}
+
+/// True for a string usable as one NATS subject token (no dots, spaces or wildcards).
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A fresh random message id.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// A deterministic id derived from a name (UUID v5 in a Choreo namespace).
+pub fn derived_id(name: &str) -> String {
+    const NS: uuid::Uuid = uuid::Uuid::from_u128(0x6368_6f72_656f_4000_8000_0000_0000_0001);
+    uuid::Uuid::new_v5(&NS, name.as_bytes()).to_string()
+}
+
+/// Wall-clock milliseconds since the Unix epoch. Only the runtime's edge reads the clock;
+/// deciders receive time as data.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_round_trip() {
+        let e = Envelope::first(new_id(), "PlaceOrder", "client", 1_700_000_000_000);
+        let h = e.to_headers();
+        assert_eq!(h.get(headers::NATS_MSG_ID).unwrap().as_str(), e.id);
+        assert_eq!(Envelope::from_headers(Some(&h)).unwrap(), e);
+    }
+
+    #[test]
+    fn missing_and_bad_headers_are_named() {
+        assert_eq!(Envelope::from_headers(None), Err(EnvelopeError::NoHeaders));
+        let e = Envelope::first("a".into(), "PlaceOrder", "client", 1);
+        let mut h = e.to_headers();
+        h.insert(headers::CORRELATION, "");
+        assert_eq!(
+            Envelope::from_headers(Some(&h)),
+            Err(EnvelopeError::MissingHeader(headers::CORRELATION))
+        );
+        let mut h = e.to_headers();
+        h.insert(headers::OCCURRED_AT, "yesterday");
+        assert!(matches!(
+            Envelope::from_headers(Some(&h)),
+            Err(EnvelopeError::BadHeader { header: headers::OCCURRED_AT, .. })
+        ));
+        let mut h = e.to_headers();
+        h.insert(headers::SCHEMA, "9");
+        assert_eq!(
+            Envelope::from_headers(Some(&h)),
+            Err(EnvelopeError::UnsupportedSchema(9))
+        );
+        let mut h = e.to_headers();
+        h.insert(headers::TYPE, "a.b");
+        assert!(Envelope::from_headers(Some(&h)).is_err());
+    }
+
+    #[test]
+    fn caused_ids_are_deterministic_and_distinct() {
+        let cause = Envelope::first("c1".into(), "OrderPlaced", "orders", 5);
+        let a = Envelope::caused_by(&cause, "inventory", 0, "StockReserved", "inventory", 6);
+        let b = Envelope::caused_by(&cause, "inventory", 0, "StockReserved", "inventory", 7);
+        let c = Envelope::caused_by(&cause, "inventory", 1, "StockReserved", "inventory", 6);
+        assert_eq!(a.id, b.id);
+        assert_ne!(a.id, c.id);
+        assert_eq!(a.correlation_id, "c1");
+        assert_eq!(a.causation_id, "c1");
+    }
+}

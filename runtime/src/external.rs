@@ -1,0 +1,70 @@
+//! Requests to external systems (payment gateway, carrier) over NATS request/reply.
+//!
+//! Reply convention: a JSON object. `{"error": "..."}` is an infrastructure failure of the
+//! external system (transient: the message is retried); anything else is its answer,
+//! including business refusals such as `{"approved": false, "reason": "card_declined"}`.
+
+use std::time::{Duration, Instant};
+
+use async_nats::Request;
+use bytes::Bytes;
+
+use crate::component::ExternalCall;
+use crate::metrics;
+
+/// Why an external call gave no usable answer. Always transient.
+#[derive(Debug, thiserror::Error)]
+pub enum ExternalError {
+    #[error("{system}: no reply within {timeout:?}")]
+    Timeout { system: &'static str, timeout: Duration },
+    #[error("{system}: request failed: {message}")]
+    Request { system: &'static str, message: String },
+    #[error("{system}: reported error: {message}")]
+    Failed { system: &'static str, message: String },
+    #[error("{system}: reply is not JSON: {message}")]
+    BadReply { system: &'static str, message: String },
+}
+
+/// Sends the call and waits at most `timeout` for the reply.
+pub async fn call(
+    client: &async_nats::Client,
+    call: &ExternalCall,
+    timeout: Duration,
+) -> Result<serde_json::Value, ExternalError> {
+    let started = Instant::now();
+    let system = call.system;
+    let req = Request::new()
+        .payload(Bytes::from(call.body.clone()))
+        .timeout(Some(timeout));
+    let result = match client.send_request(call.subject.clone(), req).await {
+        Ok(msg) => match serde_json::from_slice::<serde_json::Value>(&msg.payload) {
+            Ok(v) => match v.get("error").and_then(|e| e.as_str()) {
+                Some(e) => Err(ExternalError::Failed {
+                    system,
+                    message: e.to_string(),
+                }),
+                None => Ok(v),
+            },
+            Err(e) => Err(ExternalError::BadReply {
+                system,
+                message: e.to_string(),
+            }),
+        },
+        Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+            Err(ExternalError::Timeout { system, timeout })
+        }
+        Err(e) => Err(ExternalError::Request {
+            system,
+            message: e.to_string(),
+        }),
+    };
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(ExternalError::Timeout { .. }) => "timeout",
+        Err(_) => "error",
+    };
+    metrics::EXTERNAL_SECONDS
+        .with_label_values(&[system, label])
+        .observe(started.elapsed().as_secs_f64());
+    result
+}

@@ -1,0 +1,214 @@
+//! Every Prometheus metric of the runtime, in one place, and the HTTP endpoint serving them.
+//!
+//! Labels are bounded: context, consumer (durable name), message type (declared types only,
+//! else `unknown`), outcome and reason categories. Never an order, saga or message id.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    REGISTRY.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    REGISTRY.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn histogram(name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric");
+    REGISTRY.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+fn latency_buckets() -> Vec<f64> {
+    vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]
+}
+
+/// Messages taken from a consumer, by what became of them.
+/// outcome: acked | duplicate | retried | dead_lettered.
+pub static MESSAGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_messages_total",
+        "Messages delivered to a consumer, by outcome (acked, duplicate, retried, dead_lettered).",
+        &["context", "consumer", "outcome"],
+    )
+});
+
+/// Time from delivery to ack/nak/term of one message.
+pub static HANDLER_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "choreo_handler_duration_seconds",
+        "Time to handle one message, from delivery to ack, nak or dead letter.",
+        &["context", "msg_type", "outcome"],
+        latency_buckets(),
+    )
+});
+
+/// Dead letters by reason category.
+pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_dead_letters_total",
+        "Messages dead-lettered, by reason (malformed, unknown_type, missing_header, oversized, \
+         permanent, retries_exhausted).",
+        &["context", "reason"],
+    )
+});
+
+/// Panics caught around handler code.
+pub static HANDLER_PANICS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_handler_panics_total",
+        "Panics caught in handler code; the message is redelivered.",
+        &["context", "consumer"],
+    )
+});
+
+/// Restarts of consumer actors by their supervisor.
+pub static ACTOR_RESTARTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_supervisor_restarts_total",
+        "Consumer actors restarted by their supervisor.",
+        &["context", "consumer"],
+    )
+});
+
+/// Entries waiting in the outbox.
+pub static OUTBOX_DEPTH: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "choreo_outbox_depth",
+        "Outbox entries committed and not yet acknowledged by JetStream.",
+        &["context"],
+    )
+});
+
+/// Outbox entries published, by result.
+pub static OUTBOX_PUBLISHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_outbox_published_total",
+        "Outbox entries acknowledged by JetStream (result: stored, duplicate) or failed (error).",
+        &["context", "result"],
+    )
+});
+
+/// Time from publish to JetStream ack for outbox batches.
+pub static OUTBOX_PUBLISH_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "choreo_outbox_publish_duration_seconds",
+        "Time for one outbox batch to be published and acknowledged.",
+        &["context"],
+        latency_buckets(),
+    )
+});
+
+/// Duration of one group-commit flush.
+pub static STORE_COMMIT_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "choreo_store_flush_duration_seconds",
+        "Duration of one group-commit flush and fsync.",
+        &["context"],
+        latency_buckets(),
+    )
+});
+
+/// Waiters served by one group-commit flush.
+pub static STORE_GROUP_COMMIT_SIZE: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "choreo_store_group_commit_size",
+        "Waiters made durable by one flush.",
+        &["context"],
+        vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+    )
+});
+
+/// Requests to external systems by result.
+pub static EXTERNAL_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "choreo_external_call_duration_seconds",
+        "Requests to external systems (result: ok, rejected, error, timeout).",
+        &["system", "result"],
+        latency_buckets(),
+    )
+});
+
+/// Readiness shared between the node and the HTTP endpoint.
+#[derive(Clone, Default)]
+pub struct Health {
+    ready: Arc<AtomicBool>,
+}
+
+impl Health {
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+/// Renders all metrics in the Prometheus text format.
+pub fn render() -> String {
+    let mut buf = Vec::new();
+    let _ = TextEncoder::new().encode(&REGISTRY.gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+/// Touches every metric so it is registered before the first scrape.
+pub fn init() {
+    LazyLock::force(&MESSAGES);
+    LazyLock::force(&HANDLER_SECONDS);
+    LazyLock::force(&DEAD_LETTERS);
+    LazyLock::force(&HANDLER_PANICS);
+    LazyLock::force(&ACTOR_RESTARTS);
+    LazyLock::force(&OUTBOX_DEPTH);
+    LazyLock::force(&OUTBOX_PUBLISHED);
+    LazyLock::force(&OUTBOX_PUBLISH_SECONDS);
+    LazyLock::force(&STORE_COMMIT_SECONDS);
+    LazyLock::force(&STORE_GROUP_COMMIT_SIZE);
+    LazyLock::force(&EXTERNAL_SECONDS);
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on an already bound listener until the task
+/// is dropped. HTTP/1.0-style: one request per connection.
+pub async fn serve(listener: TcpListener, health: Health) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let health = health.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let (status, content_type, body) = match path {
+                "/metrics" => ("200 OK", "text/plain; version=0.0.4", render()),
+                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+                "/readyz" if health.is_ready() => ("200 OK", "text/plain", "ready\n".to_string()),
+                "/readyz" => ("503 Service Unavailable", "text/plain", "not ready\n".to_string()),
+                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+        });
+    }
+}

@@ -1,0 +1,166 @@
+//! The outbox relay: publishes committed outbox entries to JetStream, then deletes them.
+//!
+//! Entries reach the relay two ways: a scan at start-up (everything left by a previous run)
+//! and a notification from a handler after its transaction was made durable. Entries that
+//! are committed but not yet durable are never published, so no event leaves the node
+//! without a durable state change behind it. Each batch is published pipelined (all sends,
+//! then all acks); an entry is deleted only after its publish ack. A failed publish is
+//! retried with back-off; `Nats-Msg-Id` makes a repeated publish a duplicate the server drops.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::join_all;
+use tokio::sync::{mpsc, watch};
+
+use crate::bus::Bus;
+use crate::metrics;
+use crate::store::Store;
+
+/// Entries published per round trip.
+const BATCH: usize = 256;
+
+/// Handle used by handlers to hand over durable outbox keys.
+#[derive(Clone)]
+pub struct Relay {
+    tx: mpsc::UnboundedSender<Vec<u64>>,
+}
+
+impl Relay {
+    /// Starts the relay task for one context; it runs until `shutdown` turns true and every
+    /// handed-over entry is published (or the bus is gone).
+    pub fn start(
+        context: String,
+        store: Store,
+        bus: Bus,
+        shutdown: watch::Receiver<bool>,
+    ) -> (Relay, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = tokio::spawn(run(context, store, bus, rx, shutdown));
+        (Relay { tx }, handle)
+    }
+
+    /// Hands over keys whose transaction is durable.
+    pub fn durable(&self, keys: Vec<u64>) {
+        if !keys.is_empty() {
+            // The receiver lives as long as the node; if it is gone the entries stay in the
+            // store and are published by the next start-up scan.
+            let _ = self.tx.send(keys);
+        }
+    }
+}
+
+async fn run(
+    context: String,
+    store: Store,
+    bus: Bus,
+    mut rx: mpsc::UnboundedReceiver<Vec<u64>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut pending: BTreeSet<u64> = BTreeSet::new();
+    match store.outbox_pending() {
+        Ok(entries) => {
+            if !entries.is_empty() {
+                tracing::info!(context = %context, entries = entries.len(), "outbox: resuming");
+            }
+            pending.extend(entries.into_iter().map(|(k, _)| k));
+        }
+        Err(e) => tracing::error!(context = %context, error = %e, "outbox: start-up scan failed"),
+    }
+    let mut backoff = Duration::from_millis(50);
+    let mut stopping = false;
+    loop {
+        if pending.is_empty() {
+            if stopping {
+                return;
+            }
+            tokio::select! {
+                keys = rx.recv() => match keys {
+                    Some(keys) => pending.extend(keys),
+                    None => return,
+                },
+                _ = shutdown.changed() => { stopping = true; }
+            }
+        }
+        while let Ok(keys) = rx.try_recv() {
+            pending.extend(keys);
+        }
+        let batch: Vec<u64> = pending.iter().take(BATCH).copied().collect();
+        match publish_batch(&context, &store, &bus, &batch).await {
+            Ok(done) => {
+                for k in done {
+                    pending.remove(&k);
+                }
+                backoff = Duration::from_millis(50);
+            }
+            Err(e) => {
+                tracing::warn!(context = %context, error = %e, retry_in = ?backoff, "outbox: publish failed");
+                if stopping && *shutdown.borrow() {
+                    // Leave the rest for the next start; never spin at shutdown.
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => { stopping = true; }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+        metrics::OUTBOX_DEPTH
+            .with_label_values(&[&context])
+            .set(store.outbox_len() as i64);
+    }
+}
+
+/// Publishes a batch pipelined; returns the keys that are done (acked, or already gone).
+async fn publish_batch(context: &str, store: &Store, bus: &Bus, keys: &[u64]) -> Result<Vec<u64>, String> {
+    let started = Instant::now();
+    let mut done = Vec::with_capacity(keys.len());
+    let mut sends = Vec::with_capacity(keys.len());
+    for &k in keys {
+        let entry = match store.outbox_get(k) {
+            Ok(Some(e)) => e,
+            Ok(None) => {
+                done.push(k);
+                continue;
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let fut = bus
+            .js
+            .publish_with_headers(
+                entry.subject.clone(),
+                entry.envelope.to_headers(),
+                Bytes::from(entry.payload.into_bytes()),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        sends.push((k, fut));
+    }
+    let (keys_sent, futs): (Vec<u64>, Vec<_>) = sends.into_iter().unzip();
+    let results = join_all(futs.into_iter().map(std::future::IntoFuture::into_future)).await;
+    let mut first_err = None;
+    for (k, r) in keys_sent.into_iter().zip(results) {
+        match r {
+            Ok(ack) => {
+                store.outbox_remove(k).map_err(|e| e.to_string())?;
+                let result = if ack.duplicate { "duplicate" } else { "stored" };
+                metrics::OUTBOX_PUBLISHED.with_label_values(&[context, result]).inc();
+                done.push(k);
+            }
+            Err(e) => {
+                metrics::OUTBOX_PUBLISHED.with_label_values(&[context, "error"]).inc();
+                first_err.get_or_insert(e.to_string());
+            }
+        }
+    }
+    metrics::OUTBOX_PUBLISH_SECONDS
+        .with_label_values(&[context])
+        .observe(started.elapsed().as_secs_f64());
+    match first_err {
+        // Keys that did publish are removed; the caller retries the rest.
+        Some(e) if done.is_empty() => Err(e),
+        _ => Ok(done),
+    }
+}

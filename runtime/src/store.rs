@@ -1,0 +1,439 @@
+//! The context's local store: sled 0.34 behind a small trait.
+//!
+//! One sled database per context with four trees:
+//! - `state`:    the context's own data (keys namespaced by the domain, e.g. `order/<id>`);
+//! - `outbox`:   messages to publish, keyed by a monotonic id (big-endian u64);
+//! - `inbox`:    `<consumer>/<message id>` of every message already processed;
+//! - `inbox_ts`: the same marks ordered by time, for bounded retention.
+//!
+//! Architecture invariant: one sled transaction writes the state change, the outbox entries
+//! and the inbox mark together, so a message's effect and the events it causes are all or
+//! nothing. Durability comes only from [`crate::flusher::GroupCommit`].
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, TransactionalTree, UnabortableTransactionError,
+};
+use sled::Transactional;
+
+use crate::envelope::Envelope;
+
+/// A store operation failed below the domain (IO, corruption). Transient from the message's
+/// point of view: it is retried, never acked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored value under {key:?} is not valid: {message}")]
+    Corrupt { key: String, message: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A read or write inside a transaction failed; propagate it with `?` so the runtime can
+/// retry the transaction on conflict.
+#[derive(Debug)]
+pub struct TxError(UnabortableTransactionError);
+
+impl std::fmt::Display for TxError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "transaction: {}", self.0)
+    }
+}
+
+/// Reads and writes of the `state` tree inside one transaction. Closures using it may run
+/// more than once (on conflict): they must have no side effects besides these calls.
+pub trait StateTx {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, TxError>;
+    fn put(&self, key: &str, value: &[u8]) -> Result<(), TxError>;
+    fn remove(&self, key: &str) -> Result<(), TxError>;
+}
+
+/// Reads of the `state` tree outside a transaction (plans and read-model queries).
+pub trait StateRead {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every `(key, value)` whose key starts with `prefix`, in key order.
+    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+}
+
+/// A message to publish once the transaction that produced it is durable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub subject: String,
+    pub envelope: Envelope,
+    /// JSON payload, as sent on the wire.
+    pub payload: String,
+}
+
+/// What a commit did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Committed {
+    /// State, outbox and inbox mark written; these outbox keys await publication.
+    Written { outbox_keys: Vec<u64> },
+    /// The inbox already held the mark: nothing was written.
+    Duplicate,
+}
+
+/// Error returned by a decide closure: a transaction error to retry, or the handler's own.
+#[derive(Debug)]
+pub enum DecideError<E> {
+    Tx(TxError),
+    Handler(E),
+}
+
+impl<E> From<TxError> for DecideError<E> {
+    fn from(e: TxError) -> Self {
+        DecideError::Tx(e)
+    }
+}
+
+/// Error of a commit: the handler's own error (returned unchanged) or the store's.
+#[derive(Debug)]
+pub enum CommitError<E> {
+    Handler(E),
+    Store(StoreError),
+}
+
+/// One context's sled database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    state: sled::Tree,
+    outbox: sled::Tree,
+    inbox: sled::Tree,
+    inbox_ts: sled::Tree,
+}
+
+enum Abort<E> {
+    Duplicate,
+    Handler(E),
+    Corrupt(StoreError),
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path, cache_capacity_bytes: u64) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_capacity_bytes)
+            .mode(sled::Mode::LowSpace)
+            .open()?;
+        Ok(Store {
+            state: db.open_tree("state")?,
+            outbox: db.open_tree("outbox")?,
+            inbox: db.open_tree("inbox")?,
+            inbox_ts: db.open_tree("inbox_ts")?,
+            db,
+        })
+    }
+
+    pub(crate) fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// True if the inbox already holds this mark (a cheap pre-check before external calls;
+    /// the authoritative check is inside [`Store::commit`]).
+    pub fn seen(&self, inbox_key: &str) -> Result<bool, StoreError> {
+        Ok(self.inbox.contains_key(inbox_key)?)
+    }
+
+    /// Runs `decide` in one transaction with the inbox check and mark, then appends the
+    /// returned outbox entries. `decide` may run more than once.
+    pub fn commit<E, F>(
+        &self,
+        inbox_key: &str,
+        now_ms: u64,
+        decide: F,
+    ) -> Result<Committed, CommitError<E>>
+    where
+        F: Fn(&dyn StateTx) -> Result<Vec<OutboxEntry>, DecideError<E>>,
+    {
+        let trees = (&self.state, &self.outbox, &self.inbox, &self.inbox_ts);
+        let result = trees.transaction(|(state, outbox, inbox, inbox_ts)| {
+            if inbox.get(inbox_key)?.is_some() {
+                return Err(ConflictableTransactionError::Abort(Abort::Duplicate));
+            }
+            let tx = Tx(state);
+            let entries = match decide(&tx) {
+                Ok(e) => e,
+                Err(DecideError::Tx(e)) => return Err(e.0.into()),
+                Err(DecideError::Handler(e)) => {
+                    return Err(ConflictableTransactionError::Abort(Abort::Handler(e)))
+                }
+            };
+            let mut keys = Vec::with_capacity(entries.len());
+            for entry in &entries {
+                let key = outbox.generate_id()?;
+                let value = serde_json::to_vec(entry).map_err(|e| {
+                    ConflictableTransactionError::Abort(Abort::Corrupt(StoreError::Corrupt {
+                        key: "outbox".into(),
+                        message: e.to_string(),
+                    }))
+                })?;
+                outbox.insert(&key.to_be_bytes(), value)?;
+                keys.push(key);
+            }
+            inbox.insert(inbox_key.as_bytes(), &now_ms.to_be_bytes())?;
+            inbox_ts.insert(inbox_ts_key(now_ms, inbox_key), &[])?;
+            Ok(keys)
+        });
+        match result {
+            Ok(outbox_keys) => Ok(Committed::Written { outbox_keys }),
+            Err(TransactionError::Abort(Abort::Duplicate)) => Ok(Committed::Duplicate),
+            Err(TransactionError::Abort(Abort::Handler(e))) => Err(CommitError::Handler(e)),
+            Err(TransactionError::Abort(Abort::Corrupt(e))) => Err(CommitError::Store(e)),
+            Err(TransactionError::Storage(e)) => Err(CommitError::Store(e.into())),
+        }
+    }
+
+    /// Outbox entries with their keys, oldest first (used at start-up to resume).
+    pub fn outbox_pending(&self) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.outbox.iter() {
+            let (k, v) = kv?;
+            out.push((decode_key(&k), decode_entry(&k, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// One outbox entry, if still pending.
+    pub fn outbox_get(&self, key: u64) -> Result<Option<OutboxEntry>, StoreError> {
+        let k = key.to_be_bytes();
+        self.outbox
+            .get(k)?
+            .map(|v| decode_entry(&k, &v))
+            .transpose()
+    }
+
+    /// Removes a published entry. Not flushed on its own: if the removal is lost in a crash
+    /// the entry is published again and deduplicated downstream.
+    pub fn outbox_remove(&self, key: u64) -> Result<(), StoreError> {
+        self.outbox.remove(key.to_be_bytes())?;
+        Ok(())
+    }
+
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    pub fn inbox_len(&self) -> usize {
+        self.inbox.len()
+    }
+
+    /// Removes inbox marks written before `cutoff_ms`; returns how many.
+    pub fn prune_inbox(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for kv in self.inbox_ts.range(..cutoff_ms.to_be_bytes().to_vec()) {
+            let (k, _) = kv?;
+            if let Ok(mark) = std::str::from_utf8(&k[8..]) {
+                self.inbox.remove(mark)?;
+            }
+            self.inbox_ts.remove(k)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Read access to the state tree.
+    pub fn reader(&self) -> &dyn StateRead {
+        self
+    }
+}
+
+impl StateRead for Store {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.state.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.state.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+}
+
+struct Tx<'a>(&'a TransactionalTree);
+
+impl StateTx for Tx<'_> {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, TxError> {
+        Ok(self.0.get(key).map_err(TxError)?.map(|v| v.to_vec()))
+    }
+    fn put(&self, key: &str, value: &[u8]) -> Result<(), TxError> {
+        self.0.insert(key, value).map_err(TxError)?;
+        Ok(())
+    }
+    fn remove(&self, key: &str) -> Result<(), TxError> {
+        self.0.remove(key).map_err(TxError)?;
+        Ok(())
+    }
+}
+
+fn inbox_ts_key(ms: u64, mark: &str) -> Vec<u8> {
+    let mut k = ms.to_be_bytes().to_vec();
+    k.extend_from_slice(mark.as_bytes());
+    k
+}
+
+fn decode_key(k: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&k[..8]);
+    u64::from_be_bytes(b)
+}
+
+fn decode_entry(k: &[u8], v: &[u8]) -> Result<OutboxEntry, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+        key: format!("outbox/{}", decode_key(k)),
+        message: e.to_string(),
+    })
+}
+
+/// Reads a JSON value from the state tree inside a transaction.
+pub fn load<T: DeserializeOwned>(tx: &dyn StateTx, key: &str) -> Result<Option<T>, StateError> {
+    match tx.get(key)? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StateError::Corrupt(format!("{key}: {e}"))),
+    }
+}
+
+/// Writes a JSON value to the state tree inside a transaction.
+pub fn save<T: Serialize>(tx: &dyn StateTx, key: &str, value: &T) -> Result<(), StateError> {
+    let bytes = serde_json::to_vec(value).map_err(|e| StateError::Corrupt(format!("{key}: {e}")))?;
+    tx.put(key, &bytes)?;
+    Ok(())
+}
+
+/// Reads a JSON value from the state tree outside a transaction.
+pub fn read<T: DeserializeOwned>(r: &dyn StateRead, key: &str) -> Result<Option<T>, StateError> {
+    match r.get(key).map_err(|e| StateError::Corrupt(e.to_string()))? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StateError::Corrupt(format!("{key}: {e}"))),
+    }
+}
+
+/// Reads every JSON value under a key prefix outside a transaction.
+pub fn read_all<T: DeserializeOwned>(r: &dyn StateRead, prefix: &str) -> Result<Vec<T>, StateError> {
+    r.scan_prefix(prefix)
+        .map_err(|e| StateError::Corrupt(e.to_string()))?
+        .into_iter()
+        .map(|(k, v)| serde_json::from_slice(&v).map_err(|e| StateError::Corrupt(format!("{k}: {e}"))))
+        .collect()
+}
+
+/// Failure of a typed state access.
+#[derive(Debug)]
+pub enum StateError {
+    /// The transaction must be retried; propagate with `?`.
+    Tx(TxError),
+    /// A stored value could not be decoded or encoded.
+    Corrupt(String),
+}
+
+impl From<TxError> for StateError {
+    fn from(e: TxError) -> Self {
+        StateError::Tx(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(n: u32) -> OutboxEntry {
+        OutboxEntry {
+            subject: "choreo.t.evt.X".into(),
+            envelope: Envelope::first(format!("id{n}"), "X", "t", 1),
+            payload: format!("{{\"n\":{n}}}"),
+        }
+    }
+
+    fn state_err(e: StateError) -> DecideError<String> {
+        match e {
+            StateError::Tx(t) => DecideError::Tx(t),
+            StateError::Corrupt(m) => DecideError::Handler(m),
+        }
+    }
+
+    #[test]
+    fn commit_writes_state_outbox_and_inbox_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let r = store
+            .commit::<String, _>("c/m1", 10, |tx| {
+                tx.put("k", b"v")?;
+                Ok(vec![entry(1), entry(2)])
+            })
+            .unwrap();
+        let Committed::Written { outbox_keys } = r else { panic!("not written") };
+        assert_eq!(outbox_keys.len(), 2);
+        assert!(outbox_keys[0] < outbox_keys[1]);
+        assert_eq!(store.get("k").unwrap().unwrap(), b"v");
+        assert!(store.seen("c/m1").unwrap());
+        assert_eq!(store.outbox_pending().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn duplicate_is_not_applied_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let bump = |tx: &dyn StateTx| -> Result<Vec<OutboxEntry>, DecideError<String>> {
+            let n: u64 = load(tx, "n").map_err(state_err)?.unwrap_or(0);
+            save(tx, "n", &(n + 1)).map_err(state_err)?;
+            Ok(vec![entry(0)])
+        };
+        assert!(matches!(store.commit("c/m", 1, bump), Ok(Committed::Written { .. })));
+        assert!(matches!(store.commit("c/m", 2, bump), Ok(Committed::Duplicate)));
+        assert_eq!(read::<u64>(store.reader(), "n").unwrap(), Some(1));
+        assert_eq!(store.outbox_len(), 1);
+    }
+
+    #[test]
+    fn handler_error_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let r = store.commit("c/m", 1, |tx| {
+            tx.put("k", b"v")?;
+            Err::<Vec<OutboxEntry>, _>(DecideError::Handler("no".to_string()))
+        });
+        assert!(matches!(r, Err(CommitError::Handler(ref e)) if e == "no"));
+        assert!(store.get("k").unwrap().is_none());
+        assert!(!store.seen("c/m").unwrap());
+        assert_eq!(store.outbox_len(), 0);
+    }
+
+    #[test]
+    fn inbox_retention_prunes_old_marks_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        store.commit::<String, _>("c/old", 100, |_| Ok(vec![])).unwrap();
+        store.commit::<String, _>("c/new", 900, |_| Ok(vec![])).unwrap();
+        assert_eq!(store.prune_inbox(500).unwrap(), 1);
+        assert!(!store.seen("c/old").unwrap());
+        assert!(store.seen("c/new").unwrap());
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), 1 << 20).unwrap();
+            store.commit::<String, _>("c/m", 1, |_| Ok(vec![entry(7)])).unwrap();
+            store.db().flush().unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let pending = store.outbox_pending().unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].1, entry(7));
+        assert!(store.seen("c/m").unwrap());
+    }
+}
