@@ -1,1 +1,321 @@
-fn main() {}
+//! The `choreo` command line: parse, set up tracing, call the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use choreo::contexts;
+use choreo::load::LoadConfig;
+use runtime::config::NodeConfig;
+
+const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
+
+/// Choreo: actor-based choreography and sagas over NATS JetStream and sled.
+#[derive(Parser)]
+#[command(name = "choreo", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node hosting one or more bounded contexts until SIGINT/SIGTERM.
+    Node(NodeArgs),
+    /// Run the payment gateway and carrier simulators (NATS request/reply).
+    Sim(SimArgs),
+    /// Place orders, wait for each to end, print counts, throughput and latency.
+    Load(LoadArgs),
+    /// Read models of the orders context.
+    Orders {
+        #[command(subcommand)]
+        command: OrdersCmd,
+    },
+    /// Check the shop's invariants across every context; exits 1 on any violation.
+    Verify {
+        #[command(flatten)]
+        nats: NatsArg,
+        /// Only orders whose id starts with this prefix (one load run).
+        #[arg(long)]
+        only: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The shop end to end: nats-server, a node per context, simulators, orders, summary.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Clone)]
+struct NatsArg {
+    /// NATS server URL.
+    #[arg(long = "nats", env = "NATS_URL", default_value = DEFAULT_NATS)]
+    url: String,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    /// Contexts to host: a comma-separated list of customers, orders, inventory, payments,
+    /// shipping, or `all`.
+    #[arg(long, env = "CHOREO_CONTEXT")]
+    context: Option<String>,
+    /// NATS server URL [default: nats://127.0.0.1:4222, or the config file's nats_url].
+    #[arg(long = "nats", env = "NATS_URL")]
+    nats: Option<String>,
+    /// Directory for the contexts' sled databases (one subdirectory each).
+    #[arg(long, env = "CHOREO_DATA")]
+    data: Option<PathBuf>,
+    /// Address for /metrics, /healthz and /readyz [default: 127.0.0.1:9464].
+    #[arg(long, env = "CHOREO_METRICS_ADDR")]
+    metrics: Option<String>,
+    /// TOML config file (see config/node.example.toml); flags and environment override it.
+    #[arg(long, env = "CHOREO_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SimArgs {
+    #[command(flatten)]
+    nats: NatsArg,
+    /// Added latency of each payment gateway reply, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    payment_latency_ms: u64,
+    /// Share of payment gateway requests that fail (0.0 to 1.0).
+    #[arg(long, default_value_t = 0.0, value_parser = rate)]
+    payment_failure_rate: f64,
+    /// Added latency of each carrier reply, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    carrier_latency_ms: u64,
+    /// Share of carrier requests that fail (0.0 to 1.0).
+    #[arg(long, default_value_t = 0.0, value_parser = rate)]
+    carrier_failure_rate: f64,
+    /// Seed of the failure draws.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Args, Clone)]
+struct LoadArgs {
+    #[command(flatten)]
+    nats: NatsArg,
+    #[command(flatten)]
+    shape: LoadShape,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Clone)]
+struct LoadShape {
+    /// Number of orders to place.
+    #[arg(long, default_value_t = 100)]
+    orders: usize,
+    /// Orders per second; 0 = as fast as the system completes them.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Most orders in flight (placed, not yet completed or cancelled).
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Number of customers to register.
+    #[arg(long, default_value_t = 20)]
+    customers: usize,
+    /// Percent of orders with a sku that is never in stock (they must be cancelled).
+    #[arg(long, default_value_t = 0.0, value_parser = pct)]
+    fail_stock: f64,
+    /// Percent of orders paid with a card the gateway declines (they must be cancelled).
+    #[arg(long, default_value_t = 0.0, value_parser = pct)]
+    fail_payment: f64,
+    /// Percent of orders to an address the carrier refuses (they must be cancelled).
+    #[arg(long, default_value_t = 0.0, value_parser = pct)]
+    fail_shipping: f64,
+    /// Give up after this many seconds without progress.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Seed of the order mix.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+#[derive(Subcommand)]
+enum OrdersCmd {
+    /// Show one order from the orders read model.
+    Show {
+        /// Order id.
+        id: String,
+        #[command(flatten)]
+        nats: NatsArg,
+    },
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Working directory for the server store, node data and logs (wiped at start).
+    #[arg(long, default_value = ".choreo/demo")]
+    dir: PathBuf,
+    /// Port for nats-server [default: a free port].
+    #[arg(long)]
+    port: Option<u16>,
+    /// Run nats-server with `sync_interval: always` (fsync each write).
+    #[arg(long)]
+    sync_always: bool,
+    #[command(flatten)]
+    shape: LoadShape,
+}
+
+fn pct(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=100.0).contains(&v) { Ok(v) } else { Err(format!("{v} is not a percentage (0 to 100)")) }
+}
+
+fn rate(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=1.0).contains(&v) { Ok(v) } else { Err(format!("{v} is not a rate (0.0 to 1.0)")) }
+}
+
+impl LoadShape {
+    fn config(&self) -> anyhow::Result<LoadConfig> {
+        anyhow::ensure!(self.fail_stock + self.fail_payment + self.fail_shipping <= 100.0, "failure percentages add up to more than 100");
+        anyhow::ensure!(self.rate >= 0.0 && self.rate.is_finite(), "--rate must be 0 or positive");
+        anyhow::ensure!(self.concurrency > 0, "--concurrency must be at least 1");
+        Ok(LoadConfig {
+            orders: self.orders,
+            rate: self.rate,
+            concurrency: self.concurrency,
+            customers: self.customers,
+            fail_stock_pct: self.fail_stock,
+            fail_payment_pct: self.fail_payment,
+            fail_shipping_pct: self.fail_shipping,
+            timeout: Duration::from_secs(self.timeout),
+            seed: self.seed,
+        })
+    }
+}
+
+/// Log level from `CHOREO_LOG` (e.g. `debug`, `runtime=debug,info`); nodes and simulators
+/// default to `info`, the client commands to `warn`. `CHOREO_LOG_FORMAT=json` for JSON lines.
+fn init_tracing(default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("CHOREO_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let json = std::env::var("CHOREO_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(if matches!(cli.command, Cmd::Node(_) | Cmd::Sim(_)) { "info" } else { "warn" });
+    match run(cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn tokio_rt() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<bool> {
+    match cli.command {
+        Cmd::Node(a) => run_node(a).map(|_| true),
+        Cmd::Sim(a) => tokio_rt()?.block_on(async {
+            let bus = choreo::client::connect(&a.nats.url, Duration::from_secs(15)).await?;
+            let cfg = choreo::sim::SimConfig {
+                payment_latency: Duration::from_millis(a.payment_latency_ms),
+                payment_failure_rate: a.payment_failure_rate,
+                carrier_latency: Duration::from_millis(a.carrier_latency_ms),
+                carrier_failure_rate: a.carrier_failure_rate,
+                seed: a.seed,
+            };
+            tokio::select! {
+                r = choreo::sim::run(bus.client.clone(), cfg) => r?,
+                _ = choreo::shutdown_signal() => {}
+            }
+            Ok(true)
+        }),
+        Cmd::Load(a) => {
+            let cfg = a.shape.config()?;
+            tokio_rt()?.block_on(async {
+                let bus = choreo::client::connect(&a.nats.url, Duration::from_secs(15)).await?;
+                choreo::client::wait_ready(&bus, contexts::KNOWN, Duration::from_secs(30)).await?;
+                let quiet = a.json;
+                let report = choreo::load::run(&bus, &cfg, |p| {
+                    if !quiet {
+                        eprintln!("placed {} completed {} cancelled {}", p.placed, p.completed, p.cancelled);
+                    }
+                })
+                .await?;
+                if a.json {
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                } else {
+                    report.print();
+                }
+                Ok(report.ok())
+            })
+        }
+        Cmd::Orders { command: OrdersCmd::Show { id, nats } } => tokio_rt()?.block_on(async {
+            let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
+            let v = choreo::client::query(&bus, "orders", "order", serde_json::json!({ "order_id": id })).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(true)
+        }),
+        Cmd::Verify { nats, only, json } => tokio_rt()?.block_on(async {
+            let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
+            let report = choreo::verify::run(&bus, only.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                report.print();
+            }
+            Ok(report.violations() == 0)
+        }),
+        Cmd::Demo(a) => {
+            let cfg = choreo::demo::DemoConfig { dir: a.dir, port: a.port, sync_always: a.sync_always, load: a.shape.config()? };
+            tokio_rt()?.block_on(choreo::demo::run(cfg))
+        }
+    }
+}
+
+fn run_node(a: NodeArgs) -> anyhow::Result<()> {
+    let mut cfg = match &a.config {
+        Some(path) => NodeConfig::from_file(path)?,
+        None => NodeConfig::default(),
+    };
+    if let Some(c) = &a.context {
+        cfg.contexts = contexts::expand(c);
+    }
+    cfg.contexts = cfg.contexts.iter().flat_map(|c| contexts::expand(c)).collect();
+    if let Some(n) = a.nats {
+        cfg.nats_url = n;
+    }
+    if let Some(d) = a.data {
+        cfg.data_dir = d;
+    }
+    if let Some(m) = a.metrics {
+        cfg.metrics_addr = m;
+    }
+    cfg.validate(contexts::KNOWN)?;
+    let hosted = cfg
+        .contexts
+        .iter()
+        .map(|c| contexts::build(c).with_context(|| format!("unknown context {c}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let system = actix_rt::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+    });
+    system.block_on(runtime::node::run(cfg, hosted, choreo::shutdown_signal()))?;
+    Ok(())
+}

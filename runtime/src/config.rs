@@ -109,7 +109,7 @@ impl Default for StreamConfig {
     fn default() -> Self {
         StreamConfig {
             max_age_ms: 7 * 24 * 3600 * 1000,
-            max_bytes: 1 << 30,
+            max_bytes: 256 << 20,
             duplicate_window_ms: 10 * 60 * 1000,
             max_message_size: 1024 * 1024 - 4096,
             file_storage: true,

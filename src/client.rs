@@ -1,0 +1,77 @@
+//! Client side of the wire format: send commands, query read models, wait for contexts.
+//! Used by `load`, `demo`, `orders show` and the black-box tests.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use bytes::Bytes;
+use runtime::bus::Bus;
+use runtime::envelope::{new_id, now_ms};
+use runtime::{subjects, Envelope, Message};
+
+/// The `source` stamped on messages sent from outside any context.
+pub const CLIENT_SOURCE: &str = "client";
+
+/// Connects to NATS, retrying the first connection for `wait`.
+pub async fn connect(url: &str, wait: Duration) -> anyhow::Result<Bus> {
+    Ok(Bus::connect(url, "choreo-client", wait).await?)
+}
+
+/// Publishes a command to `context` with a fresh envelope; waits for JetStream's ack.
+pub async fn send_command<M: Message>(bus: &Bus, context: &str, msg: &M) -> anyhow::Result<Envelope> {
+    let env = Envelope::first(new_id(), M::TYPE, CLIENT_SOURCE, now_ms());
+    let payload = Bytes::from(serde_json::to_vec(msg)?);
+    bus.publish(&subjects::command(context, M::TYPE), &env, payload)
+        .await
+        .with_context(|| format!("send {} to {context}", M::TYPE))?;
+    Ok(env)
+}
+
+/// Asks a context's read model. Replies are `{"ok": value}` or `{"error": "..."}`.
+pub async fn query(bus: &Bus, context: &str, name: &str, request: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    let subject = subjects::query(context, name);
+    let req = async_nats::Request::new()
+        .payload(Bytes::from(request.to_string()))
+        .timeout(Some(Duration::from_secs(10)));
+    let reply = bus
+        .client
+        .send_request(subject.clone(), req)
+        .await
+        .map_err(|e| anyhow!("{subject}: {e} (is a node hosting {context} running?)"))?;
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload).with_context(|| format!("{subject}: reply is not JSON"))?;
+    if let Some(e) = v.get("error") {
+        bail!("{context} answered {name}: {}", e.as_str().unwrap_or("error"));
+    }
+    Ok(v.get("ok").cloned().unwrap_or(serde_json::Value::Null))
+}
+
+/// Waits until every context answers its `summary` query (orders answers `sagas` too).
+pub async fn wait_ready(bus: &Bus, contexts: &[&str], timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    for c in contexts {
+        loop {
+            let short = async_nats::Request::new()
+                .payload(Bytes::from_static(b"{}"))
+                .timeout(Some(Duration::from_millis(500)));
+            if bus.client.send_request(subjects::query(c, "summary"), short).await.is_ok() {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("context {c} did not answer within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Asks an external system's simulator for its ledger (`choreo.ext.<system>.stats`).
+pub async fn query_external(bus: &Bus, system: &str) -> anyhow::Result<serde_json::Value> {
+    let req = async_nats::Request::new().payload(Bytes::from_static(b"{}")).timeout(Some(Duration::from_secs(5)));
+    let reply = bus
+        .client
+        .send_request(subjects::external(system, "stats"), req)
+        .await
+        .map_err(|e| anyhow!("{system} stats: {e}"))?;
+    Ok(serde_json::from_slice(&reply.payload)?)
+}

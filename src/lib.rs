@@ -1,0 +1,20 @@
+//! The `choreo` package: the shop's composition and the tools around the runtime (node
+//! start-up, simulators, load, verify, demo). `src/main.rs` is only the command line.
+
+pub mod client;
+pub mod contexts;
+pub mod demo;
+pub mod load;
+pub mod procs;
+pub mod sim;
+pub mod verify;
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

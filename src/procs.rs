@@ -1,0 +1,204 @@
+//! Child processes: nats-server and `choreo` nodes, for `choreo demo`, `choreo bench` and
+//! the black-box tests. Every child is killed when its guard drops, so a failing test or a
+//! Ctrl-C leaves nothing running.
+
+use std::fs::File;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Oldest nats-server this project runs on (stream-loss fixes; KV with async-nats 0.51).
+pub const MIN_NATS_SERVER: (u32, u32, u32) = (2, 12, 3);
+
+/// A running child process; killed (SIGKILL) on drop if still running.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    /// Starts `program args`, sending stdout and stderr to `log` (appended).
+    pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path, envs: &[(&str, &str)]) -> anyhow::Result<Proc> {
+        if let Some(dir) = log.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let out = File::options().create(true).append(true).open(log).with_context(|| format!("open {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().with_context(|| format!("start {name}: {}", program.display()))?;
+        Ok(Proc { name: name.to_string(), child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends a signal (e.g. SIGSTOP, SIGCONT, SIGTERM).
+    pub fn signal(&self, sig: Signal) -> anyhow::Result<()> {
+        kill(Pid::from_raw(self.child.id() as i32), sig).map_err(|e| anyhow!("signal {sig} to {}: {e}", self.name))
+    }
+
+    /// `kill -9`, then reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits up to `grace` before SIGKILL. Returns the exit status.
+    pub fn terminate(&mut self, grace: Duration) -> anyhow::Result<ExitStatus> {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            return Ok(st);
+        }
+        let _ = self.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill()?;
+        let st = self.child.wait()?;
+        bail!("{} did not stop within {grace:?} after SIGTERM; killed ({st})", self.name)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Finds nats-server: `$CHOREO_NATS_SERVER`, then `.tools/venv/bin/nats-server` in the current
+/// directory or any parent of it or of this executable (installed by
+/// `scripts/install-nats.sh`), then `PATH`. Refuses versions older than 2.12.3.
+pub fn find_nats_server() -> anyhow::Result<PathBuf> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(p) = std::env::var("CHOREO_NATS_SERVER") {
+        candidates.push(PathBuf::from(p));
+    }
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.extend(cwd.ancestors().map(Path::to_path_buf));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().map(Path::to_path_buf));
+    }
+    candidates.extend(roots.iter().map(|r| r.join(".tools/venv/bin/nats-server")));
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("nats-server")));
+    }
+    let mut too_old = None;
+    for c in candidates.into_iter().filter(|c| c.is_file()) {
+        match nats_version(&c) {
+            Some(v) if v >= MIN_NATS_SERVER => return Ok(c),
+            Some(v) => too_old = Some((c, v)),
+            None => {}
+        }
+    }
+    match too_old {
+        Some((c, v)) => bail!(
+            "{} is nats-server {}.{}.{}; Choreo needs 2.12.3 or newer: run `make setup` (scripts/install-nats.sh)",
+            c.display(), v.0, v.1, v.2
+        ),
+        None => bail!("nats-server not found: run `make setup` (scripts/install-nats.sh) or set CHOREO_NATS_SERVER"),
+    }
+}
+
+fn nats_version(bin: &Path) -> Option<(u32, u32, u32)> {
+    let out = Command::new(bin).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text.trim().rsplit('v').next()?;
+    let mut it = v.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|n| n.parse().ok());
+    Some((it.next()??, it.next()??, it.next()??))
+}
+
+/// A nats-server with JetStream, storing in its own directory, on loopback.
+pub struct NatsServer {
+    pub proc: Proc,
+    pub port: u16,
+    pub url: String,
+    pub dir: PathBuf,
+    bin: PathBuf,
+    sync_always: bool,
+}
+
+impl NatsServer {
+    /// Starts nats-server on `port` (a free one if `None`) with JetStream in `dir/jetstream`.
+    /// `sync_always`: fsync every write (see `config/nats-server.conf`).
+    pub fn start(dir: &Path, port: Option<u16>, sync_always: bool) -> anyhow::Result<NatsServer> {
+        let bin = find_nats_server()?;
+        let port = port.unwrap_or_else(free_port);
+        let mut s = NatsServer {
+            proc: Self::launch(&bin, dir, port, sync_always)?,
+            port,
+            url: format!("nats://127.0.0.1:{port}"),
+            dir: dir.to_path_buf(),
+            bin,
+            sync_always,
+        };
+        s.wait_listening(Duration::from_secs(15))?;
+        Ok(s)
+    }
+
+    fn launch(bin: &Path, dir: &Path, port: u16, sync_always: bool) -> anyhow::Result<Proc> {
+        std::fs::create_dir_all(dir)?;
+        let conf = dir.join("nats-server.conf");
+        let store = dir.join("jetstream");
+        let sync = if sync_always { "\n  sync_interval: always" } else { "" };
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{port}\nmax_payload: 1MB\njetstream {{\n  store_dir: {:?}\n  max_file_store: 4GB\n  max_memory_store: 256MB{sync}\n}}\n",
+                store.display().to_string()
+            ),
+        )?;
+        Proc::spawn("nats-server", bin, &["-c".into(), conf.display().to_string()], &dir.join("nats-server.log"), &[])
+    }
+
+    fn wait_listening(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if !self.proc.is_running() {
+                bail!("nats-server exited at start; see {}", self.dir.join("nats-server.log").display());
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("nats-server not listening on {} after {timeout:?}", self.port)
+    }
+
+    /// `kill -9` the server, then starts it again on the same port and store.
+    pub fn crash_and_restart(&mut self) -> anyhow::Result<()> {
+        self.proc.kill9();
+        self.proc = Self::launch(&self.bin, &self.dir, self.port, self.sync_always)?;
+        self.wait_listening(Duration::from_secs(15))
+    }
+}

@@ -1,0 +1,177 @@
+//! `choreo sim`: the external systems of the shop, simulated over NATS request/reply.
+//!
+//! - payment gateway: `choreo.ext.payment-gateway.{authorize,capture,void}`;
+//! - carrier:         `choreo.ext.carrier.dispatch`;
+//! - both answer `...stats` with the effects they performed, per order.
+//!
+//! Each request carries an `idempotency_key`: the first request with a key acts and its
+//! reply is remembered; a repeat gets the same reply and acts no more (as real gateways
+//! do). Effects are counted per order and operation, so a caller that sent two different
+//! keys for one capture would show up as two captures. Latency and a failure rate (replies
+//! `{"error": ...}` without acting) are settable; the payment method `card_declined` is
+//! refused, and an address containing `nowhere` is undeliverable.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// Simulator settings.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub payment_latency: Duration,
+    pub payment_failure_rate: f64,
+    pub carrier_latency: Duration,
+    pub carrier_failure_rate: f64,
+    pub seed: u64,
+}
+
+/// Effects performed for one order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Effects {
+    pub authorized: u32,
+    pub authorized_cents: u64,
+    pub declined: u32,
+    pub captured: u32,
+    pub captured_cents: u64,
+    pub voided: u32,
+    pub dispatched: u32,
+    pub refused: u32,
+}
+
+#[derive(Default)]
+struct Ledger {
+    replies: HashMap<String, Value>,
+    effects: BTreeMap<String, Effects>,
+    auths: HashMap<String, (String, u64, &'static str)>,
+    requests: u64,
+    repeats: u64,
+    failures: u64,
+}
+
+struct Sim {
+    cfg: SimConfig,
+    ledger: Mutex<Ledger>,
+    rng: Mutex<fastrand::Rng>,
+}
+
+/// Serves both systems until the connection closes.
+pub async fn run(client: async_nats::Client, cfg: SimConfig) -> anyhow::Result<()> {
+    let sim = Arc::new(Sim { rng: Mutex::new(fastrand::Rng::with_seed(cfg.seed)), cfg, ledger: Mutex::default() });
+    let mut subs = futures::stream::select(
+        client.queue_subscribe("choreo.ext.payment-gateway.*", "sim".into()).await?,
+        client.queue_subscribe("choreo.ext.carrier.*", "sim".into()).await?,
+    );
+    tracing::info!("simulators ready: payment-gateway, carrier");
+    while let Some(req) = subs.next().await {
+        let Some(reply_to) = req.reply.clone() else { continue };
+        let (sim, client) = (sim.clone(), client.clone());
+        tokio::spawn(async move {
+            let reply = sim.answer(&req.subject, &req.payload).await;
+            let _ = client.publish(reply_to, reply.to_string().into()).await;
+        });
+    }
+    Ok(())
+}
+
+impl Sim {
+    async fn answer(&self, subject: &str, payload: &[u8]) -> Value {
+        let mut parts = subject.rsplitn(2, '.');
+        let op = parts.next().unwrap_or("");
+        let system = parts.next().unwrap_or("").rsplit('.').next().unwrap_or("");
+        if op == "stats" {
+            return self.stats();
+        }
+        let (latency, failure_rate) = match system {
+            "payment-gateway" => (self.cfg.payment_latency, self.cfg.payment_failure_rate),
+            "carrier" => (self.cfg.carrier_latency, self.cfg.carrier_failure_rate),
+            _ => return json!({"error": format!("unknown system {system}")}),
+        };
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let req: Value = match serde_json::from_slice(payload) {
+            Ok(v) => v,
+            Err(e) => return json!({"error": format!("bad request: {e}")}),
+        };
+        let s = |k: &str| req.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        let key = s("idempotency_key");
+        let order = s("order_id");
+        if key.is_empty() || order.is_empty() {
+            return json!({"error": "idempotency_key and order_id are required"});
+        }
+        let fail = failure_rate > 0.0 && self.rng.lock().expect("rng").f64() < failure_rate;
+        let mut l = self.ledger.lock().expect("ledger");
+        l.requests += 1;
+        if fail {
+            l.failures += 1;
+            return json!({"error": format!("{system} unavailable (simulated)")});
+        }
+        if let Some(r) = l.replies.get(&key) {
+            let r = r.clone();
+            l.repeats += 1;
+            return r;
+        }
+        let reply = match (system, op) {
+            ("payment-gateway", "authorize") => {
+                let amount = req.get("amount_cents").and_then(Value::as_u64).unwrap_or(0);
+                let e = l.effects.entry(order.clone()).or_default();
+                if s("payment_method") == "card_declined" {
+                    e.declined += 1;
+                    json!({"approved": false, "reason": "card_declined"})
+                } else {
+                    e.authorized += 1;
+                    e.authorized_cents += amount;
+                    let auth_id = format!("auth-{}", l.replies.len() + 1);
+                    l.auths.insert(auth_id.clone(), (order.clone(), amount, "authorized"));
+                    json!({"approved": true, "auth_id": auth_id})
+                }
+            }
+            ("payment-gateway", "capture" | "void") => {
+                let auth_id = s("auth_id");
+                match l.auths.get(&auth_id).cloned() {
+                    Some((o, amount, "authorized")) if o == order => {
+                        let capture = op == "capture";
+                        l.auths.insert(auth_id, (o, amount, if capture { "captured" } else { "voided" }));
+                        let e = l.effects.entry(order.clone()).or_default();
+                        if capture {
+                            e.captured += 1;
+                            e.captured_cents += amount;
+                        } else {
+                            e.voided += 1;
+                        }
+                        json!({"ok": true})
+                    }
+                    Some((_, _, state)) => json!({"ok": false, "reason": format!("authorization is {state}")}),
+                    None => json!({"ok": false, "reason": "unknown authorization"}),
+                }
+            }
+            ("carrier", "dispatch") => {
+                let e = l.effects.entry(order.clone()).or_default();
+                if s("address").contains("nowhere") {
+                    e.refused += 1;
+                    json!({"accepted": false, "reason": "undeliverable address"})
+                } else {
+                    e.dispatched += 1;
+                    json!({"accepted": true, "tracking": format!("TRK-{}", l.replies.len() + 1)})
+                }
+            }
+            _ => return json!({"error": format!("unknown operation {system}.{op}")}),
+        };
+        l.replies.insert(key, reply.clone());
+        reply
+    }
+
+    fn stats(&self) -> Value {
+        let l = self.ledger.lock().expect("ledger");
+        json!({
+            "requests": l.requests,
+            "repeats_answered_from_memory": l.repeats,
+            "simulated_failures": l.failures,
+            "effects": l.effects,
+        })
+    }
+}

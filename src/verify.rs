@@ -1,0 +1,174 @@
+//! `choreo verify`: asks every context (and the external systems' ledgers) for its view and
+//! checks the shop's invariants. Run it after the traffic has drained.
+//!
+//! Invariants, each counted separately:
+//! - terminal:  every order is Completed or Cancelled;
+//! - agreement: the fulfilment saga, inventory and payments agree with the order's state;
+//! - money:     a completed order's payment is captured in full; a cancelled order has
+//!              nothing captured; per payment captured + voided = authorized;
+//! - stock:     per sku added = available + reserved + committed, and nothing is reserved
+//!              once no reservation is open;
+//! - once:      the gateway and carrier performed each effect at most once per order, and a
+//!              completed order exactly one capture and one dispatch.
+
+use std::collections::{BTreeMap, HashMap};
+
+use runtime::bus::Bus;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::client;
+
+/// Outcome of one invariant.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Check {
+    pub checked: usize,
+    pub violations: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    pub orders: usize,
+    pub completed: usize,
+    pub cancelled: usize,
+    pub checks: BTreeMap<&'static str, Check>,
+    /// Whether the external systems' ledgers were reachable (they are in-memory simulators).
+    pub ledgers_checked: bool,
+}
+
+impl VerifyReport {
+    pub fn violations(&self) -> usize {
+        self.checks.values().map(|c| c.violations.len()).sum()
+    }
+
+    pub fn print(&self) {
+        println!("orders: {} (completed {}, cancelled {})", self.orders, self.completed, self.cancelled);
+        for (name, c) in &self.checks {
+            println!("  {name:<10} checked {:>6}  violations {}", c.checked, c.violations.len());
+            for v in c.violations.iter().take(10) {
+                println!("      {v}");
+            }
+        }
+        if !self.ledgers_checked {
+            println!("  (external ledgers not reachable: `once` checked from the contexts only)");
+        }
+        println!("{}", if self.violations() == 0 { "verify: OK" } else { "verify: VIOLATIONS" });
+    }
+}
+
+fn check<'a>(r: &'a mut VerifyReport, name: &'static str) -> &'a mut Check {
+    r.checks.entry(name).or_default()
+}
+
+fn statuses(v: &Value, field: &str) -> HashMap<String, String> {
+    v[field]
+        .as_object()
+        .map(|m| m.iter().map(|(k, s)| (k.clone(), s.as_str().unwrap_or("").to_string())).collect())
+        .unwrap_or_default()
+}
+
+/// Collects every context's view and checks the invariants. `only` restricts the per-order
+/// checks to order ids starting with that prefix (one load run); stock is always global.
+pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> {
+    let orders = client::query(bus, "orders", "summary", Value::Null).await?;
+    let sagas = client::query(bus, "orders", "sagas", Value::Null).await?;
+    let inv = client::query(bus, "inventory", "summary", Value::Null).await?;
+    let pay = client::query(bus, "payments", "summary", Value::Null).await?;
+    let gateway = client::query_external(bus, "payment-gateway").await.ok();
+    let carrier = client::query_external(bus, "carrier").await.ok();
+
+    let order_status = statuses(&orders, "statuses");
+    let saga_status = statuses(&sagas, "statuses");
+    let reservations = statuses(&inv, "reservations");
+    let payments = pay["payments"].as_object().cloned().unwrap_or_default();
+    let mut r = VerifyReport { ledgers_checked: gateway.is_some() && carrier.is_some(), ..Default::default() };
+    for name in ["terminal", "agreement", "money", "stock", "once"] {
+        check(&mut r, name);
+    }
+
+    let mut ids: Vec<&String> = order_status.keys().filter(|id| only.is_none_or(|p| id.starts_with(p))).collect();
+    ids.sort();
+    r.orders = ids.len();
+    for id in ids {
+        let st = order_status[id].as_str();
+        let c = check(&mut r, "terminal");
+        c.checked += 1;
+        let completed = match st {
+            "Completed" => true,
+            "Cancelled" => false,
+            other => {
+                c.violations.push(format!("order {id} is {other}"));
+                continue;
+            }
+        };
+        if completed { r.completed += 1 } else { r.cancelled += 1 }
+
+        let c = check(&mut r, "agreement");
+        c.checked += 1;
+        let saga = saga_status.get(id).map(String::as_str).unwrap_or("missing");
+        if saga != st {
+            c.violations.push(format!("order {id} is {st} but its saga is {saga}"));
+        }
+        let res = reservations.get(id).map(String::as_str).unwrap_or("missing");
+        let res_ok = if completed { res == "Committed" } else { matches!(res, "Rejected" | "Released") };
+        if !res_ok {
+            c.violations.push(format!("order {id} is {st} but its stock reservation is {res}"));
+        }
+
+        let c = check(&mut r, "money");
+        c.checked += 1;
+        let p = payments.get(id).cloned().unwrap_or(Value::Null);
+        let pst = p["status"].as_str().unwrap_or("missing");
+        let amount = p["amount_cents"].as_u64().unwrap_or(0);
+        let captured = p["captured_cents"].as_u64().unwrap_or(0);
+        let voided = p["voided_cents"].as_u64().unwrap_or(0);
+        if completed && (pst != "Captured" || captured != amount) {
+            c.violations.push(format!("completed order {id}: payment {pst}, captured {captured} of {amount}"));
+        }
+        if !completed && (captured != 0 || !matches!(pst, "Declined" | "Voided")) {
+            c.violations.push(format!("cancelled order {id}: payment {pst}, captured {captured}"));
+        }
+        if !p["auth_id"].is_null() && captured + voided != amount && matches!(pst, "Captured" | "Voided") {
+            c.violations.push(format!("order {id}: captured {captured} + voided {voided} != authorized {amount}"));
+        }
+
+        if let (Some(g), Some(cr)) = (&gateway, &carrier) {
+            let c = check(&mut r, "once");
+            c.checked += 1;
+            let ge = &g["effects"][id];
+            let ce = &cr["effects"][id];
+            let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+            for (what, count) in [("authorized", n(ge, "authorized")), ("captured", n(ge, "captured")), ("voided", n(ge, "voided")), ("dispatched", n(ce, "dispatched"))] {
+                if count > 1 {
+                    c.violations.push(format!("order {id}: {what} {count} times"));
+                }
+            }
+            if completed && (n(ge, "captured") != 1 || n(ce, "dispatched") != 1) {
+                c.violations.push(format!("completed order {id}: {} captures, {} dispatches", n(ge, "captured"), n(ce, "dispatched")));
+            }
+            if !completed && n(ge, "captured") != 0 {
+                c.violations.push(format!("cancelled order {id}: captured at the gateway"));
+            }
+        }
+    }
+
+    // Stock conservation is global: per sku, and against the open reservations.
+    let stock = inv["stock"].as_object().cloned().unwrap_or_default();
+    let c = check(&mut r, "stock");
+    for (sku, s) in &stock {
+        c.checked += 1;
+        let f = |k: &str| s[k].as_u64().unwrap_or(0);
+        if f("added") != f("available") + f("reserved") + f("committed") {
+            c.violations.push(format!(
+                "sku {sku}: added {} != available {} + reserved {} + committed {}",
+                f("added"), f("available"), f("reserved"), f("committed")
+            ));
+        }
+    }
+    let open_reservations = reservations.values().filter(|s| *s == "Reserved").count() as u64;
+    let reserved_total: u64 = stock.values().map(|s| s["reserved"].as_u64().unwrap_or(0)).sum();
+    if open_reservations == 0 && reserved_total != 0 {
+        c.violations.push(format!("{reserved_total} units reserved but no reservation is open"));
+    }
+    Ok(r)
+}
