@@ -9,7 +9,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
-use crate::component::Subscription;
+use crate::component::{Kind, Subscription};
 use crate::config::NodeConfig;
 use crate::envelope::{self, headers, Envelope};
 use crate::subjects;
@@ -119,11 +119,13 @@ impl Bus {
             .get_stream(subjects::stream(sub.source))
             .await
             .map_err(|e| js_err(format!("get stream of {}", sub.source), e))?;
-        let filters: Vec<String> = sub
-            .types
-            .iter()
-            .map(|t| format!("choreo.{}.{}.{}", sub.source, sub.kind.token(), t))
-            .collect();
+        // Commands: everything addressed to the context, so an unknown command type reaches
+        // the handler and is dead-lettered. Events: only the subscribed types (an event type
+        // nobody subscribes to is not an error).
+        let filters: Vec<String> = match sub.kind {
+            Kind::Command => vec![format!("choreo.{}.cmd.>", sub.source)],
+            Kind::Event => sub.types.iter().map(|t| subjects::event(sub.source, t)).collect(),
+        };
         let c = &cfg.consumer;
         // Redeliveries after an ack timeout (a crashed or stalled node) wait ack_wait, then
         // twice that. Failures the handler sees are naked with their own delay instead.

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::bus::{Bus, BusError};
-use crate::component::Context;
+use crate::component::{Context, Kind};
 use crate::config::NodeConfig;
 use crate::consumer::{ConsumerActor, ContextRuntime, TakeRun};
 use crate::envelope::now_ms;
@@ -60,6 +60,7 @@ pub async fn run(
         })?;
     let metrics_task = tokio::spawn(metrics::serve(listener, health.clone()));
 
+    check_routing(&contexts)?;
     let names: Vec<&str> = contexts.iter().map(|c| c.name()).collect();
     let bus = Bus::connect(&cfg.nats_url, &format!("choreo-node[{}]", names.join(",")), Duration::from_secs(15)).await?;
     bus.ensure_dlq_stream(&cfg).await?;
@@ -135,6 +136,34 @@ pub async fn run(
     let _ = bus.client.drain().await;
     metrics_task.abort();
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Commands are addressed to a context and consumed whole (`cmd.>`) by exactly one of its
+/// components; a component may not consume another context's commands.
+fn check_routing(contexts: &[Arc<dyn Context>]) -> Result<(), NodeError> {
+    for c in contexts {
+        let mut handlers = Vec::new();
+        for comp in c.components() {
+            for s in comp.subscriptions() {
+                if s.kind == Kind::Command {
+                    if s.source != c.name() {
+                        return Err(NodeError::Other(format!(
+                            "component {} of {} subscribes to commands of {}: commands are consumed only by their addressee",
+                            comp.name(), c.name(), s.source
+                        )));
+                    }
+                    handlers.push(comp.name());
+                }
+            }
+        }
+        if handlers.len() > 1 {
+            return Err(NodeError::Other(format!(
+                "context {} has more than one command handler ({}); merge them into one component",
+                c.name(), handlers.join(", ")
+            )));
+        }
+    }
     Ok(())
 }
 

@@ -1,0 +1,182 @@
+//! A running shop on this machine: nats-server, one `choreo node` process per context, and
+//! the simulators. Used by `choreo demo` and by the black-box tests; every process is
+//! killed when the `Shop` drops.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use nix::sys::signal::Signal;
+
+use crate::client;
+use crate::contexts::KNOWN;
+use crate::procs::{free_port, NatsServer, Proc};
+
+/// How to start a shop.
+#[derive(Debug, Clone)]
+pub struct ShopOptions {
+    /// Working directory: `nats/`, `data/`, `logs/` (wiped at start).
+    pub dir: PathBuf,
+    /// nats-server port (a free one if `None`).
+    pub port: Option<u16>,
+    /// nats-server `sync_interval: always`.
+    pub sync_always: bool,
+    /// Contexts to start, one node process each.
+    pub contexts: Vec<String>,
+    /// Start `choreo sim` with these extra arguments (`None`: no simulators).
+    pub sim: Option<Vec<String>>,
+    /// Node config file passed with `--config`.
+    pub node_config: Option<PathBuf>,
+}
+
+impl ShopOptions {
+    /// Every context, the simulators, default node config.
+    pub fn new(dir: PathBuf) -> Self {
+        ShopOptions {
+            dir,
+            port: None,
+            sync_always: false,
+            contexts: KNOWN.iter().map(|s| s.to_string()).collect(),
+            sim: Some(vec![]),
+            node_config: None,
+        }
+    }
+}
+
+/// One node process.
+pub struct Node {
+    pub context: String,
+    pub proc: Proc,
+    pub metrics_addr: String,
+}
+
+/// A running shop.
+pub struct Shop {
+    pub nats: NatsServer,
+    pub nodes: Vec<Node>,
+    pub sim: Option<Proc>,
+    pub opts: ShopOptions,
+}
+
+impl Shop {
+    /// Starts everything and waits until every started context answers queries.
+    pub async fn start(opts: ShopOptions) -> anyhow::Result<Shop> {
+        for sub in ["nats", "data", "logs"] {
+            let _ = std::fs::remove_dir_all(opts.dir.join(sub));
+        }
+        let (nats_dir, port, sync) = (opts.dir.join("nats"), opts.port, opts.sync_always);
+        let nats = tokio::task::spawn_blocking(move || NatsServer::start(&nats_dir, port, sync)).await??;
+        let mut shop = Shop { nats, nodes: Vec::new(), sim: None, opts };
+        for ctx in shop.opts.contexts.clone() {
+            let node = shop.spawn_node(&ctx)?;
+            shop.nodes.push(node);
+        }
+        if let Some(extra) = shop.opts.sim.clone() {
+            let mut args = vec!["sim".to_string(), "--nats".into(), shop.nats.url.clone()];
+            args.extend(extra);
+            shop.sim = Some(Proc::spawn("sim", &exe()?, &args, &shop.opts.dir.join("logs/sim.log"), &[])?);
+        }
+        shop.wait_ready(Duration::from_secs(60)).await?;
+        Ok(shop)
+    }
+
+    fn spawn_node(&self, ctx: &str) -> anyhow::Result<Node> {
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let data = self.opts.dir.join("data").display().to_string();
+        let mut args: Vec<String> = ["node", "--context", ctx, "--nats", &self.nats.url, "--data", &data, "--metrics", &metrics_addr]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if let Some(c) = &self.opts.node_config {
+            args.push("--config".into());
+            args.push(c.display().to_string());
+        }
+        let log = self.opts.dir.join("logs").join(format!("{ctx}.log"));
+        let proc = Proc::spawn(ctx, &exe()?, &args, &log, &[])?;
+        Ok(Node { context: ctx.to_string(), proc, metrics_addr })
+    }
+
+    /// Waits until every started context answers, failing early if a node exited.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let bus = client::connect(&self.nats.url, Duration::from_secs(10)).await?;
+        let contexts = self.opts.contexts.clone();
+        let names: Vec<&str> = contexts.iter().map(String::as_str).collect();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(dead) = self.dead_node() {
+                anyhow::bail!("{dead}");
+            }
+            if client::wait_ready(&bus, &names, Duration::from_secs(1)).await.is_ok() {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "contexts not ready after {timeout:?}; see {}", self.logs().display());
+        }
+    }
+
+    pub fn logs(&self) -> PathBuf {
+        self.opts.dir.join("logs")
+    }
+
+    /// The first node that exited, with the end of its log.
+    pub fn dead_node(&mut self) -> Option<String> {
+        let logs = self.logs();
+        self.nodes.iter_mut().find_map(|n| (!n.proc.is_running()).then_some(&n.context)).map(|context| {
+            let log = std::fs::read_to_string(logs.join(format!("{context}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            format!("node {context} exited:\n  {}", tail.into_iter().rev().collect::<Vec<_>>().join("\n  "))
+        })
+    }
+
+    pub fn node(&mut self, ctx: &str) -> anyhow::Result<&mut Node> {
+        self.nodes.iter_mut().find(|n| n.context == ctx).with_context(|| format!("no node for {ctx}"))
+    }
+
+    /// `kill -9` of the node hosting `ctx`.
+    pub fn kill9(&mut self, ctx: &str) -> anyhow::Result<()> {
+        self.node(ctx)?.proc.kill9();
+        Ok(())
+    }
+
+    /// Starts the node hosting `ctx` again (same data directory) and waits until it answers.
+    pub async fn restart(&mut self, ctx: &str) -> anyhow::Result<()> {
+        let fresh = self.spawn_node(ctx)?;
+        *self.node(ctx)? = fresh;
+        self.wait_ready(Duration::from_secs(60)).await
+    }
+
+    /// SIGTERM to every node and the simulators (they finish in-flight work), then the server.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        let mut problems = Vec::new();
+        for n in &self.nodes {
+            let _ = n.proc.signal(Signal::SIGTERM);
+        }
+        for n in &mut self.nodes {
+            match n.proc.terminate(Duration::from_secs(30)) {
+                Ok(st) if st.success() => {}
+                Ok(st) => problems.push(format!("{}: exited with {st}", n.context)),
+                Err(e) => problems.push(format!("{}: {e}", n.context)),
+            }
+        }
+        if let Some(sim) = &mut self.sim {
+            let _ = sim.terminate(Duration::from_secs(5));
+        }
+        let _ = self.nats.proc.terminate(Duration::from_secs(10));
+        anyhow::ensure!(problems.is_empty(), "unclean stop: {}", problems.join("; "));
+        Ok(())
+    }
+}
+
+fn exe() -> anyhow::Result<PathBuf> {
+    // Tests run from target/debug/deps: the binary is one level up.
+    let me = std::env::current_exe().context("locate the choreo binary")?;
+    if me.file_name().is_some_and(|n| n == "choreo") {
+        return Ok(me);
+    }
+    if let Ok(p) = std::env::var("CHOREO_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let dir = me.parent().and_then(|d| d.parent()).context("no parent directory")?;
+    let candidate = dir.join("choreo");
+    anyhow::ensure!(candidate.is_file(), "choreo binary not found next to {}; set CHOREO_BIN", me.display());
+    Ok(candidate)
+}

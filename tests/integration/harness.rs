@@ -1,0 +1,111 @@
+//! Test harness: a real nats-server on a free port and real `choreo node` processes (one per
+//! context) in a temporary directory, all killed when the guard drops.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use choreo::shop::{Shop, ShopOptions};
+use futures::StreamExt;
+use runtime::bus::Bus;
+use runtime::subjects;
+
+/// Node settings for tests: short ack wait and back-off so redeliveries take seconds.
+pub(crate) const TEST_CONFIG: &str = r#"
+external_timeout_ms = 1000
+[consumer]
+ack_wait_ms = 3000
+max_deliver = 20
+retry_backoff_ms = [50, 200, 500, 1000]
+max_in_flight = 64
+"#;
+
+pub(crate) struct TestShop {
+    pub(crate) shop: Shop,
+    pub(crate) bus: Bus,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts the given contexts (one process each), with or without simulators; `extra_config`
+/// is appended to [`TEST_CONFIG`] (e.g. a `[stream]` table).
+pub(crate) async fn start(contexts: &[&str], sim: bool, extra_config: &str) -> TestShop {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("node.toml");
+    std::fs::write(&cfg, format!("{TEST_CONFIG}\n{extra_config}")).unwrap();
+    let opts = ShopOptions {
+        contexts: contexts.iter().map(|s| s.to_string()).collect(),
+        sim: sim.then(Vec::new),
+        node_config: Some(cfg),
+        ..ShopOptions::new(dir.path().to_path_buf())
+    };
+    let shop = Shop::start(opts).await.expect("shop starts");
+    let bus = choreo::client::connect(&shop.nats.url, Duration::from_secs(5)).await.expect("connect");
+    TestShop { shop, bus, _dir: dir }
+}
+
+/// Every message in the dead-letter stream: (headers, payload).
+pub(crate) async fn dead_letters(bus: &Bus) -> Vec<(HeaderMap, Bytes)> {
+    let Ok(stream) = bus.js.get_stream(subjects::DLQ_STREAM).await else { return vec![] };
+    let c = stream
+        .create_consumer(consumer::pull::OrderedConfig { deliver_policy: consumer::DeliverPolicy::All, ..Default::default() })
+        .await
+        .expect("dlq consumer");
+    let mut msgs = c.messages().await.expect("dlq messages");
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await {
+        out.push((m.headers.clone().unwrap_or_default(), m.payload.clone()));
+    }
+    out
+}
+
+/// Waits until a dead letter matching `pred` appears; returns its reason.
+pub(crate) async fn wait_dead_letter(bus: &Bus, pred: impl Fn(&HeaderMap, &Bytes) -> bool) -> String {
+    for _ in 0..40 {
+        if let Some((h, _)) = dead_letters(bus).await.into_iter().find(|(h, p)| pred(h, p)) {
+            return h.get("Choreo-Dlq-Reason").map(|v| v.as_str().to_string()).unwrap_or_default();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("no matching dead letter arrived");
+}
+
+/// Reads one metric value (summed over series whose labels contain every `labels` pair)
+/// from a node's /metrics endpoint.
+pub(crate) fn metric(addr: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut s = TcpStream::connect(addr).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The `added`/`available` numbers of one sku from the inventory read model.
+pub(crate) async fn sku(bus: &Bus, sku: &str) -> (u64, u64) {
+    let v = choreo::client::query(bus, "inventory", "stock", serde_json::json!({})).await.expect("stock query");
+    (v[sku]["added"].as_u64().unwrap_or(0), v[sku]["available"].as_u64().unwrap_or(0))
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub(crate) async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,8 @@
+//! Black-box integration tests: a real nats-server, real `choreo node` processes, real sled
+//! files. Each test starts its own server on a free port.
+
+mod bad_input;
+mod crash;
+mod duplicates;
+mod harness;
+mod order_flow;

@@ -1,0 +1,46 @@
+//! The shop's order flow end to end across one process per context.
+
+use std::time::Duration;
+
+use choreo::load::{self, LoadConfig};
+use choreo::verify;
+
+use crate::harness;
+
+pub(crate) fn mix(orders: usize, rate: f64) -> LoadConfig {
+    LoadConfig {
+        orders,
+        rate,
+        concurrency: 128,
+        customers: 10,
+        fail_stock_pct: 10.0,
+        fail_payment_pct: 10.0,
+        fail_shipping_pct: 5.0,
+        timeout: Duration::from_secs(60),
+        seed: 42,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_orders_end_completed_or_cancelled_with_effects_once() {
+    let t = harness::start(choreo::contexts::KNOWN, true, "").await;
+    let report = load::run(&t.bus, &mix(200, 0.0), |_| {}).await.expect("load runs");
+    assert_eq!(report.placed, 200);
+    assert_eq!(report.unfinished, 0, "every order reaches a terminal state");
+    assert_eq!(report.completed + report.cancelled, 200);
+    assert!(report.unexpected.is_empty(), "orders ended otherwise than set up: {:?}", report.unexpected);
+    let failing = report.orders.iter().filter(|(_, k)| *k != load::Kind::Normal).count();
+    assert!(failing > 20 && report.completed > 100, "the mix has both outcomes: {failing} set to fail");
+    assert_eq!(report.cancelled, failing);
+
+    let v = verify::run(&t.bus, Some(&report.run_id)).await.expect("verify");
+    assert!(v.ledgers_checked, "gateway and carrier ledgers reachable");
+    assert_eq!(v.orders, 200);
+    // Completed orders: stock committed, payment captured exactly once at the gateway, one
+    // dispatch; cancelled orders: stock released or never reserved, nothing captured.
+    for name in ["terminal", "agreement", "money", "once"] {
+        assert_eq!(v.checks[name].checked, 200, "{name} checked every order");
+    }
+    assert_eq!(v.violations(), 0, "invariants hold: {:#?}", v.checks);
+    t.shop.stop().expect("every node stops cleanly on SIGTERM");
+}
