@@ -102,3 +102,16 @@ mod tests {
         assert!(build("shop").is_none());
     }
 }
+
+#[cfg(test)]
+mod config_file_tests {
+    use runtime::config::NodeConfig;
+
+    /// The shipped example config documents exactly the defaults.
+    #[test]
+    fn example_config_equals_the_defaults() {
+        let text = include_str!("../config/node.example.toml");
+        let parsed: NodeConfig = toml::from_str(text).expect("example config parses");
+        assert_eq!(parsed, NodeConfig::default());
+    }
+}

@@ -42,6 +42,8 @@ pub struct NodeConfig {
     /// Largest message (payload plus headers) a handler accepts; larger ones are
     /// dead-lettered. Must stay below the server's `max_payload` (1 MiB by default).
     pub max_message_bytes: usize,
+    /// Fault injection for chaos tests (off by default).
+    pub faults: crate::faults::FaultConfig,
 }
 
 /// Limits of each context's stream.
@@ -101,6 +103,7 @@ impl Default for NodeConfig {
             store: StoreConfig::default(),
             external_timeout_ms: 5_000,
             max_message_bytes: 64 * 1024,
+            faults: crate::faults::FaultConfig::default(),
         }
     }
 }

@@ -27,6 +27,7 @@ use crate::component::{DynComponent, HandleCtx, HandleError, Kind, Subscription}
 use crate::config::NodeConfig;
 use crate::envelope::{self, Envelope};
 use crate::external;
+use crate::faults::{FaultAction, FaultPoint, Faults};
 use crate::flusher::GroupCommit;
 use crate::metrics;
 use crate::outbox::Relay;
@@ -36,6 +37,7 @@ use crate::subjects;
 /// What every consumer of one context shares.
 pub struct ContextRuntime {
     pub context: &'static str,
+    pub faults: Arc<Faults>,
     pub store: Store,
     pub commit: GroupCommit,
     pub relay: Relay,
@@ -268,6 +270,9 @@ impl PullLoop {
             let reason = format!("type header {:?} does not match subject {}", env.msg_type, msg.subject);
             return ("unknown", self.dead_letter(msg, "malformed", &reason).await);
         }
+        if let Some(outcome) = self.inject(FaultPoint::Handler, msg, msg_type).await {
+            return (msg_type, outcome);
+        }
         let inbox_key = format!("{}/{}", self.durable, env.id);
         match rt.store.seen(&inbox_key) {
             Ok(true) => return (msg_type, self.ack_durable(msg, "duplicate").await),
@@ -310,12 +315,34 @@ impl PullLoop {
                 if let Err(e) = rt.commit.durable().await {
                     return (msg_type, self.fail(msg, msg_type, &e.to_string(), true).await);
                 }
+                if let Some(outcome) = self.inject(FaultPoint::AfterCommit, msg, msg_type).await {
+                    // The effect is durable; the redelivery is absorbed by the inbox and the
+                    // outbox entries are published by the next start-up scan.
+                    return (msg_type, outcome);
+                }
                 rt.relay.durable(outbox_keys);
                 (msg_type, self.ack(msg, "acked").await)
             }
             Ok(Committed::Duplicate) => (msg_type, self.ack_durable(msg, "duplicate").await),
             Err(CommitError::Handler(e)) => (msg_type, self.handle_error(msg, msg_type, e).await),
             Err(CommitError::Store(e)) => (msg_type, self.fail(msg, msg_type, &format!("store: {e}"), false).await),
+        }
+    }
+
+    /// Applies an injected fault, if a rule fires. `Some(outcome)` ends the message's path.
+    async fn inject(&self, point: FaultPoint, msg: &jetstream::Message, msg_type: &str) -> Option<&'static str> {
+        let rule = self.rt.faults.fire(point, msg_type)?;
+        match rule.action {
+            FaultAction::Panic => panic!("injected fault at {point:?} for {msg_type}"),
+            FaultAction::Crash => {
+                tracing::error!(?point, msg_type, "injected crash: aborting the process");
+                std::process::abort();
+            }
+            FaultAction::Error => Some(self.fail(msg, msg_type, &format!("injected error at {point:?}"), false).await),
+            FaultAction::Delay => {
+                tokio::time::sleep(Duration::from_millis(rule.delay_ms)).await;
+                None
+            }
         }
     }
 

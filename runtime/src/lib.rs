@@ -12,6 +12,7 @@ pub mod config;
 pub mod consumer;
 pub mod envelope;
 pub mod external;
+pub mod faults;
 pub mod flusher;
 pub mod metrics;
 pub mod node;

@@ -145,6 +145,15 @@ pub static EXTERNAL_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     )
 });
 
+/// Faults injected (chaos testing), by point and action.
+pub static FAULTS_INJECTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_faults_injected_total",
+        "Faults injected by the fault-injection rules, by point and action.",
+        &["point", "action"],
+    )
+});
+
 /// Readiness shared between the node and the HTTP endpoint.
 #[derive(Clone, Default)]
 pub struct Health {
@@ -180,6 +189,7 @@ pub fn init() {
     LazyLock::force(&STORE_COMMIT_SECONDS);
     LazyLock::force(&STORE_GROUP_COMMIT_SIZE);
     LazyLock::force(&EXTERNAL_SECONDS);
+    LazyLock::force(&FAULTS_INJECTED);
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on an already bound listener until the task

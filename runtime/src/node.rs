@@ -24,6 +24,7 @@ use crate::component::{Context, Kind};
 use crate::config::NodeConfig;
 use crate::consumer::{ConsumerActor, ContextRuntime, TakeRun};
 use crate::envelope::now_ms;
+use crate::faults::Faults;
 use crate::flusher::GroupCommit;
 use crate::metrics::{self, Health};
 use crate::outbox::Relay;
@@ -77,6 +78,10 @@ pub async fn run(
         bus.ensure_context_stream(s, &cfg).await?;
     }
 
+    let faults = Arc::new(Faults::new(&cfg.faults));
+    if cfg.faults.enabled {
+        tracing::warn!(rules = cfg.faults.rules.len(), "fault injection is ENABLED");
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut actors: Vec<Addr<ConsumerActor>> = Vec::new();
     let mut relays = Vec::new();
@@ -94,6 +99,7 @@ pub async fn run(
         commits.push(commit.clone());
         let rt = Arc::new(ContextRuntime {
             context: c.name(),
+            faults: faults.clone(),
             store: store.clone(),
             commit,
             relay,

@@ -6,3 +6,4 @@ mod crash;
 mod duplicates;
 mod harness;
 mod order_flow;
+mod supervision;
