@@ -18,7 +18,11 @@ pub async fn connect(url: &str, wait: Duration) -> anyhow::Result<Bus> {
 }
 
 /// Publishes a command to `context` with a fresh envelope; waits for JetStream's ack.
-pub async fn send_command<M: Message>(bus: &Bus, context: &str, msg: &M) -> anyhow::Result<Envelope> {
+pub async fn send_command<M: Message>(
+    bus: &Bus,
+    context: &str,
+    msg: &M,
+) -> anyhow::Result<Envelope> {
     let env = Envelope::first(new_id(), M::TYPE, CLIENT_SOURCE, now_ms());
     let payload = Bytes::from(serde_json::to_vec(msg)?);
     bus.publish(&subjects::command(context, M::TYPE), &env, payload)
@@ -28,7 +32,12 @@ pub async fn send_command<M: Message>(bus: &Bus, context: &str, msg: &M) -> anyh
 }
 
 /// Asks a context's read model. Replies are `{"ok": value}` or `{"error": "..."}`.
-pub async fn query(bus: &Bus, context: &str, name: &str, request: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+pub async fn query(
+    bus: &Bus,
+    context: &str,
+    name: &str,
+    request: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
     let subject = subjects::query(context, name);
     let req = async_nats::Request::new()
         .payload(Bytes::from(request.to_string()))
@@ -38,9 +47,13 @@ pub async fn query(bus: &Bus, context: &str, name: &str, request: serde_json::Va
         .send_request(subject.clone(), req)
         .await
         .map_err(|e| anyhow!("{subject}: {e} (is a node hosting {context} running?)"))?;
-    let v: serde_json::Value = serde_json::from_slice(&reply.payload).with_context(|| format!("{subject}: reply is not JSON"))?;
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload)
+        .with_context(|| format!("{subject}: reply is not JSON"))?;
     if let Some(e) = v.get("error") {
-        bail!("{context} answered {name}: {}", e.as_str().unwrap_or("error"));
+        bail!(
+            "{context} answered {name}: {}",
+            e.as_str().unwrap_or("error")
+        );
     }
     Ok(v.get("ok").cloned().unwrap_or(serde_json::Value::Null))
 }
@@ -53,7 +66,12 @@ pub async fn wait_ready(bus: &Bus, contexts: &[&str], timeout: Duration) -> anyh
             let short = async_nats::Request::new()
                 .payload(Bytes::from_static(b"{}"))
                 .timeout(Some(Duration::from_millis(500)));
-            if bus.client.send_request(subjects::query(c, "summary"), short).await.is_ok() {
+            if bus
+                .client
+                .send_request(subjects::query(c, "summary"), short)
+                .await
+                .is_ok()
+            {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
@@ -67,7 +85,9 @@ pub async fn wait_ready(bus: &Bus, contexts: &[&str], timeout: Duration) -> anyh
 
 /// Asks an external system's simulator for its ledger (`choreo.ext.<system>.stats`).
 pub async fn query_external(bus: &Bus, system: &str) -> anyhow::Result<serde_json::Value> {
-    let req = async_nats::Request::new().payload(Bytes::from_static(b"{}")).timeout(Some(Duration::from_secs(5)));
+    let req = async_nats::Request::new()
+        .payload(Bytes::from_static(b"{}"))
+        .timeout(Some(Duration::from_secs(5)));
     let reply = bus
         .client
         .send_request(subjects::external(system, "stats"), req)

@@ -34,9 +34,17 @@ impl Context for Hosted {
         self.parts.iter().flat_map(|p| (p.components)()).collect()
     }
     fn queries(&self) -> Vec<&'static str> {
-        self.parts.iter().flat_map(|p| p.queries.iter().copied()).collect()
+        self.parts
+            .iter()
+            .flat_map(|p| p.queries.iter().copied())
+            .collect()
     }
-    fn query(&self, state: &dyn StateRead, name: &str, request: &[u8]) -> Result<serde_json::Value, QueryError> {
+    fn query(
+        &self,
+        state: &dyn StateRead,
+        name: &str,
+        request: &[u8],
+    ) -> Result<serde_json::Value, QueryError> {
         match self.parts.iter().find(|p| p.queries.contains(&name)) {
             Some(p) => (p.query)(state, name, request),
             None => Err(QueryError::Unknown(name.to_string())),
@@ -46,9 +54,20 @@ impl Context for Hosted {
 
 /// Builds one context by name.
 pub fn build(name: &str) -> Option<Arc<dyn Context>> {
-    let part = |components, queries, query| Part { components, queries, query };
+    let part = |components, queries, query| Part {
+        components,
+        queries,
+        query,
+    };
     let (name, parts): (&'static str, Vec<Part>) = match name {
-        "customers" => ("customers", vec![part(customers::components, customers::QUERIES, customers::query)]),
+        "customers" => (
+            "customers",
+            vec![part(
+                customers::components,
+                customers::QUERIES,
+                customers::query,
+            )],
+        ),
         "orders" => (
             "orders",
             vec![
@@ -56,9 +75,30 @@ pub fn build(name: &str) -> Option<Arc<dyn Context>> {
                 part(sagas::components, sagas::QUERIES, sagas::query),
             ],
         ),
-        "inventory" => ("inventory", vec![part(inventory::components, inventory::QUERIES, inventory::query)]),
-        "payments" => ("payments", vec![part(payments::components, payments::QUERIES, payments::query)]),
-        "shipping" => ("shipping", vec![part(shipping::components, shipping::QUERIES, shipping::query)]),
+        "inventory" => (
+            "inventory",
+            vec![part(
+                inventory::components,
+                inventory::QUERIES,
+                inventory::query,
+            )],
+        ),
+        "payments" => (
+            "payments",
+            vec![part(
+                payments::components,
+                payments::QUERIES,
+                payments::query,
+            )],
+        ),
+        "shipping" => (
+            "shipping",
+            vec![part(
+                shipping::components,
+                shipping::QUERIES,
+                shipping::query,
+            )],
+        ),
         _ => return None,
     };
     Some(Arc::new(Hosted { name, parts }))

@@ -21,23 +21,55 @@ pub struct DemoConfig {
 
 /// Runs the demo. Returns true if every order ended as set up and verify found nothing.
 pub async fn run(cfg: DemoConfig) -> anyhow::Result<bool> {
-    println!("choreo demo: starting nats-server, {} context nodes and the simulators in {}", KNOWN.len(), cfg.dir.display());
-    let shop = Shop::start(ShopOptions { port: cfg.port, sync_always: cfg.sync_always, ..ShopOptions::new(cfg.dir.clone()) }).await?;
-    println!("nats-server {} (JetStream store {}, sync_interval {})", shop.nats.url, shop.nats.dir.join("jetstream").display(), if cfg.sync_always { "always" } else { "default (2 min)" });
+    println!(
+        "choreo demo: starting nats-server, {} context nodes and the simulators in {}",
+        KNOWN.len(),
+        cfg.dir.display()
+    );
+    let shop = Shop::start(ShopOptions {
+        port: cfg.port,
+        sync_always: cfg.sync_always,
+        ..ShopOptions::new(cfg.dir.clone())
+    })
+    .await?;
+    println!(
+        "nats-server {} (JetStream store {}, sync_interval {})",
+        shop.nats.url,
+        shop.nats.dir.join("jetstream").display(),
+        if cfg.sync_always {
+            "always"
+        } else {
+            "default (2 min)"
+        }
+    );
     for n in &shop.nodes {
-        println!("  node {:<10} pid {:<7} metrics http://{}/metrics", n.context, n.proc.pid(), n.metrics_addr);
+        println!(
+            "  node {:<10} pid {:<7} metrics http://{}/metrics",
+            n.context,
+            n.proc.pid(),
+            n.metrics_addr
+        );
     }
     let bus = client::connect(&shop.nats.url, Duration::from_secs(10)).await?;
     let c = &cfg.load;
     println!(
         "placing {} orders ({}; {}% out of stock, {}% declined, {}% undeliverable)",
         c.orders,
-        if c.rate > 0.0 { format!("{} orders/s", c.rate) } else { "as fast as possible".into() },
-        c.fail_stock_pct, c.fail_payment_pct, c.fail_shipping_pct
+        if c.rate > 0.0 {
+            format!("{} orders/s", c.rate)
+        } else {
+            "as fast as possible".into()
+        },
+        c.fail_stock_pct,
+        c.fail_payment_pct,
+        c.fail_shipping_pct
     );
     let work = async {
         let report = load::run(&bus, &cfg.load, |p| {
-            println!("  placed {:>6}  completed {:>6}  cancelled {:>6}", p.placed, p.completed, p.cancelled);
+            println!(
+                "  placed {:>6}  completed {:>6}  cancelled {:>6}",
+                p.placed, p.completed, p.cancelled
+            );
         })
         .await?;
         let verified = verify::run(&bus, Some(&report.run_id)).await?;

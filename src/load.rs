@@ -96,7 +96,10 @@ impl LoadReport {
     }
 
     pub fn print(&self) {
-        println!("run {}: placed {}, completed {}, cancelled {}, unfinished {}", self.run_id, self.placed, self.completed, self.cancelled, self.unfinished);
+        println!(
+            "run {}: placed {}, completed {}, cancelled {}, unfinished {}",
+            self.run_id, self.placed, self.completed, self.cancelled, self.unfinished
+        );
         println!(
             "throughput {:.1} orders/s over {:.2} s; latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
             self.orders_per_second, self.elapsed_seconds, self.latency_ms.p50, self.latency_ms.p99, self.latency_ms.max
@@ -116,32 +119,53 @@ pub async fn prepare(bus: &Bus, cfg: &LoadConfig, run_id: &str) -> anyhow::Resul
     let mut customers = Vec::new();
     for i in 0..cfg.customers.max(1) {
         let id = format!("{run_id}-c{i}");
-        client::send_command(bus, customers::CONTEXT, &customers::RegisterCustomer {
-            customer_id: id.clone(),
-            name: format!("Customer {i}"),
-            address: format!("{i} Main Street"),
-        })
+        client::send_command(
+            bus,
+            customers::CONTEXT,
+            &customers::RegisterCustomer {
+                customer_id: id.clone(),
+                name: format!("Customer {i}"),
+                address: format!("{i} Main Street"),
+            },
+        )
         .await?;
         customers.push(id);
     }
-    client::send_command(bus, customers::CONTEXT, &customers::RegisterCustomer {
-        customer_id: format!("{run_id}-nowhere"),
-        name: "Nobody".into(),
-        address: "nowhere".into(),
-    })
+    client::send_command(
+        bus,
+        customers::CONTEXT,
+        &customers::RegisterCustomer {
+            customer_id: format!("{run_id}-nowhere"),
+            name: "Nobody".into(),
+            address: "nowhere".into(),
+        },
+    )
     .await?;
     let per_sku = (cfg.orders as u64 * 6).max(10);
     let before = stock_added(bus).await?;
     for sku in SKUS {
-        client::send_command(bus, inventory::CONTEXT, &inventory::AddStock { sku: sku.to_string(), qty: per_sku }).await?;
+        client::send_command(
+            bus,
+            inventory::CONTEXT,
+            &inventory::AddStock {
+                sku: sku.to_string(),
+                qty: per_sku,
+            },
+        )
+        .await?;
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let now = stock_added(bus).await?;
-        if SKUS.iter().all(|s| now.get(*s).copied().unwrap_or(0) >= before.get(*s).copied().unwrap_or(0) + per_sku) {
+        if SKUS.iter().all(|s| {
+            now.get(*s).copied().unwrap_or(0) >= before.get(*s).copied().unwrap_or(0) + per_sku
+        }) {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "inventory did not take the stock within 60 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "inventory did not take the stock within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(customers)
@@ -150,18 +174,30 @@ pub async fn prepare(bus: &Bus, cfg: &LoadConfig, run_id: &str) -> anyhow::Resul
 async fn stock_added(bus: &Bus) -> anyhow::Result<HashMap<String, u64>> {
     let v = client::query(bus, inventory::CONTEXT, "stock", serde_json::json!({})).await?;
     Ok(v.as_object()
-        .map(|m| m.iter().map(|(k, s)| (k.clone(), s["added"].as_u64().unwrap_or(0))).collect())
+        .map(|m| {
+            m.iter()
+                .map(|(k, s)| (k.clone(), s["added"].as_u64().unwrap_or(0)))
+                .collect()
+        })
         .unwrap_or_default())
 }
 
 /// Places the orders and waits for them. `progress` is called about once a second.
-pub async fn run(bus: &Bus, cfg: &LoadConfig, mut progress: impl FnMut(Progress)) -> anyhow::Result<LoadReport> {
+pub async fn run(
+    bus: &Bus,
+    cfg: &LoadConfig,
+    mut progress: impl FnMut(Progress),
+) -> anyhow::Result<LoadReport> {
     let run_id = format!("r{:08x}", fastrand::u32(..));
     let customers = prepare(bus, cfg, &run_id).await?;
     let mut rng = fastrand::Rng::with_seed(cfg.seed);
 
     // Terminal events, observed from before the first order.
-    let stream = bus.js.get_stream(subjects::stream(orders::CONTEXT)).await.context("orders stream")?;
+    let stream = bus
+        .js
+        .get_stream(subjects::stream(orders::CONTEXT))
+        .await
+        .context("orders stream")?;
     let watcher = stream
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subjects: vec![
@@ -180,7 +216,10 @@ pub async fn run(bus: &Bus, cfg: &LoadConfig, mut progress: impl FnMut(Progress)
             let completed = m.subject.ends_with("OrderCompleted");
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
                 if let Some(id) = v["order_id"].as_str() {
-                    if tx.send((id.to_string(), completed, Instant::now())).is_err() {
+                    if tx
+                        .send((id.to_string(), completed, Instant::now()))
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -195,14 +234,26 @@ pub async fn run(bus: &Bus, cfg: &LoadConfig, mut progress: impl FnMut(Progress)
     let start = Instant::now();
     let mut last_report = Instant::now();
     let mut last_progress = Instant::now();
-    let interval = if cfg.rate > 0.0 { Some(Duration::from_secs_f64(1.0 / cfg.rate)) } else { None };
+    let interval = if cfg.rate > 0.0 {
+        Some(Duration::from_secs_f64(1.0 / cfg.rate))
+    } else {
+        None
+    };
     let mut next_at = start;
-    let record = |id: String, completed: bool, at: Instant, placed_at: &HashMap<String, (Instant, Kind)>,
-                      outcome: &mut HashMap<String, (bool, f64)>, p: &mut Progress| {
+    let record = |id: String,
+                  completed: bool,
+                  at: Instant,
+                  placed_at: &HashMap<String, (Instant, Kind)>,
+                  outcome: &mut HashMap<String, (bool, f64)>,
+                  p: &mut Progress| {
         if let Some((t0, _)) = placed_at.get(&id) {
-            if !outcome.contains_key(&id) {
-                outcome.insert(id, (completed, at.duration_since(*t0).as_secs_f64() * 1000.0));
-                if completed { p.completed += 1 } else { p.cancelled += 1 }
+            if let std::collections::hash_map::Entry::Vacant(e) = outcome.entry(id) {
+                e.insert((completed, at.duration_since(*t0).as_secs_f64() * 1000.0));
+                if completed {
+                    p.completed += 1
+                } else {
+                    p.cancelled += 1
+                }
             }
         }
     };
@@ -236,7 +287,9 @@ pub async fn run(bus: &Bus, cfg: &LoadConfig, mut progress: impl FnMut(Progress)
             break;
         }
         let wait = match interval {
-            Some(_) if p.placed < cfg.orders && in_flight < cfg.concurrency => next_at.saturating_duration_since(Instant::now()),
+            Some(_) if p.placed < cfg.orders && in_flight < cfg.concurrency => {
+                next_at.saturating_duration_since(Instant::now())
+            }
             _ => Duration::from_millis(200),
         };
         if let Ok(Some((id, completed, at))) = tokio::time::timeout(wait, rx.recv()).await {
@@ -251,12 +304,18 @@ pub async fn run(bus: &Bus, cfg: &LoadConfig, mut progress: impl FnMut(Progress)
     let mut latencies: Vec<f64> = outcome.values().map(|(_, ms)| *ms).collect();
     latencies.sort_by(f64::total_cmp);
     let pct = |q: f64| -> f64 {
-        if latencies.is_empty() { 0.0 } else { latencies[((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1] }
+        if latencies.is_empty() {
+            0.0
+        } else {
+            latencies[((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1]
+        }
     };
     let mut unexpected = Vec::new();
     let mut by_kind: HashMap<String, usize> = HashMap::new();
     for (id, kind) in &order_list {
-        *by_kind.entry(format!("{kind:?}").to_lowercase()).or_default() += 1;
+        *by_kind
+            .entry(format!("{kind:?}").to_lowercase())
+            .or_default() += 1;
         if let Some((completed, _)) = outcome.get(id) {
             if *completed != kind.expect_completed() {
                 let got = if *completed { "completed" } else { "cancelled" };
@@ -273,8 +332,16 @@ pub async fn run(bus: &Bus, cfg: &LoadConfig, mut progress: impl FnMut(Progress)
         unexpected,
         by_kind,
         elapsed_seconds: elapsed,
-        orders_per_second: if elapsed > 0.0 { outcome.len() as f64 / elapsed } else { 0.0 },
-        latency_ms: Latency { p50: pct(0.50), p99: pct(0.99), max: latencies.last().copied().unwrap_or(0.0) },
+        orders_per_second: if elapsed > 0.0 {
+            outcome.len() as f64 / elapsed
+        } else {
+            0.0
+        },
+        latency_ms: Latency {
+            p50: pct(0.50),
+            p99: pct(0.99),
+            max: latencies.last().copied().unwrap_or(0.0),
+        },
         orders: order_list,
     })
 }
@@ -292,19 +359,41 @@ fn pick_kind(rng: &mut fastrand::Rng, cfg: &LoadConfig) -> Kind {
     }
 }
 
-fn make_order(rng: &mut fastrand::Rng, order_id: &str, kind: Kind, customers: &[String], run_id: &str) -> PlaceOrder {
+fn make_order(
+    rng: &mut fastrand::Rng,
+    order_id: &str,
+    kind: Kind,
+    customers: &[String],
+    run_id: &str,
+) -> PlaceOrder {
     let lines = rng.usize(1..=2);
     let mut items: Vec<LineItem> = (0..lines)
-        .map(|_| LineItem { sku: SKUS[rng.usize(..SKUS.len())].to_string(), qty: rng.u32(1..=3), unit_price_cents: rng.u64(100..=5000) })
+        .map(|_| LineItem {
+            sku: SKUS[rng.usize(..SKUS.len())].to_string(),
+            qty: rng.u32(1..=3),
+            unit_price_cents: rng.u64(100..=5000),
+        })
         .collect();
     if kind == Kind::OutOfStock {
-        items.push(LineItem { sku: SCARCE.into(), qty: 1, unit_price_cents: 999 });
+        items.push(LineItem {
+            sku: SCARCE.into(),
+            qty: 1,
+            unit_price_cents: 999,
+        });
     }
-    let customer_id = if kind == Kind::Undeliverable { format!("{run_id}-nowhere") } else { customers[rng.usize(..customers.len())].clone() };
+    let customer_id = if kind == Kind::Undeliverable {
+        format!("{run_id}-nowhere")
+    } else {
+        customers[rng.usize(..customers.len())].clone()
+    };
     PlaceOrder {
         order_id: order_id.to_string(),
         customer_id,
         items,
-        payment_method: if kind == Kind::Declined { "card_declined".into() } else { "card_visa".into() },
+        payment_method: if kind == Kind::Declined {
+            "card_declined".into()
+        } else {
+            "card_visa".into()
+        },
     }
 }

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
 use choreo::contexts;
 use choreo::load::LoadConfig;
+use clap::{Args, Parser, Subcommand};
 use runtime::config::NodeConfig;
 
 const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
@@ -166,18 +166,32 @@ struct DemoArgs {
 
 fn pct(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    if (0.0..=100.0).contains(&v) { Ok(v) } else { Err(format!("{v} is not a percentage (0 to 100)")) }
+    if (0.0..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a percentage (0 to 100)"))
+    }
 }
 
 fn rate(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    if (0.0..=1.0).contains(&v) { Ok(v) } else { Err(format!("{v} is not a rate (0.0 to 1.0)")) }
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a rate (0.0 to 1.0)"))
+    }
 }
 
 impl LoadShape {
     fn config(&self) -> anyhow::Result<LoadConfig> {
-        anyhow::ensure!(self.fail_stock + self.fail_payment + self.fail_shipping <= 100.0, "failure percentages add up to more than 100");
-        anyhow::ensure!(self.rate >= 0.0 && self.rate.is_finite(), "--rate must be 0 or positive");
+        anyhow::ensure!(
+            self.fail_stock + self.fail_payment + self.fail_shipping <= 100.0,
+            "failure percentages add up to more than 100"
+        );
+        anyhow::ensure!(
+            self.rate >= 0.0 && self.rate.is_finite(),
+            "--rate must be 0 or positive"
+        );
         anyhow::ensure!(self.concurrency > 0, "--concurrency must be at least 1");
         Ok(LoadConfig {
             orders: self.orders,
@@ -199,7 +213,9 @@ fn init_tracing(default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("CHOREO_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let json = std::env::var("CHOREO_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
@@ -209,7 +225,11 @@ fn init_tracing(default: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(if matches!(cli.command, Cmd::Node(_) | Cmd::Sim(_)) { "info" } else { "warn" });
+    init_tracing(if matches!(cli.command, Cmd::Node(_) | Cmd::Sim(_)) {
+        "info"
+    } else {
+        "warn"
+    });
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
@@ -221,7 +241,10 @@ fn main() -> ExitCode {
 }
 
 fn tokio_rt() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }
 
 fn run(cli: Cli) -> anyhow::Result<bool> {
@@ -250,7 +273,10 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 let quiet = a.json;
                 let report = choreo::load::run(&bus, &cfg, |p| {
                     if !quiet {
-                        eprintln!("placed {} completed {} cancelled {}", p.placed, p.completed, p.cancelled);
+                        eprintln!(
+                            "placed {} completed {} cancelled {}",
+                            p.placed, p.completed, p.cancelled
+                        );
                     }
                 })
                 .await?;
@@ -262,9 +288,17 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 Ok(report.ok())
             })
         }
-        Cmd::Orders { command: OrdersCmd::Show { id, nats } } => tokio_rt()?.block_on(async {
+        Cmd::Orders {
+            command: OrdersCmd::Show { id, nats },
+        } => tokio_rt()?.block_on(async {
             let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
-            let v = choreo::client::query(&bus, "orders", "order", serde_json::json!({ "order_id": id })).await?;
+            let v = choreo::client::query(
+                &bus,
+                "orders",
+                "order",
+                serde_json::json!({ "order_id": id }),
+            )
+            .await?;
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(true)
         }),
@@ -279,7 +313,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(report.violations() == 0)
         }),
         Cmd::Demo(a) => {
-            let cfg = choreo::demo::DemoConfig { dir: a.dir, port: a.port, sync_always: a.sync_always, load: a.shape.config()? };
+            let cfg = choreo::demo::DemoConfig {
+                dir: a.dir,
+                port: a.port,
+                sync_always: a.sync_always,
+                load: a.shape.config()?,
+            };
             tokio_rt()?.block_on(choreo::demo::run(cfg))
         }
     }
@@ -293,7 +332,11 @@ fn run_node(a: NodeArgs) -> anyhow::Result<()> {
     if let Some(c) = &a.context {
         cfg.contexts = contexts::expand(c);
     }
-    cfg.contexts = cfg.contexts.iter().flat_map(|c| contexts::expand(c)).collect();
+    cfg.contexts = cfg
+        .contexts
+        .iter()
+        .flat_map(|c| contexts::expand(c))
+        .collect();
     if let Some(n) = a.nats {
         cfg.nats_url = n;
     }

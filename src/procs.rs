@@ -23,19 +23,34 @@ pub struct Proc {
 
 impl Proc {
     /// Starts `program args`, sending stdout and stderr to `log` (appended).
-    pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path, envs: &[(&str, &str)]) -> anyhow::Result<Proc> {
+    pub fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        envs: &[(&str, &str)],
+    ) -> anyhow::Result<Proc> {
         if let Some(dir) = log.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let out = File::options().create(true).append(true).open(log).with_context(|| format!("open {}", log.display()))?;
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("open {}", log.display()))?;
         let err = out.try_clone()?;
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().with_context(|| format!("start {name}: {}", program.display()))?;
-        Ok(Proc { name: name.to_string(), child })
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {name}: {}", program.display()))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -49,7 +64,8 @@ impl Proc {
 
     /// Sends a signal (e.g. SIGSTOP, SIGCONT, SIGTERM).
     pub fn signal(&self, sig: Signal) -> anyhow::Result<()> {
-        kill(Pid::from_raw(self.child.id() as i32), sig).map_err(|e| anyhow!("signal {sig} to {}: {e}", self.name))
+        kill(Pid::from_raw(self.child.id() as i32), sig)
+            .map_err(|e| anyhow!("signal {sig} to {}: {e}", self.name))
     }
 
     /// `kill -9`, then reaps it.
@@ -73,7 +89,10 @@ impl Proc {
         }
         self.child.kill()?;
         let st = self.child.wait()?;
-        bail!("{} did not stop within {grace:?} after SIGTERM; killed ({st})", self.name)
+        bail!(
+            "{} did not stop within {grace:?} after SIGTERM; killed ({st})",
+            self.name
+        )
     }
 }
 
@@ -134,7 +153,10 @@ fn nats_version(bin: &Path) -> Option<(u32, u32, u32)> {
     let out = Command::new(bin).arg("--version").output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let v = text.trim().rsplit('v').next()?;
-    let mut it = v.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|n| n.parse().ok());
+    let mut it = v
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|n| n.parse().ok());
     Some((it.next()??, it.next()??, it.next()??))
 }
 
@@ -170,7 +192,11 @@ impl NatsServer {
         std::fs::create_dir_all(dir)?;
         let conf = dir.join("nats-server.conf");
         let store = dir.join("jetstream");
-        let sync = if sync_always { "\n  sync_interval: always" } else { "" };
+        let sync = if sync_always {
+            "\n  sync_interval: always"
+        } else {
+            ""
+        };
         std::fs::write(
             &conf,
             format!(
@@ -178,21 +204,33 @@ impl NatsServer {
                 store.display().to_string()
             ),
         )?;
-        Proc::spawn("nats-server", bin, &["-c".into(), conf.display().to_string()], &dir.join("nats-server.log"), &[])
+        Proc::spawn(
+            "nats-server",
+            bin,
+            &["-c".into(), conf.display().to_string()],
+            &dir.join("nats-server.log"),
+            &[],
+        )
     }
 
     fn wait_listening(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if !self.proc.is_running() {
-                bail!("nats-server exited at start; see {}", self.dir.join("nats-server.log").display());
+                bail!(
+                    "nats-server exited at start; see {}",
+                    self.dir.join("nats-server.log").display()
+                );
             }
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("nats-server not listening on {} after {timeout:?}", self.port)
+        bail!(
+            "nats-server not listening on {} after {timeout:?}",
+            self.port
+        )
     }
 
     /// `kill -9` the server, then starts it again on the same port and store.

@@ -65,8 +65,14 @@ impl Shop {
             let _ = std::fs::remove_dir_all(opts.dir.join(sub));
         }
         let (nats_dir, port, sync) = (opts.dir.join("nats"), opts.port, opts.sync_always);
-        let nats = tokio::task::spawn_blocking(move || NatsServer::start(&nats_dir, port, sync)).await??;
-        let mut shop = Shop { nats, nodes: Vec::new(), sim: None, opts };
+        let nats =
+            tokio::task::spawn_blocking(move || NatsServer::start(&nats_dir, port, sync)).await??;
+        let mut shop = Shop {
+            nats,
+            nodes: Vec::new(),
+            sim: None,
+            opts,
+        };
         for ctx in shop.opts.contexts.clone() {
             let node = shop.spawn_node(&ctx)?;
             shop.nodes.push(node);
@@ -74,7 +80,13 @@ impl Shop {
         if let Some(extra) = shop.opts.sim.clone() {
             let mut args = vec!["sim".to_string(), "--nats".into(), shop.nats.url.clone()];
             args.extend(extra);
-            shop.sim = Some(Proc::spawn("sim", &exe()?, &args, &shop.opts.dir.join("logs/sim.log"), &[])?);
+            shop.sim = Some(Proc::spawn(
+                "sim",
+                &exe()?,
+                &args,
+                &shop.opts.dir.join("logs/sim.log"),
+                &[],
+            )?);
         }
         shop.wait_ready(Duration::from_secs(60)).await?;
         Ok(shop)
@@ -83,17 +95,31 @@ impl Shop {
     fn spawn_node(&self, ctx: &str) -> anyhow::Result<Node> {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let data = self.opts.dir.join("data").display().to_string();
-        let mut args: Vec<String> = ["node", "--context", ctx, "--nats", &self.nats.url, "--data", &data, "--metrics", &metrics_addr]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut args: Vec<String> = [
+            "node",
+            "--context",
+            ctx,
+            "--nats",
+            &self.nats.url,
+            "--data",
+            &data,
+            "--metrics",
+            &metrics_addr,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         if let Some(c) = &self.opts.node_config {
             args.push("--config".into());
             args.push(c.display().to_string());
         }
         let log = self.opts.dir.join("logs").join(format!("{ctx}.log"));
         let proc = Proc::spawn(ctx, &exe()?, &args, &log, &[])?;
-        Ok(Node { context: ctx.to_string(), proc, metrics_addr })
+        Ok(Node {
+            context: ctx.to_string(),
+            proc,
+            metrics_addr,
+        })
     }
 
     /// Waits until every started context answers, failing early if a node exited.
@@ -106,10 +132,17 @@ impl Shop {
             if let Some(dead) = self.dead_node() {
                 anyhow::bail!("{dead}");
             }
-            if client::wait_ready(&bus, &names, Duration::from_secs(1)).await.is_ok() {
+            if client::wait_ready(&bus, &names, Duration::from_secs(1))
+                .await
+                .is_ok()
+            {
                 return Ok(());
             }
-            anyhow::ensure!(Instant::now() < deadline, "contexts not ready after {timeout:?}; see {}", self.logs().display());
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "contexts not ready after {timeout:?}; see {}",
+                self.logs().display()
+            );
         }
     }
 
@@ -120,15 +153,25 @@ impl Shop {
     /// The first node that exited, with the end of its log.
     pub fn dead_node(&mut self) -> Option<String> {
         let logs = self.logs();
-        self.nodes.iter_mut().find_map(|n| (!n.proc.is_running()).then_some(&n.context)).map(|context| {
-            let log = std::fs::read_to_string(logs.join(format!("{context}.log"))).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(5).collect();
-            format!("node {context} exited:\n  {}", tail.into_iter().rev().collect::<Vec<_>>().join("\n  "))
-        })
+        self.nodes
+            .iter_mut()
+            .find_map(|n| (!n.proc.is_running()).then_some(&n.context))
+            .map(|context| {
+                let log = std::fs::read_to_string(logs.join(format!("{context}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                format!(
+                    "node {context} exited:\n  {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n  ")
+                )
+            })
     }
 
     pub fn node(&mut self, ctx: &str) -> anyhow::Result<&mut Node> {
-        self.nodes.iter_mut().find(|n| n.context == ctx).with_context(|| format!("no node for {ctx}"))
+        self.nodes
+            .iter_mut()
+            .find(|n| n.context == ctx)
+            .with_context(|| format!("no node for {ctx}"))
     }
 
     /// `kill -9` of the node hosting `ctx`.
@@ -175,8 +218,15 @@ fn exe() -> anyhow::Result<PathBuf> {
     if let Ok(p) = std::env::var("CHOREO_BIN") {
         return Ok(PathBuf::from(p));
     }
-    let dir = me.parent().and_then(|d| d.parent()).context("no parent directory")?;
+    let dir = me
+        .parent()
+        .and_then(|d| d.parent())
+        .context("no parent directory")?;
     let candidate = dir.join("choreo");
-    anyhow::ensure!(candidate.is_file(), "choreo binary not found next to {}; set CHOREO_BIN", me.display());
+    anyhow::ensure!(
+        candidate.is_file(),
+        "choreo binary not found next to {}; set CHOREO_BIN",
+        me.display()
+    );
     Ok(candidate)
 }

@@ -60,14 +60,24 @@ struct Sim {
 
 /// Serves both systems until the connection closes.
 pub async fn run(client: async_nats::Client, cfg: SimConfig) -> anyhow::Result<()> {
-    let sim = Arc::new(Sim { rng: Mutex::new(fastrand::Rng::with_seed(cfg.seed)), cfg, ledger: Mutex::default() });
+    let sim = Arc::new(Sim {
+        rng: Mutex::new(fastrand::Rng::with_seed(cfg.seed)),
+        cfg,
+        ledger: Mutex::default(),
+    });
     let mut subs = futures::stream::select(
-        client.queue_subscribe("choreo.ext.payment-gateway.*", "sim".into()).await?,
-        client.queue_subscribe("choreo.ext.carrier.*", "sim".into()).await?,
+        client
+            .queue_subscribe("choreo.ext.payment-gateway.*", "sim".into())
+            .await?,
+        client
+            .queue_subscribe("choreo.ext.carrier.*", "sim".into())
+            .await?,
     );
     tracing::info!("simulators ready: payment-gateway, carrier");
     while let Some(req) = subs.next().await {
-        let Some(reply_to) = req.reply.clone() else { continue };
+        let Some(reply_to) = req.reply.clone() else {
+            continue;
+        };
         let (sim, client) = (sim.clone(), client.clone());
         tokio::spawn(async move {
             let reply = sim.answer(&req.subject, &req.payload).await;
@@ -126,7 +136,8 @@ impl Sim {
                     e.authorized += 1;
                     e.authorized_cents += amount;
                     let auth_id = format!("auth-{}", l.replies.len() + 1);
-                    l.auths.insert(auth_id.clone(), (order.clone(), amount, "authorized"));
+                    l.auths
+                        .insert(auth_id.clone(), (order.clone(), amount, "authorized"));
                     json!({"approved": true, "auth_id": auth_id})
                 }
             }
@@ -135,7 +146,10 @@ impl Sim {
                 match l.auths.get(&auth_id).cloned() {
                     Some((o, amount, "authorized")) if o == order => {
                         let capture = op == "capture";
-                        l.auths.insert(auth_id, (o, amount, if capture { "captured" } else { "voided" }));
+                        l.auths.insert(
+                            auth_id,
+                            (o, amount, if capture { "captured" } else { "voided" }),
+                        );
                         let e = l.effects.entry(order.clone()).or_default();
                         if capture {
                             e.captured += 1;
@@ -145,7 +159,9 @@ impl Sim {
                         }
                         json!({"ok": true})
                     }
-                    Some((_, _, state)) => json!({"ok": false, "reason": format!("authorization is {state}")}),
+                    Some((_, _, state)) => {
+                        json!({"ok": false, "reason": format!("authorization is {state}")})
+                    }
                     None => json!({"ok": false, "reason": "unknown authorization"}),
                 }
             }

@@ -2,14 +2,14 @@
 //! checks the shop's invariants. Run it after the traffic has drained.
 //!
 //! Invariants, each counted separately:
-//! - terminal:  every order is Completed or Cancelled;
+//! - terminal: every order is Completed or Cancelled;
 //! - agreement: the fulfilment saga, inventory and payments agree with the order's state;
-//! - money:     a completed order's payment is captured in full; a cancelled order has
-//!              nothing captured; per payment captured + voided = authorized;
-//! - stock:     per sku added = available + reserved + committed, and nothing is reserved
-//!              once no reservation is open;
-//! - once:      the gateway and carrier performed each effect at most once per order, and a
-//!              completed order exactly one capture and one dispatch.
+//! - money: a completed order's payment is captured in full; a cancelled order has nothing
+//!   captured; per payment captured + voided = authorized;
+//! - stock: per sku added = available + reserved + committed, and nothing is reserved once
+//!   no reservation is open;
+//! - once: the gateway and carrier performed each effect at most once per order, and a
+//!   completed order exactly one capture and one dispatch.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -42,9 +42,16 @@ impl VerifyReport {
     }
 
     pub fn print(&self) {
-        println!("orders: {} (completed {}, cancelled {})", self.orders, self.completed, self.cancelled);
+        println!(
+            "orders: {} (completed {}, cancelled {})",
+            self.orders, self.completed, self.cancelled
+        );
         for (name, c) in &self.checks {
-            println!("  {name:<10} checked {:>6}  violations {}", c.checked, c.violations.len());
+            println!(
+                "  {name:<10} checked {:>6}  violations {}",
+                c.checked,
+                c.violations.len()
+            );
             for v in c.violations.iter().take(10) {
                 println!("      {v}");
             }
@@ -52,7 +59,14 @@ impl VerifyReport {
         if !self.ledgers_checked {
             println!("  (external ledgers not reachable: `once` checked from the contexts only)");
         }
-        println!("{}", if self.violations() == 0 { "verify: OK" } else { "verify: VIOLATIONS" });
+        println!(
+            "{}",
+            if self.violations() == 0 {
+                "verify: OK"
+            } else {
+                "verify: VIOLATIONS"
+            }
+        );
     }
 }
 
@@ -63,7 +77,11 @@ fn check<'a>(r: &'a mut VerifyReport, name: &'static str) -> &'a mut Check {
 fn statuses(v: &Value, field: &str) -> HashMap<String, String> {
     v[field]
         .as_object()
-        .map(|m| m.iter().map(|(k, s)| (k.clone(), s.as_str().unwrap_or("").to_string())).collect())
+        .map(|m| {
+            m.iter()
+                .map(|(k, s)| (k.clone(), s.as_str().unwrap_or("").to_string()))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -81,12 +99,18 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
     let saga_status = statuses(&sagas, "statuses");
     let reservations = statuses(&inv, "reservations");
     let payments = pay["payments"].as_object().cloned().unwrap_or_default();
-    let mut r = VerifyReport { ledgers_checked: gateway.is_some() && carrier.is_some(), ..Default::default() };
+    let mut r = VerifyReport {
+        ledgers_checked: gateway.is_some() && carrier.is_some(),
+        ..Default::default()
+    };
     for name in ["terminal", "agreement", "money", "stock", "once"] {
         check(&mut r, name);
     }
 
-    let mut ids: Vec<&String> = order_status.keys().filter(|id| only.is_none_or(|p| id.starts_with(p))).collect();
+    let mut ids: Vec<&String> = order_status
+        .keys()
+        .filter(|id| only.is_none_or(|p| id.starts_with(p)))
+        .collect();
     ids.sort();
     r.orders = ids.len();
     for id in ids {
@@ -101,18 +125,32 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
                 continue;
             }
         };
-        if completed { r.completed += 1 } else { r.cancelled += 1 }
+        if completed {
+            r.completed += 1
+        } else {
+            r.cancelled += 1
+        }
 
         let c = check(&mut r, "agreement");
         c.checked += 1;
         let saga = saga_status.get(id).map(String::as_str).unwrap_or("missing");
         if saga != st {
-            c.violations.push(format!("order {id} is {st} but its saga is {saga}"));
+            c.violations
+                .push(format!("order {id} is {st} but its saga is {saga}"));
         }
-        let res = reservations.get(id).map(String::as_str).unwrap_or("missing");
-        let res_ok = if completed { res == "Committed" } else { matches!(res, "Rejected" | "Released") };
+        let res = reservations
+            .get(id)
+            .map(String::as_str)
+            .unwrap_or("missing");
+        let res_ok = if completed {
+            res == "Committed"
+        } else {
+            matches!(res, "Rejected" | "Released")
+        };
         if !res_ok {
-            c.violations.push(format!("order {id} is {st} but its stock reservation is {res}"));
+            c.violations.push(format!(
+                "order {id} is {st} but its stock reservation is {res}"
+            ));
         }
 
         let c = check(&mut r, "money");
@@ -123,13 +161,22 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
         let captured = p["captured_cents"].as_u64().unwrap_or(0);
         let voided = p["voided_cents"].as_u64().unwrap_or(0);
         if completed && (pst != "Captured" || captured != amount) {
-            c.violations.push(format!("completed order {id}: payment {pst}, captured {captured} of {amount}"));
+            c.violations.push(format!(
+                "completed order {id}: payment {pst}, captured {captured} of {amount}"
+            ));
         }
         if !completed && (captured != 0 || !matches!(pst, "Declined" | "Voided")) {
-            c.violations.push(format!("cancelled order {id}: payment {pst}, captured {captured}"));
+            c.violations.push(format!(
+                "cancelled order {id}: payment {pst}, captured {captured}"
+            ));
         }
-        if !p["auth_id"].is_null() && captured + voided != amount && matches!(pst, "Captured" | "Voided") {
-            c.violations.push(format!("order {id}: captured {captured} + voided {voided} != authorized {amount}"));
+        if !p["auth_id"].is_null()
+            && captured + voided != amount
+            && matches!(pst, "Captured" | "Voided")
+        {
+            c.violations.push(format!(
+                "order {id}: captured {captured} + voided {voided} != authorized {amount}"
+            ));
         }
 
         if let (Some(g), Some(cr)) = (&gateway, &carrier) {
@@ -138,16 +185,27 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
             let ge = &g["effects"][id];
             let ce = &cr["effects"][id];
             let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
-            for (what, count) in [("authorized", n(ge, "authorized")), ("captured", n(ge, "captured")), ("voided", n(ge, "voided")), ("dispatched", n(ce, "dispatched"))] {
+            for (what, count) in [
+                ("authorized", n(ge, "authorized")),
+                ("captured", n(ge, "captured")),
+                ("voided", n(ge, "voided")),
+                ("dispatched", n(ce, "dispatched")),
+            ] {
                 if count > 1 {
-                    c.violations.push(format!("order {id}: {what} {count} times"));
+                    c.violations
+                        .push(format!("order {id}: {what} {count} times"));
                 }
             }
             if completed && (n(ge, "captured") != 1 || n(ce, "dispatched") != 1) {
-                c.violations.push(format!("completed order {id}: {} captures, {} dispatches", n(ge, "captured"), n(ce, "dispatched")));
+                c.violations.push(format!(
+                    "completed order {id}: {} captures, {} dispatches",
+                    n(ge, "captured"),
+                    n(ce, "dispatched")
+                ));
             }
             if !completed && n(ge, "captured") != 0 {
-                c.violations.push(format!("cancelled order {id}: captured at the gateway"));
+                c.violations
+                    .push(format!("cancelled order {id}: captured at the gateway"));
             }
         }
     }
@@ -161,14 +219,22 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
         if f("added") != f("available") + f("reserved") + f("committed") {
             c.violations.push(format!(
                 "sku {sku}: added {} != available {} + reserved {} + committed {}",
-                f("added"), f("available"), f("reserved"), f("committed")
+                f("added"),
+                f("available"),
+                f("reserved"),
+                f("committed")
             ));
         }
     }
     let open_reservations = reservations.values().filter(|s| *s == "Reserved").count() as u64;
-    let reserved_total: u64 = stock.values().map(|s| s["reserved"].as_u64().unwrap_or(0)).sum();
+    let reserved_total: u64 = stock
+        .values()
+        .map(|s| s["reserved"].as_u64().unwrap_or(0))
+        .sum();
     if open_reservations == 0 && reserved_total != 0 {
-        c.violations.push(format!("{reserved_total} units reserved but no reservation is open"));
+        c.violations.push(format!(
+            "{reserved_total} units reserved but no reservation is open"
+        ));
     }
     Ok(r)
 }

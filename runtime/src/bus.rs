@@ -65,7 +65,11 @@ impl Bus {
     }
 
     /// Creates the context's stream (or keeps the existing one) with explicit limits.
-    pub async fn ensure_context_stream(&self, context: &str, cfg: &NodeConfig) -> Result<(), BusError> {
+    pub async fn ensure_context_stream(
+        &self,
+        context: &str,
+        cfg: &NodeConfig,
+    ) -> Result<(), BusError> {
         let s = &cfg.stream;
         self.js
             .get_or_create_stream(stream::Config {
@@ -124,7 +128,11 @@ impl Bus {
         // nobody subscribes to is not an error).
         let filters: Vec<String> = match sub.kind {
             Kind::Command => vec![format!("choreo.{}.cmd.>", sub.source)],
-            Kind::Event => sub.types.iter().map(|t| subjects::event(sub.source, t)).collect(),
+            Kind::Event => sub
+                .types
+                .iter()
+                .map(|t| subjects::event(sub.source, t))
+                .collect(),
         };
         let c = &cfg.consumer;
         // Redeliveries after an ack timeout (a crashed or stalled node) wait ack_wait, then
@@ -151,7 +159,12 @@ impl Bus {
 
     /// Publishes an envelope and its payload, with `Nats-Msg-Id`, and waits for the ack.
     /// Returns true if JetStream reported a duplicate.
-    pub async fn publish(&self, subject: &str, env: &Envelope, payload: Bytes) -> Result<bool, BusError> {
+    pub async fn publish(
+        &self,
+        subject: &str,
+        env: &Envelope,
+        payload: Bytes,
+    ) -> Result<bool, BusError> {
         let ack = self
             .js
             .publish_with_headers(subject.to_string(), env.to_headers(), payload)
@@ -218,6 +231,9 @@ fn pub_err(subject: &str, e: impl std::fmt::Display) -> BusError {
 
 /// Header values cannot hold line breaks; reasons are cut to a readable length.
 fn one_line(s: &str) -> String {
-    let s: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let s: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     s.chars().take(512).collect()
 }

@@ -197,8 +197,16 @@ pub trait Component: Send + Sync + 'static {
 pub trait DynComponent: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn subscriptions(&self) -> Vec<Subscription>;
-    fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Box<dyn Any + Send + Sync>, DecodeError>;
-    fn plan(&self, state: &dyn StateRead, input: &(dyn Any + Send + Sync)) -> Result<Option<ExternalCall>, HandleError>;
+    fn decode(
+        &self,
+        msg_type: &str,
+        payload: &[u8],
+    ) -> Result<Box<dyn Any + Send + Sync>, DecodeError>;
+    fn plan(
+        &self,
+        state: &dyn StateRead,
+        input: &(dyn Any + Send + Sync),
+    ) -> Result<Option<ExternalCall>, HandleError>;
     fn handle(
         &self,
         tx: &dyn StateTx,
@@ -214,10 +222,18 @@ impl<C: Component> DynComponent for C {
     fn subscriptions(&self) -> Vec<Subscription> {
         Component::subscriptions(self)
     }
-    fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Box<dyn Any + Send + Sync>, DecodeError> {
+    fn decode(
+        &self,
+        msg_type: &str,
+        payload: &[u8],
+    ) -> Result<Box<dyn Any + Send + Sync>, DecodeError> {
         Ok(Box::new(Component::decode(self, msg_type, payload)?))
     }
-    fn plan(&self, state: &dyn StateRead, input: &(dyn Any + Send + Sync)) -> Result<Option<ExternalCall>, HandleError> {
+    fn plan(
+        &self,
+        state: &dyn StateRead,
+        input: &(dyn Any + Send + Sync),
+    ) -> Result<Option<ExternalCall>, HandleError> {
         Component::plan(self, state, downcast::<C>(input)?)
     }
     fn handle(
@@ -260,7 +276,8 @@ impl From<StateError> for QueryError {
 
 /// Reads one string field of a JSON query request.
 pub fn request_field(req: &[u8], field: &str) -> Result<String, QueryError> {
-    let v: serde_json::Value = serde_json::from_slice(req).map_err(|e| QueryError::BadRequest(e.to_string()))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(req).map_err(|e| QueryError::BadRequest(e.to_string()))?;
     v.get(field)
         .and_then(|f| f.as_str())
         .map(str::to_string)
@@ -274,7 +291,12 @@ pub trait Context: Send + Sync + 'static {
     /// Query names served on `choreo.<ctx>.query.<name>`.
     fn queries(&self) -> Vec<&'static str>;
     /// Answers a read-model query with a JSON value.
-    fn query(&self, state: &dyn StateRead, name: &str, request: &[u8]) -> Result<serde_json::Value, QueryError>;
+    fn query(
+        &self,
+        state: &dyn StateRead,
+        name: &str,
+        request: &[u8],
+    ) -> Result<serde_json::Value, QueryError>;
 }
 
 /// Default timeout of a request to another context's query.

@@ -170,10 +170,16 @@ impl NodeConfig {
         }
         let c = &self.consumer;
         if c.max_deliver < 2 {
-            return bad(format!("consumer.max_deliver must be at least 2, got {}", c.max_deliver));
+            return bad(format!(
+                "consumer.max_deliver must be at least 2, got {}",
+                c.max_deliver
+            ));
         }
         if c.max_in_flight == 0 || c.max_in_flight > 10_000 {
-            return bad(format!("consumer.max_in_flight must be 1..=10000, got {}", c.max_in_flight));
+            return bad(format!(
+                "consumer.max_in_flight must be 1..=10000, got {}",
+                c.max_in_flight
+            ));
         }
         if c.retry_backoff_ms.is_empty() {
             return bad("consumer.retry_backoff_ms must not be empty".into());
@@ -184,7 +190,9 @@ impl NodeConfig {
                 c.ack_wait_ms, self.external_timeout_ms
             ));
         }
-        if self.stream.duplicate_window_ms == 0 || self.stream.duplicate_window_ms > self.stream.max_age_ms {
+        if self.stream.duplicate_window_ms == 0
+            || self.stream.duplicate_window_ms > self.stream.max_age_ms
+        {
             return bad("stream.duplicate_window_ms must be > 0 and <= stream.max_age_ms".into());
         }
         if self.max_message_bytes as i64 >= self.stream.max_message_size as i64 {
@@ -195,7 +203,10 @@ impl NodeConfig {
             ));
         }
         if self.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
-            return bad(format!("metrics address {:?} is not host:port", self.metrics_addr));
+            return bad(format!(
+                "metrics address {:?} is not host:port",
+                self.metrics_addr
+            ));
         }
         Ok(())
     }
@@ -234,7 +245,11 @@ mod tests {
     fn rejects_what_would_misbehave() {
         let mut c = valid();
         c.contexts = vec!["shop".into()];
-        assert!(c.validate(KNOWN).unwrap_err().to_string().contains("unknown context"));
+        assert!(c
+            .validate(KNOWN)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown context"));
         let mut c = valid();
         c.consumer.ack_wait_ms = 1_000;
         assert!(c.validate(KNOWN).unwrap_err().to_string().contains("3x"));
@@ -248,7 +263,8 @@ mod tests {
 
     #[test]
     fn toml_overrides_and_unknown_keys() {
-        let c: NodeConfig = toml::from_str("contexts=['orders']\n[consumer]\nmax_deliver=5\n").unwrap();
+        let c: NodeConfig =
+            toml::from_str("contexts=['orders']\n[consumer]\nmax_deliver=5\n").unwrap();
         assert_eq!(c.consumer.max_deliver, 5);
         assert_eq!(c.consumer.ack_wait_ms, 30_000);
         assert!(toml::from_str::<NodeConfig>("bogus = 1").is_err());

@@ -78,7 +78,8 @@ impl ConsumerActor {
 
 /// Durable consumer name: `<context>_<component>_<source>_<kind>`.
 pub fn durable_name(context: &str, component: &str, sub: &Subscription) -> String {
-    format!("{context}_{component}_{}_{}", sub.source, sub.kind.token()).replace(['.', ' ', '-'], "_")
+    format!("{context}_{component}_{}_{}", sub.source, sub.kind.token())
+        .replace(['.', ' ', '-'], "_")
 }
 
 impl Actor for ConsumerActor {
@@ -151,11 +152,16 @@ impl PullLoop {
         let this = Arc::new(self);
         let max = this.rt.cfg.consumer.max_in_flight;
         let permits = Arc::new(Semaphore::new(max));
-        let stopped = |s: &watch::Receiver<bool>, n: &watch::Receiver<bool>| *s.borrow() || *n.borrow();
+        let stopped =
+            |s: &watch::Receiver<bool>, n: &watch::Receiver<bool>| *s.borrow() || *n.borrow();
         // Bind to the durable consumer, retrying while NATS or the stream is unavailable.
         let mut messages = loop {
             let attempt = async {
-                let c = this.rt.bus.durable_consumer(&this.durable, &this.sub, &this.rt.cfg).await?;
+                let c = this
+                    .rt
+                    .bus
+                    .durable_consumer(&this.durable, &this.sub, &this.rt.cfg)
+                    .await?;
                 c.stream()
                     .max_messages_per_batch(max)
                     .heartbeat(Duration::from_secs(5))
@@ -214,13 +220,16 @@ impl PullLoop {
         // Stop pulling: give back what was buffered but not started, so another node (or
         // the restarted actor) gets it now instead of after ack_wait.
         let mut returned = 0;
-        while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_millis(20), messages.next()).await {
+        while let Ok(Some(Ok(msg))) =
+            tokio::time::timeout(Duration::from_millis(20), messages.next()).await
+        {
             let _ = msg.ack_with(AckKind::Nak(None)).await;
             returned += 1;
         }
         drop(messages);
         // Finish in-flight work.
-        let _ = tokio::time::timeout(this.rt.cfg.ack_wait(), permits.acquire_many(max as u32)).await;
+        let _ =
+            tokio::time::timeout(this.rt.cfg.ack_wait(), permits.acquire_many(max as u32)).await;
         tracing::debug!(consumer = %this.durable, returned, "consumer drained");
     }
 
@@ -236,7 +245,9 @@ impl PullLoop {
                     .with_label_values(&[self.rt.context, &self.durable])
                     .inc();
                 tracing::error!(consumer = %self.durable, subject = %msg.subject, panic = %what, "handler panicked");
-                let outcome = self.fail(&msg, "unknown", &format!("handler panicked: {what}"), false).await;
+                let outcome = self
+                    .fail(&msg, "unknown", &format!("handler panicked: {what}"), false)
+                    .await;
                 // Restart the actor; `send` (not `do_send`) so the request is not silently lost.
                 let _ = self.actor.send(Panicked).await;
                 ("unknown", outcome)
@@ -255,19 +266,34 @@ impl PullLoop {
         let rt = &self.rt;
         let size = msg.length.max(msg.payload.len());
         if size > rt.cfg.max_message_bytes {
-            let reason = format!("oversized: {size} bytes > limit {}", rt.cfg.max_message_bytes);
+            let reason = format!(
+                "oversized: {size} bytes > limit {}",
+                rt.cfg.max_message_bytes
+            );
             return ("unknown", self.dead_letter(msg, "oversized", &reason).await);
         }
         let env = match Envelope::from_headers(msg.headers.as_ref()) {
             Ok(env) => env,
-            Err(e) => return ("unknown", self.dead_letter(msg, "missing_header", &e.to_string()).await),
+            Err(e) => {
+                return (
+                    "unknown",
+                    self.dead_letter(msg, "missing_header", &e.to_string())
+                        .await,
+                )
+            }
         };
         let Some(msg_type) = self.sub.types.iter().copied().find(|t| *t == env.msg_type) else {
             let reason = format!("unknown message type {:?} on {}", env.msg_type, msg.subject);
-            return ("unknown", self.dead_letter(msg, "unknown_type", &reason).await);
+            return (
+                "unknown",
+                self.dead_letter(msg, "unknown_type", &reason).await,
+            );
         };
         if subjects::last_token(&msg.subject) != env.msg_type {
-            let reason = format!("type header {:?} does not match subject {}", env.msg_type, msg.subject);
+            let reason = format!(
+                "type header {:?} does not match subject {}",
+                env.msg_type, msg.subject
+            );
             return ("unknown", self.dead_letter(msg, "malformed", &reason).await);
         }
         if let Some(outcome) = self.inject(FaultPoint::Handler, msg, msg_type).await {
@@ -277,11 +303,22 @@ impl PullLoop {
         match rt.store.seen(&inbox_key) {
             Ok(true) => return (msg_type, self.ack_durable(msg, "duplicate").await),
             Ok(false) => {}
-            Err(e) => return (msg_type, self.fail(msg, msg_type, &format!("store: {e}"), false).await),
+            Err(e) => {
+                return (
+                    msg_type,
+                    self.fail(msg, msg_type, &format!("store: {e}"), false)
+                        .await,
+                )
+            }
         }
         let input = match self.component.decode(msg_type, &msg.payload) {
             Ok(i) => i,
-            Err(e) => return (msg_type, self.dead_letter(msg, "malformed", &e.to_string()).await),
+            Err(e) => {
+                return (
+                    msg_type,
+                    self.dead_letter(msg, "malformed", &e.to_string()).await,
+                )
+            }
         };
         let reply = match self.component.plan(rt.store.reader(), input.as_ref()) {
             Ok(None) => None,
@@ -289,7 +326,12 @@ impl PullLoop {
                 let timeout = Duration::from_millis(rt.cfg.external_timeout_ms);
                 match external::call(&rt.bus.client, &call, timeout).await {
                     Ok(v) => Some(v),
-                    Err(e) => return (msg_type, self.fail(msg, msg_type, &e.to_string(), false).await),
+                    Err(e) => {
+                        return (
+                            msg_type,
+                            self.fail(msg, msg_type, &e.to_string(), false).await,
+                        )
+                    }
                 }
             }
             Err(e) => return (msg_type, self.handle_error(msg, msg_type, e).await),
@@ -313,7 +355,10 @@ impl PullLoop {
         match result {
             Ok(Committed::Written { outbox_keys }) => {
                 if let Err(e) = rt.commit.durable().await {
-                    return (msg_type, self.fail(msg, msg_type, &e.to_string(), true).await);
+                    return (
+                        msg_type,
+                        self.fail(msg, msg_type, &e.to_string(), true).await,
+                    );
                 }
                 if let Some(outcome) = self.inject(FaultPoint::AfterCommit, msg, msg_type).await {
                     // The effect is durable; the redelivery is absorbed by the inbox and the
@@ -325,12 +370,21 @@ impl PullLoop {
             }
             Ok(Committed::Duplicate) => (msg_type, self.ack_durable(msg, "duplicate").await),
             Err(CommitError::Handler(e)) => (msg_type, self.handle_error(msg, msg_type, e).await),
-            Err(CommitError::Store(e)) => (msg_type, self.fail(msg, msg_type, &format!("store: {e}"), false).await),
+            Err(CommitError::Store(e)) => (
+                msg_type,
+                self.fail(msg, msg_type, &format!("store: {e}"), false)
+                    .await,
+            ),
         }
     }
 
     /// Applies an injected fault, if a rule fires. `Some(outcome)` ends the message's path.
-    async fn inject(&self, point: FaultPoint, msg: &jetstream::Message, msg_type: &str) -> Option<&'static str> {
+    async fn inject(
+        &self,
+        point: FaultPoint,
+        msg: &jetstream::Message,
+        msg_type: &str,
+    ) -> Option<&'static str> {
         let rule = self.rt.faults.fire(point, msg_type)?;
         match rule.action {
             FaultAction::Panic => panic!("injected fault at {point:?} for {msg_type}"),
@@ -338,7 +392,15 @@ impl PullLoop {
                 tracing::error!(?point, msg_type, "injected crash: aborting the process");
                 std::process::abort();
             }
-            FaultAction::Error => Some(self.fail(msg, msg_type, &format!("injected error at {point:?}"), false).await),
+            FaultAction::Error => Some(
+                self.fail(
+                    msg,
+                    msg_type,
+                    &format!("injected error at {point:?}"),
+                    false,
+                )
+                .await,
+            ),
             FaultAction::Delay => {
                 tokio::time::sleep(Duration::from_millis(rule.delay_ms)).await;
                 None
@@ -346,14 +408,21 @@ impl PullLoop {
         }
     }
 
-    fn outbox_entries(&self, cause: &Envelope, out: Vec<crate::component::Outgoing>, now: u64) -> Vec<OutboxEntry> {
+    fn outbox_entries(
+        &self,
+        cause: &Envelope,
+        out: Vec<crate::component::Outgoing>,
+        now: u64,
+    ) -> Vec<OutboxEntry> {
         let ctx = self.rt.context;
         out.into_iter()
             .enumerate()
             .map(|(i, o)| {
                 let subject = match o.kind {
                     Kind::Event => subjects::event(ctx, o.msg_type),
-                    Kind::Command => subjects::command(o.context.as_deref().unwrap_or(ctx), o.msg_type),
+                    Kind::Command => {
+                        subjects::command(o.context.as_deref().unwrap_or(ctx), o.msg_type)
+                    }
                 };
                 OutboxEntry {
                     subject,
@@ -364,16 +433,30 @@ impl PullLoop {
             .collect()
     }
 
-    async fn handle_error(&self, msg: &jetstream::Message, msg_type: &str, e: HandleError) -> &'static str {
+    async fn handle_error(
+        &self,
+        msg: &jetstream::Message,
+        msg_type: &str,
+        e: HandleError,
+    ) -> &'static str {
         match e {
             HandleError::Retry(why) => self.fail(msg, msg_type, &why, false).await,
             HandleError::Permanent(why) => self.dead_letter(msg, "permanent", &why).await,
-            HandleError::State(s) => self.fail(msg, msg_type, &format!("state: {s:?}"), false).await,
+            HandleError::State(s) => {
+                self.fail(msg, msg_type, &format!("state: {s:?}"), false)
+                    .await
+            }
         }
     }
 
     /// A retryable failure: nak with back-off, or dead-letter once the budget is spent.
-    async fn fail(&self, msg: &jetstream::Message, msg_type: &str, why: &str, store_broken: bool) -> &'static str {
+    async fn fail(
+        &self,
+        msg: &jetstream::Message,
+        msg_type: &str,
+        why: &str,
+        store_broken: bool,
+    ) -> &'static str {
         let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
         if delivered >= self.rt.cfg.consumer.max_deliver && !store_broken {
             let reason = format!("retries exhausted after {delivered} deliveries: {why}");
@@ -403,7 +486,12 @@ impl PullLoop {
     }
 
     /// Dead-letters the message (awaiting the DLQ publish ack), then terminates it.
-    async fn dead_letter(&self, msg: &jetstream::Message, category: &'static str, reason: &str) -> &'static str {
+    async fn dead_letter(
+        &self,
+        msg: &jetstream::Message,
+        category: &'static str,
+        reason: &str,
+    ) -> &'static str {
         let (delivered, seq) = msg
             .info()
             .map(|i| (i.delivered, i.stream_sequence))
@@ -420,7 +508,9 @@ impl PullLoop {
         };
         if let Err(e) = self.rt.bus.dead_letter(&dl).await {
             tracing::error!(consumer = %self.durable, error = %e, "dead-letter publish failed; will retry");
-            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
             return "retried";
         }
         tracing::warn!(consumer = %self.durable, subject = %msg.subject, category, reason, "dead-lettered");

@@ -110,7 +110,10 @@ impl Envelope {
         h.insert(headers::CORRELATION, self.correlation_id.as_str());
         h.insert(headers::CAUSATION, self.causation_id.as_str());
         h.insert(headers::SOURCE, self.source.as_str());
-        h.insert(headers::OCCURRED_AT, self.occurred_at_ms.to_string().as_str());
+        h.insert(
+            headers::OCCURRED_AT,
+            self.occurred_at_ms.to_string().as_str(),
+        );
         h
     }
 
@@ -136,7 +139,8 @@ impl Envelope {
             })
         };
         let schema = number(headers::SCHEMA)?;
-        let schema = u32::try_from(schema).map_err(|_| EnvelopeError::UnsupportedSchema(u32::MAX))?;
+        let schema =
+            u32::try_from(schema).map_err(|_| EnvelopeError::UnsupportedSchema(u32::MAX))?;
         if schema == 0 || schema > SCHEMA_VERSION {
             return Err(EnvelopeError::UnsupportedSchema(schema));
         }
@@ -163,7 +167,8 @@ impl Envelope {
 pub fn is_token(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// A fresh random message id.
@@ -212,7 +217,10 @@ mod tests {
         h.insert(headers::OCCURRED_AT, "yesterday");
         assert!(matches!(
             Envelope::from_headers(Some(&h)),
-            Err(EnvelopeError::BadHeader { header: headers::OCCURRED_AT, .. })
+            Err(EnvelopeError::BadHeader {
+                header: headers::OCCURRED_AT,
+                ..
+            })
         ));
         let mut h = e.to_headers();
         h.insert(headers::SCHEMA, "9");

@@ -16,13 +16,25 @@ use crate::metrics;
 #[derive(Debug, thiserror::Error)]
 pub enum ExternalError {
     #[error("{system}: no reply within {timeout:?}")]
-    Timeout { system: &'static str, timeout: Duration },
+    Timeout {
+        system: &'static str,
+        timeout: Duration,
+    },
     #[error("{system}: request failed: {message}")]
-    Request { system: &'static str, message: String },
+    Request {
+        system: &'static str,
+        message: String,
+    },
     #[error("{system}: reported error: {message}")]
-    Failed { system: &'static str, message: String },
+    Failed {
+        system: &'static str,
+        message: String,
+    },
     #[error("{system}: reply is not JSON: {message}")]
-    BadReply { system: &'static str, message: String },
+    BadReply {
+        system: &'static str,
+        message: String,
+    },
 }
 
 /// Sends the call and waits at most `timeout` for the reply.

@@ -81,8 +81,18 @@ pub struct Faults {
 
 impl Faults {
     pub fn new(cfg: &FaultConfig) -> Self {
-        let rules = if cfg.enabled { cfg.rules.iter().map(|r| (r.clone(), AtomicU64::new(0))).collect() } else { vec![] };
-        Faults { rules, rng: Mutex::new(fastrand::Rng::with_seed(cfg.seed)) }
+        let rules = if cfg.enabled {
+            cfg.rules
+                .iter()
+                .map(|r| (r.clone(), AtomicU64::new(0)))
+                .collect()
+        } else {
+            vec![]
+        };
+        Faults {
+            rules,
+            rng: Mutex::new(fastrand::Rng::with_seed(cfg.seed)),
+        }
     }
 
     /// The fault to apply at `point` for a message of `msg_type`, if any rule fires.
@@ -91,7 +101,9 @@ impl Faults {
             if rule.point != point || rule.msg_type.as_deref().is_some_and(|t| t != msg_type) {
                 continue;
             }
-            if rule.probability < 1.0 && self.rng.lock().expect("fault rng").f64() >= rule.probability {
+            if rule.probability < 1.0
+                && self.rng.lock().expect("fault rng").f64() >= rule.probability
+            {
                 continue;
             }
             let n = fired.fetch_add(1, Ordering::SeqCst);
@@ -137,7 +149,9 @@ mod tests {
 
     #[test]
     fn fires_only_when_enabled_matching_and_within_times() {
-        assert!(Faults::new(&cfg(false)).fire(FaultPoint::Handler, "A").is_none());
+        assert!(Faults::new(&cfg(false))
+            .fire(FaultPoint::Handler, "A")
+            .is_none());
         let f = Faults::new(&cfg(true));
         assert!(f.fire(FaultPoint::Handler, "B").is_none());
         assert!(f.fire(FaultPoint::AfterCommit, "A").is_none());

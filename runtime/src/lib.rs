@@ -21,8 +21,8 @@ pub mod store;
 pub mod subjects;
 
 pub use component::{
-    decode_as, Component, Context, DecodeError, ExternalCall, HandleCtx, HandleError, Kind, Message,
-    Outgoing, QueryError, Subscription,
+    decode_as, Component, Context, DecodeError, ExternalCall, HandleCtx, HandleError, Kind,
+    Message, Outgoing, QueryError, Subscription,
 };
 pub use envelope::Envelope;
 pub use store::{load, read, read_all, save, StateError, StateRead, StateTx};

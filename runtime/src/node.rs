@@ -39,7 +39,10 @@ pub enum NodeError {
     #[error("store of {context}: {source}")]
     Store { context: String, source: StoreError },
     #[error("cannot listen for metrics on {addr}: {source}")]
-    Metrics { addr: String, source: std::io::Error },
+    Metrics {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -63,7 +66,12 @@ pub async fn run(
 
     check_routing(&contexts)?;
     let names: Vec<&str> = contexts.iter().map(|c| c.name()).collect();
-    let bus = Bus::connect(&cfg.nats_url, &format!("choreo-node[{}]", names.join(",")), Duration::from_secs(15)).await?;
+    let bus = Bus::connect(
+        &cfg.nats_url,
+        &format!("choreo-node[{}]", names.join(",")),
+        Duration::from_secs(15),
+    )
+    .await?;
     bus.ensure_dlq_stream(&cfg).await?;
     let mut streams = BTreeSet::new();
     for c in &contexts {
@@ -89,12 +97,20 @@ pub async fn run(
     let mut commits = Vec::new();
     for c in &contexts {
         let dir = cfg.data_dir.join(c.name());
-        let store = Store::open(&dir, cfg.store.cache_capacity_bytes).map_err(|source| NodeError::Store {
-            context: c.name().into(),
-            source,
+        let store = Store::open(&dir, cfg.store.cache_capacity_bytes).map_err(|source| {
+            NodeError::Store {
+                context: c.name().into(),
+                source,
+            }
         })?;
-        let commit = GroupCommit::start(&store, &dir, c.name()).map_err(|e| NodeError::Other(e.to_string()))?;
-        let (relay, relay_task) = Relay::start(c.name().to_string(), store.clone(), bus.clone(), stop_rx.clone());
+        let commit = GroupCommit::start(&store, &dir, c.name())
+            .map_err(|e| NodeError::Other(e.to_string()))?;
+        let (relay, relay_task) = Relay::start(
+            c.name().to_string(),
+            store.clone(),
+            bus.clone(),
+            stop_rx.clone(),
+        );
         relays.push(relay_task);
         commits.push(commit.clone());
         let rt = Arc::new(ContextRuntime {
@@ -109,10 +125,16 @@ pub async fn run(
         for comp in c.components() {
             for sub in comp.subscriptions() {
                 let (rt, comp, stop) = (rt.clone(), comp.clone(), stop_rx.clone());
-                actors.push(Supervisor::start(move |_| ConsumerActor::new(rt, comp, sub, stop)));
+                actors.push(Supervisor::start(move |_| {
+                    ConsumerActor::new(rt, comp, sub, stop)
+                }));
             }
         }
-        services.push(tokio::spawn(serve_queries(bus.client.clone(), c.clone(), store.clone())));
+        services.push(tokio::spawn(serve_queries(
+            bus.client.clone(),
+            c.clone(),
+            store.clone(),
+        )));
         services.push(tokio::spawn(prune_inbox(c.name(), store, cfg.clone())));
     }
     health.set_ready(true);
@@ -132,7 +154,10 @@ pub async fn run(
         s.abort();
     }
     for r in relays {
-        if tokio::time::timeout(Duration::from_secs(10), r).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), r)
+            .await
+            .is_err()
+        {
             tracing::warn!("outbox not drained in 10 s; the rest is published at next start");
         }
     }
@@ -166,7 +191,8 @@ fn check_routing(contexts: &[Arc<dyn Context>]) -> Result<(), NodeError> {
         if handlers.len() > 1 {
             return Err(NodeError::Other(format!(
                 "context {} has more than one command handler ({}); merge them into one component",
-                c.name(), handlers.join(", ")
+                c.name(),
+                handlers.join(", ")
             )));
         }
     }
@@ -176,7 +202,10 @@ fn check_routing(contexts: &[Arc<dyn Context>]) -> Result<(), NodeError> {
 /// Answers `choreo.<ctx>.query.<name>` requests. Reply: `{"ok": value}` or `{"error": "..."}`.
 async fn serve_queries(client: async_nats::Client, ctx: Arc<dyn Context>, store: Store) {
     let subject = subjects::query(ctx.name(), "*");
-    let mut sub = match client.queue_subscribe(subject.clone(), format!("choreo-{}", ctx.name())).await {
+    let mut sub = match client
+        .queue_subscribe(subject.clone(), format!("choreo-{}", ctx.name()))
+        .await
+    {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(subject, error = %e, "cannot serve queries");
@@ -184,7 +213,9 @@ async fn serve_queries(client: async_nats::Client, ctx: Arc<dyn Context>, store:
         }
     };
     while let Some(req) = sub.next().await {
-        let Some(reply) = req.reply.clone() else { continue };
+        let Some(reply) = req.reply.clone() else {
+            continue;
+        };
         let name = subjects::last_token(&req.subject);
         let body = match ctx.query(store.reader(), name, &req.payload) {
             Ok(v) => serde_json::json!({ "ok": v }),

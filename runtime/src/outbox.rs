@@ -114,7 +114,12 @@ async fn run(
 }
 
 /// Publishes a batch pipelined; returns the keys that are done (acked, or already gone).
-async fn publish_batch(context: &str, store: &Store, bus: &Bus, keys: &[u64]) -> Result<Vec<u64>, String> {
+async fn publish_batch(
+    context: &str,
+    store: &Store,
+    bus: &Bus,
+    keys: &[u64],
+) -> Result<Vec<u64>, String> {
     let started = Instant::now();
     let mut done = Vec::with_capacity(keys.len());
     let mut sends = Vec::with_capacity(keys.len());
@@ -146,11 +151,15 @@ async fn publish_batch(context: &str, store: &Store, bus: &Bus, keys: &[u64]) ->
             Ok(ack) => {
                 store.outbox_remove(k).map_err(|e| e.to_string())?;
                 let result = if ack.duplicate { "duplicate" } else { "stored" };
-                metrics::OUTBOX_PUBLISHED.with_label_values(&[context, result]).inc();
+                metrics::OUTBOX_PUBLISHED
+                    .with_label_values(&[context, result])
+                    .inc();
                 done.push(k);
             }
             Err(e) => {
-                metrics::OUTBOX_PUBLISHED.with_label_values(&[context, "error"]).inc();
+                metrics::OUTBOX_PUBLISHED
+                    .with_label_values(&[context, "error"])
+                    .inc();
                 first_err.get_or_insert(e.to_string());
             }
         }

@@ -306,7 +306,8 @@ pub fn load<T: DeserializeOwned>(tx: &dyn StateTx, key: &str) -> Result<Option<T
 
 /// Writes a JSON value to the state tree inside a transaction.
 pub fn save<T: Serialize>(tx: &dyn StateTx, key: &str, value: &T) -> Result<(), StateError> {
-    let bytes = serde_json::to_vec(value).map_err(|e| StateError::Corrupt(format!("{key}: {e}")))?;
+    let bytes =
+        serde_json::to_vec(value).map_err(|e| StateError::Corrupt(format!("{key}: {e}")))?;
     tx.put(key, &bytes)?;
     Ok(())
 }
@@ -322,11 +323,16 @@ pub fn read<T: DeserializeOwned>(r: &dyn StateRead, key: &str) -> Result<Option<
 }
 
 /// Reads every JSON value under a key prefix outside a transaction.
-pub fn read_all<T: DeserializeOwned>(r: &dyn StateRead, prefix: &str) -> Result<Vec<T>, StateError> {
+pub fn read_all<T: DeserializeOwned>(
+    r: &dyn StateRead,
+    prefix: &str,
+) -> Result<Vec<T>, StateError> {
     r.scan_prefix(prefix)
         .map_err(|e| StateError::Corrupt(e.to_string()))?
         .into_iter()
-        .map(|(k, v)| serde_json::from_slice(&v).map_err(|e| StateError::Corrupt(format!("{k}: {e}"))))
+        .map(|(k, v)| {
+            serde_json::from_slice(&v).map_err(|e| StateError::Corrupt(format!("{k}: {e}")))
+        })
         .collect()
 }
 
@@ -374,7 +380,9 @@ mod tests {
                 Ok(vec![entry(1), entry(2)])
             })
             .unwrap();
-        let Committed::Written { outbox_keys } = r else { panic!("not written") };
+        let Committed::Written { outbox_keys } = r else {
+            panic!("not written")
+        };
         assert_eq!(outbox_keys.len(), 2);
         assert!(outbox_keys[0] < outbox_keys[1]);
         assert_eq!(store.get("k").unwrap().unwrap(), b"v");
@@ -391,8 +399,14 @@ mod tests {
             save(tx, "n", &(n + 1)).map_err(state_err)?;
             Ok(vec![entry(0)])
         };
-        assert!(matches!(store.commit("c/m", 1, bump), Ok(Committed::Written { .. })));
-        assert!(matches!(store.commit("c/m", 2, bump), Ok(Committed::Duplicate)));
+        assert!(matches!(
+            store.commit("c/m", 1, bump),
+            Ok(Committed::Written { .. })
+        ));
+        assert!(matches!(
+            store.commit("c/m", 2, bump),
+            Ok(Committed::Duplicate)
+        ));
         assert_eq!(read::<u64>(store.reader(), "n").unwrap(), Some(1));
         assert_eq!(store.outbox_len(), 1);
     }
@@ -415,8 +429,12 @@ mod tests {
     fn inbox_retention_prunes_old_marks_only() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
-        store.commit::<String, _>("c/old", 100, |_| Ok(vec![])).unwrap();
-        store.commit::<String, _>("c/new", 900, |_| Ok(vec![])).unwrap();
+        store
+            .commit::<String, _>("c/old", 100, |_| Ok(vec![]))
+            .unwrap();
+        store
+            .commit::<String, _>("c/new", 900, |_| Ok(vec![]))
+            .unwrap();
         assert_eq!(store.prune_inbox(500).unwrap(), 1);
         assert!(!store.seen("c/old").unwrap());
         assert!(store.seen("c/new").unwrap());
@@ -427,7 +445,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path(), 1 << 20).unwrap();
-            store.commit::<String, _>("c/m", 1, |_| Ok(vec![entry(7)])).unwrap();
+            store
+                .commit::<String, _>("c/m", 1, |_| Ok(vec![entry(7)]))
+                .unwrap();
             store.db().flush().unwrap();
         }
         let store = Store::open(dir.path(), 1 << 20).unwrap();

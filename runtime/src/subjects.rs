@@ -63,8 +63,14 @@ mod tests {
 
     #[test]
     fn layout() {
-        assert_eq!(event("orders", "OrderPlaced"), "choreo.orders.evt.OrderPlaced");
-        assert_eq!(command("payments", "CapturePayment"), "choreo.payments.cmd.CapturePayment");
+        assert_eq!(
+            event("orders", "OrderPlaced"),
+            "choreo.orders.evt.OrderPlaced"
+        );
+        assert_eq!(
+            command("payments", "CapturePayment"),
+            "choreo.payments.cmd.CapturePayment"
+        );
         assert_eq!(stream("orders"), "CHOREO_ORDERS");
         assert_eq!(last_token("choreo.orders.evt.OrderPlaced"), "OrderPlaced");
         assert_eq!(dead_letter("orders"), "choreo.dlq.orders");

@@ -5,9 +5,13 @@
 //!
 //! `transition` is pure: (state, input, now) -> new state and the commands to send.
 
-use inventory::{CommitStock, ReleaseStock, StockCommitted, StockRejected, StockReleased, StockReserved};
+use inventory::{
+    CommitStock, ReleaseStock, StockCommitted, StockRejected, StockReleased, StockReserved,
+};
 use orders::{CancelOrder, CompleteOrder, ConfirmOrder, LineItem, OrderPlaced};
-use payments::{CapturePayment, PaymentAuthorized, PaymentCaptured, PaymentDeclined, PaymentVoided, VoidPayment};
+use payments::{
+    CapturePayment, PaymentAuthorized, PaymentCaptured, PaymentDeclined, PaymentVoided, VoidPayment,
+};
 use runtime::component::request_field;
 use runtime::{
     decode_as, load, read, read_all, save, Component, DecodeError, HandleCtx, HandleError, Message,
@@ -117,7 +121,11 @@ impl Input {
 
 /// The saga's pure transition. `Ok(None)`: nothing changes (a repeat or a late message).
 /// `Err(Retry)`: the instance is not started yet (its `OrderPlaced` is still on its way).
-pub fn transition(state: Option<&Fulfilment>, input: &Input, now_ms: u64) -> Result<Option<(Fulfilment, Vec<Outgoing>)>, HandleError> {
+pub fn transition(
+    state: Option<&Fulfilment>,
+    input: &Input,
+    now_ms: u64,
+) -> Result<Option<(Fulfilment, Vec<Outgoing>)>, HandleError> {
     let mut s = match (state, input) {
         (None, Input::Placed(p)) => Fulfilment {
             order_id: p.order_id.clone(),
@@ -132,10 +140,15 @@ pub fn transition(state: Option<&Fulfilment>, input: &Input, now_ms: u64) -> Res
             history: vec![],
         },
         (None, other) => {
-            return Err(HandleError::Retry(format!("fulfilment of {} not started yet", other.order_id())));
+            return Err(HandleError::Retry(format!(
+                "fulfilment of {} not started yet",
+                other.order_id()
+            )));
         }
         (Some(_), Input::Placed(_)) => return Ok(None),
-        (Some(s), _) if matches!(s.status, Status::Completed | Status::Cancelled) => return Ok(None),
+        (Some(s), _) if matches!(s.status, Status::Completed | Status::Cancelled) => {
+            return Ok(None)
+        }
         (Some(s), input) => {
             let mut s = s.clone();
             if !record(&mut s, input) {
@@ -161,15 +174,23 @@ fn record(s: &mut Fulfilment, input: &Input) -> bool {
             s.stock = St::Rejected;
             fail(s, &format!("stock rejected: {}", r.reason));
         }
-        Input::StockReleased(_) if matches!(s.stock, St::Releasing | St::Reserved) => s.stock = St::Released,
-        Input::StockCommitted(_) if matches!(s.stock, St::Committing | St::Reserved) => s.stock = St::Committed,
+        Input::StockReleased(_) if matches!(s.stock, St::Releasing | St::Reserved) => {
+            s.stock = St::Released
+        }
+        Input::StockCommitted(_) if matches!(s.stock, St::Committing | St::Reserved) => {
+            s.stock = St::Committed
+        }
         Input::PaymentAuthorized(_) if s.payment == P::Pending => s.payment = P::Authorized,
         Input::PaymentDeclined(d) if s.payment == P::Pending => {
             s.payment = P::Declined;
             fail(s, &format!("payment declined: {}", d.reason));
         }
-        Input::PaymentVoided(_) if matches!(s.payment, P::Voiding | P::Authorized) => s.payment = P::Voided,
-        Input::PaymentCaptured(_) if matches!(s.payment, P::Capturing | P::Authorized) => s.payment = P::Captured,
+        Input::PaymentVoided(_) if matches!(s.payment, P::Voiding | P::Authorized) => {
+            s.payment = P::Voided
+        }
+        Input::PaymentCaptured(_) if matches!(s.payment, P::Capturing | P::Authorized) => {
+            s.payment = P::Captured
+        }
         Input::ShipmentDispatched(_) if s.shipment == Sh::Requested => s.shipment = Sh::Dispatched,
         Input::ShipmentFailed(f) if s.shipment == Sh::Requested => {
             s.shipment = Sh::Failed;
@@ -196,35 +217,83 @@ fn advance(s: &mut Fulfilment) -> Vec<Outgoing> {
     let mut out = Vec::new();
     match s.status {
         Status::Active => {
-            if s.stock == St::Reserved && s.payment == P::Authorized && s.shipment == Sh::NotRequested {
-                out.push(Outgoing::command(orders::CONTEXT, &ConfirmOrder { order_id: id.clone() }));
+            if s.stock == St::Reserved
+                && s.payment == P::Authorized
+                && s.shipment == Sh::NotRequested
+            {
+                out.push(Outgoing::command(
+                    orders::CONTEXT,
+                    &ConfirmOrder {
+                        order_id: id.clone(),
+                    },
+                ));
                 out.push(Outgoing::command(
                     shipping::CONTEXT,
-                    &ShipOrder { order_id: id.clone(), customer_id: s.customer_id.clone(), items: s.items.clone() },
+                    &ShipOrder {
+                        order_id: id.clone(),
+                        customer_id: s.customer_id.clone(),
+                        items: s.items.clone(),
+                    },
                 ));
                 s.shipment = Sh::Requested;
-            } else if s.shipment == Sh::Dispatched && s.stock == St::Reserved && s.payment == P::Authorized {
-                out.push(Outgoing::command(inventory::CONTEXT, &CommitStock { order_id: id.clone() }));
-                out.push(Outgoing::command(payments::CONTEXT, &CapturePayment { order_id: id.clone() }));
+            } else if s.shipment == Sh::Dispatched
+                && s.stock == St::Reserved
+                && s.payment == P::Authorized
+            {
+                out.push(Outgoing::command(
+                    inventory::CONTEXT,
+                    &CommitStock {
+                        order_id: id.clone(),
+                    },
+                ));
+                out.push(Outgoing::command(
+                    payments::CONTEXT,
+                    &CapturePayment {
+                        order_id: id.clone(),
+                    },
+                ));
                 s.stock = St::Committing;
                 s.payment = P::Capturing;
             } else if s.stock == St::Committed && s.payment == P::Captured {
-                out.push(Outgoing::command(orders::CONTEXT, &CompleteOrder { order_id: id.clone() }));
+                out.push(Outgoing::command(
+                    orders::CONTEXT,
+                    &CompleteOrder {
+                        order_id: id.clone(),
+                    },
+                ));
                 s.status = Status::Completed;
             }
         }
         Status::Compensating => {
             if s.stock == St::Reserved {
-                out.push(Outgoing::command(inventory::CONTEXT, &ReleaseStock { order_id: id.clone() }));
+                out.push(Outgoing::command(
+                    inventory::CONTEXT,
+                    &ReleaseStock {
+                        order_id: id.clone(),
+                    },
+                ));
                 s.stock = St::Releasing;
             }
             if s.payment == P::Authorized {
-                out.push(Outgoing::command(payments::CONTEXT, &VoidPayment { order_id: id.clone() }));
+                out.push(Outgoing::command(
+                    payments::CONTEXT,
+                    &VoidPayment {
+                        order_id: id.clone(),
+                    },
+                ));
                 s.payment = P::Voiding;
             }
-            if matches!(s.stock, St::Rejected | St::Released) && matches!(s.payment, P::Declined | P::Voided) {
+            if matches!(s.stock, St::Rejected | St::Released)
+                && matches!(s.payment, P::Declined | P::Voided)
+            {
                 let reason = s.reason.clone().unwrap_or_default();
-                out.push(Outgoing::command(orders::CONTEXT, &CancelOrder { order_id: id, reason }));
+                out.push(Outgoing::command(
+                    orders::CONTEXT,
+                    &CancelOrder {
+                        order_id: id,
+                        reason,
+                    },
+                ));
                 s.status = Status::Cancelled;
             }
         }
@@ -250,13 +319,26 @@ impl Component for OrderFulfilment {
             Subscription::events(orders::CONTEXT, &[OrderPlaced::TYPE]),
             Subscription::events(
                 inventory::CONTEXT,
-                &[StockReserved::TYPE, StockRejected::TYPE, StockReleased::TYPE, StockCommitted::TYPE],
+                &[
+                    StockReserved::TYPE,
+                    StockRejected::TYPE,
+                    StockReleased::TYPE,
+                    StockCommitted::TYPE,
+                ],
             ),
             Subscription::events(
                 payments::CONTEXT,
-                &[PaymentAuthorized::TYPE, PaymentDeclined::TYPE, PaymentVoided::TYPE, PaymentCaptured::TYPE],
+                &[
+                    PaymentAuthorized::TYPE,
+                    PaymentDeclined::TYPE,
+                    PaymentVoided::TYPE,
+                    PaymentCaptured::TYPE,
+                ],
             ),
-            Subscription::events(shipping::CONTEXT, &[ShipmentDispatched::TYPE, ShipmentFailed::TYPE]),
+            Subscription::events(
+                shipping::CONTEXT,
+                &[ShipmentDispatched::TYPE, ShipmentFailed::TYPE],
+            ),
         ]
     }
     fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Input, DecodeError> {
@@ -275,7 +357,12 @@ impl Component for OrderFulfilment {
             other => return Err(DecodeError::UnknownType(other.into())),
         })
     }
-    fn handle(&self, tx: &dyn StateTx, input: &Input, ctx: &HandleCtx<'_>) -> Result<Vec<Outgoing>, HandleError> {
+    fn handle(
+        &self,
+        tx: &dyn StateTx,
+        input: &Input,
+        ctx: &HandleCtx<'_>,
+    ) -> Result<Vec<Outgoing>, HandleError> {
         let k = key(input.order_id());
         let state: Option<Fulfilment> = load(tx, &k)?;
         match transition(state.as_ref(), input, ctx.now_ms)? {
@@ -299,7 +386,11 @@ pub const QUERIES: &[&str] = &["saga", "sagas"];
 
 /// `saga {"order_id"}` -> the instance with its history; `sagas` -> counts by status and
 /// every instance's status.
-pub fn query(state: &dyn StateRead, name: &str, req: &[u8]) -> Result<serde_json::Value, QueryError> {
+pub fn query(
+    state: &dyn StateRead,
+    name: &str,
+    req: &[u8],
+) -> Result<serde_json::Value, QueryError> {
     match name {
         "saga" => {
             let id = request_field(req, "order_id")?;
@@ -311,10 +402,14 @@ pub fn query(state: &dyn StateRead, name: &str, req: &[u8]) -> Result<serde_json
             let mut counts = std::collections::BTreeMap::<String, u64>::new();
             let mut statuses = serde_json::Map::new();
             for s in &all {
-                *counts.entry(format!("{:?}", s.status).to_lowercase()).or_default() += 1;
+                *counts
+                    .entry(format!("{:?}", s.status).to_lowercase())
+                    .or_default() += 1;
                 statuses.insert(s.order_id.clone(), serde_json::json!(s.status));
             }
-            Ok(serde_json::json!({ "instances": all.len(), "by_status": counts, "statuses": statuses }))
+            Ok(
+                serde_json::json!({ "instances": all.len(), "by_status": counts, "statuses": statuses }),
+            )
         }
         other => Err(QueryError::Unknown(other.into())),
     }
@@ -328,16 +423,27 @@ mod tests {
         Input::Placed(OrderPlaced {
             order_id: "o1".into(),
             customer_id: "c1".into(),
-            items: vec![LineItem { sku: "a".into(), qty: 1, unit_price_cents: 100 }],
+            items: vec![LineItem {
+                sku: "a".into(),
+                qty: 1,
+                unit_price_cents: 100,
+            }],
             total_cents: 100,
             payment_method: "card".into(),
         })
     }
     fn reserved() -> Input {
-        Input::StockReserved(StockReserved { order_id: "o1".into(), items: vec![] })
+        Input::StockReserved(StockReserved {
+            order_id: "o1".into(),
+            items: vec![],
+        })
     }
     fn authorized() -> Input {
-        Input::PaymentAuthorized(PaymentAuthorized { order_id: "o1".into(), amount_cents: 100, auth_id: "a".into() })
+        Input::PaymentAuthorized(PaymentAuthorized {
+            order_id: "o1".into(),
+            amount_cents: 100,
+            auth_id: "a".into(),
+        })
     }
 
     /// Given inputs (applied in order), returns the final state and every command type sent.
@@ -360,19 +466,42 @@ mod tests {
             vec![placed(), authorized(), reserved()],
         ] {
             let mut all = inputs.clone();
-            all.push(Input::ShipmentDispatched(ShipmentDispatched { order_id: "o1".into(), tracking: "t".into() }));
-            all.push(Input::PaymentCaptured(PaymentCaptured { order_id: "o1".into(), amount_cents: 100 }));
-            all.push(Input::StockCommitted(StockCommitted { order_id: "o1".into() }));
+            all.push(Input::ShipmentDispatched(ShipmentDispatched {
+                order_id: "o1".into(),
+                tracking: "t".into(),
+            }));
+            all.push(Input::PaymentCaptured(PaymentCaptured {
+                order_id: "o1".into(),
+                amount_cents: 100,
+            }));
+            all.push(Input::StockCommitted(StockCommitted {
+                order_id: "o1".into(),
+            }));
             let (s, sent) = run(&all);
             assert_eq!(s.unwrap().status, Status::Completed);
-            assert_eq!(sent, ["ConfirmOrder", "ShipOrder", "CommitStock", "CapturePayment", "CompleteOrder"]);
+            assert_eq!(
+                sent,
+                [
+                    "ConfirmOrder",
+                    "ShipOrder",
+                    "CommitStock",
+                    "CapturePayment",
+                    "CompleteOrder"
+                ]
+            );
         }
     }
 
     #[test]
     fn stock_rejected_voids_the_authorization_then_cancels() {
-        let rejected = Input::StockRejected(StockRejected { order_id: "o1".into(), reason: "short".into() });
-        let voided = Input::PaymentVoided(PaymentVoided { order_id: "o1".into(), amount_cents: 100 });
+        let rejected = Input::StockRejected(StockRejected {
+            order_id: "o1".into(),
+            reason: "short".into(),
+        });
+        let voided = Input::PaymentVoided(PaymentVoided {
+            order_id: "o1".into(),
+            amount_cents: 100,
+        });
         let (s, sent) = run(&[placed(), rejected, authorized(), voided]);
         let s = s.unwrap();
         assert_eq!(s.status, Status::Cancelled);
@@ -381,37 +510,72 @@ mod tests {
 
     #[test]
     fn payment_declined_releases_stock_then_cancels() {
-        let declined = Input::PaymentDeclined(PaymentDeclined { order_id: "o1".into(), reason: "card".into() });
-        let released = Input::StockReleased(StockReleased { order_id: "o1".into() });
+        let declined = Input::PaymentDeclined(PaymentDeclined {
+            order_id: "o1".into(),
+            reason: "card".into(),
+        });
+        let released = Input::StockReleased(StockReleased {
+            order_id: "o1".into(),
+        });
         let (s, sent) = run(&[placed(), declined.clone(), reserved(), released]);
         assert_eq!(s.unwrap().status, Status::Cancelled);
         assert_eq!(sent, ["ReleaseStock", "CancelOrder"]);
         // Both refused: nothing to compensate.
-        let rejected = Input::StockRejected(StockRejected { order_id: "o1".into(), reason: "short".into() });
+        let rejected = Input::StockRejected(StockRejected {
+            order_id: "o1".into(),
+            reason: "short".into(),
+        });
         let (_, sent) = run(&[placed(), declined, rejected]);
         assert_eq!(sent, ["CancelOrder"]);
     }
 
     #[test]
     fn shipment_failed_compensates_both() {
-        let failed = Input::ShipmentFailed(ShipmentFailed { order_id: "o1".into(), reason: "nowhere".into() });
+        let failed = Input::ShipmentFailed(ShipmentFailed {
+            order_id: "o1".into(),
+            reason: "nowhere".into(),
+        });
         let (s, sent) = run(&[
             placed(),
             reserved(),
             authorized(),
             failed,
-            Input::StockReleased(StockReleased { order_id: "o1".into() }),
-            Input::PaymentVoided(PaymentVoided { order_id: "o1".into(), amount_cents: 100 }),
+            Input::StockReleased(StockReleased {
+                order_id: "o1".into(),
+            }),
+            Input::PaymentVoided(PaymentVoided {
+                order_id: "o1".into(),
+                amount_cents: 100,
+            }),
         ]);
         assert_eq!(s.unwrap().status, Status::Cancelled);
-        assert_eq!(sent, ["ConfirmOrder", "ShipOrder", "ReleaseStock", "VoidPayment", "CancelOrder"]);
+        assert_eq!(
+            sent,
+            [
+                "ConfirmOrder",
+                "ShipOrder",
+                "ReleaseStock",
+                "VoidPayment",
+                "CancelOrder"
+            ]
+        );
     }
 
     #[test]
     fn duplicates_change_nothing_and_early_events_wait() {
-        assert!(matches!(transition(None, &reserved(), 0), Err(HandleError::Retry(_))));
+        assert!(matches!(
+            transition(None, &reserved(), 0),
+            Err(HandleError::Retry(_))
+        ));
         let (once, sent_once) = run(&[placed(), reserved(), authorized()]);
-        let (twice, sent_twice) = run(&[placed(), placed(), reserved(), reserved(), authorized(), authorized()]);
+        let (twice, sent_twice) = run(&[
+            placed(),
+            placed(),
+            reserved(),
+            reserved(),
+            authorized(),
+            authorized(),
+        ]);
         assert_eq!(once, twice);
         assert_eq!(sent_once, sent_twice);
     }

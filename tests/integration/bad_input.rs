@@ -17,7 +17,12 @@ async fn inventory() -> TestShop {
 /// Publishes raw bytes (headers optional) and returns the marker it carries.
 async fn publish_raw(t: &TestShop, subject: &str, headers: Option<HeaderMap>, payload: Vec<u8>) {
     let ack = match headers {
-        Some(h) => t.bus.js.publish_with_headers(subject.to_string(), h, payload.into()).await,
+        Some(h) => {
+            t.bus
+                .js
+                .publish_with_headers(subject.to_string(), h, payload.into())
+                .await
+        }
         None => t.bus.js.publish(subject.to_string(), payload.into()).await,
     };
     ack.expect("publish").await.expect("stored");
@@ -30,7 +35,10 @@ fn valid_headers(msg_type: &str) -> HeaderMap {
 /// The dead letter whose payload contains `marker`; returns its reason.
 async fn reason_for(t: &TestShop, marker: &str) -> String {
     let m = marker.to_string();
-    harness::wait_dead_letter(&t.bus, move |_, p: &Bytes| String::from_utf8_lossy(p).contains(&m)).await
+    harness::wait_dead_letter(&t.bus, move |_, p: &Bytes| {
+        String::from_utf8_lossy(p).contains(&m)
+    })
+    .await
 }
 
 /// The node is alive and still applies a valid command.
@@ -39,10 +47,21 @@ async fn still_serving(t: &mut TestShop) {
     let sku = format!("alive-{}", new_id());
     let env = Envelope::first(new_id(), "AddStock", "test", now_ms());
     let body = Bytes::from(serde_json::json!({ "sku": sku, "qty": 2 }).to_string());
-    t.bus.publish(&subjects::command("inventory", "AddStock"), &env, body).await.unwrap();
-    assert!(eventually(Duration::from_secs(10), || async { harness::sku(&t.bus, &sku).await.0 == 2 }).await);
+    t.bus
+        .publish(&subjects::command("inventory", "AddStock"), &env, body)
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            harness::sku(&t.bus, &sku).await.0 == 2
+        })
+        .await
+    );
     let addr = t.shop.node("inventory").unwrap().metrics_addr.clone();
-    assert!(harness::metric(&addr, "choreo_dead_letters_total", &[]) >= 1.0, "dead letter counted");
+    assert!(
+        harness::metric(&addr, "choreo_dead_letters_total", &[]) >= 1.0,
+        "dead letter counted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,9 +69,18 @@ async fn malformed_json_is_dead_lettered() {
     let mut t = inventory().await;
     let marker = "marker-malformed";
     let payload = format!("{{\"sku\": \"{marker}\", \"qty\": ").into_bytes();
-    publish_raw(&t, &subjects::command("inventory", "AddStock"), Some(valid_headers("AddStock")), payload).await;
+    publish_raw(
+        &t,
+        &subjects::command("inventory", "AddStock"),
+        Some(valid_headers("AddStock")),
+        payload,
+    )
+    .await;
     let reason = reason_for(&t, marker).await;
-    assert!(reason.contains("malformed AddStock payload"), "reason: {reason}");
+    assert!(
+        reason.contains("malformed AddStock payload"),
+        "reason: {reason}"
+    );
     still_serving(&mut t).await;
 }
 
@@ -60,10 +88,21 @@ async fn malformed_json_is_dead_lettered() {
 async fn wrong_payload_shape_is_dead_lettered() {
     let mut t = inventory().await;
     let marker = "marker-shape";
-    let payload = serde_json::json!({ "sku": marker, "qty": "lots" }).to_string().into_bytes();
-    publish_raw(&t, &subjects::command("inventory", "AddStock"), Some(valid_headers("AddStock")), payload).await;
+    let payload = serde_json::json!({ "sku": marker, "qty": "lots" })
+        .to_string()
+        .into_bytes();
+    publish_raw(
+        &t,
+        &subjects::command("inventory", "AddStock"),
+        Some(valid_headers("AddStock")),
+        payload,
+    )
+    .await;
     let reason = reason_for(&t, marker).await;
-    assert!(reason.contains("malformed AddStock payload: invalid type"), "reason: {reason}");
+    assert!(
+        reason.contains("malformed AddStock payload: invalid type"),
+        "reason: {reason}"
+    );
     still_serving(&mut t).await;
 }
 
@@ -71,10 +110,21 @@ async fn wrong_payload_shape_is_dead_lettered() {
 async fn unknown_message_type_is_dead_lettered() {
     let mut t = inventory().await;
     let marker = "marker-unknown";
-    let payload = serde_json::json!({ "note": marker }).to_string().into_bytes();
-    publish_raw(&t, &subjects::command("inventory", "Teleport"), Some(valid_headers("Teleport")), payload).await;
+    let payload = serde_json::json!({ "note": marker })
+        .to_string()
+        .into_bytes();
+    publish_raw(
+        &t,
+        &subjects::command("inventory", "Teleport"),
+        Some(valid_headers("Teleport")),
+        payload,
+    )
+    .await;
     let reason = reason_for(&t, marker).await;
-    assert!(reason.contains("unknown message type \"Teleport\""), "reason: {reason}");
+    assert!(
+        reason.contains("unknown message type \"Teleport\""),
+        "reason: {reason}"
+    );
     still_serving(&mut t).await;
 }
 
@@ -82,7 +132,13 @@ async fn unknown_message_type_is_dead_lettered() {
 async fn missing_headers_are_dead_lettered() {
     let mut t = inventory().await;
     // No headers at all.
-    publish_raw(&t, &subjects::command("inventory", "AddStock"), None, b"{\"sku\":\"marker-noheaders\",\"qty\":1}".to_vec()).await;
+    publish_raw(
+        &t,
+        &subjects::command("inventory", "AddStock"),
+        None,
+        b"{\"sku\":\"marker-noheaders\",\"qty\":1}".to_vec(),
+    )
+    .await;
     let reason = reason_for(&t, "marker-noheaders").await;
     assert!(reason.contains("no headers"), "reason: {reason}");
     // Headers without the message id.
@@ -93,10 +149,23 @@ async fn missing_headers_are_dead_lettered() {
             h.insert(k, v[0].as_str());
         }
     }
-    publish_raw(&t, &subjects::command("inventory", "AddStock"), Some(h), b"{\"sku\":\"marker-noid\",\"qty\":1}".to_vec()).await;
+    publish_raw(
+        &t,
+        &subjects::command("inventory", "AddStock"),
+        Some(h),
+        b"{\"sku\":\"marker-noid\",\"qty\":1}".to_vec(),
+    )
+    .await;
     let reason = reason_for(&t, "marker-noid").await;
-    assert!(reason.contains("missing header Choreo-Id"), "reason: {reason}");
-    assert_eq!(harness::sku(&t.bus, "marker-noid").await.0, 0, "not applied");
+    assert!(
+        reason.contains("missing header Choreo-Id"),
+        "reason: {reason}"
+    );
+    assert_eq!(
+        harness::sku(&t.bus, "marker-noid").await.0,
+        0,
+        "not applied"
+    );
     still_serving(&mut t).await;
 }
 
@@ -106,9 +175,18 @@ async fn oversized_message_is_dead_lettered() {
     let mut payload = b"{\"sku\":\"marker-big\",\"qty\":1,\"pad\":\"".to_vec();
     payload.extend(std::iter::repeat_n(b'x', 100 * 1024));
     payload.extend(b"\"}");
-    publish_raw(&t, &subjects::command("inventory", "AddStock"), Some(valid_headers("AddStock")), payload).await;
+    publish_raw(
+        &t,
+        &subjects::command("inventory", "AddStock"),
+        Some(valid_headers("AddStock")),
+        payload,
+    )
+    .await;
     let reason = reason_for(&t, "marker-big").await;
-    assert!(reason.contains("oversized") && reason.contains("65536"), "reason: {reason}");
+    assert!(
+        reason.contains("oversized") && reason.contains("65536"),
+        "reason: {reason}"
+    );
     assert_eq!(harness::sku(&t.bus, "marker-big").await.0, 0, "not applied");
     still_serving(&mut t).await;
 }

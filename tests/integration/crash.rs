@@ -19,7 +19,10 @@ async fn kill_9_mid_run_then_restart_loses_and_doubles_nothing() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         t.shop.kill9(ctx).unwrap();
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        t.shop.restart(ctx).await.expect("node restarts on its data");
+        t.shop
+            .restart(ctx)
+            .await
+            .expect("node restarts on its data");
     }
 
     let report = run.await.unwrap().expect("load completes");
@@ -29,6 +32,11 @@ async fn kill_9_mid_run_then_restart_loses_and_doubles_nothing() {
     let v = verify::run(&t.bus, Some(&report.run_id)).await.unwrap();
     assert!(v.ledgers_checked);
     assert_eq!(v.checks["once"].checked, 200);
-    assert_eq!(v.violations(), 0, "no effect doubled, nothing half done: {:#?}", v.checks);
+    assert_eq!(
+        v.violations(),
+        0,
+        "no effect doubled, nothing half done: {:#?}",
+        v.checks
+    );
     t.shop.stop().unwrap();
 }

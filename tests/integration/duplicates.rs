@@ -16,7 +16,10 @@ const SHORT_WINDOW: &str = "[stream]\nduplicate_window_ms = 1000\n";
 
 fn add_stock(sku: &str, qty: u64) -> (Envelope, Bytes) {
     let env = Envelope::first(new_id(), "AddStock", "test", now_ms());
-    (env, Bytes::from(serde_json::json!({ "sku": sku, "qty": qty }).to_string()))
+    (
+        env,
+        Bytes::from(serde_json::json!({ "sku": sku, "qty": qty }).to_string()),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,13 +27,29 @@ async fn same_command_twice_inside_the_window_changes_state_once() {
     let t = harness::start(&["inventory"], false, "").await;
     let (env, body) = add_stock("dup-a", 7);
     let subject = subjects::command("inventory", "AddStock");
-    assert!(!t.bus.publish(&subject, &env, body.clone()).await.unwrap(), "first publish is stored");
-    assert!(t.bus.publish(&subject, &env, body).await.unwrap(), "JetStream reports the repeat as a duplicate");
-    assert!(eventually(Duration::from_secs(10), || async { harness::sku(&t.bus, "dup-a").await.0 == 7 }).await);
+    assert!(
+        !t.bus.publish(&subject, &env, body.clone()).await.unwrap(),
+        "first publish is stored"
+    );
+    assert!(
+        t.bus.publish(&subject, &env, body).await.unwrap(),
+        "JetStream reports the repeat as a duplicate"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            harness::sku(&t.bus, "dup-a").await.0 == 7
+        })
+        .await
+    );
     // A later, different command is applied: the node is still consuming.
     let (env2, body2) = add_stock("dup-a", 1);
     t.bus.publish(&subject, &env2, body2).await.unwrap();
-    assert!(eventually(Duration::from_secs(10), || async { harness::sku(&t.bus, "dup-a").await.0 == 8 }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            harness::sku(&t.bus, "dup-a").await.0 == 8
+        })
+        .await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,13 +58,21 @@ async fn same_command_after_the_window_is_absorbed_by_the_inbox() {
     let (env, body) = add_stock("dup-b", 5);
     let subject = subjects::command("inventory", "AddStock");
     t.bus.publish(&subject, &env, body.clone()).await.unwrap();
-    assert!(eventually(Duration::from_secs(10), || async { harness::sku(&t.bus, "dup-b").await.0 == 5 }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            harness::sku(&t.bus, "dup-b").await.0 == 5
+        })
+        .await
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let dup = t.bus.publish(&subject, &env, body).await.unwrap();
     assert!(!dup, "past the window JetStream stores the message again");
     let addr = t.shop.node("inventory").unwrap().metrics_addr.clone();
     let absorbed = || harness::metric(&addr, "choreo_messages_total", &[("outcome", "duplicate")]);
-    assert!(eventually(Duration::from_secs(10), || async { absorbed() >= 1.0 }).await, "the inbox absorbed it");
+    assert!(
+        eventually(Duration::from_secs(10), || async { absorbed() >= 1.0 }).await,
+        "the inbox absorbed it"
+    );
     assert_eq!(harness::sku(&t.bus, "dup-b").await.0, 5, "stock added once");
 }
 
@@ -55,7 +82,12 @@ async fn same_event_twice_changes_state_once() {
     let stock = subjects::command("inventory", "AddStock");
     let (env, body) = add_stock("dup-c", 10);
     t.bus.publish(&stock, &env, body).await.unwrap();
-    assert!(eventually(Duration::from_secs(10), || async { harness::sku(&t.bus, "dup-c").await.1 == 10 }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            harness::sku(&t.bus, "dup-c").await.1 == 10
+        })
+        .await
+    );
 
     // An OrderPlaced event, as the orders context would publish it.
     let placed = Envelope::first(new_id(), "OrderPlaced", "orders", now_ms());
@@ -67,23 +99,61 @@ async fn same_event_twice_changes_state_once() {
         .to_string(),
     );
     let subject = subjects::event("orders", "OrderPlaced");
-    t.bus.publish(&subject, &placed, payload.clone()).await.unwrap();
-    assert!(t.bus.publish(&subject, &placed, payload.clone()).await.unwrap(), "inside the window: dropped by JetStream");
+    t.bus
+        .publish(&subject, &placed, payload.clone())
+        .await
+        .unwrap();
+    assert!(
+        t.bus
+            .publish(&subject, &placed, payload.clone())
+            .await
+            .unwrap(),
+        "inside the window: dropped by JetStream"
+    );
     let authorized = || async {
-        choreo::client::query(&t.bus, "payments", "payment", serde_json::json!({"order_id": "dup-order"})).await.is_ok()
+        choreo::client::query(
+            &t.bus,
+            "payments",
+            "payment",
+            serde_json::json!({"order_id": "dup-order"}),
+        )
+        .await
+        .is_ok()
     };
     assert!(eventually(Duration::from_secs(10), authorized).await);
-    assert!(eventually(Duration::from_secs(10), || async { harness::sku(&t.bus, "dup-c").await.1 == 7 }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            harness::sku(&t.bus, "dup-c").await.1 == 7
+        })
+        .await
+    );
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(!t.bus.publish(&subject, &placed, payload).await.unwrap(), "past the window it is stored again");
+    assert!(
+        !t.bus.publish(&subject, &placed, payload).await.unwrap(),
+        "past the window it is stored again"
+    );
     for ctx in ["inventory", "payments"] {
         let addr = t.shop.node(ctx).unwrap().metrics_addr.clone();
-        let absorbed = || async { harness::metric(&addr, "choreo_messages_total", &[("outcome", "duplicate")]) >= 1.0 };
-        assert!(eventually(Duration::from_secs(10), absorbed).await, "{ctx} absorbed the repeat");
+        let absorbed = || async {
+            harness::metric(&addr, "choreo_messages_total", &[("outcome", "duplicate")]) >= 1.0
+        };
+        assert!(
+            eventually(Duration::from_secs(10), absorbed).await,
+            "{ctx} absorbed the repeat"
+        );
     }
-    assert_eq!(harness::sku(&t.bus, "dup-c").await.1, 7, "stock reserved once");
-    let ledger = choreo::client::query_external(&t.bus, "payment-gateway").await.unwrap();
-    assert_eq!(ledger["effects"]["dup-order"]["authorized"], 1, "authorized once at the gateway");
+    assert_eq!(
+        harness::sku(&t.bus, "dup-c").await.1,
+        7,
+        "stock reserved once"
+    );
+    let ledger = choreo::client::query_external(&t.bus, "payment-gateway")
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger["effects"]["dup-order"]["authorized"], 1,
+        "authorized once at the gateway"
+    );
     assert_eq!(ledger["requests"], 1, "the gateway was asked once");
 }

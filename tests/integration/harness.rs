@@ -42,30 +42,52 @@ pub(crate) async fn start(contexts: &[&str], sim: bool, extra_config: &str) -> T
         ..ShopOptions::new(dir.path().to_path_buf())
     };
     let shop = Shop::start(opts).await.expect("shop starts");
-    let bus = choreo::client::connect(&shop.nats.url, Duration::from_secs(5)).await.expect("connect");
-    TestShop { shop, bus, _dir: dir }
+    let bus = choreo::client::connect(&shop.nats.url, Duration::from_secs(5))
+        .await
+        .expect("connect");
+    TestShop {
+        shop,
+        bus,
+        _dir: dir,
+    }
 }
 
 /// Every message in the dead-letter stream: (headers, payload).
 pub(crate) async fn dead_letters(bus: &Bus) -> Vec<(HeaderMap, Bytes)> {
-    let Ok(stream) = bus.js.get_stream(subjects::DLQ_STREAM).await else { return vec![] };
+    let Ok(stream) = bus.js.get_stream(subjects::DLQ_STREAM).await else {
+        return vec![];
+    };
     let c = stream
-        .create_consumer(consumer::pull::OrderedConfig { deliver_policy: consumer::DeliverPolicy::All, ..Default::default() })
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
         .await
         .expect("dlq consumer");
     let mut msgs = c.messages().await.expect("dlq messages");
     let mut out = Vec::new();
-    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await {
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
+    {
         out.push((m.headers.clone().unwrap_or_default(), m.payload.clone()));
     }
     out
 }
 
 /// Waits until a dead letter matching `pred` appears; returns its reason.
-pub(crate) async fn wait_dead_letter(bus: &Bus, pred: impl Fn(&HeaderMap, &Bytes) -> bool) -> String {
+pub(crate) async fn wait_dead_letter(
+    bus: &Bus,
+    pred: impl Fn(&HeaderMap, &Bytes) -> bool,
+) -> String {
     for _ in 0..40 {
-        if let Some((h, _)) = dead_letters(bus).await.into_iter().find(|(h, p)| pred(h, p)) {
-            return h.get("Choreo-Dlq-Reason").map(|v| v.as_str().to_string()).unwrap_or_default();
+        if let Some((h, _)) = dead_letters(bus)
+            .await
+            .into_iter()
+            .find(|(h, p)| pred(h, p))
+        {
+            return h
+                .get("Choreo-Dlq-Reason")
+                .map(|v| v.as_str().to_string())
+                .unwrap_or_default();
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -81,15 +103,24 @@ pub(crate) fn metric(addr: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     s.read_to_string(&mut body).unwrap();
     body.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
 
 /// The `added`/`available` numbers of one sku from the inventory read model.
 pub(crate) async fn sku(bus: &Bus, sku: &str) -> (u64, u64) {
-    let v = choreo::client::query(bus, "inventory", "stock", serde_json::json!({})).await.expect("stock query");
-    (v[sku]["added"].as_u64().unwrap_or(0), v[sku]["available"].as_u64().unwrap_or(0))
+    let v = choreo::client::query(bus, "inventory", "stock", serde_json::json!({}))
+        .await
+        .expect("stock query");
+    (
+        v[sku]["added"].as_u64().unwrap_or(0),
+        v[sku]["available"].as_u64().unwrap_or(0),
+    )
 }
 
 /// Polls `f` until it returns true or `timeout` passes.

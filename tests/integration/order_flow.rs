@@ -24,16 +24,31 @@ pub(crate) fn mix(orders: usize, rate: f64) -> LoadConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_orders_end_completed_or_cancelled_with_effects_once() {
     let t = harness::start(choreo::contexts::KNOWN, true, "").await;
-    let report = load::run(&t.bus, &mix(200, 0.0), |_| {}).await.expect("load runs");
+    let report = load::run(&t.bus, &mix(200, 0.0), |_| {})
+        .await
+        .expect("load runs");
     assert_eq!(report.placed, 200);
     assert_eq!(report.unfinished, 0, "every order reaches a terminal state");
     assert_eq!(report.completed + report.cancelled, 200);
-    assert!(report.unexpected.is_empty(), "orders ended otherwise than set up: {:?}", report.unexpected);
-    let failing = report.orders.iter().filter(|(_, k)| *k != load::Kind::Normal).count();
-    assert!(failing > 20 && report.completed > 100, "the mix has both outcomes: {failing} set to fail");
+    assert!(
+        report.unexpected.is_empty(),
+        "orders ended otherwise than set up: {:?}",
+        report.unexpected
+    );
+    let failing = report
+        .orders
+        .iter()
+        .filter(|(_, k)| *k != load::Kind::Normal)
+        .count();
+    assert!(
+        failing > 20 && report.completed > 100,
+        "the mix has both outcomes: {failing} set to fail"
+    );
     assert_eq!(report.cancelled, failing);
 
-    let v = verify::run(&t.bus, Some(&report.run_id)).await.expect("verify");
+    let v = verify::run(&t.bus, Some(&report.run_id))
+        .await
+        .expect("verify");
     assert!(v.ledgers_checked, "gateway and carrier ledgers reachable");
     assert_eq!(v.orders, 200);
     // Completed orders: stock committed, payment captured exactly once at the gateway, one

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use runtime::component::DynComponent;
 use runtime::{
-    decode_as, load, read, save, Component, DecodeError, HandleCtx, HandleError, Message,
-    Outgoing, QueryError, StateRead, StateTx, Subscription,
+    decode_as, load, read, save, Component, DecodeError, HandleCtx, HandleError, Message, Outgoing,
+    QueryError, StateRead, StateTx, Subscription,
 };
 use serde::{Deserialize, Serialize};
 
@@ -32,7 +32,10 @@ runtime::message!(CustomerRegistered, Event);
 
 /// Decides a registration: the first registration of an id wins; repeating it is a no-op;
 /// an empty id or name can never succeed.
-pub fn decide(existing: Option<&CustomerRegistered>, cmd: &RegisterCustomer) -> Result<Option<CustomerRegistered>, String> {
+pub fn decide(
+    existing: Option<&CustomerRegistered>,
+    cmd: &RegisterCustomer,
+) -> Result<Option<CustomerRegistered>, String> {
     if cmd.customer_id.trim().is_empty() || cmd.name.trim().is_empty() {
         return Err("customer_id and name must not be empty".into());
     }
@@ -67,7 +70,12 @@ impl Component for Registration {
             other => Err(DecodeError::UnknownType(other.into())),
         }
     }
-    fn handle(&self, tx: &dyn StateTx, cmd: &RegisterCustomer, _: &HandleCtx<'_>) -> Result<Vec<Outgoing>, HandleError> {
+    fn handle(
+        &self,
+        tx: &dyn StateTx,
+        cmd: &RegisterCustomer,
+        _: &HandleCtx<'_>,
+    ) -> Result<Vec<Outgoing>, HandleError> {
         let existing: Option<CustomerRegistered> = load(tx, &key(&cmd.customer_id))?;
         match decide(existing.as_ref(), cmd).map_err(HandleError::Permanent)? {
             None => Ok(vec![]),
@@ -86,7 +94,11 @@ pub fn components() -> Vec<Arc<dyn DynComponent>> {
 pub const QUERIES: &[&str] = &["customer", "summary"];
 
 /// `customer {"customer_id"}` -> the customer; `summary` -> `{"customers": n}`.
-pub fn query(state: &dyn StateRead, name: &str, req: &[u8]) -> Result<serde_json::Value, QueryError> {
+pub fn query(
+    state: &dyn StateRead,
+    name: &str,
+    req: &[u8],
+) -> Result<serde_json::Value, QueryError> {
     match name {
         "customer" => {
             let id = runtime::component::request_field(req, "customer_id")?;
@@ -94,7 +106,10 @@ pub fn query(state: &dyn StateRead, name: &str, req: &[u8]) -> Result<serde_json
             Ok(serde_json::to_value(c).unwrap_or_default())
         }
         "summary" => {
-            let n = state.scan_prefix("customer/").map_err(|e| QueryError::Store(e.to_string()))?.len();
+            let n = state
+                .scan_prefix("customer/")
+                .map_err(|e| QueryError::Store(e.to_string()))?
+                .len();
             Ok(serde_json::json!({ "customers": n }))
         }
         other => Err(QueryError::Unknown(other.into())),
@@ -106,7 +121,11 @@ mod tests {
     use super::*;
 
     fn cmd(id: &str) -> RegisterCustomer {
-        RegisterCustomer { customer_id: id.into(), name: "Ada".into(), address: "1 Main St".into() }
+        RegisterCustomer {
+            customer_id: id.into(),
+            name: "Ada".into(),
+            address: "1 Main St".into(),
+        }
     }
 
     #[test]

@@ -126,12 +126,18 @@ pub fn decide(
     match input {
         Input::Add(a) => {
             if a.qty == 0 || a.sku.trim().is_empty() {
-                return Err(HandleError::Permanent("AddStock needs a sku and qty >= 1".into()));
+                return Err(HandleError::Permanent(
+                    "AddStock needs a sku and qty >= 1".into(),
+                ));
             }
             let mut s = skus.get(&a.sku).cloned().unwrap_or_default();
             s.added += a.qty;
             s.available += a.qty;
-            d.event = Some(Outgoing::event(&StockAdded { sku: a.sku.clone(), qty: a.qty, available: s.available }));
+            d.event = Some(Outgoing::event(&StockAdded {
+                sku: a.sku.clone(),
+                qty: a.qty,
+                available: s.available,
+            }));
             d.skus.insert(a.sku.clone(), s);
         }
         Input::Placed(p) => {
@@ -154,18 +160,30 @@ pub fn decide(
                     s.reserved += qty;
                     d.skus.insert(sku.to_string(), s);
                 }
-                d.event = Some(Outgoing::event(&StockReserved { order_id: p.order_id.clone(), items: p.items.clone() }));
+                d.event = Some(Outgoing::event(&StockReserved {
+                    order_id: p.order_id.clone(),
+                    items: p.items.clone(),
+                }));
                 ReservationStatus::Reserved
             } else {
                 let reason = format!("insufficient stock: {}", short.join(", "));
-                d.event = Some(Outgoing::event(&StockRejected { order_id: p.order_id.clone(), reason }));
+                d.event = Some(Outgoing::event(&StockRejected {
+                    order_id: p.order_id.clone(),
+                    reason,
+                }));
                 ReservationStatus::Rejected
             };
-            d.reservation = Some(Reservation { order_id: p.order_id.clone(), items: p.items.clone(), status });
+            d.reservation = Some(Reservation {
+                order_id: p.order_id.clone(),
+                items: p.items.clone(),
+                status,
+            });
         }
         Input::Release(ReleaseStock { order_id }) | Input::Commit(CommitStock { order_id }) => {
             let Some(r) = reservation else {
-                return Err(HandleError::Retry(format!("no reservation for order {order_id} yet")));
+                return Err(HandleError::Retry(format!(
+                    "no reservation for order {order_id} yet"
+                )));
             };
             let commit = matches!(input, Input::Commit(_));
             match (r.status, commit) {
@@ -183,10 +201,14 @@ pub fn decide(
                     let mut r = r.clone();
                     if commit {
                         r.status = ReservationStatus::Committed;
-                        d.event = Some(Outgoing::event(&StockCommitted { order_id: order_id.clone() }));
+                        d.event = Some(Outgoing::event(&StockCommitted {
+                            order_id: order_id.clone(),
+                        }));
                     } else {
                         r.status = ReservationStatus::Released;
-                        d.event = Some(Outgoing::event(&StockReleased { order_id: order_id.clone() }));
+                        d.event = Some(Outgoing::event(&StockReleased {
+                            order_id: order_id.clone(),
+                        }));
                     }
                     d.reservation = Some(r);
                 }
@@ -229,7 +251,10 @@ impl Component for Stock {
     fn subscriptions(&self) -> Vec<Subscription> {
         vec![
             Subscription::events(orders::CONTEXT, &[OrderPlaced::TYPE]),
-            Subscription::commands(CONTEXT, &[AddStock::TYPE, ReleaseStock::TYPE, CommitStock::TYPE]),
+            Subscription::commands(
+                CONTEXT,
+                &[AddStock::TYPE, ReleaseStock::TYPE, CommitStock::TYPE],
+            ),
         ]
     }
     fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Input, DecodeError> {
@@ -241,7 +266,12 @@ impl Component for Stock {
             other => return Err(DecodeError::UnknownType(other.into())),
         })
     }
-    fn handle(&self, tx: &dyn StateTx, input: &Input, _: &HandleCtx<'_>) -> Result<Vec<Outgoing>, HandleError> {
+    fn handle(
+        &self,
+        tx: &dyn StateTx,
+        input: &Input,
+        _: &HandleCtx<'_>,
+    ) -> Result<Vec<Outgoing>, HandleError> {
         let order_id = match input {
             Input::Placed(p) => Some(&p.order_id),
             Input::Release(r) => Some(&r.order_id),
@@ -255,7 +285,10 @@ impl Component for Stock {
         let touched: Vec<String> = match input {
             Input::Add(a) => vec![a.sku.clone()],
             Input::Placed(p) => p.items.iter().map(|i| i.sku.clone()).collect(),
-            _ => reservation.iter().flat_map(|r| r.items.iter().map(|i| i.sku.clone())).collect(),
+            _ => reservation
+                .iter()
+                .flat_map(|r| r.items.iter().map(|i| i.sku.clone()))
+                .collect(),
         };
         let mut skus = BTreeMap::new();
         for sku in touched {
@@ -282,7 +315,11 @@ pub const QUERIES: &[&str] = &["reservation", "stock", "summary"];
 
 /// `reservation {"order_id"}`; `stock` -> every sku; `summary` -> every reservation's status
 /// and the stock totals.
-pub fn query(state: &dyn StateRead, name: &str, req: &[u8]) -> Result<serde_json::Value, QueryError> {
+pub fn query(
+    state: &dyn StateRead,
+    name: &str,
+    req: &[u8],
+) -> Result<serde_json::Value, QueryError> {
     match name {
         "reservation" => {
             let id = runtime::component::request_field(req, "order_id")?;
@@ -292,8 +329,10 @@ pub fn query(state: &dyn StateRead, name: &str, req: &[u8]) -> Result<serde_json
         "stock" => Ok(serde_json::to_value(skus(state)?).unwrap_or_default()),
         "summary" => {
             let rs: Vec<Reservation> = read_all(state, "reservation/")?;
-            let statuses: serde_json::Map<_, _> =
-                rs.iter().map(|r| (r.order_id.clone(), serde_json::json!(r.status))).collect();
+            let statuses: serde_json::Map<_, _> = rs
+                .iter()
+                .map(|r| (r.order_id.clone(), serde_json::json!(r.status)))
+                .collect();
             Ok(serde_json::json!({ "reservations": statuses, "stock": skus(state)? }))
         }
         other => Err(QueryError::Unknown(other.into())),
@@ -302,7 +341,10 @@ pub fn query(state: &dyn StateRead, name: &str, req: &[u8]) -> Result<serde_json
 
 fn skus(state: &dyn StateRead) -> Result<BTreeMap<String, Sku>, QueryError> {
     let mut m = BTreeMap::new();
-    for (k, v) in state.scan_prefix("sku/").map_err(|e| QueryError::Store(e.to_string()))? {
+    for (k, v) in state
+        .scan_prefix("sku/")
+        .map_err(|e| QueryError::Store(e.to_string()))?
+    {
         let s: Sku = serde_json::from_slice(&v).map_err(|e| QueryError::Store(e.to_string()))?;
         m.insert(k.trim_start_matches("sku/").to_string(), s);
     }
@@ -317,14 +359,26 @@ mod tests {
         Input::Placed(OrderPlaced {
             order_id: order.into(),
             customer_id: "c".into(),
-            items: vec![LineItem { sku: sku.into(), qty, unit_price_cents: 1 }],
+            items: vec![LineItem {
+                sku: sku.into(),
+                qty,
+                unit_price_cents: 1,
+            }],
             total_cents: qty as u64,
             payment_method: "card".into(),
         })
     }
 
     fn stock(sku: &str, n: u64) -> BTreeMap<String, Sku> {
-        BTreeMap::from([(sku.to_string(), Sku { added: n, available: n, reserved: 0, committed: 0 })])
+        BTreeMap::from([(
+            sku.to_string(),
+            Sku {
+                added: n,
+                available: n,
+                reserved: 0,
+                committed: 0,
+            },
+        )])
     }
 
     fn conserved(s: &Sku) -> bool {
@@ -352,20 +406,47 @@ mod tests {
     fn release_and_commit_move_reserved_stock() {
         let d = decide(&stock("a", 5), None, &placed("o1", "a", 3)).unwrap();
         let r = d.reservation.clone().unwrap();
-        let rel = decide(&d.skus, Some(&r), &Input::Release(ReleaseStock { order_id: "o1".into() })).unwrap();
+        let rel = decide(
+            &d.skus,
+            Some(&r),
+            &Input::Release(ReleaseStock {
+                order_id: "o1".into(),
+            }),
+        )
+        .unwrap();
         assert_eq!(rel.skus["a"].available, 5);
         assert!(conserved(&rel.skus["a"]));
-        let com = decide(&d.skus, Some(&r), &Input::Commit(CommitStock { order_id: "o1".into() })).unwrap();
+        let com = decide(
+            &d.skus,
+            Some(&r),
+            &Input::Commit(CommitStock {
+                order_id: "o1".into(),
+            }),
+        )
+        .unwrap();
         assert_eq!((com.skus["a"].committed, com.skus["a"].reserved), (3, 0));
         assert!(conserved(&com.skus["a"]));
         // Repeats are no-ops.
-        let again = decide(&com.skus, com.reservation.as_ref(), &Input::Commit(CommitStock { order_id: "o1".into() })).unwrap();
+        let again = decide(
+            &com.skus,
+            com.reservation.as_ref(),
+            &Input::Commit(CommitStock {
+                order_id: "o1".into(),
+            }),
+        )
+        .unwrap();
         assert!(again.event.is_none() && again.skus.is_empty());
     }
 
     #[test]
     fn release_before_reservation_waits() {
-        let r = decide(&BTreeMap::new(), None, &Input::Release(ReleaseStock { order_id: "o1".into() }));
+        let r = decide(
+            &BTreeMap::new(),
+            None,
+            &Input::Release(ReleaseStock {
+                order_id: "o1".into(),
+            }),
+        );
         assert!(matches!(r, Err(HandleError::Retry(_))));
     }
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use customers::CustomerRegistered;
 use runtime::component::DynComponent;
 use runtime::{
-    decode_as, load, read, read_all, save, Component, DecodeError, HandleCtx, HandleError,
-    Message, Outgoing, QueryError, StateRead, StateTx, Subscription,
+    decode_as, load, read, read_all, save, Component, DecodeError, HandleCtx, HandleError, Message,
+    Outgoing, QueryError, StateRead, StateTx, Subscription,
 };
 use serde::{Deserialize, Serialize};
 
@@ -79,24 +79,42 @@ pub fn decide(order: Option<&Order>, cmd: &Command) -> Result<Option<Event>, Ref
             })))
         }
         (Some(_), Command::Place(_)) => Ok(None),
-        (None, other) => Err(Refusal::NotYet(format!("order {} not placed yet", other.order_id()))),
+        (None, other) => Err(Refusal::NotYet(format!(
+            "order {} not placed yet",
+            other.order_id()
+        ))),
         (Some(o), Command::Confirm(_)) => match o.status {
-            OrderStatus::Placed => Ok(Some(Event::Confirmed(OrderConfirmed { order_id: o.order_id.clone() }))),
+            OrderStatus::Placed => Ok(Some(Event::Confirmed(OrderConfirmed {
+                order_id: o.order_id.clone(),
+            }))),
             _ => Ok(None),
         },
         (Some(o), Command::Complete(_)) => match o.status {
-            OrderStatus::Confirmed => Ok(Some(Event::Completed(OrderCompleted { order_id: o.order_id.clone() }))),
-            OrderStatus::Placed => Err(Refusal::NotYet(format!("order {} not confirmed yet", o.order_id))),
+            OrderStatus::Confirmed => Ok(Some(Event::Completed(OrderCompleted {
+                order_id: o.order_id.clone(),
+            }))),
+            OrderStatus::Placed => Err(Refusal::NotYet(format!(
+                "order {} not confirmed yet",
+                o.order_id
+            ))),
             OrderStatus::Completed => Ok(None),
-            OrderStatus::Cancelled => Err(Refusal::Invalid(format!("order {} is cancelled", o.order_id))),
+            OrderStatus::Cancelled => Err(Refusal::Invalid(format!(
+                "order {} is cancelled",
+                o.order_id
+            ))),
         },
         (Some(o), Command::Cancel(c)) => match o.status {
-            OrderStatus::Placed | OrderStatus::Confirmed => Ok(Some(Event::Cancelled(OrderCancelled {
-                order_id: o.order_id.clone(),
-                reason: c.reason.clone(),
-            }))),
+            OrderStatus::Placed | OrderStatus::Confirmed => {
+                Ok(Some(Event::Cancelled(OrderCancelled {
+                    order_id: o.order_id.clone(),
+                    reason: c.reason.clone(),
+                })))
+            }
             OrderStatus::Cancelled => Ok(None),
-            OrderStatus::Completed => Err(Refusal::Invalid(format!("order {} is completed", o.order_id))),
+            OrderStatus::Completed => Err(Refusal::Invalid(format!(
+                "order {} is completed",
+                o.order_id
+            ))),
         },
     }
 }
@@ -133,17 +151,28 @@ pub fn apply(order: Option<Order>, ev: &Event, now_ms: u64) -> Option<Order> {
 }
 
 fn validate(p: &PlaceOrder) -> Result<(), Refusal> {
-    let bad = |m: &str| Err(Refusal::Invalid(format!("invalid PlaceOrder {}: {m}", p.order_id)));
+    let bad = |m: &str| {
+        Err(Refusal::Invalid(format!(
+            "invalid PlaceOrder {}: {m}",
+            p.order_id
+        )))
+    };
     if p.order_id.trim().is_empty() || p.customer_id.trim().is_empty() {
         return bad("order_id and customer_id must not be empty");
     }
     if p.items.is_empty() || p.items.len() > 100 {
         return bad("an order has 1 to 100 items");
     }
-    if p.items.iter().any(|i| i.qty == 0 || i.sku.trim().is_empty()) {
+    if p.items
+        .iter()
+        .any(|i| i.qty == 0 || i.sku.trim().is_empty())
+    {
         return bad("every item needs a sku and a quantity of at least 1");
     }
-    if p.items.iter().any(|i| i.qty > 1_000_000 || i.unit_price_cents > 100_000_000) {
+    if p.items
+        .iter()
+        .any(|i| i.qty > 1_000_000 || i.unit_price_cents > 100_000_000)
+    {
         return bad("quantity or price out of range");
     }
     Ok(())
@@ -151,7 +180,10 @@ fn validate(p: &PlaceOrder) -> Result<(), Refusal> {
 
 /// Order total in cents.
 pub fn total(items: &[LineItem]) -> u64 {
-    items.iter().map(|i| i.qty as u64 * i.unit_price_cents).sum()
+    items
+        .iter()
+        .map(|i| i.qty as u64 * i.unit_price_cents)
+        .sum()
 }
 
 fn order_key(id: &str) -> String {
@@ -172,7 +204,12 @@ impl Component for Orders {
     fn subscriptions(&self) -> Vec<Subscription> {
         vec![Subscription::commands(
             CONTEXT,
-            &[PlaceOrder::TYPE, ConfirmOrder::TYPE, CompleteOrder::TYPE, CancelOrder::TYPE],
+            &[
+                PlaceOrder::TYPE,
+                ConfirmOrder::TYPE,
+                CompleteOrder::TYPE,
+                CancelOrder::TYPE,
+            ],
         )]
     }
     fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Command, DecodeError> {
@@ -184,7 +221,12 @@ impl Component for Orders {
             other => return Err(DecodeError::UnknownType(other.into())),
         })
     }
-    fn handle(&self, tx: &dyn StateTx, cmd: &Command, ctx: &HandleCtx<'_>) -> Result<Vec<Outgoing>, HandleError> {
+    fn handle(
+        &self,
+        tx: &dyn StateTx,
+        cmd: &Command,
+        ctx: &HandleCtx<'_>,
+    ) -> Result<Vec<Outgoing>, HandleError> {
         let key = order_key(cmd.order_id());
         let order: Option<Order> = load(tx, &key)?;
         let ev = match decide(order.as_ref(), cmd) {
@@ -209,7 +251,10 @@ impl Component for CustomerCopy {
         "customer_copy"
     }
     fn subscriptions(&self) -> Vec<Subscription> {
-        vec![Subscription::events(customers::CONTEXT, &[CustomerRegistered::TYPE])]
+        vec![Subscription::events(
+            customers::CONTEXT,
+            &[CustomerRegistered::TYPE],
+        )]
     }
     fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Self::Input, DecodeError> {
         match msg_type {
@@ -217,7 +262,12 @@ impl Component for CustomerCopy {
             other => Err(DecodeError::UnknownType(other.into())),
         }
     }
-    fn handle(&self, tx: &dyn StateTx, ev: &CustomerRegistered, _: &HandleCtx<'_>) -> Result<Vec<Outgoing>, HandleError> {
+    fn handle(
+        &self,
+        tx: &dyn StateTx,
+        ev: &CustomerRegistered,
+        _: &HandleCtx<'_>,
+    ) -> Result<Vec<Outgoing>, HandleError> {
         save(tx, &customer_key(&ev.customer_id), &ev.name)?;
         Ok(vec![])
     }
@@ -232,7 +282,11 @@ pub const QUERIES: &[&str] = &["order", "by-customer", "summary"];
 /// `order {"order_id"}` -> the order with its customer's name; `by-customer
 /// {"customer_id"}` -> that customer's orders; `summary` -> counts by status and every
 /// order's status.
-pub fn query(state: &dyn StateRead, name: &str, req: &[u8]) -> Result<serde_json::Value, QueryError> {
+pub fn query(
+    state: &dyn StateRead,
+    name: &str,
+    req: &[u8],
+) -> Result<serde_json::Value, QueryError> {
     match name {
         "order" => {
             let id = runtime::component::request_field(req, "order_id")?;
@@ -257,10 +311,14 @@ pub fn query(state: &dyn StateRead, name: &str, req: &[u8]) -> Result<serde_json
             let mut counts = std::collections::BTreeMap::<String, u64>::new();
             let mut statuses = serde_json::Map::new();
             for o in &orders {
-                *counts.entry(format!("{:?}", o.status).to_lowercase()).or_default() += 1;
+                *counts
+                    .entry(format!("{:?}", o.status).to_lowercase())
+                    .or_default() += 1;
                 statuses.insert(o.order_id.clone(), serde_json::json!(o.status));
             }
-            Ok(serde_json::json!({ "orders": orders.len(), "by_status": counts, "statuses": statuses }))
+            Ok(
+                serde_json::json!({ "orders": orders.len(), "by_status": counts, "statuses": statuses }),
+            )
         }
         other => Err(QueryError::Unknown(other.into())),
     }
@@ -274,7 +332,11 @@ mod tests {
         PlaceOrder {
             order_id: id.into(),
             customer_id: "c1".into(),
-            items: vec![LineItem { sku: "sku-1".into(), qty: 2, unit_price_cents: 150 }],
+            items: vec![LineItem {
+                sku: "sku-1".into(),
+                qty: 2,
+                unit_price_cents: 150,
+            }],
             payment_method: "card".into(),
         }
     }
@@ -291,55 +353,106 @@ mod tests {
 
     #[test]
     fn placing_computes_the_total() {
-        let Event::Placed(p) = placed("o1") else { panic!() };
+        let Event::Placed(p) = placed("o1") else {
+            panic!()
+        };
         assert_eq!(p.total_cents, 300);
     }
 
     #[test]
     fn placing_twice_is_a_no_op() {
-        assert_eq!(given_when(&[placed("o1")], Command::Place(place("o1"))), Ok(None));
+        assert_eq!(
+            given_when(&[placed("o1")], Command::Place(place("o1"))),
+            Ok(None)
+        );
     }
 
     #[test]
     fn invalid_orders_are_refused_for_good() {
         let mut p = place("o1");
         p.items[0].qty = 0;
-        assert!(matches!(decide(None, &Command::Place(p)), Err(Refusal::Invalid(_))));
+        assert!(matches!(
+            decide(None, &Command::Place(p)),
+            Err(Refusal::Invalid(_))
+        ));
         let mut p = place("o1");
         p.items.clear();
-        assert!(matches!(decide(None, &Command::Place(p)), Err(Refusal::Invalid(_))));
+        assert!(matches!(
+            decide(None, &Command::Place(p)),
+            Err(Refusal::Invalid(_))
+        ));
     }
 
     #[test]
     fn complete_waits_for_confirm() {
-        let r = given_when(&[placed("o1")], Command::Complete(CompleteOrder { order_id: "o1".into() }));
+        let r = given_when(
+            &[placed("o1")],
+            Command::Complete(CompleteOrder {
+                order_id: "o1".into(),
+            }),
+        );
         assert!(matches!(r, Err(Refusal::NotYet(_))));
-        let confirmed = Event::Confirmed(OrderConfirmed { order_id: "o1".into() });
-        let r = given_when(&[placed("o1"), confirmed], Command::Complete(CompleteOrder { order_id: "o1".into() }));
-        assert_eq!(r, Ok(Some(Event::Completed(OrderCompleted { order_id: "o1".into() }))));
+        let confirmed = Event::Confirmed(OrderConfirmed {
+            order_id: "o1".into(),
+        });
+        let r = given_when(
+            &[placed("o1"), confirmed],
+            Command::Complete(CompleteOrder {
+                order_id: "o1".into(),
+            }),
+        );
+        assert_eq!(
+            r,
+            Ok(Some(Event::Completed(OrderCompleted {
+                order_id: "o1".into()
+            })))
+        );
     }
 
     #[test]
     fn a_terminal_order_stays_terminal() {
-        let cancel = Command::Cancel(CancelOrder { order_id: "o1".into(), reason: "x".into() });
-        let cancelled = Event::Cancelled(OrderCancelled { order_id: "o1".into(), reason: "x".into() });
-        assert_eq!(given_when(&[placed("o1"), cancelled.clone()], cancel.clone()), Ok(None));
+        let cancel = Command::Cancel(CancelOrder {
+            order_id: "o1".into(),
+            reason: "x".into(),
+        });
+        let cancelled = Event::Cancelled(OrderCancelled {
+            order_id: "o1".into(),
+            reason: "x".into(),
+        });
+        assert_eq!(
+            given_when(&[placed("o1"), cancelled.clone()], cancel.clone()),
+            Ok(None)
+        );
         let r = given_when(
             &[placed("o1"), cancelled],
-            Command::Complete(CompleteOrder { order_id: "o1".into() }),
+            Command::Complete(CompleteOrder {
+                order_id: "o1".into(),
+            }),
         );
         assert!(matches!(r, Err(Refusal::Invalid(_))));
         let completed = [
             placed("o1"),
-            Event::Confirmed(OrderConfirmed { order_id: "o1".into() }),
-            Event::Completed(OrderCompleted { order_id: "o1".into() }),
+            Event::Confirmed(OrderConfirmed {
+                order_id: "o1".into(),
+            }),
+            Event::Completed(OrderCompleted {
+                order_id: "o1".into(),
+            }),
         ];
-        assert!(matches!(given_when(&completed, cancel), Err(Refusal::Invalid(_))));
+        assert!(matches!(
+            given_when(&completed, cancel),
+            Err(Refusal::Invalid(_))
+        ));
     }
 
     #[test]
     fn commands_for_unknown_orders_wait() {
-        let r = decide(None, &Command::Confirm(ConfirmOrder { order_id: "o9".into() }));
+        let r = decide(
+            None,
+            &Command::Confirm(ConfirmOrder {
+                order_id: "o9".into(),
+            }),
+        );
         assert!(matches!(r, Err(Refusal::NotYet(_))));
     }
 }

@@ -133,15 +133,17 @@ pub fn plan(payment: Option<&Payment>, input: &Input) -> Result<Option<ExternalC
                 "payment_method": p.payment_method,
             }),
         ))),
-        (Input::Capture(c), Some(pay)) if pay.status == PaymentStatus::Authorized => Ok(Some(call(
-            "capture",
-            serde_json::json!({
-                "idempotency_key": format!("capture:{}", c.order_id),
-                "order_id": c.order_id,
-                "auth_id": pay.auth_id,
-                "amount_cents": pay.amount_cents,
-            }),
-        ))),
+        (Input::Capture(c), Some(pay)) if pay.status == PaymentStatus::Authorized => {
+            Ok(Some(call(
+                "capture",
+                serde_json::json!({
+                    "idempotency_key": format!("capture:{}", c.order_id),
+                    "order_id": c.order_id,
+                    "auth_id": pay.auth_id,
+                    "amount_cents": pay.amount_cents,
+                }),
+            )))
+        }
         (Input::Void(v), Some(pay)) if pay.status == PaymentStatus::Authorized => Ok(Some(call(
             "void",
             serde_json::json!({
@@ -150,9 +152,10 @@ pub fn plan(payment: Option<&Payment>, input: &Input) -> Result<Option<ExternalC
                 "auth_id": pay.auth_id,
             }),
         ))),
-        (Input::Capture(_) | Input::Void(_), None) => {
-            Err(HandleError::Retry(format!("no payment for order {} yet", input.order_id())))
-        }
+        (Input::Capture(_) | Input::Void(_), None) => Err(HandleError::Retry(format!(
+            "no payment for order {} yet",
+            input.order_id()
+        ))),
         _ => Ok(None),
     }
 }
@@ -163,14 +166,21 @@ pub fn decide(
     input: &Input,
     reply: Option<&serde_json::Value>,
 ) -> Result<Option<(Payment, Outgoing)>, HandleError> {
-    let need_reply = || HandleError::Retry(format!("payment of {} changed during the call; retry", input.order_id()));
+    let need_reply = || {
+        HandleError::Retry(format!(
+            "payment of {} changed during the call; retry",
+            input.order_id()
+        ))
+    };
     let parse = |v: &serde_json::Value| -> Result<SettleReply, HandleError> {
-        serde_json::from_value(v.clone()).map_err(|e| HandleError::Retry(format!("gateway reply: {e}")))
+        serde_json::from_value(v.clone())
+            .map_err(|e| HandleError::Retry(format!("gateway reply: {e}")))
     };
     match (input, payment) {
         (Input::Placed(p), None) => {
-            let r: AuthorizeReply = serde_json::from_value(reply.ok_or_else(need_reply)?.clone())
-                .map_err(|e| HandleError::Retry(format!("gateway reply: {e}")))?;
+            let r: AuthorizeReply =
+                serde_json::from_value(reply.ok_or_else(need_reply)?.clone())
+                    .map_err(|e| HandleError::Retry(format!("gateway reply: {e}")))?;
             match (r.approved, r.auth_id) {
                 (true, Some(auth_id)) => Ok(Some((
                     Payment {
@@ -181,9 +191,15 @@ pub fn decide(
                         captured_cents: 0,
                         voided_cents: 0,
                     },
-                    Outgoing::event(&PaymentAuthorized { order_id: p.order_id.clone(), amount_cents: p.total_cents, auth_id }),
+                    Outgoing::event(&PaymentAuthorized {
+                        order_id: p.order_id.clone(),
+                        amount_cents: p.total_cents,
+                        auth_id,
+                    }),
                 ))),
-                (true, None) => Err(HandleError::Retry("gateway approved without an auth_id".into())),
+                (true, None) => Err(HandleError::Retry(
+                    "gateway approved without an auth_id".into(),
+                )),
                 (false, _) => {
                     let reason = r.reason.unwrap_or_else(|| "declined".into());
                     Ok(Some((
@@ -195,12 +211,17 @@ pub fn decide(
                             captured_cents: 0,
                             voided_cents: 0,
                         },
-                        Outgoing::event(&PaymentDeclined { order_id: p.order_id.clone(), reason }),
+                        Outgoing::event(&PaymentDeclined {
+                            order_id: p.order_id.clone(),
+                            reason,
+                        }),
                     )))
                 }
             }
         }
-        (Input::Capture(_) | Input::Void(_), Some(pay)) if pay.status == PaymentStatus::Authorized => {
+        (Input::Capture(_) | Input::Void(_), Some(pay))
+            if pay.status == PaymentStatus::Authorized =>
+        {
             let r = parse(reply.ok_or_else(need_reply)?)?;
             if !r.ok {
                 return Err(HandleError::Permanent(format!(
@@ -213,21 +234,38 @@ pub fn decide(
             let ev = if matches!(input, Input::Capture(_)) {
                 next.status = PaymentStatus::Captured;
                 next.captured_cents = pay.amount_cents;
-                Outgoing::event(&PaymentCaptured { order_id: pay.order_id.clone(), amount_cents: pay.amount_cents })
+                Outgoing::event(&PaymentCaptured {
+                    order_id: pay.order_id.clone(),
+                    amount_cents: pay.amount_cents,
+                })
             } else {
                 next.status = PaymentStatus::Voided;
                 next.voided_cents = pay.amount_cents;
-                Outgoing::event(&PaymentVoided { order_id: pay.order_id.clone(), amount_cents: pay.amount_cents })
+                Outgoing::event(&PaymentVoided {
+                    order_id: pay.order_id.clone(),
+                    amount_cents: pay.amount_cents,
+                })
             };
             Ok(Some((next, ev)))
         }
         (Input::Capture(_), Some(pay)) if pay.status == PaymentStatus::Captured => Ok(None),
-        (Input::Void(_), Some(pay)) if matches!(pay.status, PaymentStatus::Voided | PaymentStatus::Declined) => Ok(None),
+        (Input::Void(_), Some(pay))
+            if matches!(pay.status, PaymentStatus::Voided | PaymentStatus::Declined) =>
+        {
+            Ok(None)
+        }
         (Input::Placed(_), Some(_)) => Ok(None),
-        (_, None) => Err(HandleError::Retry(format!("no payment for order {} yet", input.order_id()))),
+        (_, None) => Err(HandleError::Retry(format!(
+            "no payment for order {} yet",
+            input.order_id()
+        ))),
         (_, Some(pay)) => Err(HandleError::Permanent(format!(
             "cannot {} payment of {}: it is {:?}",
-            if matches!(input, Input::Capture(_)) { "capture" } else { "void" },
+            if matches!(input, Input::Capture(_)) {
+                "capture"
+            } else {
+                "void"
+            },
             pay.order_id,
             pay.status
         ))),
@@ -260,11 +298,20 @@ impl Component for Billing {
             other => return Err(DecodeError::UnknownType(other.into())),
         })
     }
-    fn plan(&self, state: &dyn StateRead, input: &Input) -> Result<Option<ExternalCall>, HandleError> {
+    fn plan(
+        &self,
+        state: &dyn StateRead,
+        input: &Input,
+    ) -> Result<Option<ExternalCall>, HandleError> {
         let payment: Option<Payment> = read(state, &key(input.order_id()))?;
         plan(payment.as_ref(), input)
     }
-    fn handle(&self, tx: &dyn StateTx, input: &Input, ctx: &HandleCtx<'_>) -> Result<Vec<Outgoing>, HandleError> {
+    fn handle(
+        &self,
+        tx: &dyn StateTx,
+        input: &Input,
+        ctx: &HandleCtx<'_>,
+    ) -> Result<Vec<Outgoing>, HandleError> {
         let k = key(input.order_id());
         let payment: Option<Payment> = load(tx, &k)?;
         match decide(payment.as_ref(), input, ctx.external)? {
@@ -284,7 +331,11 @@ pub fn components() -> Vec<Arc<dyn DynComponent>> {
 pub const QUERIES: &[&str] = &["payment", "summary"];
 
 /// `payment {"order_id"}`; `summary` -> every payment and money totals.
-pub fn query(state: &dyn StateRead, name: &str, req: &[u8]) -> Result<serde_json::Value, QueryError> {
+pub fn query(
+    state: &dyn StateRead,
+    name: &str,
+    req: &[u8],
+) -> Result<serde_json::Value, QueryError> {
     match name {
         "payment" => {
             let id = request_field(req, "order_id")?;
@@ -293,11 +344,22 @@ pub fn query(state: &dyn StateRead, name: &str, req: &[u8]) -> Result<serde_json
         }
         "summary" => {
             let ps: Vec<Payment> = read_all(state, "payment/")?;
-            let authorized: u64 = ps.iter().filter(|p| p.auth_id.is_some()).map(|p| p.amount_cents).sum();
+            let authorized: u64 = ps
+                .iter()
+                .filter(|p| p.auth_id.is_some())
+                .map(|p| p.amount_cents)
+                .sum();
             let captured: u64 = ps.iter().map(|p| p.captured_cents).sum();
             let voided: u64 = ps.iter().map(|p| p.voided_cents).sum();
-            let payments: serde_json::Map<_, _> =
-                ps.iter().map(|p| (p.order_id.clone(), serde_json::to_value(p).unwrap_or_default())).collect();
+            let payments: serde_json::Map<_, _> = ps
+                .iter()
+                .map(|p| {
+                    (
+                        p.order_id.clone(),
+                        serde_json::to_value(p).unwrap_or_default(),
+                    )
+                })
+                .collect();
             Ok(serde_json::json!({
                 "authorized_cents": authorized, "captured_cents": captured, "voided_cents": voided,
                 "payments": payments,
@@ -345,19 +407,30 @@ mod tests {
     #[test]
     fn capture_once_and_money_is_conserved() {
         let pay = authorized();
-        let cap = Input::Capture(CapturePayment { order_id: "o1".into() });
+        let cap = Input::Capture(CapturePayment {
+            order_id: "o1".into(),
+        });
         assert!(plan(Some(&pay), &cap).unwrap().is_some());
-        let (p, _) = decide(Some(&pay), &cap, Some(&serde_json::json!({"ok": true}))).unwrap().unwrap();
+        let (p, _) = decide(Some(&pay), &cap, Some(&serde_json::json!({"ok": true})))
+            .unwrap()
+            .unwrap();
         assert_eq!(p.captured_cents + p.voided_cents, p.amount_cents);
         assert!(plan(Some(&p), &cap).unwrap().is_none());
         assert_eq!(decide(Some(&p), &cap, None).unwrap(), None);
-        let void = Input::Void(VoidPayment { order_id: "o1".into() });
-        assert!(matches!(decide(Some(&p), &void, None), Err(HandleError::Permanent(_))));
+        let void = Input::Void(VoidPayment {
+            order_id: "o1".into(),
+        });
+        assert!(matches!(
+            decide(Some(&p), &void, None),
+            Err(HandleError::Permanent(_))
+        ));
     }
 
     #[test]
     fn capture_before_authorization_waits() {
-        let cap = Input::Capture(CapturePayment { order_id: "o1".into() });
+        let cap = Input::Capture(CapturePayment {
+            order_id: "o1".into(),
+        });
         assert!(matches!(plan(None, &cap), Err(HandleError::Retry(_))));
     }
 }

@@ -70,11 +70,20 @@ pub enum Input {
 }
 
 /// Which carrier request a `ShipOrder` needs. Waits (retries) until the address is known.
-pub fn plan(address: Option<&str>, shipment: Option<&Shipment>, cmd: &ShipOrder) -> Result<Option<ExternalCall>, HandleError> {
+pub fn plan(
+    address: Option<&str>,
+    shipment: Option<&Shipment>,
+    cmd: &ShipOrder,
+) -> Result<Option<ExternalCall>, HandleError> {
     if shipment.is_some() {
         return Ok(None);
     }
-    let address = address.ok_or_else(|| HandleError::Retry(format!("address of customer {} not known yet", cmd.customer_id)))?;
+    let address = address.ok_or_else(|| {
+        HandleError::Retry(format!(
+            "address of customer {} not known yet",
+            cmd.customer_id
+        ))
+    })?;
     Ok(Some(ExternalCall {
         system: CARRIER,
         subject: subjects::external(CARRIER, "dispatch"),
@@ -89,23 +98,42 @@ pub fn plan(address: Option<&str>, shipment: Option<&Shipment>, cmd: &ShipOrder)
 }
 
 /// Applies the carrier's reply. `Ok(None)`: already shipped or failed (a repeat).
-pub fn decide(shipment: Option<&Shipment>, cmd: &ShipOrder, reply: Option<&serde_json::Value>) -> Result<Option<(Shipment, Outgoing)>, HandleError> {
+pub fn decide(
+    shipment: Option<&Shipment>,
+    cmd: &ShipOrder,
+    reply: Option<&serde_json::Value>,
+) -> Result<Option<(Shipment, Outgoing)>, HandleError> {
     if shipment.is_some() {
         return Ok(None);
     }
     let reply = reply.ok_or_else(|| HandleError::Retry("carrier was not asked; retry".into()))?;
-    let r: DispatchReply = serde_json::from_value(reply.clone()).map_err(|e| HandleError::Retry(format!("carrier reply: {e}")))?;
+    let r: DispatchReply = serde_json::from_value(reply.clone())
+        .map_err(|e| HandleError::Retry(format!("carrier reply: {e}")))?;
     let order_id = cmd.order_id.clone();
     Ok(Some(match (r.accepted, r.tracking) {
         (true, Some(tracking)) => (
-            Shipment { order_id: order_id.clone(), status: ShipmentStatus::Dispatched, tracking: Some(tracking.clone()), reason: None },
+            Shipment {
+                order_id: order_id.clone(),
+                status: ShipmentStatus::Dispatched,
+                tracking: Some(tracking.clone()),
+                reason: None,
+            },
             Outgoing::event(&ShipmentDispatched { order_id, tracking }),
         ),
-        (true, None) => return Err(HandleError::Retry("carrier accepted without a tracking number".into())),
+        (true, None) => {
+            return Err(HandleError::Retry(
+                "carrier accepted without a tracking number".into(),
+            ))
+        }
         (false, _) => {
             let reason = r.reason.unwrap_or_else(|| "refused by carrier".into());
             (
-                Shipment { order_id: order_id.clone(), status: ShipmentStatus::Failed, tracking: None, reason: Some(reason.clone()) },
+                Shipment {
+                    order_id: order_id.clone(),
+                    status: ShipmentStatus::Failed,
+                    tracking: None,
+                    reason: Some(reason.clone()),
+                },
                 Outgoing::event(&ShipmentFailed { order_id, reason }),
             )
         }
@@ -140,7 +168,11 @@ impl Component for Dispatch {
             other => return Err(DecodeError::UnknownType(other.into())),
         })
     }
-    fn plan(&self, state: &dyn StateRead, input: &Input) -> Result<Option<ExternalCall>, HandleError> {
+    fn plan(
+        &self,
+        state: &dyn StateRead,
+        input: &Input,
+    ) -> Result<Option<ExternalCall>, HandleError> {
         match input {
             Input::Customer(_) => Ok(None),
             Input::Ship(cmd) => {
@@ -150,7 +182,12 @@ impl Component for Dispatch {
             }
         }
     }
-    fn handle(&self, tx: &dyn StateTx, input: &Input, ctx: &HandleCtx<'_>) -> Result<Vec<Outgoing>, HandleError> {
+    fn handle(
+        &self,
+        tx: &dyn StateTx,
+        input: &Input,
+        ctx: &HandleCtx<'_>,
+    ) -> Result<Vec<Outgoing>, HandleError> {
         match input {
             Input::Customer(c) => {
                 save(tx, &address_key(&c.customer_id), &c.address)?;
@@ -178,7 +215,11 @@ pub fn components() -> Vec<Arc<dyn DynComponent>> {
 pub const QUERIES: &[&str] = &["shipment", "summary"];
 
 /// `shipment {"order_id"}`; `summary` -> every shipment's status.
-pub fn query(state: &dyn StateRead, name: &str, req: &[u8]) -> Result<serde_json::Value, QueryError> {
+pub fn query(
+    state: &dyn StateRead,
+    name: &str,
+    req: &[u8],
+) -> Result<serde_json::Value, QueryError> {
     match name {
         "shipment" => {
             let id = request_field(req, "order_id")?;
@@ -187,7 +228,10 @@ pub fn query(state: &dyn StateRead, name: &str, req: &[u8]) -> Result<serde_json
         }
         "summary" => {
             let ss: Vec<Shipment> = read_all(state, "shipment/")?;
-            let statuses: serde_json::Map<_, _> = ss.iter().map(|s| (s.order_id.clone(), serde_json::json!(s.status))).collect();
+            let statuses: serde_json::Map<_, _> = ss
+                .iter()
+                .map(|s| (s.order_id.clone(), serde_json::json!(s.status)))
+                .collect();
             Ok(serde_json::json!({ "shipments": statuses }))
         }
         other => Err(QueryError::Unknown(other.into())),
@@ -199,12 +243,23 @@ mod tests {
     use super::*;
 
     fn ship() -> ShipOrder {
-        ShipOrder { order_id: "o1".into(), customer_id: "c1".into(), items: vec![LineItem { sku: "a".into(), qty: 2, unit_price_cents: 1 }] }
+        ShipOrder {
+            order_id: "o1".into(),
+            customer_id: "c1".into(),
+            items: vec![LineItem {
+                sku: "a".into(),
+                qty: 2,
+                unit_price_cents: 1,
+            }],
+        }
     }
 
     #[test]
     fn waits_for_the_address() {
-        assert!(matches!(plan(None, None, &ship()), Err(HandleError::Retry(_))));
+        assert!(matches!(
+            plan(None, None, &ship()),
+            Err(HandleError::Retry(_))
+        ));
         let call = plan(Some("1 Main St"), None, &ship()).unwrap().unwrap();
         assert!(call.body.contains("dispatch:o1"));
     }
