@@ -1,0 +1,84 @@
+//! Bad command lines and bad configuration get a clear error and exit code 2, never a panic
+//! or a half-started node.
+
+use std::process::Command;
+
+fn choreo(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_choreo"))
+        .args(args)
+        .output()
+        .expect("run choreo");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn unknown_context_is_refused() {
+    let (code, out) = choreo(&["node", "--context", "shop", "--nats", "nats://127.0.0.1:1"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("unknown context \"shop\"") && out.contains("customers, orders"),
+        "{out}"
+    );
+}
+
+#[test]
+fn node_without_context_is_refused() {
+    let (code, out) = choreo(&["node", "--nats", "nats://127.0.0.1:1"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("no context to host"), "{out}");
+}
+
+#[test]
+fn bad_config_files_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let unknown = dir.path().join("unknown.toml");
+    std::fs::write(&unknown, "contexts = [\"orders\"]\nack_wait = 5\n").unwrap();
+    let (code, out) = choreo(&["node", "--config", unknown.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("is not valid") && out.contains("ack_wait"),
+        "{out}"
+    );
+
+    let unsafe_wait = dir.path().join("wait.toml");
+    std::fs::write(
+        &unsafe_wait,
+        "contexts = [\"orders\"]\n[consumer]\nack_wait_ms = 1000\n",
+    )
+    .unwrap();
+    let (code, out) = choreo(&["node", "--config", unsafe_wait.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("at least 3x external_timeout_ms"), "{out}");
+
+    let (code, out) = choreo(&["node", "--config", "/nonexistent/choreo.toml"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("cannot read config file"), "{out}");
+}
+
+#[test]
+fn bad_arguments_are_refused() {
+    let (code, out) = choreo(&["load", "--fail-stock", "150"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("not a percentage"), "{out}");
+    let (code, out) = choreo(&["node", "--context", "orders", "--metrics", "nowhere"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("not host:port"), "{out}");
+    let (code, out) = choreo(&["sim", "--payment-failure-rate", "2"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("not a rate"), "{out}");
+}
+
+#[test]
+fn unreachable_nats_is_a_clear_error() {
+    let (code, out) = choreo(&["orders", "show", "o1", "--nats", "nats://127.0.0.1:1"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("cannot connect to NATS at nats://127.0.0.1:1"),
+        "{out}"
+    );
+}
