@@ -21,7 +21,7 @@ pub struct ShopOptions {
     pub port: Option<u16>,
     /// nats-server `sync_interval: always`.
     pub sync_always: bool,
-    /// Contexts to start, one node process each.
+    /// Nodes to start, one process each: a context name, a comma-separated list, or `all`.
     pub contexts: Vec<String>,
     /// Start `choreo sim` with these extra arguments (`None`: no simulators).
     pub sim: Option<Vec<String>>,
@@ -125,7 +125,12 @@ impl Shop {
     /// Waits until every started context answers, failing early if a node exited.
     pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let bus = client::connect(&self.nats.url, Duration::from_secs(10)).await?;
-        let contexts = self.opts.contexts.clone();
+        let contexts: Vec<String> = self
+            .opts
+            .contexts
+            .iter()
+            .flat_map(|c| crate::contexts::expand(c))
+            .collect();
         let names: Vec<&str> = contexts.iter().map(String::as_str).collect();
         let deadline = Instant::now() + timeout;
         loop {

@@ -59,3 +59,31 @@ async fn two_hundred_orders_end_completed_or_cancelled_with_effects_once() {
     assert_eq!(v.violations(), 0, "invariants hold: {:#?}", v.checks);
     t.shop.stop().expect("every node stops cleanly on SIGTERM");
 }
+
+/// Logical boundaries are not physical ones: all five contexts in one node process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_contexts_in_one_process() {
+    let t = harness::start(&["all"], true, "").await;
+    let report = load::run(&t.bus, &mix(40, 0.0), |_| {})
+        .await
+        .expect("load runs");
+    assert_eq!(report.unfinished, 0);
+    assert!(report.ok(), "{:?}", report.unexpected);
+    let v = verify::run(&t.bus, Some(&report.run_id)).await.unwrap();
+    assert_eq!(v.violations(), 0, "{:#?}", v.checks);
+
+    // The orders read model, through the CLI.
+    let (id, _) = &report.orders[0];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_choreo"))
+        .args(["orders", "show", id, "--nats", &t.shop.nats.url])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON order");
+    assert_eq!(shown["order_id"], id.as_str());
+    assert!(
+        matches!(shown["status"].as_str(), Some("Completed" | "Cancelled")),
+        "{shown}"
+    );
+    t.shop.stop().unwrap();
+}
