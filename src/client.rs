@@ -38,22 +38,40 @@ pub async fn query(
     name: &str,
     request: serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
-    let subject = subjects::query(context, name);
+    let hint = format!("is a node hosting {context} running?");
+    self::request(bus, &subjects::query(context, name), &hint, request).await
+}
+
+/// Sends an inspection or operator request to a saga (`list`, `show`, `stuck`, `retry`).
+pub async fn saga(
+    bus: &Bus,
+    saga: &str,
+    op: &str,
+    request: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let hint = format!("is the node hosting saga {saga} running?");
+    self::request(bus, &subjects::saga(saga, op), &hint, request).await
+}
+
+/// Request/reply with Choreo's reply convention: `{"ok": value}` or `{"error": "..."}`.
+async fn request(
+    bus: &Bus,
+    subject: &str,
+    hint: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
     let req = async_nats::Request::new()
-        .payload(Bytes::from(request.to_string()))
+        .payload(Bytes::from(body.to_string()))
         .timeout(Some(Duration::from_secs(10)));
     let reply = bus
         .client
-        .send_request(subject.clone(), req)
+        .send_request(subject.to_string(), req)
         .await
-        .map_err(|e| anyhow!("{subject}: {e} (is a node hosting {context} running?)"))?;
+        .map_err(|e| anyhow!("{subject}: {e} ({hint})"))?;
     let v: serde_json::Value = serde_json::from_slice(&reply.payload)
         .with_context(|| format!("{subject}: reply is not JSON"))?;
     if let Some(e) = v.get("error") {
-        bail!(
-            "{context} answered {name}: {}",
-            e.as_str().unwrap_or("error")
-        );
+        bail!("{subject}: {}", e.as_str().unwrap_or("error"));
     }
     Ok(v.get("ok").cloned().unwrap_or(serde_json::Value::Null))
 }

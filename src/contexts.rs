@@ -6,6 +6,8 @@
 use std::sync::Arc;
 
 use runtime::component::DynComponent;
+use runtime::config::NodeConfig;
+use runtime::saga::DynSaga;
 use runtime::{Context, QueryError, StateRead};
 
 /// Every context a node can host, in start order.
@@ -15,7 +17,7 @@ type QueryFn = fn(&dyn StateRead, &str, &[u8]) -> Result<serde_json::Value, Quer
 
 /// A part of a context: components plus the queries they answer.
 struct Part {
-    components: fn() -> Vec<Arc<dyn DynComponent>>,
+    components: Vec<Arc<dyn DynComponent>>,
     queries: &'static [&'static str],
     query: QueryFn,
 }
@@ -24,6 +26,7 @@ struct Part {
 pub struct Hosted {
     name: &'static str,
     parts: Vec<Part>,
+    sagas: Vec<Arc<dyn DynSaga>>,
 }
 
 impl Context for Hosted {
@@ -31,13 +34,19 @@ impl Context for Hosted {
         self.name
     }
     fn components(&self) -> Vec<Arc<dyn DynComponent>> {
-        self.parts.iter().flat_map(|p| (p.components)()).collect()
+        self.parts
+            .iter()
+            .flat_map(|p| p.components.iter().cloned())
+            .collect()
     }
     fn queries(&self) -> Vec<&'static str> {
         self.parts
             .iter()
             .flat_map(|p| p.queries.iter().copied())
             .collect()
+    }
+    fn sagas(&self) -> Vec<Arc<dyn DynSaga>> {
+        self.sagas.clone()
     }
     fn query(
         &self,
@@ -52,33 +61,38 @@ impl Context for Hosted {
     }
 }
 
-/// Builds one context by name.
-pub fn build(name: &str) -> Option<Arc<dyn Context>> {
+/// Builds one context by name with the node's configuration (saga settings).
+pub fn build(name: &str, cfg: &NodeConfig) -> Result<Arc<dyn Context>, String> {
     let part = |components, queries, query| Part {
         components,
         queries,
         query,
     };
+    let mut sagas: Vec<Arc<dyn DynSaga>> = Vec::new();
     let (name, parts): (&'static str, Vec<Part>) = match name {
         "customers" => (
             "customers",
             vec![part(
-                customers::components,
+                customers::components(),
                 customers::QUERIES,
                 customers::query,
             )],
         ),
-        "orders" => (
-            "orders",
-            vec![
-                part(orders::components, orders::QUERIES, orders::query),
-                part(sagas::components, sagas::QUERIES, sagas::query),
-            ],
-        ),
+        "orders" => {
+            let (component, saga) = sagas::order_fulfilment(&cfg.sagas)?;
+            sagas.push(saga);
+            (
+                "orders",
+                vec![
+                    part(orders::components(), orders::QUERIES, orders::query),
+                    part(vec![component], &[], no_query),
+                ],
+            )
+        }
         "inventory" => (
             "inventory",
             vec![part(
-                inventory::components,
+                inventory::components(),
                 inventory::QUERIES,
                 inventory::query,
             )],
@@ -86,7 +100,7 @@ pub fn build(name: &str) -> Option<Arc<dyn Context>> {
         "payments" => (
             "payments",
             vec![part(
-                payments::components,
+                payments::components(),
                 payments::QUERIES,
                 payments::query,
             )],
@@ -94,14 +108,26 @@ pub fn build(name: &str) -> Option<Arc<dyn Context>> {
         "shipping" => (
             "shipping",
             vec![part(
-                shipping::components,
+                shipping::components(),
                 shipping::QUERIES,
                 shipping::query,
             )],
         ),
-        _ => return None,
+        other => return Err(format!("unknown context {other:?}")),
     };
-    Some(Arc::new(Hosted { name, parts }))
+    for key in cfg.sagas.keys() {
+        if sagas::definition(key).is_none() {
+            return Err(format!(
+                "unknown saga in [sagas.{key}]; known: {}",
+                sagas::NAMES.join(", ")
+            ));
+        }
+    }
+    Ok(Arc::new(Hosted { name, parts, sagas }))
+}
+
+fn no_query(_: &dyn StateRead, name: &str, _: &[u8]) -> Result<serde_json::Value, QueryError> {
+    Err(QueryError::Unknown(name.to_string()))
 }
 
 /// Expands a `--context` list: names separated by commas, or `all`.
@@ -131,7 +157,7 @@ mod tests {
     #[test]
     fn every_known_context_builds_and_queries_are_unique() {
         for name in KNOWN {
-            let c = build(name).unwrap();
+            let c = build(name, &NodeConfig::default()).unwrap();
             let q = c.queries();
             let mut dedup = q.clone();
             dedup.sort();
@@ -139,7 +165,20 @@ mod tests {
             assert_eq!(q.len(), dedup.len(), "{name} has a query twice");
             assert!(!c.components().is_empty());
         }
-        assert!(build("shop").is_none());
+        assert!(build("shop", &NodeConfig::default()).is_err());
+        assert_eq!(
+            build("orders", &NodeConfig::default())
+                .unwrap()
+                .sagas()
+                .len(),
+            1
+        );
+        let mut bad = NodeConfig::default();
+        bad.sagas.insert(
+            "order-fulfilment".into(),
+            [("awaiting".to_string(), 5u64)].into(),
+        );
+        assert!(build("orders", &bad).err().unwrap().contains("unknown key"));
     }
 }
 

@@ -6,6 +6,7 @@ pub mod contexts;
 pub mod demo;
 pub mod load;
 pub mod procs;
+pub mod saga_cli;
 pub mod shop;
 pub mod sim;
 pub mod verify;

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use choreo::contexts;
 use choreo::load::LoadConfig;
 use clap::{Args, Parser, Subcommand};
@@ -46,6 +45,75 @@ enum Cmd {
     },
     /// The shop end to end: nats-server, a node per context, simulators, orders, summary.
     Demo(DemoArgs),
+    /// Process managers: the graph, and inspection and retry of instances.
+    Saga {
+        #[command(subcommand)]
+        command: SagaCmd,
+    },
+}
+
+#[derive(Args, Clone)]
+struct SagaTarget {
+    /// Saga name.
+    #[arg(long, default_value = "order-fulfilment")]
+    saga: String,
+    #[command(flatten)]
+    nats: NatsArg,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum SagaCmd {
+    /// Print a saga's states and transitions from its definition (Mermaid, or DOT).
+    Graph {
+        /// Saga name, e.g. order-fulfilment.
+        name: String,
+        /// Graphviz DOT instead of Mermaid.
+        #[arg(long)]
+        dot: bool,
+    },
+    /// List instances, optionally by state and age.
+    List {
+        /// Only instances in this state (e.g. Compensating).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only instances started at least this long ago (e.g. 30s, 5m, 2h).
+        #[arg(long, value_parser = duration)]
+        older_than: Option<Duration>,
+        /// Only instances not in a terminal state.
+        #[arg(long)]
+        active: bool,
+        #[command(flatten)]
+        target: SagaTarget,
+    },
+    /// Show one instance: its state and every transition with the message that caused it.
+    Show {
+        /// Instance id (the order id for order-fulfilment).
+        id: String,
+        #[command(flatten)]
+        target: SagaTarget,
+    },
+    /// Active instances that have not moved for at least this long.
+    Stuck {
+        /// e.g. 30s, 5m, 2h.
+        #[arg(long, value_parser = duration)]
+        older_than: Duration,
+        #[command(flatten)]
+        target: SagaTarget,
+    },
+    /// Retry an instance parked in CompensationFailed or SettlementFailed.
+    Retry {
+        /// Instance id.
+        id: String,
+        #[command(flatten)]
+        target: SagaTarget,
+    },
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    choreo::saga_cli::parse_duration(s)
 }
 
 #[derive(Args, Clone)]
@@ -312,6 +380,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(report.violations() == 0)
         }),
+        Cmd::Saga { command } => run_saga(command),
         Cmd::Demo(a) => {
             let cfg = choreo::demo::DemoConfig {
                 dir: a.dir,
@@ -322,6 +391,47 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             tokio_rt()?.block_on(choreo::demo::run(cfg))
         }
     }
+}
+
+fn run_saga(cmd: SagaCmd) -> anyhow::Result<bool> {
+    use choreo::saga_cli;
+    let (target, op, body) = match cmd {
+        SagaCmd::Graph { name, dot } => {
+            print!("{}", saga_cli::graph(&name, dot)?);
+            return Ok(true);
+        }
+        SagaCmd::List {
+            state,
+            older_than,
+            active,
+            target,
+        } => {
+            let body = serde_json::json!({
+                "state": state, "active_only": active,
+                "older_than_ms": older_than.map(|d| d.as_millis() as u64),
+            });
+            (target, "list", body)
+        }
+        SagaCmd::Stuck { older_than, target } => (
+            target,
+            "stuck",
+            serde_json::json!({ "older_than_ms": older_than.as_millis() as u64 }),
+        ),
+        SagaCmd::Show { id, target } => (target, "show", serde_json::json!({ "id": id })),
+        SagaCmd::Retry { id, target } => (target, "retry", saga_cli::retry_body(&id)),
+    };
+    tokio_rt()?.block_on(async {
+        let bus = choreo::client::connect(&target.nats.url, Duration::from_secs(5)).await?;
+        let v = saga_cli::request(&bus, &target.saga, op, body).await?;
+        if target.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else if op == "list" || op == "stuck" {
+            saga_cli::print_list(&v);
+        } else {
+            saga_cli::print_instance(&v);
+        }
+        Ok(true)
+    })
 }
 
 fn run_node(a: NodeArgs) -> anyhow::Result<()> {
@@ -350,7 +460,9 @@ fn run_node(a: NodeArgs) -> anyhow::Result<()> {
     let hosted = cfg
         .contexts
         .iter()
-        .map(|c| contexts::build(c).with_context(|| format!("unknown context {c}")))
+        .map(|c| {
+            contexts::build(c, &cfg).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let system = actix_rt::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()

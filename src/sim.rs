@@ -1,7 +1,7 @@
 //! `choreo sim`: the external systems of the shop, simulated over NATS request/reply.
 //!
 //! - payment gateway: `choreo.ext.payment-gateway.{authorize,capture,void}`;
-//! - carrier:         `choreo.ext.carrier.dispatch`;
+//! - carrier:         `choreo.ext.carrier.{dispatch,recall}`;
 //! - both answer `...stats` with the effects they performed, per order.
 //!
 //! Each request carries an `idempotency_key`: the first request with a key acts and its
@@ -39,6 +39,7 @@ pub struct Effects {
     pub captured_cents: u64,
     pub voided: u32,
     pub dispatched: u32,
+    pub recalled: u32,
     pub refused: u32,
 }
 
@@ -163,6 +164,15 @@ impl Sim {
                         json!({"ok": false, "reason": format!("authorization is {state}")})
                     }
                     None => json!({"ok": false, "reason": "unknown authorization"}),
+                }
+            }
+            ("carrier", "recall") => {
+                let e = l.effects.entry(order.clone()).or_default();
+                if e.dispatched > e.recalled {
+                    e.recalled += 1;
+                    json!({"ok": true})
+                } else {
+                    json!({"ok": false, "reason": "nothing dispatched to recall"})
                 }
             }
             ("carrier", "dispatch") => {

@@ -89,14 +89,32 @@ fn statuses(v: &Value, field: &str) -> HashMap<String, String> {
 /// checks to order ids starting with that prefix (one load run); stock is always global.
 pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> {
     let orders = client::query(bus, "orders", "summary", Value::Null).await?;
-    let sagas = client::query(bus, "orders", "sagas", Value::Null).await?;
+    let sagas = client::saga(
+        bus,
+        sagas::order_fulfilment::NAME,
+        "list",
+        serde_json::json!({}),
+    )
+    .await?;
     let inv = client::query(bus, "inventory", "summary", Value::Null).await?;
     let pay = client::query(bus, "payments", "summary", Value::Null).await?;
     let gateway = client::query_external(bus, "payment-gateway").await.ok();
     let carrier = client::query_external(bus, "carrier").await.ok();
 
     let order_status = statuses(&orders, "statuses");
-    let saga_status = statuses(&sagas, "statuses");
+    let saga_status: HashMap<String, String> = sagas["instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|i| {
+                    (
+                        i["id"].as_str().unwrap_or("").to_string(),
+                        i["status"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let reservations = statuses(&inv, "reservations");
     let payments = pay["payments"].as_object().cloned().unwrap_or_default();
     let mut r = VerifyReport {
@@ -145,7 +163,7 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
         let res_ok = if completed {
             res == "Committed"
         } else {
-            matches!(res, "Rejected" | "Released")
+            matches!(res, "Rejected" | "Released" | "Cancelled")
         };
         if !res_ok {
             c.violations.push(format!(
@@ -165,7 +183,7 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
                 "completed order {id}: payment {pst}, captured {captured} of {amount}"
             ));
         }
-        if !completed && (captured != 0 || !matches!(pst, "Declined" | "Voided")) {
+        if !completed && (captured != 0 || !matches!(pst, "Declined" | "Voided" | "Cancelled")) {
             c.violations.push(format!(
                 "cancelled order {id}: payment {pst}, captured {captured}"
             ));
@@ -206,6 +224,15 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
             if !completed && n(ge, "captured") != 0 {
                 c.violations
                     .push(format!("cancelled order {id}: captured at the gateway"));
+            }
+            if !completed && n(ce, "dispatched") != n(ce, "recalled") {
+                c.violations
+                    .push(format!("cancelled order {id}: dispatched and not recalled"));
+            }
+            if n(ge, "authorized") != n(ge, "captured") + n(ge, "voided") {
+                c.violations.push(format!(
+                    "order {id}: gateway authorization neither captured nor voided"
+                ));
             }
         }
     }

@@ -290,6 +290,11 @@ pub trait Context: Send + Sync + 'static {
     fn components(&self) -> Vec<Arc<dyn DynComponent>>;
     /// Query names served on `choreo.<ctx>.query.<name>`.
     fn queries(&self) -> Vec<&'static str>;
+    /// Process managers hosted by this context (deadlines, inspection). Each is also listed
+    /// in `components` for its message subscriptions.
+    fn sagas(&self) -> Vec<Arc<dyn crate::saga::DynSaga>> {
+        vec![]
+    }
     /// Answers a read-model query with a JSON value.
     fn query(
         &self,

@@ -44,6 +44,9 @@ pub struct NodeConfig {
     pub max_message_bytes: usize,
     /// Fault injection for chaos tests (off by default).
     pub faults: crate::faults::FaultConfig,
+    /// Per-saga settings (deadlines in ms, resend limits), by saga name; each saga
+    /// validates its own keys.
+    pub sagas: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
 }
 
 /// Limits of each context's stream.
@@ -104,6 +107,7 @@ impl Default for NodeConfig {
             external_timeout_ms: 5_000,
             max_message_bytes: 64 * 1024,
             faults: crate::faults::FaultConfig::default(),
+            sagas: Default::default(),
         }
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::bus::{Bus, DeadLetter};
-use crate::component::{DynComponent, HandleCtx, HandleError, Kind, Subscription};
+use crate::component::{DynComponent, HandleCtx, HandleError, Kind, Outgoing, Subscription};
 use crate::config::NodeConfig;
 use crate::envelope::{self, Envelope};
 use crate::external;
@@ -43,6 +43,93 @@ pub struct ContextRuntime {
     pub relay: Relay,
     pub bus: Bus,
     pub cfg: Arc<NodeConfig>,
+}
+
+impl ContextRuntime {
+    /// Commits a transition that does not come from the bus (a deadline, an operator
+    /// command) through the same path as a message: one transaction with the inbox mark
+    /// `inbox_key` and the outbox entries, group commit, then the outbox relay.
+    pub async fn commit_local<F>(
+        &self,
+        inbox_key: &str,
+        cause: &Envelope,
+        scope: &str,
+        f: F,
+    ) -> Result<Committed, LocalError>
+    where
+        F: Fn(&dyn crate::store::StateTx) -> Result<Vec<Outgoing>, HandleError>,
+    {
+        let now = envelope::now_ms();
+        let result = self.store.commit(inbox_key, now, |tx| {
+            let out = f(tx).map_err(split_tx)?;
+            Ok(to_outbox(self.context, scope, cause, out, now))
+        });
+        match result {
+            Ok(Committed::Written { outbox_keys }) => {
+                self.commit
+                    .durable()
+                    .await
+                    .map_err(|e| LocalError::Store(e.to_string()))?;
+                self.relay.durable(outbox_keys.clone());
+                Ok(Committed::Written { outbox_keys })
+            }
+            Ok(Committed::Duplicate) => Ok(Committed::Duplicate),
+            Err(CommitError::Handler(e)) => Err(LocalError::Handler(e)),
+            Err(CommitError::Store(e)) => Err(LocalError::Store(e.to_string())),
+        }
+    }
+}
+
+/// Failure of [`ContextRuntime::commit_local`].
+#[derive(Debug)]
+pub enum LocalError {
+    Handler(HandleError),
+    Store(String),
+}
+
+impl std::fmt::Display for LocalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LocalError::Handler(HandleError::Retry(m)) => write!(f, "retry later: {m}"),
+            LocalError::Handler(HandleError::Permanent(m)) => write!(f, "{m}"),
+            LocalError::Handler(HandleError::State(s)) => write!(f, "state: {s:?}"),
+            LocalError::Store(m) => write!(f, "store: {m}"),
+        }
+    }
+}
+
+/// Separates a transaction conflict (sled retries it) from the handler's own error.
+fn split_tx(e: HandleError) -> DecideError<HandleError> {
+    match e {
+        HandleError::State(StateError::Tx(t)) => DecideError::Tx(t),
+        other => DecideError::Handler(other),
+    }
+}
+
+/// Turns what a handler sends into outbox entries with ids derived from the cause.
+pub(crate) fn to_outbox(
+    context: &str,
+    scope: &str,
+    cause: &Envelope,
+    out: Vec<Outgoing>,
+    now: u64,
+) -> Vec<OutboxEntry> {
+    out.into_iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let subject = match o.kind {
+                Kind::Event => subjects::event(context, o.msg_type),
+                Kind::Command => {
+                    subjects::command(o.context.as_deref().unwrap_or(context), o.msg_type)
+                }
+            };
+            OutboxEntry {
+                subject,
+                envelope: Envelope::caused_by(cause, scope, i, o.msg_type, context, now),
+                payload: o.payload,
+            }
+        })
+        .collect()
 }
 
 /// One durable consumer: a component's subscription to one source.
@@ -346,11 +433,8 @@ impl PullLoop {
             let out = self
                 .component
                 .handle(tx, input.as_ref(), &hctx)
-                .map_err(|e| match e {
-                    HandleError::State(StateError::Tx(t)) => DecideError::Tx(t),
-                    other => DecideError::Handler(other),
-                })?;
-            Ok(self.outbox_entries(&env, out, now))
+                .map_err(split_tx)?;
+            Ok(to_outbox(rt.context, &self.durable, &env, out, now))
         });
         match result {
             Ok(Committed::Written { outbox_keys }) => {
@@ -406,31 +490,6 @@ impl PullLoop {
                 None
             }
         }
-    }
-
-    fn outbox_entries(
-        &self,
-        cause: &Envelope,
-        out: Vec<crate::component::Outgoing>,
-        now: u64,
-    ) -> Vec<OutboxEntry> {
-        let ctx = self.rt.context;
-        out.into_iter()
-            .enumerate()
-            .map(|(i, o)| {
-                let subject = match o.kind {
-                    Kind::Event => subjects::event(ctx, o.msg_type),
-                    Kind::Command => {
-                        subjects::command(o.context.as_deref().unwrap_or(ctx), o.msg_type)
-                    }
-                };
-                OutboxEntry {
-                    subject,
-                    envelope: Envelope::caused_by(cause, &self.durable, i, o.msg_type, ctx, now),
-                    payload: o.payload,
-                }
-            })
-            .collect()
     }
 
     async fn handle_error(

@@ -160,6 +160,27 @@ pub static FAULTS_INJECTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Saga deadlines fired.
+pub static SAGA_DEADLINES_FIRED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_saga_deadlines_fired_total",
+        "Saga deadlines fired, by saga and deadline name.",
+        &["saga", "deadline"],
+    )
+});
+
+/// How late deadlines fired (after a restart, by the downtime).
+pub static SAGA_DEADLINE_LATENESS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "choreo_saga_deadline_lateness_seconds",
+        "Time between a deadline's due time and its firing.",
+        &["saga"],
+        vec![
+            0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+        ],
+    )
+});
+
 /// Readiness shared between the node and the HTTP endpoint.
 #[derive(Clone, Default)]
 pub struct Health {
@@ -196,6 +217,8 @@ pub fn init() {
     LazyLock::force(&STORE_GROUP_COMMIT_SIZE);
     LazyLock::force(&EXTERNAL_SECONDS);
     LazyLock::force(&FAULTS_INJECTED);
+    LazyLock::force(&SAGA_DEADLINES_FIRED);
+    LazyLock::force(&SAGA_DEADLINE_LATENESS);
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on an already bound listener until the task

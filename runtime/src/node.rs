@@ -28,6 +28,7 @@ use crate::faults::Faults;
 use crate::flusher::GroupCommit;
 use crate::metrics::{self, Health};
 use crate::outbox::Relay;
+use crate::saga_service;
 use crate::store::{Store, StoreError};
 use crate::subjects;
 
@@ -95,6 +96,7 @@ pub async fn run(
     let mut relays = Vec::new();
     let mut services = Vec::new();
     let mut commits = Vec::new();
+    let mut timers = Vec::new();
     for c in &contexts {
         let dir = cfg.data_dir.join(c.name());
         let store = Store::open(&dir, cfg.store.cache_capacity_bytes).map_err(|source| {
@@ -136,6 +138,19 @@ pub async fn run(
             store.clone(),
         )));
         services.push(tokio::spawn(prune_inbox(c.name(), store, cfg.clone())));
+        let sagas = c.sagas();
+        if !sagas.is_empty() {
+            timers.push(tokio::spawn(saga_service::run_deadlines(
+                rt.clone(),
+                sagas.clone(),
+                stop_rx.clone(),
+            )));
+            services.push(tokio::spawn(saga_service::serve(
+                bus.client.clone(),
+                rt.clone(),
+                sagas,
+            )));
+        }
     }
     health.set_ready(true);
     tracing::info!(contexts = ?names, nats = %cfg.nats_url, metrics = %cfg.metrics_addr, "node ready");
@@ -150,6 +165,9 @@ pub async fn run(
         }
     }
     drop(actors);
+    for t in timers {
+        let _ = t.await;
+    }
     for s in services {
         s.abort();
     }

@@ -238,6 +238,38 @@ impl Store {
         Ok(n)
     }
 
+    /// State keys in `[from, to)`, at most `limit`, in key order.
+    pub fn state_keys(
+        &self,
+        from: &str,
+        to: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.state.range(from.as_bytes()..to.as_bytes()).take(limit) {
+            let (k, _) = kv?;
+            out.push(String::from_utf8_lossy(&k).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// The first state key at or after `from`, if it starts with `prefix`.
+    pub fn first_key_from(&self, from: &str, prefix: &str) -> Result<Option<String>, StoreError> {
+        match self.state.range(from.as_bytes()..).next() {
+            Some(kv) => {
+                let k = String::from_utf8_lossy(&kv?.0).into_owned();
+                Ok(k.starts_with(prefix).then_some(k))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Removes one state key outside a transaction (index clean-up only).
+    pub fn state_remove(&self, key: &str) -> Result<(), StoreError> {
+        self.state.remove(key)?;
+        Ok(())
+    }
+
     /// Read access to the state tree.
     pub fn reader(&self) -> &dyn StateRead {
         self

@@ -24,6 +24,12 @@ pub fn query(context: &str, name: &str) -> String {
     format!("choreo.{context}.query.{name}")
 }
 
+/// Subject of an inspection or operator request to a saga (`list`, `show`, `stuck`,
+/// `retry`), served by the node hosting it.
+pub fn saga(name: &str, op: &str) -> String {
+    format!("choreo.saga.{name}.{op}")
+}
+
 /// Subject where `context` dead-letters messages.
 pub fn dead_letter(context: &str) -> String {
     format!("choreo.dlq.{context}")

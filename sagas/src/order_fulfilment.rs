@@ -1,26 +1,99 @@
-//! Order fulfilment: waits for stock and payment in either order, confirms the order, ships
-//! it, then commits stock and captures payment, and completes the order. On a stock or
-//! payment rejection or a failed shipment it compensates (releases stock, voids the
-//! authorization) and only then cancels the order.
+//! Order fulfilment: waits for stock and payment in either order, confirms the order and
+//! ships it, then commits stock and captures payment, and completes the order.
 //!
-//! `transition` is pure: (state, input, now) -> new state and the commands to send.
+//! Compensation: a stock rejection, a payment decline, a failed shipment or a passed
+//! deadline releases the stock and cancels the payment (voiding an authorization, or making
+//! sure a late one is voided), and only then cancels the order. A shipping deadline first
+//! cancels the shipment: if the carrier had already dispatched it, the saga settles instead.
+//! Compensation and settlement commands are resent at their deadline up to `max_attempts`
+//! times; after that the instance parks in `CompensationFailed` or `SettlementFailed`, where
+//! an operator sees it (`choreo saga stuck`) and retries it (`choreo saga retry`).
+//!
+//! `transition` is pure: (state, trigger, now) -> the next state, the commands to send and
+//! the deadlines to set or cancel. The runtime persists instances and fires deadlines.
+
+use std::collections::BTreeMap;
 
 use inventory::{
     CommitStock, ReleaseStock, StockCommitted, StockRejected, StockReleased, StockReserved,
 };
 use orders::{CancelOrder, CompleteOrder, ConfirmOrder, LineItem, OrderPlaced};
 use payments::{
-    CapturePayment, PaymentAuthorized, PaymentCaptured, PaymentDeclined, PaymentVoided, VoidPayment,
+    CancelPayment, CapturePayment, PaymentAuthorized, PaymentCancelled, PaymentCaptured,
+    PaymentDeclined, PaymentVoided,
 };
-use runtime::component::request_field;
-use runtime::{
-    decode_as, load, read, read_all, save, Component, DecodeError, HandleCtx, HandleError, Message,
-    Outgoing, QueryError, StateRead, StateTx, Subscription,
-};
+use runtime::saga::{Deadline, Definition, ProcessManager, StateDef, Step, TransitionDef, Trigger};
+use runtime::{decode_as, DecodeError, HandleError, Message, Outgoing, Subscription};
 use serde::{Deserialize, Serialize};
-use shipping::{ShipOrder, ShipmentDispatched, ShipmentFailed};
+use shipping::{CancelShipment, ShipOrder, ShipmentCancelled, ShipmentDispatched, ShipmentFailed};
 
 pub const NAME: &str = "order-fulfilment";
+
+/// Deadlines and resend limits, in milliseconds (node config `[sagas.order-fulfilment]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeouts {
+    /// Waiting for both stock and payment answers.
+    pub awaiting_ms: u64,
+    /// Waiting for the carrier to dispatch.
+    pub shipping_ms: u64,
+    /// Waiting for stock commit and payment capture after dispatch (then resend).
+    pub settling_ms: u64,
+    /// Waiting for each round of compensation (then resend).
+    pub compensation_ms: u64,
+    /// Resends of settlement or compensation before the instance parks for an operator.
+    pub max_attempts: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            awaiting_ms: 120_000,
+            shipping_ms: 120_000,
+            settling_ms: 60_000,
+            compensation_ms: 30_000,
+            max_attempts: 3,
+        }
+    }
+}
+
+impl Timeouts {
+    /// Reads `[sagas.order-fulfilment]` keys; unknown keys and zero durations are errors.
+    pub fn from_map(m: &BTreeMap<String, u64>) -> Result<Self, String> {
+        let mut t = Timeouts::default();
+        for (k, v) in m {
+            let slot = match k.as_str() {
+                "awaiting_ms" => &mut t.awaiting_ms,
+                "shipping_ms" => &mut t.shipping_ms,
+                "settling_ms" => &mut t.settling_ms,
+                "compensation_ms" => &mut t.compensation_ms,
+                "max_attempts" => &mut t.max_attempts,
+                other => {
+                    return Err(format!(
+                        "unknown key sagas.{NAME}.{other} (awaiting_ms, shipping_ms, settling_ms, compensation_ms, max_attempts)"
+                    ))
+                }
+            };
+            if *v == 0 {
+                return Err(format!("sagas.{NAME}.{k} must be positive"));
+            }
+            *slot = *v;
+        }
+        Ok(t)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    AwaitingStockAndPayment,
+    Shipping,
+    CancellingShipment,
+    Settling,
+    SettlementFailed,
+    Compensating,
+    CompensationFailed,
+    Completed,
+    Cancelled,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StockStep {
@@ -38,8 +111,8 @@ pub enum PaymentStep {
     Pending,
     Authorized,
     Declined,
-    Voiding,
-    Voided,
+    Cancelling,
+    Cancelled,
     Capturing,
     Captured,
 }
@@ -50,39 +123,23 @@ pub enum ShipmentStep {
     Requested,
     Dispatched,
     Failed,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Status {
-    Active,
-    Compensating,
-    Completed,
+    Cancelling,
     Cancelled,
 }
 
-/// One step of the instance's history: what came in, what went out.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HistoryEntry {
-    pub at_ms: u64,
-    pub message_id: String,
-    pub message_type: String,
-    pub status: Status,
-    pub sent: Vec<String>,
-}
-
-/// The persisted state of one order's fulfilment.
+/// The state of one order's fulfilment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fulfilment {
     pub order_id: String,
     pub customer_id: String,
     pub items: Vec<LineItem>,
+    pub phase: Phase,
     pub stock: StockStep,
     pub payment: PaymentStep,
     pub shipment: ShipmentStep,
-    pub status: Status,
     pub reason: Option<String>,
-    pub started_at_ms: u64,
-    pub history: Vec<HistoryEntry>,
+    /// Resends made in the current phase.
+    pub attempts: u64,
 }
 
 /// Every message the saga reacts to.
@@ -96,9 +153,11 @@ pub enum Input {
     PaymentAuthorized(PaymentAuthorized),
     PaymentDeclined(PaymentDeclined),
     PaymentVoided(PaymentVoided),
+    PaymentCancelled(PaymentCancelled),
     PaymentCaptured(PaymentCaptured),
     ShipmentDispatched(ShipmentDispatched),
     ShipmentFailed(ShipmentFailed),
+    ShipmentCancelled(ShipmentCancelled),
 }
 
 impl Input {
@@ -112,208 +171,398 @@ impl Input {
             Input::PaymentAuthorized(m) => &m.order_id,
             Input::PaymentDeclined(m) => &m.order_id,
             Input::PaymentVoided(m) => &m.order_id,
+            Input::PaymentCancelled(m) => &m.order_id,
             Input::PaymentCaptured(m) => &m.order_id,
             Input::ShipmentDispatched(m) => &m.order_id,
             Input::ShipmentFailed(m) => &m.order_id,
+            Input::ShipmentCancelled(m) => &m.order_id,
+        }
+    }
+
+    /// The wire type name (used to label transitions in the graph).
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Input::Placed(_) => OrderPlaced::TYPE,
+            Input::StockReserved(_) => StockReserved::TYPE,
+            Input::StockRejected(_) => StockRejected::TYPE,
+            Input::StockReleased(_) => StockReleased::TYPE,
+            Input::StockCommitted(_) => StockCommitted::TYPE,
+            Input::PaymentAuthorized(_) => PaymentAuthorized::TYPE,
+            Input::PaymentDeclined(_) => PaymentDeclined::TYPE,
+            Input::PaymentVoided(_) => PaymentVoided::TYPE,
+            Input::PaymentCancelled(_) => PaymentCancelled::TYPE,
+            Input::PaymentCaptured(_) => PaymentCaptured::TYPE,
+            Input::ShipmentDispatched(_) => ShipmentDispatched::TYPE,
+            Input::ShipmentFailed(_) => ShipmentFailed::TYPE,
+            Input::ShipmentCancelled(_) => ShipmentCancelled::TYPE,
         }
     }
 }
 
-/// The saga's pure transition. `Ok(None)`: nothing changes (a repeat or a late message).
-/// `Err(Retry)`: the instance is not started yet (its `OrderPlaced` is still on its way).
-pub fn transition(
-    state: Option<&Fulfilment>,
-    input: &Input,
-    now_ms: u64,
-) -> Result<Option<(Fulfilment, Vec<Outgoing>)>, HandleError> {
-    let mut s = match (state, input) {
-        (None, Input::Placed(p)) => Fulfilment {
+/// The order fulfilment process manager.
+#[derive(Debug, Clone, Default)]
+pub struct OrderFulfilment {
+    pub timeouts: Timeouts,
+}
+
+type Out = Option<Step<Fulfilment>>;
+
+impl OrderFulfilment {
+    fn start(&self, p: &OrderPlaced, now: u64) -> Step<Fulfilment> {
+        let s = Fulfilment {
             order_id: p.order_id.clone(),
             customer_id: p.customer_id.clone(),
             items: p.items.clone(),
+            phase: Phase::AwaitingStockAndPayment,
             stock: StockStep::Pending,
             payment: PaymentStep::Pending,
             shipment: ShipmentStep::NotRequested,
-            status: Status::Active,
             reason: None,
-            started_at_ms: now_ms,
-            history: vec![],
-        },
-        (None, other) => {
-            return Err(HandleError::Retry(format!(
-                "fulfilment of {} not started yet",
-                other.order_id()
-            )));
+            attempts: 0,
+        };
+        Step {
+            set: vec![Deadline::after("awaiting", now, self.timeouts.awaiting_ms)],
+            ..Step::to(s)
         }
-        (Some(_), Input::Placed(_)) => return Ok(None),
-        (Some(s), _) if matches!(s.status, Status::Completed | Status::Cancelled) => {
-            return Ok(None)
-        }
-        (Some(s), input) => {
-            let mut s = s.clone();
-            if !record(&mut s, input) {
-                return Ok(None);
-            }
-            s
-        }
-    };
-    let sent = advance(&mut s);
-    Ok(Some((s, sent)))
-}
-
-/// Records a participant's answer. Returns false if it changes nothing (a repeat).
-fn record(s: &mut Fulfilment, input: &Input) -> bool {
-    use PaymentStep as P;
-    use ShipmentStep as Sh;
-    use StockStep as St;
-    let (before_stock, before_payment, before_ship) = (s.stock, s.payment, s.shipment);
-    match input {
-        Input::Placed(_) => {}
-        Input::StockReserved(_) if s.stock == St::Pending => s.stock = St::Reserved,
-        Input::StockRejected(r) if s.stock == St::Pending => {
-            s.stock = St::Rejected;
-            fail(s, &format!("stock rejected: {}", r.reason));
-        }
-        Input::StockReleased(_) if matches!(s.stock, St::Releasing | St::Reserved) => {
-            s.stock = St::Released
-        }
-        Input::StockCommitted(_) if matches!(s.stock, St::Committing | St::Reserved) => {
-            s.stock = St::Committed
-        }
-        Input::PaymentAuthorized(_) if s.payment == P::Pending => s.payment = P::Authorized,
-        Input::PaymentDeclined(d) if s.payment == P::Pending => {
-            s.payment = P::Declined;
-            fail(s, &format!("payment declined: {}", d.reason));
-        }
-        Input::PaymentVoided(_) if matches!(s.payment, P::Voiding | P::Authorized) => {
-            s.payment = P::Voided
-        }
-        Input::PaymentCaptured(_) if matches!(s.payment, P::Capturing | P::Authorized) => {
-            s.payment = P::Captured
-        }
-        Input::ShipmentDispatched(_) if s.shipment == Sh::Requested => s.shipment = Sh::Dispatched,
-        Input::ShipmentFailed(f) if s.shipment == Sh::Requested => {
-            s.shipment = Sh::Failed;
-            fail(s, &format!("shipment failed: {}", f.reason));
-        }
-        _ => {}
     }
-    (s.stock, s.payment, s.shipment) != (before_stock, before_payment, before_ship)
-}
 
-fn fail(s: &mut Fulfilment, reason: &str) {
-    if s.status == Status::Active {
-        s.status = Status::Compensating;
-        s.reason = Some(reason.to_string());
-    }
-}
-
-/// Sends whatever the new state calls for.
-fn advance(s: &mut Fulfilment) -> Vec<Outgoing> {
-    use PaymentStep as P;
-    use ShipmentStep as Sh;
-    use StockStep as St;
-    let id = s.order_id.clone();
-    let mut out = Vec::new();
-    match s.status {
-        Status::Active => {
-            if s.stock == St::Reserved
-                && s.payment == P::Authorized
-                && s.shipment == Sh::NotRequested
+    /// Moves on from the current phase given what is known now.
+    fn advance(&self, s: Fulfilment, now: u64) -> Step<Fulfilment> {
+        use Phase as P;
+        let failed =
+            matches!(s.stock, StockStep::Rejected) || matches!(s.payment, PaymentStep::Declined);
+        match s.phase {
+            P::AwaitingStockAndPayment if failed => self.compensate(s, now, &["awaiting"]),
+            P::AwaitingStockAndPayment
+                if s.stock == StockStep::Reserved && s.payment == PaymentStep::Authorized =>
             {
-                out.push(Outgoing::command(
-                    orders::CONTEXT,
-                    &ConfirmOrder {
-                        order_id: id.clone(),
-                    },
+                let mut s = s;
+                let id = s.order_id.clone();
+                s.phase = P::Shipping;
+                s.shipment = ShipmentStep::Requested;
+                let send = vec![
+                    Outgoing::command(
+                        orders::CONTEXT,
+                        &ConfirmOrder {
+                            order_id: id.clone(),
+                        },
+                    ),
+                    Outgoing::command(
+                        shipping::CONTEXT,
+                        &ShipOrder {
+                            order_id: id,
+                            customer_id: s.customer_id.clone(),
+                            items: s.items.clone(),
+                        },
+                    ),
+                ];
+                Step {
+                    send,
+                    set: vec![Deadline::after("shipping", now, self.timeouts.shipping_ms)],
+                    cancel: vec!["awaiting".into()],
+                    state: s,
+                }
+            }
+            P::Shipping | P::CancellingShipment if s.shipment == ShipmentStep::Dispatched => {
+                self.settle(s, now)
+            }
+            P::Shipping if s.shipment == ShipmentStep::Failed => {
+                self.compensate(s, now, &["shipping"])
+            }
+            P::CancellingShipment
+                if matches!(s.shipment, ShipmentStep::Failed | ShipmentStep::Cancelled) =>
+            {
+                self.compensate(s, now, &["compensation"])
+            }
+            P::Settling | P::SettlementFailed
+                if s.stock == StockStep::Committed && s.payment == PaymentStep::Captured =>
+            {
+                let id = s.order_id.clone();
+                let mut s = s;
+                s.phase = P::Completed;
+                Step {
+                    send: vec![Outgoing::command(
+                        orders::CONTEXT,
+                        &CompleteOrder { order_id: id },
+                    )],
+                    ..Step::to(s)
+                }
+            }
+            P::Compensating | P::CompensationFailed if compensated(&s) => {
+                let mut s = s;
+                s.phase = P::Cancelled;
+                let reason = s.reason.clone().unwrap_or_else(|| "cancelled".into());
+                let id = s.order_id.clone();
+                Step {
+                    send: vec![Outgoing::command(
+                        orders::CONTEXT,
+                        &CancelOrder {
+                            order_id: id,
+                            reason,
+                        },
+                    )],
+                    ..Step::to(s)
+                }
+            }
+            _ => Step::to(s),
+        }
+    }
+
+    /// Enters settlement: commit the stock, capture the payment.
+    fn settle(&self, mut s: Fulfilment, now: u64) -> Step<Fulfilment> {
+        s.phase = Phase::Settling;
+        s.attempts = 0;
+        s.stock = StockStep::Committing;
+        s.payment = PaymentStep::Capturing;
+        let send = settlement_commands(&s);
+        Step {
+            state: s,
+            send,
+            set: vec![Deadline::after("settling", now, self.timeouts.settling_ms)],
+            cancel: vec!["shipping".into(), "compensation".into()],
+        }
+    }
+
+    /// Enters compensation: undo (or prevent) what the other steps did.
+    fn compensate(&self, mut s: Fulfilment, now: u64, cancel: &[&str]) -> Step<Fulfilment> {
+        s.phase = Phase::Compensating;
+        s.attempts = 0;
+        if matches!(s.stock, StockStep::Pending | StockStep::Reserved) {
+            s.stock = StockStep::Releasing;
+        }
+        if matches!(s.payment, PaymentStep::Pending | PaymentStep::Authorized) {
+            s.payment = PaymentStep::Cancelling;
+        }
+        let send = compensation_commands(&s);
+        let step = Step {
+            state: s,
+            send,
+            set: vec![Deadline::after(
+                "compensation",
+                now,
+                self.timeouts.compensation_ms,
+            )],
+            cancel: cancel.iter().map(|c| c.to_string()).collect(),
+        };
+        if compensated(&step.state) {
+            // Nothing to undo: cancel at once.
+            let mut next = self.advance(step.state, now);
+            next.send.splice(0..0, step.send);
+            next.cancel.extend(step.cancel);
+            return next;
+        }
+        step
+    }
+
+    fn on_deadline(&self, s: &Fulfilment, name: &str, now: u64) -> Out {
+        use Phase as P;
+        let t = self.timeouts;
+        let mut s = s.clone();
+        let step = match (s.phase, name) {
+            (P::AwaitingStockAndPayment, "awaiting") => {
+                s.reason = Some(format!(
+                    "no stock and payment answer within {} ms",
+                    t.awaiting_ms
                 ));
-                out.push(Outgoing::command(
+                self.compensate(s, now, &[])
+            }
+            (P::Shipping, "shipping") => {
+                s.reason = Some(format!("not dispatched within {} ms", t.shipping_ms));
+                s.phase = P::CancellingShipment;
+                s.shipment = ShipmentStep::Cancelling;
+                s.attempts = 0;
+                let send = vec![Outgoing::command(
                     shipping::CONTEXT,
-                    &ShipOrder {
-                        order_id: id.clone(),
-                        customer_id: s.customer_id.clone(),
-                        items: s.items.clone(),
+                    &CancelShipment {
+                        order_id: s.order_id.clone(),
                     },
-                ));
-                s.shipment = Sh::Requested;
-            } else if s.shipment == Sh::Dispatched
-                && s.stock == St::Reserved
-                && s.payment == P::Authorized
-            {
-                out.push(Outgoing::command(
-                    inventory::CONTEXT,
-                    &CommitStock {
-                        order_id: id.clone(),
-                    },
-                ));
-                out.push(Outgoing::command(
-                    payments::CONTEXT,
-                    &CapturePayment {
-                        order_id: id.clone(),
-                    },
-                ));
-                s.stock = St::Committing;
-                s.payment = P::Capturing;
-            } else if s.stock == St::Committed && s.payment == P::Captured {
-                out.push(Outgoing::command(
-                    orders::CONTEXT,
-                    &CompleteOrder {
-                        order_id: id.clone(),
-                    },
-                ));
-                s.status = Status::Completed;
+                )];
+                Step {
+                    send,
+                    set: vec![Deadline::after("compensation", now, t.compensation_ms)],
+                    ..Step::to(s)
+                }
             }
+            (P::Settling, "settling")
+            | (P::Compensating | P::CancellingShipment, "compensation") => {
+                if s.attempts >= t.max_attempts {
+                    s.phase = if s.phase == P::Settling {
+                        P::SettlementFailed
+                    } else {
+                        P::CompensationFailed
+                    };
+                    Step::to(s)
+                } else {
+                    s.attempts += 1;
+                    let (send, deadline) = self.resend(&s, now);
+                    Step {
+                        send,
+                        set: vec![deadline],
+                        ..Step::to(s)
+                    }
+                }
+            }
+            _ => return None,
+        };
+        Some(step)
+    }
+
+    fn on_retry(&self, s: &Fulfilment, now: u64) -> Result<Out, HandleError> {
+        let mut s = s.clone();
+        s.attempts = 0;
+        s.phase = match s.phase {
+            Phase::SettlementFailed => Phase::Settling,
+            Phase::CompensationFailed if s.shipment == ShipmentStep::Cancelling => Phase::CancellingShipment,
+            Phase::CompensationFailed => Phase::Compensating,
+            other => {
+                return Err(HandleError::Permanent(format!(
+                    "instance {} is {other:?}: only SettlementFailed and CompensationFailed can be retried",
+                    s.order_id
+                )))
+            }
+        };
+        let (send, deadline) = self.resend(&s, now);
+        Ok(Some(Step {
+            send,
+            set: vec![deadline],
+            ..Step::to(s)
+        }))
+    }
+
+    /// The commands of the current phase again (they are idempotent), and its deadline.
+    fn resend(&self, s: &Fulfilment, now: u64) -> (Vec<Outgoing>, Deadline) {
+        let t = self.timeouts;
+        match s.phase {
+            Phase::Settling => (
+                settlement_commands(s),
+                Deadline::after("settling", now, t.settling_ms),
+            ),
+            Phase::CancellingShipment => (
+                vec![Outgoing::command(
+                    shipping::CONTEXT,
+                    &CancelShipment {
+                        order_id: s.order_id.clone(),
+                    },
+                )],
+                Deadline::after("compensation", now, t.compensation_ms),
+            ),
+            _ => (
+                compensation_commands(s),
+                Deadline::after("compensation", now, t.compensation_ms),
+            ),
         }
-        Status::Compensating => {
-            if s.stock == St::Reserved {
-                out.push(Outgoing::command(
-                    inventory::CONTEXT,
-                    &ReleaseStock {
-                        order_id: id.clone(),
-                    },
-                ));
-                s.stock = St::Releasing;
-            }
-            if s.payment == P::Authorized {
-                out.push(Outgoing::command(
-                    payments::CONTEXT,
-                    &VoidPayment {
-                        order_id: id.clone(),
-                    },
-                ));
-                s.payment = P::Voiding;
-            }
-            if matches!(s.stock, St::Rejected | St::Released)
-                && matches!(s.payment, P::Declined | P::Voided)
-            {
-                let reason = s.reason.clone().unwrap_or_default();
-                out.push(Outgoing::command(
-                    orders::CONTEXT,
-                    &CancelOrder {
-                        order_id: id,
-                        reason,
-                    },
-                ));
-                s.status = Status::Cancelled;
-            }
-        }
-        Status::Completed | Status::Cancelled => {}
+    }
+}
+
+fn settlement_commands(s: &Fulfilment) -> Vec<Outgoing> {
+    let id = &s.order_id;
+    let mut out = Vec::new();
+    if s.stock == StockStep::Committing {
+        out.push(Outgoing::command(
+            inventory::CONTEXT,
+            &CommitStock {
+                order_id: id.clone(),
+            },
+        ));
+    }
+    if s.payment == PaymentStep::Capturing {
+        out.push(Outgoing::command(
+            payments::CONTEXT,
+            &CapturePayment {
+                order_id: id.clone(),
+            },
+        ));
     }
     out
 }
 
-fn key(order: &str) -> String {
-    format!("saga/{NAME}/{order}")
+fn compensation_commands(s: &Fulfilment) -> Vec<Outgoing> {
+    let id = &s.order_id;
+    let mut out = Vec::new();
+    if s.stock == StockStep::Releasing {
+        out.push(Outgoing::command(
+            inventory::CONTEXT,
+            &ReleaseStock {
+                order_id: id.clone(),
+            },
+        ));
+    }
+    if s.payment == PaymentStep::Cancelling {
+        out.push(Outgoing::command(
+            payments::CONTEXT,
+            &CancelPayment {
+                order_id: id.clone(),
+            },
+        ));
+    }
+    out
 }
 
-/// The saga as a runtime component.
-pub struct OrderFulfilment;
+/// Everything the saga started is undone or was refused.
+fn compensated(s: &Fulfilment) -> bool {
+    matches!(s.stock, StockStep::Rejected | StockStep::Released)
+        && matches!(s.payment, PaymentStep::Declined | PaymentStep::Cancelled)
+}
 
-impl Component for OrderFulfilment {
-    type Input = Input;
-    fn name(&self) -> &'static str {
-        "fulfilment"
+/// Records a participant's answer. Returns false if it changes nothing (a repeat, or an
+/// answer the saga no longer waits for).
+fn record(s: &mut Fulfilment, input: &Input) -> bool {
+    use PaymentStep as Pay;
+    use ShipmentStep as Sh;
+    use StockStep as St;
+    let before = (s.stock, s.payment, s.shipment);
+    match input {
+        Input::Placed(_) => {}
+        Input::StockReserved(_) if s.stock == St::Pending => s.stock = St::Reserved,
+        Input::StockRejected(r) if matches!(s.stock, St::Pending | St::Releasing) => {
+            s.stock = St::Rejected;
+            s.reason
+                .get_or_insert_with(|| format!("stock rejected: {}", r.reason));
+        }
+        Input::StockReleased(_)
+            if matches!(s.stock, St::Pending | St::Reserved | St::Releasing) =>
+        {
+            s.stock = St::Released
+        }
+        Input::StockCommitted(_) if matches!(s.stock, St::Reserved | St::Committing) => {
+            s.stock = St::Committed
+        }
+        Input::PaymentAuthorized(_) if s.payment == Pay::Pending => s.payment = Pay::Authorized,
+        Input::PaymentDeclined(d) if matches!(s.payment, Pay::Pending | Pay::Cancelling) => {
+            s.payment = Pay::Declined;
+            s.reason
+                .get_or_insert_with(|| format!("payment declined: {}", d.reason));
+        }
+        Input::PaymentVoided(_) | Input::PaymentCancelled(_)
+            if matches!(s.payment, Pay::Pending | Pay::Authorized | Pay::Cancelling) =>
+        {
+            s.payment = Pay::Cancelled
+        }
+        Input::PaymentCaptured(_) if matches!(s.payment, Pay::Authorized | Pay::Capturing) => {
+            s.payment = Pay::Captured
+        }
+        Input::ShipmentDispatched(_) if matches!(s.shipment, Sh::Requested | Sh::Cancelling) => {
+            s.shipment = Sh::Dispatched
+        }
+        Input::ShipmentFailed(f) if matches!(s.shipment, Sh::Requested | Sh::Cancelling) => {
+            s.shipment = Sh::Failed;
+            s.reason
+                .get_or_insert_with(|| format!("shipment failed: {}", f.reason));
+        }
+        Input::ShipmentCancelled(_) if s.shipment == Sh::Cancelling => s.shipment = Sh::Cancelled,
+        _ => {}
     }
+    (s.stock, s.payment, s.shipment) != before
+}
+
+impl ProcessManager for OrderFulfilment {
+    type State = Fulfilment;
+    type Input = Input;
+
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
     fn subscriptions(&self) -> Vec<Subscription> {
         vec![
             Subscription::events(orders::CONTEXT, &[OrderPlaced::TYPE]),
@@ -332,15 +581,21 @@ impl Component for OrderFulfilment {
                     PaymentAuthorized::TYPE,
                     PaymentDeclined::TYPE,
                     PaymentVoided::TYPE,
+                    PaymentCancelled::TYPE,
                     PaymentCaptured::TYPE,
                 ],
             ),
             Subscription::events(
                 shipping::CONTEXT,
-                &[ShipmentDispatched::TYPE, ShipmentFailed::TYPE],
+                &[
+                    ShipmentDispatched::TYPE,
+                    ShipmentFailed::TYPE,
+                    ShipmentCancelled::TYPE,
+                ],
             ),
         ]
     }
+
     fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Input, DecodeError> {
         Ok(match msg_type {
             OrderPlaced::TYPE => Input::Placed(decode_as(payload)?),
@@ -351,232 +606,148 @@ impl Component for OrderFulfilment {
             PaymentAuthorized::TYPE => Input::PaymentAuthorized(decode_as(payload)?),
             PaymentDeclined::TYPE => Input::PaymentDeclined(decode_as(payload)?),
             PaymentVoided::TYPE => Input::PaymentVoided(decode_as(payload)?),
+            PaymentCancelled::TYPE => Input::PaymentCancelled(decode_as(payload)?),
             PaymentCaptured::TYPE => Input::PaymentCaptured(decode_as(payload)?),
             ShipmentDispatched::TYPE => Input::ShipmentDispatched(decode_as(payload)?),
             ShipmentFailed::TYPE => Input::ShipmentFailed(decode_as(payload)?),
+            ShipmentCancelled::TYPE => Input::ShipmentCancelled(decode_as(payload)?),
             other => return Err(DecodeError::UnknownType(other.into())),
         })
     }
-    fn handle(
+
+    fn correlate(&self, input: &Input) -> String {
+        input.order_id().to_string()
+    }
+
+    fn transition(
         &self,
-        tx: &dyn StateTx,
-        input: &Input,
-        ctx: &HandleCtx<'_>,
-    ) -> Result<Vec<Outgoing>, HandleError> {
-        let k = key(input.order_id());
-        let state: Option<Fulfilment> = load(tx, &k)?;
-        match transition(state.as_ref(), input, ctx.now_ms)? {
-            None => Ok(vec![]),
-            Some((mut next, out)) => {
-                next.history.push(HistoryEntry {
-                    at_ms: ctx.now_ms,
-                    message_id: ctx.envelope.id.clone(),
-                    message_type: ctx.envelope.msg_type.clone(),
-                    status: next.status,
-                    sent: out.iter().map(|o| o.msg_type.to_string()).collect(),
-                });
-                save(tx, &k, &next)?;
-                Ok(out)
+        state: Option<&Fulfilment>,
+        trigger: Trigger<'_, Input>,
+        now: u64,
+    ) -> Result<Out, HandleError> {
+        match (state, trigger) {
+            (None, Trigger::Message(Input::Placed(p))) => Ok(Some(self.start(p, now))),
+            (None, Trigger::Message(other)) => Err(HandleError::Retry(format!(
+                "fulfilment of {} not started yet",
+                other.order_id()
+            ))),
+            (None, _) => Ok(None),
+            (Some(s), _) if matches!(s.phase, Phase::Completed | Phase::Cancelled) => Ok(None),
+            (Some(_), Trigger::Message(Input::Placed(_))) => Ok(None),
+            (Some(s), Trigger::Message(m)) => {
+                let mut next = s.clone();
+                if !record(&mut next, m) {
+                    return Ok(None);
+                }
+                Ok(Some(self.advance(next, now)))
             }
+            (Some(s), Trigger::Deadline(name)) => Ok(self.on_deadline(s, name, now)),
+            (Some(s), Trigger::Retry) => self.on_retry(s, now),
         }
+    }
+
+    fn state_name(&self, s: &Fulfilment) -> &'static str {
+        match s.phase {
+            Phase::AwaitingStockAndPayment => "AwaitingStockAndPayment",
+            Phase::Shipping => "Shipping",
+            Phase::CancellingShipment => "CancellingShipment",
+            Phase::Settling => "Settling",
+            Phase::SettlementFailed => "SettlementFailed",
+            Phase::Compensating => "Compensating",
+            Phase::CompensationFailed => "CompensationFailed",
+            Phase::Completed => "Completed",
+            Phase::Cancelled => "Cancelled",
+        }
+    }
+
+    fn definition(&self) -> Definition {
+        definition()
     }
 }
 
-pub const QUERIES: &[&str] = &["saga", "sagas"];
-
-/// `saga {"order_id"}` -> the instance with its history; `sagas` -> counts by status and
-/// every instance's status.
-pub fn query(
-    state: &dyn StateRead,
-    name: &str,
-    req: &[u8],
-) -> Result<serde_json::Value, QueryError> {
-    match name {
-        "saga" => {
-            let id = request_field(req, "order_id")?;
-            let s: Fulfilment = read(state, &key(&id))?.ok_or(QueryError::NotFound)?;
-            Ok(serde_json::to_value(s).unwrap_or_default())
-        }
-        "sagas" => {
-            let all: Vec<Fulfilment> = read_all(state, &format!("saga/{NAME}/"))?;
-            let mut counts = std::collections::BTreeMap::<String, u64>::new();
-            let mut statuses = serde_json::Map::new();
-            for s in &all {
-                *counts
-                    .entry(format!("{:?}", s.status).to_lowercase())
-                    .or_default() += 1;
-                statuses.insert(s.order_id.clone(), serde_json::json!(s.status));
-            }
-            Ok(
-                serde_json::json!({ "instances": all.len(), "by_status": counts, "statuses": statuses }),
-            )
-        }
-        other => Err(QueryError::Unknown(other.into())),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn placed() -> Input {
-        Input::Placed(OrderPlaced {
-            order_id: "o1".into(),
-            customer_id: "c1".into(),
-            items: vec![LineItem {
-                sku: "a".into(),
-                qty: 1,
-                unit_price_cents: 100,
-            }],
-            total_cents: 100,
-            payment_method: "card".into(),
-        })
-    }
-    fn reserved() -> Input {
-        Input::StockReserved(StockReserved {
-            order_id: "o1".into(),
-            items: vec![],
-        })
-    }
-    fn authorized() -> Input {
-        Input::PaymentAuthorized(PaymentAuthorized {
-            order_id: "o1".into(),
-            amount_cents: 100,
-            auth_id: "a".into(),
-        })
-    }
-
-    /// Given inputs (applied in order), returns the final state and every command type sent.
-    fn run(inputs: &[Input]) -> (Option<Fulfilment>, Vec<&'static str>) {
-        let mut state = None;
-        let mut sent = vec![];
-        for i in inputs {
-            if let Ok(Some((s, out))) = transition(state.as_ref(), i, 0) {
-                sent.extend(out.iter().map(|o| o.msg_type));
-                state = Some(s);
-            }
-        }
-        (state, sent)
-    }
-
-    #[test]
-    fn happy_path_in_either_order() {
-        for inputs in [
-            vec![placed(), reserved(), authorized()],
-            vec![placed(), authorized(), reserved()],
-        ] {
-            let mut all = inputs.clone();
-            all.push(Input::ShipmentDispatched(ShipmentDispatched {
-                order_id: "o1".into(),
-                tracking: "t".into(),
-            }));
-            all.push(Input::PaymentCaptured(PaymentCaptured {
-                order_id: "o1".into(),
-                amount_cents: 100,
-            }));
-            all.push(Input::StockCommitted(StockCommitted {
-                order_id: "o1".into(),
-            }));
-            let (s, sent) = run(&all);
-            assert_eq!(s.unwrap().status, Status::Completed);
-            assert_eq!(
-                sent,
-                [
-                    "ConfirmOrder",
-                    "ShipOrder",
-                    "CommitStock",
-                    "CapturePayment",
-                    "CompleteOrder"
-                ]
-            );
-        }
-    }
-
-    #[test]
-    fn stock_rejected_voids_the_authorization_then_cancels() {
-        let rejected = Input::StockRejected(StockRejected {
-            order_id: "o1".into(),
-            reason: "short".into(),
-        });
-        let voided = Input::PaymentVoided(PaymentVoided {
-            order_id: "o1".into(),
-            amount_cents: 100,
-        });
-        let (s, sent) = run(&[placed(), rejected, authorized(), voided]);
-        let s = s.unwrap();
-        assert_eq!(s.status, Status::Cancelled);
-        assert_eq!(sent, ["VoidPayment", "CancelOrder"]);
-    }
-
-    #[test]
-    fn payment_declined_releases_stock_then_cancels() {
-        let declined = Input::PaymentDeclined(PaymentDeclined {
-            order_id: "o1".into(),
-            reason: "card".into(),
-        });
-        let released = Input::StockReleased(StockReleased {
-            order_id: "o1".into(),
-        });
-        let (s, sent) = run(&[placed(), declined.clone(), reserved(), released]);
-        assert_eq!(s.unwrap().status, Status::Cancelled);
-        assert_eq!(sent, ["ReleaseStock", "CancelOrder"]);
-        // Both refused: nothing to compensate.
-        let rejected = Input::StockRejected(StockRejected {
-            order_id: "o1".into(),
-            reason: "short".into(),
-        });
-        let (_, sent) = run(&[placed(), declined, rejected]);
-        assert_eq!(sent, ["CancelOrder"]);
-    }
-
-    #[test]
-    fn shipment_failed_compensates_both() {
-        let failed = Input::ShipmentFailed(ShipmentFailed {
-            order_id: "o1".into(),
-            reason: "nowhere".into(),
-        });
-        let (s, sent) = run(&[
-            placed(),
-            reserved(),
-            authorized(),
-            failed,
-            Input::StockReleased(StockReleased {
-                order_id: "o1".into(),
-            }),
-            Input::PaymentVoided(PaymentVoided {
-                order_id: "o1".into(),
-                amount_cents: 100,
-            }),
-        ]);
-        assert_eq!(s.unwrap().status, Status::Cancelled);
-        assert_eq!(
-            sent,
-            [
-                "ConfirmOrder",
-                "ShipOrder",
-                "ReleaseStock",
-                "VoidPayment",
-                "CancelOrder"
-            ]
-        );
-    }
-
-    #[test]
-    fn duplicates_change_nothing_and_early_events_wait() {
-        assert!(matches!(
-            transition(None, &reserved(), 0),
-            Err(HandleError::Retry(_))
-        ));
-        let (once, sent_once) = run(&[placed(), reserved(), authorized()]);
-        let (twice, sent_twice) = run(&[
-            placed(),
-            placed(),
-            reserved(),
-            reserved(),
-            authorized(),
-            authorized(),
-        ]);
-        assert_eq!(once, twice);
-        assert_eq!(sent_once, sent_twice);
+/// The declared graph of the saga. `on` lists the triggers of an edge, separated by `|`:
+/// message types, `deadline:<name>` or `retry`.
+pub fn definition() -> Definition {
+    let st = |name, deadline| StateDef {
+        name,
+        terminal: false,
+        deadline: Some(deadline),
+        waits_without_deadline: None,
+    };
+    let parked = |name| StateDef {
+        name,
+        terminal: false,
+        deadline: None,
+        waits_without_deadline: Some("parked for an operator: choreo saga retry"),
+    };
+    let end = |name| StateDef {
+        name,
+        terminal: true,
+        deadline: None,
+        waits_without_deadline: None,
+    };
+    let t = |from, on, to| TransitionDef { from, on, to };
+    const ANSWERS: &str = "StockRejected|PaymentDeclined";
+    const UNDONE: &str =
+        "StockReleased|StockRejected|PaymentVoided|PaymentCancelled|PaymentDeclined";
+    Definition {
+        name: NAME,
+        initial: "AwaitingStockAndPayment",
+        states: vec![
+            st("AwaitingStockAndPayment", "awaiting"),
+            st("Shipping", "shipping"),
+            st("CancellingShipment", "compensation"),
+            st("Settling", "settling"),
+            parked("SettlementFailed"),
+            st("Compensating", "compensation"),
+            parked("CompensationFailed"),
+            end("Completed"),
+            end("Cancelled"),
+        ],
+        transitions: vec![
+            t(
+                "AwaitingStockAndPayment",
+                "StockReserved|PaymentAuthorized",
+                "Shipping",
+            ),
+            t("AwaitingStockAndPayment", ANSWERS, "Compensating"),
+            t("AwaitingStockAndPayment", ANSWERS, "Cancelled"),
+            t(
+                "AwaitingStockAndPayment",
+                "deadline:awaiting",
+                "Compensating",
+            ),
+            t("Shipping", "ShipmentDispatched", "Settling"),
+            t("Shipping", "ShipmentFailed", "Compensating"),
+            t("Shipping", "deadline:shipping", "CancellingShipment"),
+            t("CancellingShipment", "ShipmentDispatched", "Settling"),
+            t(
+                "CancellingShipment",
+                "ShipmentFailed|ShipmentCancelled",
+                "Compensating",
+            ),
+            t(
+                "CancellingShipment",
+                "deadline:compensation",
+                "CompensationFailed",
+            ),
+            t("Settling", "StockCommitted|PaymentCaptured", "Completed"),
+            t("Settling", "deadline:settling", "SettlementFailed"),
+            t("SettlementFailed", "retry", "Settling"),
+            t(
+                "SettlementFailed",
+                "StockCommitted|PaymentCaptured",
+                "Completed",
+            ),
+            t("Compensating", UNDONE, "Cancelled"),
+            t(
+                "Compensating",
+                "deadline:compensation",
+                "CompensationFailed",
+            ),
+            t("CompensationFailed", "retry", "Compensating"),
+            t("CompensationFailed", "retry", "CancellingShipment"),
+            t("CompensationFailed", UNDONE, "Cancelled"),
+        ],
     }
 }

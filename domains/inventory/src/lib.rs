@@ -24,7 +24,8 @@ pub struct AddStock {
 }
 message!(AddStock, Command);
 
-/// Command from fulfilment: give a reservation back.
+/// Command from fulfilment: give a reservation back. If the order has no reservation yet,
+/// none will be made.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReleaseStock {
     pub order_id: String,
@@ -87,6 +88,9 @@ pub enum ReservationStatus {
     Rejected,
     Released,
     Committed,
+    /// Released before any reservation was made (a saga deadline passed first): a later
+    /// `OrderPlaced` for the order reserves nothing.
+    Cancelled,
 }
 
 /// What inventory did for one order.
@@ -181,9 +185,20 @@ pub fn decide(
         }
         Input::Release(ReleaseStock { order_id }) | Input::Commit(CommitStock { order_id }) => {
             let Some(r) = reservation else {
-                return Err(HandleError::Retry(format!(
-                    "no reservation for order {order_id} yet"
-                )));
+                if matches!(input, Input::Commit(_)) {
+                    return Err(HandleError::Retry(format!(
+                        "no reservation for order {order_id} yet"
+                    )));
+                }
+                d.reservation = Some(Reservation {
+                    order_id: order_id.clone(),
+                    items: vec![],
+                    status: ReservationStatus::Cancelled,
+                });
+                d.event = Some(Outgoing::event(&StockReleased {
+                    order_id: order_id.clone(),
+                }));
+                return Ok(d);
             };
             let commit = matches!(input, Input::Commit(_));
             match (r.status, commit) {
@@ -212,7 +227,13 @@ pub fn decide(
                     }
                     d.reservation = Some(r);
                 }
-                (ReservationStatus::Committed, true) | (ReservationStatus::Released, false) => {}
+                (ReservationStatus::Committed, true)
+                | (
+                    ReservationStatus::Released
+                    | ReservationStatus::Cancelled
+                    | ReservationStatus::Rejected,
+                    false,
+                ) => {}
                 (status, _) => {
                     return Err(HandleError::Permanent(format!(
                         "cannot {} the reservation of {order_id}: it is {status:?}",
@@ -439,15 +460,30 @@ mod tests {
     }
 
     #[test]
-    fn release_before_reservation_waits() {
-        let r = decide(
+    fn release_before_reservation_cancels_it_for_good() {
+        let d = decide(
             &BTreeMap::new(),
             None,
             &Input::Release(ReleaseStock {
                 order_id: "o1".into(),
             }),
+        )
+        .unwrap();
+        let r = d.reservation.unwrap();
+        assert_eq!(r.status, ReservationStatus::Cancelled);
+        assert_eq!(d.event.unwrap().msg_type, "StockReleased");
+        // The late OrderPlaced reserves nothing.
+        let late = decide(&stock("a", 5), Some(&r), &placed("o1", "a", 3)).unwrap();
+        assert!(late.skus.is_empty() && late.event.is_none());
+        // Commit before a reservation waits.
+        let c = decide(
+            &BTreeMap::new(),
+            None,
+            &Input::Commit(CommitStock {
+                order_id: "o1".into(),
+            }),
         );
-        assert!(matches!(r, Err(HandleError::Retry(_))));
+        assert!(matches!(c, Err(HandleError::Retry(_))));
     }
 
     #[test]

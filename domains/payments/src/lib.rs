@@ -1,5 +1,6 @@
 //! Payments (billing): authorizes an order's total through the external payment gateway on
-//! `OrderPlaced`, captures on `CapturePayment`, voids on `VoidPayment`.
+//! `OrderPlaced`, captures on `CapturePayment`, and on `CancelPayment` voids the
+//! authorization (or, if there is none yet, makes sure none will be kept).
 //!
 //! Every gateway request carries an idempotency key derived from the order and the
 //! operation: a message redelivered before its transaction committed repeats the request,
@@ -27,11 +28,13 @@ pub struct CapturePayment {
 }
 message!(CapturePayment, Command);
 
+/// Command from fulfilment (compensation): void the authorization; if the order has none
+/// yet, none will be kept (an authorization that arrives later is voided at once).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VoidPayment {
+pub struct CancelPayment {
     pub order_id: String,
 }
-message!(VoidPayment, Command);
+message!(CancelPayment, Command);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PaymentAuthorized {
@@ -55,6 +58,7 @@ pub struct PaymentCaptured {
 }
 message!(PaymentCaptured, Event);
 
+/// The authorization was voided at the gateway.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PaymentVoided {
     pub order_id: String,
@@ -62,12 +66,21 @@ pub struct PaymentVoided {
 }
 message!(PaymentVoided, Event);
 
+/// Cancelled before any authorization was recorded; none will be kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PaymentCancelled {
+    pub order_id: String,
+}
+message!(PaymentCancelled, Event);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PaymentStatus {
     Authorized,
     Declined,
     Captured,
     Voided,
+    /// Cancelled before an authorization was recorded.
+    Cancelled,
 }
 
 /// What payments knows of one order.
@@ -85,7 +98,7 @@ pub struct Payment {
 pub enum Input {
     Placed(OrderPlaced),
     Capture(CapturePayment),
-    Void(VoidPayment),
+    Cancel(CancelPayment),
 }
 
 impl Input {
@@ -93,7 +106,7 @@ impl Input {
         match self {
             Input::Placed(p) => &p.order_id,
             Input::Capture(c) => &c.order_id,
-            Input::Void(v) => &v.order_id,
+            Input::Cancel(v) => &v.order_id,
         }
     }
 }
@@ -116,15 +129,19 @@ pub struct SettleReply {
     pub reason: Option<String>,
 }
 
-/// Which gateway request, if any, the input needs given the current payment.
-pub fn plan(payment: Option<&Payment>, input: &Input) -> Result<Option<ExternalCall>, HandleError> {
-    let call = |op: &str, body: serde_json::Value| ExternalCall {
+fn call(op: &str, body: serde_json::Value) -> ExternalCall {
+    ExternalCall {
         system: GATEWAY,
         subject: subjects::external(GATEWAY, op),
         body: body.to_string(),
-    };
-    match (input, payment) {
-        (Input::Placed(p), None) => Ok(Some(call(
+    }
+}
+
+/// Which gateway request, if any, the input needs given the current payment.
+pub fn plan(payment: Option<&Payment>, input: &Input) -> Result<Option<ExternalCall>, HandleError> {
+    let authorized = payment.filter(|p| p.status == PaymentStatus::Authorized);
+    match (input, payment, authorized) {
+        (Input::Placed(p), None, _) => Ok(Some(call(
             "authorize",
             serde_json::json!({
                 "idempotency_key": format!("authorize:{}", p.order_id),
@@ -133,18 +150,16 @@ pub fn plan(payment: Option<&Payment>, input: &Input) -> Result<Option<ExternalC
                 "payment_method": p.payment_method,
             }),
         ))),
-        (Input::Capture(c), Some(pay)) if pay.status == PaymentStatus::Authorized => {
-            Ok(Some(call(
-                "capture",
-                serde_json::json!({
-                    "idempotency_key": format!("capture:{}", c.order_id),
-                    "order_id": c.order_id,
-                    "auth_id": pay.auth_id,
-                    "amount_cents": pay.amount_cents,
-                }),
-            )))
-        }
-        (Input::Void(v), Some(pay)) if pay.status == PaymentStatus::Authorized => Ok(Some(call(
+        (Input::Capture(c), _, Some(pay)) => Ok(Some(call(
+            "capture",
+            serde_json::json!({
+                "idempotency_key": format!("capture:{}", c.order_id),
+                "order_id": c.order_id,
+                "auth_id": pay.auth_id,
+                "amount_cents": pay.amount_cents,
+            }),
+        ))),
+        (Input::Cancel(v), _, Some(pay)) => Ok(Some(call(
             "void",
             serde_json::json!({
                 "idempotency_key": format!("void:{}", v.order_id),
@@ -152,7 +167,7 @@ pub fn plan(payment: Option<&Payment>, input: &Input) -> Result<Option<ExternalC
                 "auth_id": pay.auth_id,
             }),
         ))),
-        (Input::Capture(_) | Input::Void(_), None) => Err(HandleError::Retry(format!(
+        (Input::Capture(_), None, _) => Err(HandleError::Retry(format!(
             "no payment for order {} yet",
             input.order_id()
         ))),
@@ -160,115 +175,165 @@ pub fn plan(payment: Option<&Payment>, input: &Input) -> Result<Option<ExternalC
     }
 }
 
-/// Applies the gateway's reply. `Ok(None)`: nothing changes (a repeat).
+fn retry_reply(input: &Input) -> HandleError {
+    HandleError::Retry(format!(
+        "payment of {} changed during the gateway call; retry",
+        input.order_id()
+    ))
+}
+
+fn settle(
+    reply: Option<&serde_json::Value>,
+    input: &Input,
+    order: &str,
+) -> Result<(), HandleError> {
+    let v = reply.ok_or_else(|| retry_reply(input))?;
+    let r: SettleReply = serde_json::from_value(v.clone())
+        .map_err(|e| HandleError::Retry(format!("gateway reply: {e}")))?;
+    if r.ok {
+        Ok(())
+    } else {
+        Err(HandleError::Permanent(format!(
+            "gateway refused to settle {order}: {}",
+            r.reason.unwrap_or_default()
+        )))
+    }
+}
+
+/// Applies the input and the gateway's reply. `Ok(None)`: nothing changes (a repeat).
 pub fn decide(
     payment: Option<&Payment>,
     input: &Input,
     reply: Option<&serde_json::Value>,
-) -> Result<Option<(Payment, Outgoing)>, HandleError> {
-    let need_reply = || {
-        HandleError::Retry(format!(
-            "payment of {} changed during the call; retry",
-            input.order_id()
-        ))
-    };
-    let parse = |v: &serde_json::Value| -> Result<SettleReply, HandleError> {
-        serde_json::from_value(v.clone())
-            .map_err(|e| HandleError::Retry(format!("gateway reply: {e}")))
-    };
+) -> Result<Option<(Payment, Vec<Outgoing>)>, HandleError> {
+    use PaymentStatus as S;
     match (input, payment) {
         (Input::Placed(p), None) => {
-            let r: AuthorizeReply =
-                serde_json::from_value(reply.ok_or_else(need_reply)?.clone())
-                    .map_err(|e| HandleError::Retry(format!("gateway reply: {e}")))?;
-            match (r.approved, r.auth_id) {
-                (true, Some(auth_id)) => Ok(Some((
+            let r = authorize_reply(reply, input)?;
+            let base = Payment {
+                order_id: p.order_id.clone(),
+                amount_cents: p.total_cents,
+                auth_id: None,
+                status: S::Declined,
+                captured_cents: 0,
+                voided_cents: 0,
+            };
+            Ok(Some(match r {
+                Ok(auth_id) => (
                     Payment {
-                        order_id: p.order_id.clone(),
-                        amount_cents: p.total_cents,
                         auth_id: Some(auth_id.clone()),
-                        status: PaymentStatus::Authorized,
-                        captured_cents: 0,
-                        voided_cents: 0,
+                        status: S::Authorized,
+                        ..base
                     },
-                    Outgoing::event(&PaymentAuthorized {
+                    vec![Outgoing::event(&PaymentAuthorized {
                         order_id: p.order_id.clone(),
                         amount_cents: p.total_cents,
                         auth_id,
-                    }),
-                ))),
-                (true, None) => Err(HandleError::Retry(
-                    "gateway approved without an auth_id".into(),
-                )),
-                (false, _) => {
-                    let reason = r.reason.unwrap_or_else(|| "declined".into());
-                    Ok(Some((
-                        Payment {
+                    })],
+                ),
+                Err(reason) => (
+                    base,
+                    vec![Outgoing::event(&PaymentDeclined {
+                        order_id: p.order_id.clone(),
+                        reason,
+                    })],
+                ),
+            }))
+        }
+        // The order was cancelled while the gateway authorized it: keep the authorization
+        // on record and void it at once, without announcing it.
+        (Input::Placed(p), Some(pay)) if pay.status == S::Cancelled && reply.is_some() => {
+            match authorize_reply(reply, input)? {
+                Ok(auth_id) => Ok(Some((
+                    Payment {
+                        amount_cents: p.total_cents,
+                        auth_id: Some(auth_id),
+                        status: S::Authorized,
+                        ..pay.clone()
+                    },
+                    vec![Outgoing::command(
+                        CONTEXT,
+                        &CancelPayment {
                             order_id: p.order_id.clone(),
-                            amount_cents: p.total_cents,
-                            auth_id: None,
-                            status: PaymentStatus::Declined,
-                            captured_cents: 0,
-                            voided_cents: 0,
                         },
-                        Outgoing::event(&PaymentDeclined {
-                            order_id: p.order_id.clone(),
-                            reason,
-                        }),
-                    )))
-                }
+                    )],
+                ))),
+                Err(_) => Ok(None),
             }
-        }
-        (Input::Capture(_) | Input::Void(_), Some(pay))
-            if pay.status == PaymentStatus::Authorized =>
-        {
-            let r = parse(reply.ok_or_else(need_reply)?)?;
-            if !r.ok {
-                return Err(HandleError::Permanent(format!(
-                    "gateway refused to settle {}: {}",
-                    pay.order_id,
-                    r.reason.unwrap_or_default()
-                )));
-            }
-            let mut next = pay.clone();
-            let ev = if matches!(input, Input::Capture(_)) {
-                next.status = PaymentStatus::Captured;
-                next.captured_cents = pay.amount_cents;
-                Outgoing::event(&PaymentCaptured {
-                    order_id: pay.order_id.clone(),
-                    amount_cents: pay.amount_cents,
-                })
-            } else {
-                next.status = PaymentStatus::Voided;
-                next.voided_cents = pay.amount_cents;
-                Outgoing::event(&PaymentVoided {
-                    order_id: pay.order_id.clone(),
-                    amount_cents: pay.amount_cents,
-                })
-            };
-            Ok(Some((next, ev)))
-        }
-        (Input::Capture(_), Some(pay)) if pay.status == PaymentStatus::Captured => Ok(None),
-        (Input::Void(_), Some(pay))
-            if matches!(pay.status, PaymentStatus::Voided | PaymentStatus::Declined) =>
-        {
-            Ok(None)
         }
         (Input::Placed(_), Some(_)) => Ok(None),
-        (_, None) => Err(HandleError::Retry(format!(
+        (Input::Capture(_), Some(pay)) if pay.status == S::Authorized => {
+            settle(reply, input, &pay.order_id)?;
+            let next = Payment {
+                status: S::Captured,
+                captured_cents: pay.amount_cents,
+                ..pay.clone()
+            };
+            let ev = PaymentCaptured {
+                order_id: pay.order_id.clone(),
+                amount_cents: pay.amount_cents,
+            };
+            Ok(Some((next, vec![Outgoing::event(&ev)])))
+        }
+        (Input::Capture(_), Some(pay)) if pay.status == S::Captured => Ok(None),
+        (Input::Capture(_), None) => Err(HandleError::Retry(format!(
             "no payment for order {} yet",
             input.order_id()
         ))),
-        (_, Some(pay)) => Err(HandleError::Permanent(format!(
-            "cannot {} payment of {}: it is {:?}",
-            if matches!(input, Input::Capture(_)) {
-                "capture"
-            } else {
-                "void"
-            },
-            pay.order_id,
-            pay.status
+        (Input::Capture(_), Some(pay)) => Err(HandleError::Permanent(format!(
+            "cannot capture payment of {}: it is {:?}",
+            pay.order_id, pay.status
         ))),
+        (Input::Cancel(_), Some(pay)) if pay.status == S::Authorized => {
+            settle(reply, input, &pay.order_id)?;
+            let next = Payment {
+                status: S::Voided,
+                voided_cents: pay.amount_cents,
+                ..pay.clone()
+            };
+            let ev = PaymentVoided {
+                order_id: pay.order_id.clone(),
+                amount_cents: pay.amount_cents,
+            };
+            Ok(Some((next, vec![Outgoing::event(&ev)])))
+        }
+        (Input::Cancel(c), None) => Ok(Some((
+            Payment {
+                order_id: c.order_id.clone(),
+                amount_cents: 0,
+                auth_id: None,
+                status: S::Cancelled,
+                captured_cents: 0,
+                voided_cents: 0,
+            },
+            vec![Outgoing::event(&PaymentCancelled {
+                order_id: c.order_id.clone(),
+            })],
+        ))),
+        (Input::Cancel(_), Some(pay)) if pay.status == S::Captured => {
+            Err(HandleError::Permanent(format!(
+                "cannot cancel payment of {}: already captured",
+                pay.order_id
+            )))
+        }
+        (Input::Cancel(_), Some(_)) => Ok(None),
+    }
+}
+
+/// `Ok(auth_id)` if approved, `Err(reason)` if declined.
+fn authorize_reply(
+    reply: Option<&serde_json::Value>,
+    input: &Input,
+) -> Result<Result<String, String>, HandleError> {
+    let v = reply.ok_or_else(|| retry_reply(input))?;
+    let r: AuthorizeReply = serde_json::from_value(v.clone())
+        .map_err(|e| HandleError::Retry(format!("gateway reply: {e}")))?;
+    match (r.approved, r.auth_id) {
+        (true, Some(id)) => Ok(Ok(id)),
+        (true, None) => Err(HandleError::Retry(
+            "gateway approved without an auth_id".into(),
+        )),
+        (false, _) => Ok(Err(r.reason.unwrap_or_else(|| "declined".into()))),
     }
 }
 
@@ -287,14 +352,14 @@ impl Component for Billing {
     fn subscriptions(&self) -> Vec<Subscription> {
         vec![
             Subscription::events(orders::CONTEXT, &[OrderPlaced::TYPE]),
-            Subscription::commands(CONTEXT, &[CapturePayment::TYPE, VoidPayment::TYPE]),
+            Subscription::commands(CONTEXT, &[CapturePayment::TYPE, CancelPayment::TYPE]),
         ]
     }
     fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Input, DecodeError> {
         Ok(match msg_type {
             OrderPlaced::TYPE => Input::Placed(decode_as(payload)?),
             CapturePayment::TYPE => Input::Capture(decode_as(payload)?),
-            VoidPayment::TYPE => Input::Void(decode_as(payload)?),
+            CancelPayment::TYPE => Input::Cancel(decode_as(payload)?),
             other => return Err(DecodeError::UnknownType(other.into())),
         })
     }
@@ -316,9 +381,9 @@ impl Component for Billing {
         let payment: Option<Payment> = load(tx, &k)?;
         match decide(payment.as_ref(), input, ctx.external)? {
             None => Ok(vec![]),
-            Some((p, ev)) => {
+            Some((p, out)) => {
                 save(tx, &k, &p)?;
-                Ok(vec![ev])
+                Ok(out)
             }
         }
     }
@@ -382,10 +447,22 @@ mod tests {
             payment_method: "card".into(),
         })
     }
-
+    fn approved() -> serde_json::Value {
+        serde_json::json!({"approved": true, "auth_id": "a1"})
+    }
     fn authorized() -> Payment {
-        let reply = serde_json::json!({"approved": true, "auth_id": "a1"});
-        decide(None, &placed(), Some(&reply)).unwrap().unwrap().0
+        decide(None, &placed(), Some(&approved()))
+            .unwrap()
+            .unwrap()
+            .0
+    }
+    fn cancel() -> Input {
+        Input::Cancel(CancelPayment {
+            order_id: "o1".into(),
+        })
+    }
+    fn ok() -> serde_json::Value {
+        serde_json::json!({"ok": true})
     }
 
     #[test]
@@ -399,9 +476,9 @@ mod tests {
     fn approved_and_declined() {
         assert_eq!(authorized().status, PaymentStatus::Authorized);
         let reply = serde_json::json!({"approved": false, "reason": "card_declined"});
-        let (p, ev) = decide(None, &placed(), Some(&reply)).unwrap().unwrap();
+        let (p, out) = decide(None, &placed(), Some(&reply)).unwrap().unwrap();
         assert_eq!(p.status, PaymentStatus::Declined);
-        assert_eq!(ev.msg_type, "PaymentDeclined");
+        assert_eq!(out[0].msg_type, "PaymentDeclined");
     }
 
     #[test]
@@ -411,19 +488,49 @@ mod tests {
             order_id: "o1".into(),
         });
         assert!(plan(Some(&pay), &cap).unwrap().is_some());
-        let (p, _) = decide(Some(&pay), &cap, Some(&serde_json::json!({"ok": true})))
-            .unwrap()
-            .unwrap();
+        let (p, _) = decide(Some(&pay), &cap, Some(&ok())).unwrap().unwrap();
         assert_eq!(p.captured_cents + p.voided_cents, p.amount_cents);
         assert!(plan(Some(&p), &cap).unwrap().is_none());
         assert_eq!(decide(Some(&p), &cap, None).unwrap(), None);
-        let void = Input::Void(VoidPayment {
-            order_id: "o1".into(),
-        });
         assert!(matches!(
-            decide(Some(&p), &void, None),
+            decide(Some(&p), &cancel(), None),
             Err(HandleError::Permanent(_))
         ));
+    }
+
+    #[test]
+    fn cancel_voids_an_authorization() {
+        let pay = authorized();
+        assert!(plan(Some(&pay), &cancel())
+            .unwrap()
+            .unwrap()
+            .body
+            .contains("void:o1"));
+        let (p, out) = decide(Some(&pay), &cancel(), Some(&ok())).unwrap().unwrap();
+        assert_eq!((p.status, p.voided_cents), (PaymentStatus::Voided, 500));
+        assert_eq!(out[0].msg_type, "PaymentVoided");
+        assert_eq!(
+            decide(Some(&p), &cancel(), None).unwrap(),
+            None,
+            "a repeat changes nothing"
+        );
+    }
+
+    #[test]
+    fn cancel_before_authorization_voids_the_late_one() {
+        let (tomb, out) = decide(None, &cancel(), None).unwrap().unwrap();
+        assert_eq!(tomb.status, PaymentStatus::Cancelled);
+        assert_eq!(out[0].msg_type, "PaymentCancelled");
+        // No new authorization is started for a cancelled order...
+        assert!(plan(Some(&tomb), &placed()).unwrap().is_none());
+        // ...and one already in flight is kept on record and voided, not announced.
+        let (p, out) = decide(Some(&tomb), &placed(), Some(&approved()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.status, PaymentStatus::Authorized);
+        assert_eq!((out.len(), out[0].msg_type), (1, "CancelPayment"));
+        let (p, _) = decide(Some(&p), &cancel(), Some(&ok())).unwrap().unwrap();
+        assert_eq!(p.voided_cents, p.amount_cents);
     }
 
     #[test]

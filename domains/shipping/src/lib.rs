@@ -1,5 +1,6 @@
-//! Shipping: dispatches an order through the external carrier on `ShipOrder`. Keeps its own
-//! copy of each customer's address from `CustomerRegistered` (autonomy over authority).
+//! Shipping: dispatches an order through the external carrier on `ShipOrder`; on
+//! `CancelShipment` makes sure no dispatch is kept. Keeps its own copy of each customer's
+//! address from `CustomerRegistered` (autonomy over authority).
 
 use std::sync::Arc;
 
@@ -25,6 +26,22 @@ pub struct ShipOrder {
 }
 message!(ShipOrder, Command);
 
+/// Command from fulfilment (its shipping deadline passed): do not ship. If the order was
+/// already dispatched this changes nothing (fulfilment hears `ShipmentDispatched`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelShipment {
+    pub order_id: String,
+}
+message!(CancelShipment, Command);
+
+/// Command shipping sends itself: recall a dispatch the carrier accepted after the
+/// shipment was cancelled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecallShipment {
+    pub order_id: String,
+}
+message!(RecallShipment, Command);
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShipmentDispatched {
     pub order_id: String,
@@ -39,10 +56,29 @@ pub struct ShipmentFailed {
 }
 message!(ShipmentFailed, Event);
 
+/// Cancelled before any dispatch; none will be kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShipmentCancelled {
+    pub order_id: String,
+}
+message!(ShipmentCancelled, Event);
+
+/// A dispatch made after cancellation was recalled at the carrier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShipmentRecalled {
+    pub order_id: String,
+    pub tracking: String,
+}
+message!(ShipmentRecalled, Event);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ShipmentStatus {
     Dispatched,
     Failed,
+    Cancelled,
+    /// Dispatched after cancellation; the recall is on its way.
+    Recalling,
+    Recalled,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,77 +103,158 @@ pub struct DispatchReply {
 pub enum Input {
     Customer(CustomerRegistered),
     Ship(ShipOrder),
+    Cancel(CancelShipment),
+    Recall(RecallShipment),
 }
 
-/// Which carrier request a `ShipOrder` needs. Waits (retries) until the address is known.
+/// Which carrier request the input needs. A `ShipOrder` waits (retries) until the address
+/// is known.
 pub fn plan(
     address: Option<&str>,
     shipment: Option<&Shipment>,
-    cmd: &ShipOrder,
+    input: &Input,
 ) -> Result<Option<ExternalCall>, HandleError> {
-    if shipment.is_some() {
-        return Ok(None);
+    match (input, shipment) {
+        (Input::Ship(cmd), None) => {
+            let address = address.ok_or_else(|| {
+                HandleError::Retry(format!(
+                    "address of customer {} not known yet",
+                    cmd.customer_id
+                ))
+            })?;
+            Ok(Some(carrier_call(
+                "dispatch",
+                serde_json::json!({
+                    "idempotency_key": format!("dispatch:{}", cmd.order_id),
+                    "order_id": cmd.order_id,
+                    "address": address,
+                    "parcels": cmd.items.iter().map(|i| i.qty).sum::<u32>(),
+                }),
+            )))
+        }
+        (Input::Recall(r), Some(s)) if s.status == ShipmentStatus::Recalling => {
+            Ok(Some(carrier_call(
+                "recall",
+                serde_json::json!({
+                    "idempotency_key": format!("recall:{}", r.order_id),
+                    "order_id": r.order_id,
+                    "tracking": s.tracking,
+                }),
+            )))
+        }
+        _ => Ok(None),
     }
-    let address = address.ok_or_else(|| {
-        HandleError::Retry(format!(
-            "address of customer {} not known yet",
-            cmd.customer_id
-        ))
-    })?;
-    Ok(Some(ExternalCall {
-        system: CARRIER,
-        subject: subjects::external(CARRIER, "dispatch"),
-        body: serde_json::json!({
-            "idempotency_key": format!("dispatch:{}", cmd.order_id),
-            "order_id": cmd.order_id,
-            "address": address,
-            "parcels": cmd.items.iter().map(|i| i.qty).sum::<u32>(),
-        })
-        .to_string(),
-    }))
 }
 
-/// Applies the carrier's reply. `Ok(None)`: already shipped or failed (a repeat).
+fn carrier_call(op: &str, body: serde_json::Value) -> ExternalCall {
+    ExternalCall {
+        system: CARRIER,
+        subject: subjects::external(CARRIER, op),
+        body: body.to_string(),
+    }
+}
+
+/// Applies the input and the carrier's reply. `Ok(None)`: nothing changes (a repeat).
 pub fn decide(
     shipment: Option<&Shipment>,
-    cmd: &ShipOrder,
+    input: &Input,
     reply: Option<&serde_json::Value>,
-) -> Result<Option<(Shipment, Outgoing)>, HandleError> {
-    if shipment.is_some() {
-        return Ok(None);
-    }
-    let reply = reply.ok_or_else(|| HandleError::Retry("carrier was not asked; retry".into()))?;
-    let r: DispatchReply = serde_json::from_value(reply.clone())
-        .map_err(|e| HandleError::Retry(format!("carrier reply: {e}")))?;
-    let order_id = cmd.order_id.clone();
-    Ok(Some(match (r.accepted, r.tracking) {
-        (true, Some(tracking)) => (
+) -> Result<Option<(Shipment, Vec<Outgoing>)>, HandleError> {
+    use ShipmentStatus as S;
+    let need_reply = || HandleError::Retry("carrier was not asked; retry".into());
+    match (input, shipment) {
+        (Input::Customer(_), _) => Ok(None),
+        (Input::Ship(cmd), None) => {
+            let r = dispatch_reply(reply.ok_or_else(need_reply)?)?;
+            let order_id = cmd.order_id.clone();
+            Ok(Some(match r {
+                Ok(tracking) => (
+                    Shipment {
+                        order_id: order_id.clone(),
+                        status: S::Dispatched,
+                        tracking: Some(tracking.clone()),
+                        reason: None,
+                    },
+                    vec![Outgoing::event(&ShipmentDispatched { order_id, tracking })],
+                ),
+                Err(reason) => (
+                    Shipment {
+                        order_id: order_id.clone(),
+                        status: S::Failed,
+                        tracking: None,
+                        reason: Some(reason.clone()),
+                    },
+                    vec![Outgoing::event(&ShipmentFailed { order_id, reason })],
+                ),
+            }))
+        }
+        // Cancelled while the carrier accepted it: keep it on record and recall it.
+        (Input::Ship(cmd), Some(s)) if s.status == S::Cancelled && reply.is_some() => {
+            match dispatch_reply(reply.ok_or_else(need_reply)?)? {
+                Ok(tracking) => Ok(Some((
+                    Shipment {
+                        status: S::Recalling,
+                        tracking: Some(tracking),
+                        ..s.clone()
+                    },
+                    vec![Outgoing::command(
+                        CONTEXT,
+                        &RecallShipment {
+                            order_id: cmd.order_id.clone(),
+                        },
+                    )],
+                ))),
+                Err(_) => Ok(None),
+            }
+        }
+        (Input::Ship(_), Some(_)) => Ok(None),
+        (Input::Cancel(c), None) => Ok(Some((
             Shipment {
-                order_id: order_id.clone(),
-                status: ShipmentStatus::Dispatched,
-                tracking: Some(tracking.clone()),
-                reason: None,
+                order_id: c.order_id.clone(),
+                status: S::Cancelled,
+                tracking: None,
+                reason: Some("cancelled before dispatch".into()),
             },
-            Outgoing::event(&ShipmentDispatched { order_id, tracking }),
-        ),
-        (true, None) => {
-            return Err(HandleError::Retry(
-                "carrier accepted without a tracking number".into(),
-            ))
-        }
-        (false, _) => {
-            let reason = r.reason.unwrap_or_else(|| "refused by carrier".into());
-            (
+            vec![Outgoing::event(&ShipmentCancelled {
+                order_id: c.order_id.clone(),
+            })],
+        ))),
+        (Input::Cancel(_), Some(_)) => Ok(None),
+        (Input::Recall(_), Some(s)) if s.status == S::Recalling => {
+            let v = reply.ok_or_else(need_reply)?;
+            if v.get("ok").and_then(|b| b.as_bool()) != Some(true) {
+                return Err(HandleError::Permanent(format!(
+                    "carrier refused to recall {}: {v}",
+                    s.order_id
+                )));
+            }
+            let tracking = s.tracking.clone().unwrap_or_default();
+            Ok(Some((
                 Shipment {
-                    order_id: order_id.clone(),
-                    status: ShipmentStatus::Failed,
-                    tracking: None,
-                    reason: Some(reason.clone()),
+                    status: S::Recalled,
+                    ..s.clone()
                 },
-                Outgoing::event(&ShipmentFailed { order_id, reason }),
-            )
+                vec![Outgoing::event(&ShipmentRecalled {
+                    order_id: s.order_id.clone(),
+                    tracking,
+                })],
+            )))
         }
-    }))
+        (Input::Recall(_), _) => Ok(None),
+    }
+}
+
+/// `Ok(tracking)` if accepted, `Err(reason)` if refused.
+fn dispatch_reply(v: &serde_json::Value) -> Result<Result<String, String>, HandleError> {
+    let r: DispatchReply = serde_json::from_value(v.clone())
+        .map_err(|e| HandleError::Retry(format!("carrier reply: {e}")))?;
+    match (r.accepted, r.tracking) {
+        (true, Some(t)) => Ok(Ok(t)),
+        (true, None) => Err(HandleError::Retry(
+            "carrier accepted without a tracking number".into(),
+        )),
+        (false, _) => Ok(Err(r.reason.unwrap_or_else(|| "refused by carrier".into()))),
+    }
 }
 
 fn address_key(customer: &str) -> String {
@@ -145,6 +262,17 @@ fn address_key(customer: &str) -> String {
 }
 fn shipment_key(order: &str) -> String {
     format!("shipment/{order}")
+}
+
+impl Input {
+    fn order_id(&self) -> Option<&str> {
+        match self {
+            Input::Customer(_) => None,
+            Input::Ship(c) => Some(&c.order_id),
+            Input::Cancel(c) => Some(&c.order_id),
+            Input::Recall(c) => Some(&c.order_id),
+        }
+    }
 }
 
 /// The dispatch component.
@@ -158,13 +286,18 @@ impl Component for Dispatch {
     fn subscriptions(&self) -> Vec<Subscription> {
         vec![
             Subscription::events(customers::CONTEXT, &[CustomerRegistered::TYPE]),
-            Subscription::commands(CONTEXT, &[ShipOrder::TYPE]),
+            Subscription::commands(
+                CONTEXT,
+                &[ShipOrder::TYPE, CancelShipment::TYPE, RecallShipment::TYPE],
+            ),
         ]
     }
     fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Input, DecodeError> {
         Ok(match msg_type {
             CustomerRegistered::TYPE => Input::Customer(decode_as(payload)?),
             ShipOrder::TYPE => Input::Ship(decode_as(payload)?),
+            CancelShipment::TYPE => Input::Cancel(decode_as(payload)?),
+            RecallShipment::TYPE => Input::Recall(decode_as(payload)?),
             other => return Err(DecodeError::UnknownType(other.into())),
         })
     }
@@ -173,14 +306,15 @@ impl Component for Dispatch {
         state: &dyn StateRead,
         input: &Input,
     ) -> Result<Option<ExternalCall>, HandleError> {
-        match input {
-            Input::Customer(_) => Ok(None),
-            Input::Ship(cmd) => {
-                let address: Option<String> = read(state, &address_key(&cmd.customer_id))?;
-                let shipment: Option<Shipment> = read(state, &shipment_key(&cmd.order_id))?;
-                plan(address.as_deref(), shipment.as_ref(), cmd)
-            }
-        }
+        let Some(order_id) = input.order_id() else {
+            return Ok(None);
+        };
+        let shipment: Option<Shipment> = read(state, &shipment_key(order_id))?;
+        let address: Option<String> = match input {
+            Input::Ship(cmd) => read(state, &address_key(&cmd.customer_id))?,
+            _ => None,
+        };
+        plan(address.as_deref(), shipment.as_ref(), input)
     }
     fn handle(
         &self,
@@ -188,21 +322,20 @@ impl Component for Dispatch {
         input: &Input,
         ctx: &HandleCtx<'_>,
     ) -> Result<Vec<Outgoing>, HandleError> {
-        match input {
-            Input::Customer(c) => {
-                save(tx, &address_key(&c.customer_id), &c.address)?;
-                Ok(vec![])
-            }
-            Input::Ship(cmd) => {
-                let k = shipment_key(&cmd.order_id);
-                let shipment: Option<Shipment> = load(tx, &k)?;
-                match decide(shipment.as_ref(), cmd, ctx.external)? {
-                    None => Ok(vec![]),
-                    Some((s, ev)) => {
-                        save(tx, &k, &s)?;
-                        Ok(vec![ev])
-                    }
-                }
+        if let Input::Customer(c) = input {
+            save(tx, &address_key(&c.customer_id), &c.address)?;
+            return Ok(vec![]);
+        }
+        let Some(order_id) = input.order_id() else {
+            return Ok(vec![]);
+        };
+        let k = shipment_key(order_id);
+        let shipment: Option<Shipment> = load(tx, &k)?;
+        match decide(shipment.as_ref(), input, ctx.external)? {
+            None => Ok(vec![]),
+            Some((s, out)) => {
+                save(tx, &k, &s)?;
+                Ok(out)
             }
         }
     }
@@ -242,8 +375,8 @@ pub fn query(
 mod tests {
     use super::*;
 
-    fn ship() -> ShipOrder {
-        ShipOrder {
+    fn ship() -> Input {
+        Input::Ship(ShipOrder {
             order_id: "o1".into(),
             customer_id: "c1".into(),
             items: vec![LineItem {
@@ -251,7 +384,15 @@ mod tests {
                 qty: 2,
                 unit_price_cents: 1,
             }],
-        }
+        })
+    }
+    fn accepted() -> serde_json::Value {
+        serde_json::json!({"accepted": true, "tracking": "T1"})
+    }
+    fn cancel() -> Input {
+        Input::Cancel(CancelShipment {
+            order_id: "o1".into(),
+        })
     }
 
     #[test]
@@ -266,19 +407,58 @@ mod tests {
 
     #[test]
     fn dispatched_once() {
-        let reply = serde_json::json!({"accepted": true, "tracking": "T1"});
-        let (s, ev) = decide(None, &ship(), Some(&reply)).unwrap().unwrap();
+        let (s, out) = decide(None, &ship(), Some(&accepted())).unwrap().unwrap();
         assert_eq!(s.status, ShipmentStatus::Dispatched);
-        assert_eq!(ev.msg_type, "ShipmentDispatched");
+        assert_eq!(out[0].msg_type, "ShipmentDispatched");
         assert!(plan(Some("x"), Some(&s), &ship()).unwrap().is_none());
-        assert_eq!(decide(Some(&s), &ship(), Some(&reply)).unwrap(), None);
+        assert_eq!(decide(Some(&s), &ship(), Some(&accepted())).unwrap(), None);
+        assert_eq!(
+            decide(Some(&s), &cancel(), None).unwrap(),
+            None,
+            "cancel after dispatch changes nothing"
+        );
     }
 
     #[test]
     fn refused_shipment_fails() {
         let reply = serde_json::json!({"accepted": false, "reason": "undeliverable address"});
-        let (s, ev) = decide(None, &ship(), Some(&reply)).unwrap().unwrap();
+        let (s, out) = decide(None, &ship(), Some(&reply)).unwrap().unwrap();
         assert_eq!(s.status, ShipmentStatus::Failed);
-        assert_eq!(ev.msg_type, "ShipmentFailed");
+        assert_eq!(out[0].msg_type, "ShipmentFailed");
+    }
+
+    #[test]
+    fn cancel_before_dispatch_recalls_a_late_dispatch() {
+        let (tomb, out) = decide(None, &cancel(), None).unwrap().unwrap();
+        assert_eq!(
+            (tomb.status, out[0].msg_type),
+            (ShipmentStatus::Cancelled, "ShipmentCancelled")
+        );
+        assert!(
+            plan(Some("x"), Some(&tomb), &ship()).unwrap().is_none(),
+            "no new dispatch"
+        );
+        let (s, out) = decide(Some(&tomb), &ship(), Some(&accepted()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (s.status, out[0].msg_type),
+            (ShipmentStatus::Recalling, "RecallShipment")
+        );
+        let recall = Input::Recall(RecallShipment {
+            order_id: "o1".into(),
+        });
+        assert!(plan(None, Some(&s), &recall)
+            .unwrap()
+            .unwrap()
+            .body
+            .contains("recall:o1"));
+        let (s, out) = decide(Some(&s), &recall, Some(&serde_json::json!({"ok": true})))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (s.status, out[0].msg_type),
+            (ShipmentStatus::Recalled, "ShipmentRecalled")
+        );
     }
 }

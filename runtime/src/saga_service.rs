@@ -1,0 +1,227 @@
+//! The node's side of sagas: the deadline timer and the inspection/operator service.
+//!
+//! The timer scans the time-ordered deadline index of one context's store, fires every due
+//! deadline through [`ContextRuntime::commit_local`] (one transaction: index entry removed,
+//! transition applied, outbox written, inbox mark `deadline/<saga>/<id>/<name>/<at>`), and
+//! records how late it fired. Deadlines that came due while the node was down fire at start.
+//!
+//! The service answers `choreo.saga.<name>.<op>` (request/reply, JSON):
+//! `list {state?, older_than_ms?, active_only?}`, `show {id}`, `stuck {older_than_ms}`,
+//! `retry {id, request_id}`. Replies are `{"ok": ...}` or `{"error": "..."}`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::consumer::{ContextRuntime, LocalError};
+use crate::envelope::{derived_id, now_ms, Envelope};
+use crate::metrics;
+use crate::saga::{self, parse_deadline_key, DynSaga, InstanceSummary, DEADLINE_PREFIX};
+use crate::store::Committed;
+use crate::subjects;
+
+/// Most deadlines fired per scan.
+const BATCH: usize = 256;
+
+/// Fires due deadlines until `shutdown` turns true.
+pub async fn run_deadlines(
+    rt: Arc<ContextRuntime>,
+    sagas: Vec<Arc<dyn DynSaga>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let now = now_ms();
+        let upper = format!("{DEADLINE_PREFIX}{:020}", now + 1);
+        let due = rt
+            .store
+            .state_keys(DEADLINE_PREFIX, &upper, BATCH)
+            .unwrap_or_else(|e| {
+                tracing::error!(context = rt.context, error = %e, "deadline scan failed");
+                vec![]
+            });
+        for key in &due {
+            fire_one(&rt, &sagas, key).await;
+        }
+        let pause = match rt.store.first_key_from(DEADLINE_PREFIX, DEADLINE_PREFIX) {
+            Ok(Some(k)) => parse_deadline_key(&k)
+                .map(|d| Duration::from_millis(d.at_ms.saturating_sub(now_ms()).clamp(5, 500)))
+                .unwrap_or(Duration::from_millis(500)),
+            _ => Duration::from_millis(500),
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn fire_one(rt: &ContextRuntime, sagas: &[Arc<dyn DynSaga>], key: &str) {
+    let Some(due) = parse_deadline_key(key) else {
+        tracing::error!(key, "malformed deadline key; removed");
+        let _ = rt.store.state_remove(key);
+        return;
+    };
+    let Some(saga) = sagas.iter().find(|s| s.name() == due.saga) else {
+        // A saga this node does not host (another node owns it): leave it.
+        return;
+    };
+    let inbox_key = format!(
+        "deadline/{}/{}/{}/{}",
+        due.saga, due.id, due.name, due.at_ms
+    );
+    let cause_id = derived_id(&inbox_key);
+    let mut cause = Envelope::first(cause_id.clone(), "DeadlineReached", rt.context, now_ms());
+    cause.correlation_id = due.id.clone();
+    let result = rt
+        .commit_local(&inbox_key, &cause, saga.name(), |tx| {
+            tx.remove(&due.key)?;
+            saga.fire(tx, &due.id, &due.name, &cause_id, now_ms())
+        })
+        .await;
+    match result {
+        Ok(Committed::Written { .. }) => {
+            let late = now_ms().saturating_sub(due.at_ms);
+            metrics::SAGA_DEADLINES_FIRED
+                .with_label_values(&[saga.name(), &due.name])
+                .inc();
+            metrics::SAGA_DEADLINE_LATENESS
+                .with_label_values(&[saga.name()])
+                .observe(late as f64 / 1000.0);
+            tracing::info!(saga = saga.name(), id = %due.id, deadline = %due.name, late_ms = late, "deadline fired");
+        }
+        Ok(Committed::Duplicate) => {
+            let _ = rt.store.state_remove(&due.key);
+        }
+        Err(LocalError::Handler(crate::component::HandleError::Permanent(m))) => {
+            tracing::error!(saga = saga.name(), id = %due.id, deadline = %due.name, error = %m, "deadline cannot fire; removed");
+            let _ = rt.store.state_remove(&due.key);
+        }
+        Err(e) => {
+            tracing::warn!(saga = saga.name(), id = %due.id, deadline = %due.name, error = %e, "deadline will be retried")
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Request {
+    id: Option<String>,
+    state: Option<String>,
+    older_than_ms: Option<u64>,
+    active_only: bool,
+    request_id: Option<String>,
+}
+
+/// Serves `choreo.saga.<name>.*` for every saga the context hosts.
+pub async fn serve(
+    client: async_nats::Client,
+    rt: Arc<ContextRuntime>,
+    sagas: Vec<Arc<dyn DynSaga>>,
+) {
+    let mut subs = Vec::new();
+    for s in &sagas {
+        match client
+            .queue_subscribe(
+                subjects::saga(s.name(), "*"),
+                format!("choreo-saga-{}", s.name()),
+            )
+            .await
+        {
+            Ok(sub) => subs.push(sub),
+            Err(e) => tracing::error!(saga = s.name(), error = %e, "cannot serve saga inspection"),
+        }
+    }
+    let mut all = futures::stream::select_all(subs);
+    while let Some(req) = all.next().await {
+        let Some(reply) = req.reply.clone() else {
+            continue;
+        };
+        let mut parts = req.subject.rsplitn(2, '.');
+        let op = parts.next().unwrap_or("").to_string();
+        let name = parts
+            .next()
+            .and_then(|p| p.rsplit('.').next())
+            .unwrap_or("")
+            .to_string();
+        let body = match sagas.iter().find(|s| s.name() == name) {
+            Some(saga) => answer(&rt, saga.as_ref(), &op, &req.payload).await,
+            None => Err(format!("saga {name} is not hosted here")),
+        };
+        let body = match body {
+            Ok(v) => serde_json::json!({ "ok": v }),
+            Err(e) => serde_json::json!({ "error": e }),
+        };
+        let _ = client.publish(reply, body.to_string().into()).await;
+    }
+}
+
+async fn answer(
+    rt: &ContextRuntime,
+    saga: &dyn DynSaga,
+    op: &str,
+    payload: &[u8],
+) -> Result<serde_json::Value, String> {
+    let req: Request = if payload.is_empty() {
+        Request::default()
+    } else {
+        serde_json::from_slice(payload).map_err(|e| format!("bad request: {e}"))?
+    };
+    let all =
+        || saga::instances(rt.store.reader(), saga.name()).map_err(|e| format!("store: {e:?}"));
+    let now = now_ms();
+    match op {
+        "list" | "stuck" => {
+            let stuck = op == "stuck";
+            let older = req.older_than_ms.unwrap_or(0);
+            if stuck && req.older_than_ms.is_none() {
+                return Err("stuck needs older_than_ms".into());
+            }
+            let mut out: Vec<InstanceSummary> = all()?
+                .iter()
+                .filter(|i| req.state.as_deref().is_none_or(|s| s == i.status))
+                .filter(|i| !(stuck || req.active_only) || !i.terminal)
+                .filter(|i| {
+                    let since = if stuck {
+                        i.updated_at_ms
+                    } else {
+                        i.started_at_ms
+                    };
+                    now.saturating_sub(since) >= older
+                })
+                .map(InstanceSummary::from)
+                .collect();
+            out.sort_by_key(|s| s.started_at_ms);
+            Ok(serde_json::json!({ "now_ms": now, "count": out.len(), "instances": out }))
+        }
+        "show" => {
+            let id = req.id.ok_or("show needs id")?;
+            let key = saga::instance_key(saga.name(), &id);
+            let v: Option<serde_json::Value> =
+                crate::store::read(rt.store.reader(), &key).map_err(|e| format!("store: {e:?}"))?;
+            v.ok_or_else(|| format!("no {} instance {id}", saga.name()))
+        }
+        "retry" => {
+            let id = req.id.ok_or("retry needs id")?;
+            let request_id = req.request_id.unwrap_or_else(crate::envelope::new_id);
+            let inbox_key = format!("retry/{}/{id}/{request_id}", saga.name());
+            let cause_id = derived_id(&inbox_key);
+            let mut cause = Envelope::first(cause_id.clone(), "OperatorRetry", rt.context, now);
+            cause.correlation_id = id.clone();
+            rt.commit_local(&inbox_key, &cause, saga.name(), |tx| {
+                saga.retry(tx, &id, &cause_id, now_ms())
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            let key = saga::instance_key(saga.name(), &id);
+            let v: Option<serde_json::Value> =
+                crate::store::read(rt.store.reader(), &key).map_err(|e| format!("store: {e:?}"))?;
+            Ok(v.unwrap_or_default())
+        }
+        other => Err(format!(
+            "unknown operation {other:?} (list, show, stuck, retry)"
+        )),
+    }
+}

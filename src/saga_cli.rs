@@ -1,0 +1,179 @@
+//! `choreo saga ...`: the saga graph from its definition, and inspection and operator
+//! requests to the node hosting a saga.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use runtime::bus::Bus;
+use serde_json::{json, Value};
+
+use crate::client;
+
+/// Parses `500ms`, `30s`, `5m`, `2h`, `1d` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 5m, 2h)"))?;
+    let ms = match unit {
+        "ms" => n,
+        "" | "s" => n * 1_000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        "d" => n * 86_400_000,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+/// The graph of a saga by name, as Mermaid or DOT.
+pub fn graph(name: &str, dot: bool) -> anyhow::Result<String> {
+    let def = sagas::definition(name)
+        .ok_or_else(|| anyhow!("unknown saga {name:?}; known: {}", sagas::NAMES.join(", ")))?;
+    Ok(if dot { def.dot() } else { def.mermaid() })
+}
+
+fn age(now: u64, t: u64) -> String {
+    let s = now.saturating_sub(t) / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+/// Prints `list` or `stuck` results as a table.
+pub fn print_list(v: &Value) {
+    let now = v["now_ms"].as_u64().unwrap_or(0);
+    let empty = vec![];
+    let list = v["instances"].as_array().unwrap_or(&empty);
+    println!(
+        "{:<28} {:<24} {:>7} {:>8} {:>8}  deadlines",
+        "id", "state", "version", "age", "idle"
+    );
+    for i in list {
+        let deadlines: Vec<String> = i["deadlines"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, at)| format!("{k} in {}", age(at.as_u64().unwrap_or(0), now)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        println!(
+            "{:<28} {:<24} {:>7} {:>8} {:>8}  {}",
+            i["id"].as_str().unwrap_or(""),
+            i["status"].as_str().unwrap_or(""),
+            i["version"],
+            age(now, i["started_at_ms"].as_u64().unwrap_or(0)),
+            age(now, i["updated_at_ms"].as_u64().unwrap_or(0)),
+            deadlines.join(", ")
+        );
+    }
+    println!("{} instance(s)", list.len());
+}
+
+/// Prints one instance with its full history.
+pub fn print_instance(v: &Value) {
+    println!(
+        "saga {} instance {}",
+        v["saga"].as_str().unwrap_or(""),
+        v["id"].as_str().unwrap_or("")
+    );
+    println!(
+        "state    {} (version {}{})",
+        v["status"].as_str().unwrap_or(""),
+        v["version"],
+        if v["terminal"] == true {
+            ", terminal"
+        } else {
+            ""
+        }
+    );
+    if let Some(r) = v["state"]["reason"].as_str() {
+        println!("reason   {r}");
+    }
+    if let Some(d) = v["deadlines"].as_object().filter(|d| !d.is_empty()) {
+        println!(
+            "deadlines {}",
+            d.iter()
+                .map(|(k, at)| format!("{k} at {at}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    println!("history:");
+    let empty = vec![];
+    let start = v["started_at_ms"].as_u64().unwrap_or(0);
+    for h in v["history"].as_array().unwrap_or(&empty) {
+        let sent: Vec<&str> = h["sent"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let set: Vec<&str> = h["deadlines_set"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        println!(
+            "  v{:<3} +{:>6} ms  {:<8} {:<20} {:<38} {} -> {}{}{}",
+            h["version"],
+            h["at_ms"].as_u64().unwrap_or(0).saturating_sub(start),
+            h["trigger"].as_str().unwrap_or(""),
+            h["message_type"].as_str().unwrap_or(""),
+            h["message_id"].as_str().unwrap_or(""),
+            h["from"].as_str().unwrap_or(""),
+            h["to"].as_str().unwrap_or(""),
+            if sent.is_empty() {
+                String::new()
+            } else {
+                format!("  sent {}", sent.join(", "))
+            },
+            if set.is_empty() {
+                String::new()
+            } else {
+                format!("  deadline {}", set.join(", "))
+            },
+        );
+    }
+}
+
+/// Runs `list`, `stuck`, `show` or `retry` against the node hosting the saga.
+pub async fn request(bus: &Bus, saga: &str, op: &str, body: Value) -> anyhow::Result<Value> {
+    if sagas::definition(saga).is_none() {
+        bail!("unknown saga {saga:?}; known: {}", sagas::NAMES.join(", "));
+    }
+    client::saga(bus, saga, op, body).await
+}
+
+/// The request body of `retry`, with an id so that a repeated request retries once.
+pub fn retry_body(id: &str) -> Value {
+    json!({ "id": id, "request_id": runtime::envelope::new_id() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("12").unwrap(), Duration::from_secs(12));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn graph_by_name() {
+        assert!(graph("order-fulfilment", false)
+            .unwrap()
+            .contains("stateDiagram-v2"));
+        assert!(graph("order-fulfilment", true)
+            .unwrap()
+            .starts_with("digraph"));
+        assert!(graph("nope", false).is_err());
+    }
+}
