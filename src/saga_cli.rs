@@ -1,6 +1,7 @@
 //! `choreo saga ...`: the saga graph from its definition, and inspection and operator
 //! requests to the node hosting a saga.
 
+use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
@@ -46,10 +47,13 @@ fn age(now: u64, t: u64) -> String {
 
 /// Prints `list` or `stuck` results as a table.
 pub fn print_list(v: &Value) {
+    // Write errors (a closed pipe, `| head`) end the listing quietly instead of panicking.
+    let mut o = std::io::stdout().lock();
     let now = v["now_ms"].as_u64().unwrap_or(0);
     let empty = vec![];
     let list = v["instances"].as_array().unwrap_or(&empty);
-    println!(
+    let _ = writeln!(
+        o,
         "{:<28} {:<24} {:>7} {:>8} {:>8}  deadlines",
         "id", "state", "version", "age", "idle"
     );
@@ -62,7 +66,8 @@ pub fn print_list(v: &Value) {
                     .collect()
             })
             .unwrap_or_default();
-        println!(
+        let _ = writeln!(
+            o,
             "{:<28} {:<24} {:>7} {:>8} {:>8}  {}",
             i["id"].as_str().unwrap_or(""),
             i["status"].as_str().unwrap_or(""),
@@ -72,17 +77,20 @@ pub fn print_list(v: &Value) {
             deadlines.join(", ")
         );
     }
-    println!("{} instance(s)", list.len());
+    let _ = writeln!(o, "{} instance(s)", list.len());
 }
 
 /// Prints one instance with its full history.
 pub fn print_instance(v: &Value) {
-    println!(
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(
+        o,
         "saga {} instance {}",
         v["saga"].as_str().unwrap_or(""),
         v["id"].as_str().unwrap_or("")
     );
-    println!(
+    let _ = writeln!(
+        o,
         "state    {} (version {}{})",
         v["status"].as_str().unwrap_or(""),
         v["version"],
@@ -93,10 +101,11 @@ pub fn print_instance(v: &Value) {
         }
     );
     if let Some(r) = v["state"]["reason"].as_str() {
-        println!("reason   {r}");
+        let _ = writeln!(o, "reason   {r}");
     }
     if let Some(d) = v["deadlines"].as_object().filter(|d| !d.is_empty()) {
-        println!(
+        let _ = writeln!(
+            o,
             "deadlines {}",
             d.iter()
                 .map(|(k, at)| format!("{k} at {at}"))
@@ -104,7 +113,7 @@ pub fn print_instance(v: &Value) {
                 .join(", ")
         );
     }
-    println!("history:");
+    let _ = writeln!(o, "history:");
     let empty = vec![];
     let start = v["started_at_ms"].as_u64().unwrap_or(0);
     for h in v["history"].as_array().unwrap_or(&empty) {
@@ -116,7 +125,8 @@ pub fn print_instance(v: &Value) {
             .as_array()
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
-        println!(
+        let _ = writeln!(
+            o,
             "  v{:<3} +{:>6} ms  {:<8} {:<20} {:<38} {} -> {}{}{}",
             h["version"],
             h["at_ms"].as_u64().unwrap_or(0).saturating_sub(start),

@@ -192,6 +192,14 @@ impl Shop {
         self.wait_ready(Duration::from_secs(60)).await
     }
 
+    /// Starts a node for `ctx` that was not started with the shop, and waits until it answers.
+    pub async fn add_node(&mut self, ctx: &str) -> anyhow::Result<()> {
+        let node = self.spawn_node(ctx)?;
+        self.nodes.push(node);
+        self.opts.contexts.push(ctx.to_string());
+        self.wait_ready(Duration::from_secs(60)).await
+    }
+
     /// SIGTERM to every node and the simulators (they finish in-flight work), then the server.
     pub fn stop(mut self) -> anyhow::Result<()> {
         let mut problems = Vec::new();

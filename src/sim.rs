@@ -1,6 +1,7 @@
 //! `choreo sim`: the external systems of the shop, simulated over NATS request/reply.
 //!
-//! - payment gateway: `choreo.ext.payment-gateway.{authorize,capture,void}`;
+//! - payment gateway: `choreo.ext.payment-gateway.{authorize,capture,void,cancel-authorization}`
+//!   (`cancel-authorization` voids by the authorize key and refuses that key from then on);
 //! - carrier:         `choreo.ext.carrier.{dispatch,recall}`;
 //! - both answer `...stats` with the effects they performed, per order.
 //!
@@ -48,6 +49,8 @@ struct Ledger {
     replies: HashMap<String, Value>,
     effects: BTreeMap<String, Effects>,
     auths: HashMap<String, (String, u64, &'static str)>,
+    /// Authorize keys cancelled by reference: a later authorize with one is refused.
+    cancelled_keys: std::collections::HashSet<String>,
     requests: u64,
     repeats: u64,
     failures: u64,
@@ -129,8 +132,12 @@ impl Sim {
         let reply = match (system, op) {
             ("payment-gateway", "authorize") => {
                 let amount = req.get("amount_cents").and_then(Value::as_u64).unwrap_or(0);
+                let cancelled = l.cancelled_keys.contains(&key);
                 let e = l.effects.entry(order.clone()).or_default();
-                if s("payment_method") == "card_declined" {
+                if cancelled {
+                    e.declined += 1;
+                    json!({"approved": false, "reason": "cancelled"})
+                } else if s("payment_method") == "card_declined" {
                     e.declined += 1;
                     json!({"approved": false, "reason": "card_declined"})
                 } else {
@@ -142,9 +149,34 @@ impl Sim {
                     json!({"approved": true, "auth_id": auth_id})
                 }
             }
+            ("payment-gateway", "cancel-authorization") => {
+                let auth_key = s("authorize_key");
+                l.cancelled_keys.insert(auth_key.clone());
+                let auth_id = l
+                    .replies
+                    .get(&auth_key)
+                    .and_then(|r| r["auth_id"].as_str())
+                    .map(str::to_string);
+                match auth_id.as_ref().and_then(|a| l.auths.get(a).cloned()) {
+                    Some((o, amount, "authorized")) => {
+                        let auth_id = auth_id.unwrap_or_default();
+                        l.auths.insert(auth_id.clone(), (o, amount, "voided"));
+                        l.effects.entry(order.clone()).or_default().voided += 1;
+                        json!({"ok": true, "auth_id": auth_id, "voided_cents": amount})
+                    }
+                    _ => json!({"ok": true, "voided_cents": 0}),
+                }
+            }
             ("payment-gateway", "capture" | "void") => {
                 let auth_id = s("auth_id");
+                let done = if op == "capture" {
+                    "captured"
+                } else {
+                    "voided"
+                };
                 match l.auths.get(&auth_id).cloned() {
+                    // Already in the requested state: done, nothing more happens.
+                    Some((o, _, state)) if o == order && state == done => json!({"ok": true}),
                     Some((o, amount, "authorized")) if o == order => {
                         let capture = op == "capture";
                         l.auths.insert(

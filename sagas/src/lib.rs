@@ -14,11 +14,15 @@ pub use order_fulfilment::{Fulfilment, OrderFulfilment, Timeouts};
 /// Every saga's name, for `choreo saga graph`.
 pub const NAMES: &[&str] = &[order_fulfilment::NAME];
 
+/// A saga as the node hosts it: a component (its subscriptions) and a saga (deadlines,
+/// inspection).
+pub type Hosted = (Arc<dyn DynComponent>, Arc<dyn DynSaga>);
+
 /// The order fulfilment saga with its timeouts (`[sagas.order-fulfilment]` in the node
 /// config), as a component (its subscriptions) and as a saga (deadlines, inspection).
 pub fn order_fulfilment(
     config: &BTreeMap<String, BTreeMap<String, u64>>,
-) -> Result<(Arc<dyn DynComponent>, Arc<dyn DynSaga>), String> {
+) -> Result<Hosted, String> {
     let timeouts = match config.get(order_fulfilment::NAME) {
         Some(m) => Timeouts::from_map(m)?,
         None => Timeouts::default(),

@@ -32,9 +32,14 @@ pub(crate) struct TestShop {
 /// Starts the given contexts (one process each), with or without simulators; `extra_config`
 /// is appended to [`TEST_CONFIG`] (e.g. a `[stream]` table).
 pub(crate) async fn start(contexts: &[&str], sim: bool, extra_config: &str) -> TestShop {
+    start_config(contexts, sim, &format!("{TEST_CONFIG}\n{extra_config}")).await
+}
+
+/// Like [`start`] with a whole node config instead of [`TEST_CONFIG`] plus extras.
+pub(crate) async fn start_config(contexts: &[&str], sim: bool, config: &str) -> TestShop {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = dir.path().join("node.toml");
-    std::fs::write(&cfg, format!("{TEST_CONFIG}\n{extra_config}")).unwrap();
+    std::fs::write(&cfg, config).unwrap();
     let opts = ShopOptions {
         contexts: contexts.iter().map(|s| s.to_string()).collect(),
         sim: sim.then(Vec::new),

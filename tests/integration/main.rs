@@ -7,4 +7,5 @@ mod crash;
 mod duplicates;
 mod harness;
 mod order_flow;
+mod sagas;
 mod supervision;

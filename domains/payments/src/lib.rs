@@ -121,6 +121,16 @@ pub struct AuthorizeReply {
     pub reason: Option<String>,
 }
 
+/// Gateway reply to `cancel-authorization`: what it voided, if anything.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelReply {
+    pub ok: bool,
+    #[serde(default)]
+    pub auth_id: Option<String>,
+    #[serde(default)]
+    pub voided_cents: u64,
+}
+
 /// Gateway reply to `capture` and `void`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SettleReply {
@@ -165,6 +175,16 @@ pub fn plan(payment: Option<&Payment>, input: &Input) -> Result<Option<ExternalC
                 "idempotency_key": format!("void:{}", v.order_id),
                 "order_id": v.order_id,
                 "auth_id": pay.auth_id,
+            }),
+        ))),
+        // No authorization on record (it may be in flight, or its reply lost): cancel it at
+        // the gateway by reference, so one made earlier is voided and a later one refused.
+        (Input::Cancel(v), None, _) => Ok(Some(call(
+            "cancel-authorization",
+            serde_json::json!({
+                "idempotency_key": format!("cancel:{}", v.order_id),
+                "order_id": v.order_id,
+                "authorize_key": format!("authorize:{}", v.order_id),
             }),
         ))),
         (Input::Capture(_), None, _) => Err(HandleError::Retry(format!(
@@ -244,6 +264,8 @@ pub fn decide(
         // on record and void it at once, without announcing it.
         (Input::Placed(p), Some(pay)) if pay.status == S::Cancelled && reply.is_some() => {
             match authorize_reply(reply, input)? {
+                // The cancellation already voided exactly this authorization.
+                Ok(auth_id) if pay.auth_id.as_deref() == Some(auth_id.as_str()) => Ok(None),
                 Ok(auth_id) => Ok(Some((
                     Payment {
                         amount_cents: p.total_cents,
@@ -297,19 +319,24 @@ pub fn decide(
             };
             Ok(Some((next, vec![Outgoing::event(&ev)])))
         }
-        (Input::Cancel(c), None) => Ok(Some((
-            Payment {
-                order_id: c.order_id.clone(),
-                amount_cents: 0,
-                auth_id: None,
-                status: S::Cancelled,
-                captured_cents: 0,
-                voided_cents: 0,
-            },
-            vec![Outgoing::event(&PaymentCancelled {
-                order_id: c.order_id.clone(),
-            })],
-        ))),
+        (Input::Cancel(c), None) => {
+            let r: CancelReply =
+                serde_json::from_value(reply.ok_or_else(|| retry_reply(input))?.clone())
+                    .map_err(|e| HandleError::Retry(format!("gateway reply: {e}")))?;
+            Ok(Some((
+                Payment {
+                    order_id: c.order_id.clone(),
+                    amount_cents: r.voided_cents,
+                    auth_id: r.auth_id,
+                    status: S::Cancelled,
+                    captured_cents: 0,
+                    voided_cents: r.voided_cents,
+                },
+                vec![Outgoing::event(&PaymentCancelled {
+                    order_id: c.order_id.clone(),
+                })],
+            )))
+        }
         (Input::Cancel(_), Some(pay)) if pay.status == S::Captured => {
             Err(HandleError::Permanent(format!(
                 "cannot cancel payment of {}: already captured",
@@ -518,7 +545,12 @@ mod tests {
 
     #[test]
     fn cancel_before_authorization_voids_the_late_one() {
-        let (tomb, out) = decide(None, &cancel(), None).unwrap().unwrap();
+        let call = plan(None, &cancel()).unwrap().unwrap();
+        assert!(
+            call.subject.ends_with("cancel-authorization") && call.body.contains("authorize:o1")
+        );
+        let nothing = serde_json::json!({"ok": true, "voided_cents": 0});
+        let (tomb, out) = decide(None, &cancel(), Some(&nothing)).unwrap().unwrap();
         assert_eq!(tomb.status, PaymentStatus::Cancelled);
         assert_eq!(out[0].msg_type, "PaymentCancelled");
         // No new authorization is started for a cancelled order...
@@ -531,6 +563,21 @@ mod tests {
         assert_eq!((out.len(), out[0].msg_type), (1, "CancelPayment"));
         let (p, _) = decide(Some(&p), &cancel(), Some(&ok())).unwrap().unwrap();
         assert_eq!(p.voided_cents, p.amount_cents);
+    }
+
+    #[test]
+    fn cancel_by_reference_records_what_the_gateway_voided() {
+        let voided = serde_json::json!({"ok": true, "auth_id": "a1", "voided_cents": 500});
+        let (tomb, _) = decide(None, &cancel(), Some(&voided)).unwrap().unwrap();
+        assert_eq!(
+            (tomb.voided_cents, tomb.auth_id.as_deref()),
+            (500, Some("a1"))
+        );
+        // The authorization's own reply arrives late: it is the one already voided.
+        assert_eq!(
+            decide(Some(&tomb), &placed(), Some(&approved())).unwrap(),
+            None
+        );
     }
 
     #[test]
