@@ -3,7 +3,8 @@
 //!
 //! Invariants, each counted separately:
 //! - terminal: every order is Completed or Cancelled;
-//! - agreement: the fulfilment saga, inventory and payments agree with the order's state;
+//! - agreement: the fulfilment saga, inventory, payments and shipping agree with the order's
+//!   state;
 //! - money: a completed order's payment is captured in full; a cancelled order has nothing
 //!   captured; per payment captured + voided = authorized;
 //! - stock: per sku added = available + reserved + committed, and nothing is reserved once
@@ -98,6 +99,7 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
     .await?;
     let inv = client::query(bus, "inventory", "summary", Value::Null).await?;
     let pay = client::query(bus, "payments", "summary", Value::Null).await?;
+    let ship = client::query(bus, "shipping", "summary", Value::Null).await?;
     let gateway = client::query_external(bus, "payment-gateway").await.ok();
     let carrier = client::query_external(bus, "carrier").await.ok();
 
@@ -116,6 +118,7 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
         })
         .unwrap_or_default();
     let reservations = statuses(&inv, "reservations");
+    let shipments = statuses(&ship, "shipments");
     let payments = pay["payments"].as_object().cloned().unwrap_or_default();
     let mut r = VerifyReport {
         ledgers_checked: gateway.is_some() && carrier.is_some(),
@@ -169,6 +172,16 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
             c.violations.push(format!(
                 "order {id} is {st} but its stock reservation is {res}"
             ));
+        }
+        let sh = shipments.get(id).map(String::as_str).unwrap_or("none");
+        let sh_ok = if completed {
+            sh == "Dispatched"
+        } else {
+            matches!(sh, "none" | "Failed" | "Cancelled" | "Recalled")
+        };
+        if !sh_ok {
+            c.violations
+                .push(format!("order {id} is {st} but its shipment is {sh}"));
         }
 
         let c = check(&mut r, "money");
