@@ -44,6 +44,14 @@ pub struct NodeConfig {
     pub max_message_bytes: usize,
     /// Fault injection for chaos tests (off by default).
     pub faults: crate::faults::FaultConfig,
+    /// Default retry policy of every handler.
+    pub retry: crate::resilience::retry::RetryPolicy,
+    /// Per-handler settings by component name (e.g. `[handlers.billing]`).
+    pub handlers: std::collections::BTreeMap<String, HandlerConfig>,
+    /// Circuit breakers around external systems (one per system).
+    pub breaker: crate::resilience::breaker::BreakerConfig,
+    /// Restart limits of consumer actors.
+    pub supervision: SupervisionConfig,
     /// Per-saga settings (deadlines in ms, resend limits), by saga name; each saga
     /// validates its own keys.
     pub sagas: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
@@ -74,12 +82,45 @@ pub struct ConsumerConfig {
     /// Redelivery if not acked within this time. At least 3x the slowest handler
     /// (external timeout plus store commit).
     pub ack_wait_ms: u64,
-    /// Deliveries before the handler dead-letters the message itself.
+    /// Server-side backstop on deliveries. The runtime's retry budget (`[retry] budget`)
+    /// decides when a failing message is dead-lettered; this only has to stay above it plus
+    /// the redeliveries an open breaker causes (a message past it is dropped by the server).
     pub max_deliver: i64,
-    /// Delays between redeliveries after a transient failure (the last one repeats).
-    pub retry_backoff_ms: Vec<u64>,
     /// Messages handled at once per consumer (bounded in-flight work).
     pub max_in_flight: usize,
+}
+
+/// Settings of one handler (component); missing ones take the node's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerConfig {
+    /// Replaces the default retry policy whole for this handler.
+    #[serde(default)]
+    pub retry: Option<crate::resilience::retry::RetryPolicy>,
+    /// Bulkhead size of each of this handler's consumers.
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
+}
+
+/// Restart intensity: at most `max_restarts` in `window_ms`, with back-off between them;
+/// beyond it the consumer stops for `window_ms` and the node reports not ready.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SupervisionConfig {
+    pub max_restarts: usize,
+    pub window_ms: u64,
+    /// Delay before the 1st, 2nd, ... restart in a window (the last repeats).
+    pub backoff_ms: Vec<u64>,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        SupervisionConfig {
+            max_restarts: 10,
+            window_ms: 60_000,
+            backoff_ms: vec![0, 100, 1_000, 5_000],
+        }
+    }
 }
 
 /// Settings of each context's sled store.
@@ -107,6 +148,10 @@ impl Default for NodeConfig {
             external_timeout_ms: 5_000,
             max_message_bytes: 64 * 1024,
             faults: crate::faults::FaultConfig::default(),
+            retry: Default::default(),
+            handlers: Default::default(),
+            breaker: Default::default(),
+            supervision: Default::default(),
             sagas: Default::default(),
         }
     }
@@ -128,8 +173,7 @@ impl Default for ConsumerConfig {
     fn default() -> Self {
         ConsumerConfig {
             ack_wait_ms: 30_000,
-            max_deliver: 20,
-            retry_backoff_ms: vec![100, 500, 2_000, 5_000, 10_000],
+            max_deliver: 10_000,
             max_in_flight: 64,
         }
     }
@@ -185,14 +229,41 @@ impl NodeConfig {
                 c.max_in_flight
             ));
         }
-        if c.retry_backoff_ms.is_empty() {
-            return bad("consumer.retry_backoff_ms must not be empty".into());
-        }
         if c.ack_wait_ms < 3 * self.external_timeout_ms {
             return bad(format!(
                 "consumer.ack_wait_ms ({}) must be at least 3x external_timeout_ms ({})",
                 c.ack_wait_ms, self.external_timeout_ms
             ));
+        }
+        let policies = std::iter::once(("retry".to_string(), &self.retry)).chain(
+            self.handlers
+                .iter()
+                .filter_map(|(h, c)| c.retry.as_ref().map(|r| (format!("handlers.{h}.retry"), r))),
+        );
+        for (name, p) in policies {
+            if let Some(problem) = p.problems() {
+                return bad(format!("{name}: {problem}"));
+            }
+            if p.handler_timeout_ms >= c.ack_wait_ms {
+                return bad(format!(
+                    "{name}.handler_timeout_ms ({}) must be below consumer.ack_wait_ms ({})",
+                    p.handler_timeout_ms, c.ack_wait_ms
+                ));
+            }
+            if i64::from(p.budget) >= c.max_deliver {
+                return bad(format!(
+                    "{name}.budget must be below consumer.max_deliver ({})",
+                    c.max_deliver
+                ));
+            }
+        }
+        if let Some(problem) = self.breaker.problems() {
+            return bad(format!("breaker: {problem}"));
+        }
+        if self.supervision.max_restarts == 0 || self.supervision.backoff_ms.is_empty() {
+            return bad(
+                "supervision: max_restarts must be positive and backoff_ms not empty".into(),
+            );
         }
         if self.stream.duplicate_window_ms == 0
             || self.stream.duplicate_window_ms > self.stream.max_age_ms
@@ -219,11 +290,20 @@ impl NodeConfig {
         Duration::from_millis(self.consumer.ack_wait_ms)
     }
 
-    /// The delay before the next delivery after `delivered` failed attempts.
-    pub fn retry_delay(&self, delivered: i64) -> Duration {
-        let b = &self.consumer.retry_backoff_ms;
-        let i = (delivered.max(1) as usize - 1).min(b.len() - 1);
-        Duration::from_millis(b[i])
+    /// The retry policy of a handler (component).
+    pub fn policy(&self, component: &str) -> &crate::resilience::retry::RetryPolicy {
+        self.handlers
+            .get(component)
+            .and_then(|h| h.retry.as_ref())
+            .unwrap_or(&self.retry)
+    }
+
+    /// The bulkhead size of a handler's consumers.
+    pub fn max_in_flight(&self, component: &str) -> usize {
+        self.handlers
+            .get(component)
+            .and_then(|h| h.max_in_flight)
+            .unwrap_or(self.consumer.max_in_flight)
     }
 }
 
@@ -275,10 +355,26 @@ mod tests {
     }
 
     #[test]
-    fn retry_delay_walks_the_backoff_list() {
-        let c = valid();
-        assert_eq!(c.retry_delay(1), Duration::from_millis(100));
-        assert_eq!(c.retry_delay(2), Duration::from_millis(500));
-        assert_eq!(c.retry_delay(99), Duration::from_millis(10_000));
+    fn handler_policies_override_the_default() {
+        let c: NodeConfig = toml::from_str(
+            "contexts=['orders']\n[retry]\nbudget=4\n[handlers.billing]\nmax_in_flight=8\n[handlers.billing.retry]\nbudget=2\n",
+        )
+        .unwrap();
+        c.validate(KNOWN).unwrap();
+        assert_eq!(
+            (c.policy("billing").budget, c.policy("stock").budget),
+            (2, 4)
+        );
+        assert_eq!(
+            (c.max_in_flight("billing"), c.max_in_flight("stock")),
+            (8, 64)
+        );
+        let mut bad = c.clone();
+        bad.retry.handler_timeout_ms = bad.consumer.ack_wait_ms;
+        assert!(bad
+            .validate(KNOWN)
+            .unwrap_err()
+            .to_string()
+            .contains("handler_timeout_ms"));
     }
 }

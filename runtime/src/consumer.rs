@@ -3,15 +3,23 @@
 //!
 //! The actor is a thin shell: it owns the pull loop (a tokio task on the node's worker
 //! threads) and restarts it. Handler code runs inside `catch_unwind`; a panic naks the
-//! message (it is redelivered) and stops the actor, which its `Supervisor` restarts.
+//! message (it is redelivered) and stops the actor, which its `Supervisor` restarts with
+//! back-off, at most `supervision.max_restarts` times in `supervision.window_ms`; beyond
+//! that the consumer stays stopped for a window and the node reports not ready.
 //!
-//! Every outcome maps explicitly to one acknowledgement:
-//! - processed or duplicate           -> ack, after the store is durable;
-//! - `HandleError::Retry`, store, bus -> nak with the configured back-off delay;
-//! - undecodable, unknown, oversized,
-//!   `HandleError::Permanent`, budget
-//!   exhausted                        -> dead letter (awaited), then term.
+//! Every outcome maps explicitly to one acknowledgement (see `resilience` for the order in
+//! which the policies stack):
+//! - handled (including a business rejection, which is an event) or duplicate
+//!                                    -> ack, after the store is durable;
+//! - transient (`HandleError::Retry`, external failure or timeout, handler timeout, panic)
+//!                                    -> `retry.immediate` retries at once, then nak with the
+//!                                       policy's back-off; counted against `retry.budget`;
+//! - external system's breaker open   -> nak with the breaker's delay; not counted;
+//! - store flush failed               -> nak; not counted (the node is the problem);
+//! - undecodable, unknown type, missing header, oversized, `HandleError::Permanent`,
+//!   budget exhausted                 -> dead letter (awaited, and recorded locally), then term.
 
+use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,8 +37,10 @@ use crate::envelope::{self, Envelope};
 use crate::external;
 use crate::faults::{FaultAction, FaultPoint, Faults};
 use crate::flusher::GroupCommit;
-use crate::metrics;
+use crate::metrics::{self, Health};
 use crate::outbox::Relay;
+use crate::resilience::breaker::Breakers;
+use crate::resilience::retry::RetryPolicy;
 use crate::store::{CommitError, Committed, DecideError, OutboxEntry, StateError, Store};
 use crate::subjects;
 
@@ -38,6 +48,8 @@ use crate::subjects;
 pub struct ContextRuntime {
     pub context: &'static str,
     pub faults: Arc<Faults>,
+    pub breakers: Arc<Breakers>,
+    pub health: Health,
     pub store: Store,
     pub commit: GroupCommit,
     pub relay: Relay,
@@ -141,6 +153,10 @@ pub struct ConsumerActor {
     node_shutdown: watch::Receiver<bool>,
     run_stop: Option<watch::Sender<bool>>,
     run: Option<JoinHandle<()>>,
+    /// Restarts within the current supervision window.
+    restarts: VecDeque<Instant>,
+    /// Stopped after exceeding the restart limit.
+    given_up: bool,
 }
 
 impl ConsumerActor {
@@ -159,7 +175,33 @@ impl ConsumerActor {
             node_shutdown,
             run_stop: None,
             run: None,
+            restarts: VecDeque::new(),
+            given_up: false,
         }
+    }
+
+    /// Starts the pull loop after `delay`.
+    fn spawn_loop(&mut self, ctx: &mut Context<Self>, delay: Duration) {
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        self.run_stop = Some(stop_tx);
+        let pull = PullLoop {
+            rt: self.rt.clone(),
+            component: self.component.clone(),
+            sub: self.sub.clone(),
+            durable: self.durable.clone(),
+            actor: ctx.address(),
+        };
+        let mut shutdown = self.node_shutdown.clone();
+        self.run = Some(tokio::spawn(async move {
+            if !delay.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop_rx.changed() => return,
+                    _ = shutdown.changed() => return,
+                }
+            }
+            pull.run(stop_rx, shutdown).await
+        }));
     }
 }
 
@@ -173,18 +215,26 @@ impl Actor for ConsumerActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        let (stop_tx, stop_rx) = watch::channel(false);
-        self.run_stop = Some(stop_tx);
-        let pull = PullLoop {
-            rt: self.rt.clone(),
-            component: self.component.clone(),
-            sub: self.sub.clone(),
-            durable: self.durable.clone(),
-            actor: ctx.address(),
+        let sup = &self.rt.cfg.supervision;
+        if self.given_up {
+            // Past the restart limit: stay stopped for a window, then try again.
+            let window = Duration::from_millis(sup.window_ms);
+            ctx.run_later(window, |act, ctx| {
+                act.given_up = false;
+                act.restarts.clear();
+                act.rt.health.recover();
+                metrics::SUPERVISOR_GIVEN_UP.with_label_values(&[act.rt.context, &act.durable]).set(0);
+                tracing::warn!(consumer = %act.durable, "consumer resumes after its restart limit window");
+                act.spawn_loop(ctx, Duration::ZERO);
+            });
+            return;
+        }
+        let delay = match self.restarts.len() {
+            0 => 0,
+            n => sup.backoff_ms[(n - 1).min(sup.backoff_ms.len() - 1)],
         };
-        let shutdown = self.node_shutdown.clone();
-        self.run = Some(tokio::spawn(pull.run(stop_rx, shutdown)));
-        tracing::debug!(consumer = %self.durable, "consumer started");
+        self.spawn_loop(ctx, Duration::from_millis(delay));
+        tracing::debug!(consumer = %self.durable, delay_ms = delay, "consumer started");
     }
 }
 
@@ -193,12 +243,31 @@ impl Supervised for ConsumerActor {
         metrics::ACTOR_RESTARTS
             .with_label_values(&[self.rt.context, &self.durable])
             .inc();
-        tracing::warn!(consumer = %self.durable, "consumer restarting after a handler panic");
         // The old loop drains (naks what it buffered, finishes in-flight work) on its own.
         if let Some(stop) = self.run_stop.take() {
             let _ = stop.send(true);
         }
         self.run = None;
+        let sup = &self.rt.cfg.supervision;
+        let now = Instant::now();
+        let window = Duration::from_millis(sup.window_ms);
+        self.restarts.retain(|t| now.duration_since(*t) < window);
+        self.restarts.push_back(now);
+        if self.restarts.len() > sup.max_restarts && !self.given_up {
+            self.given_up = true;
+            self.rt.health.degrade();
+            metrics::SUPERVISOR_GIVEN_UP
+                .with_label_values(&[self.rt.context, &self.durable])
+                .set(1);
+            tracing::error!(
+                consumer = %self.durable,
+                restarts = self.restarts.len(),
+                window_ms = sup.window_ms,
+                "restart limit exceeded: consumer stopped, node not ready"
+            );
+        } else {
+            tracing::warn!(consumer = %self.durable, restarts = self.restarts.len(), "consumer restarting after a handler panic");
+        }
     }
 }
 
@@ -210,7 +279,9 @@ struct Panicked;
 impl Handler<Panicked> for ConsumerActor {
     type Result = ();
     fn handle(&mut self, _: Panicked, ctx: &mut Self::Context) {
-        ctx.stop();
+        if !self.given_up {
+            ctx.stop();
+        }
     }
 }
 
@@ -234,10 +305,27 @@ struct PullLoop {
     actor: Addr<ConsumerActor>,
 }
 
+/// The result of one attempt at handling a decoded message.
+enum Attempt {
+    /// Acked; the outcome label.
+    Done(&'static str),
+    Transient(String),
+    Permanent(String),
+    /// The external system's breaker is open: come back after this.
+    Delayed(Duration),
+    /// The store could not be made durable: not the message's fault.
+    StoreBroken(String),
+}
+
 impl PullLoop {
+    fn policy(&self) -> &RetryPolicy {
+        self.rt.cfg.policy(self.component.name())
+    }
+
     async fn run(self, mut stop: watch::Receiver<bool>, mut shutdown: watch::Receiver<bool>) {
         let this = Arc::new(self);
-        let max = this.rt.cfg.consumer.max_in_flight;
+        // The bulkhead: at most `max` in handling, and at most `max` prefetched (the queue).
+        let max = this.rt.cfg.max_in_flight(this.component.name());
         let permits = Arc::new(Semaphore::new(max));
         let stopped =
             |s: &watch::Receiver<bool>, n: &watch::Receiver<bool>| *s.borrow() || *n.borrow();
@@ -322,24 +410,31 @@ impl PullLoop {
 
     async fn process_guarded(&self, msg: jetstream::Message) {
         let started = Instant::now();
-        let msg = Arc::new(msg);
-        let result = AssertUnwindSafe(self.process(&msg)).catch_unwind().await;
-        let (msg_type, outcome) = match result {
-            Ok(r) => r,
-            Err(panic) => {
+        let in_use = metrics::BULKHEAD_IN_USE.with_label_values(&[self.rt.context, &self.durable]);
+        in_use.inc();
+        let timeout = Duration::from_millis(self.policy().handler_timeout_ms);
+        let guarded = AssertUnwindSafe(self.process(&msg)).catch_unwind();
+        let (msg_type, outcome) = match tokio::time::timeout(timeout, guarded).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(panic)) => {
                 let what = panic_message(&panic);
                 metrics::HANDLER_PANICS
                     .with_label_values(&[self.rt.context, &self.durable])
                     .inc();
                 tracing::error!(consumer = %self.durable, subject = %msg.subject, panic = %what, "handler panicked");
                 let outcome = self
-                    .fail(&msg, "unknown", &format!("handler panicked: {what}"), false)
+                    .fail(&msg, "unknown", &format!("handler panicked: {what}"))
                     .await;
                 // Restart the actor; `send` (not `do_send`) so the request is not silently lost.
                 let _ = self.actor.send(Panicked).await;
                 ("unknown", outcome)
             }
+            Err(_) => {
+                let why = format!("handler timed out after {} ms", timeout.as_millis());
+                ("unknown", self.fail(&msg, "unknown", &why).await)
+            }
         };
+        in_use.dec();
         metrics::MESSAGES
             .with_label_values(&[self.rt.context, &self.durable, outcome])
             .inc();
@@ -383,9 +478,6 @@ impl PullLoop {
             );
             return ("unknown", self.dead_letter(msg, "malformed", &reason).await);
         }
-        if let Some(outcome) = self.inject(FaultPoint::Handler, msg, msg_type).await {
-            return (msg_type, outcome);
-        }
         let inbox_key = format!("{}/{}", self.durable, env.id);
         match rt.store.seen(&inbox_key) {
             Ok(true) => return (msg_type, self.ack_durable(msg, "duplicate").await),
@@ -393,8 +485,7 @@ impl PullLoop {
             Err(e) => {
                 return (
                     msg_type,
-                    self.fail(msg, msg_type, &format!("store: {e}"), false)
-                        .await,
+                    self.nak_uncounted(msg, &format!("store: {e}")).await,
                 )
             }
         }
@@ -407,84 +498,109 @@ impl PullLoop {
                 )
             }
         };
-        let reply = match self.component.plan(rt.store.reader(), input.as_ref()) {
+        let mut immediate = 0;
+        loop {
+            let attempt = match self.inject(FaultPoint::Handler, msg, msg_type).await {
+                Some(a) => a,
+                None => {
+                    self.attempt(msg, &env, msg_type, &inbox_key, input.as_ref())
+                        .await
+                }
+            };
+            let outcome = match attempt {
+                Attempt::Done(outcome) => outcome,
+                Attempt::Transient(_) if immediate < self.policy().immediate => {
+                    immediate += 1;
+                    continue;
+                }
+                Attempt::Transient(why) => self.fail(msg, msg_type, &why).await,
+                Attempt::Permanent(why) => self.dead_letter(msg, "permanent", &why).await,
+                Attempt::Delayed(after) => {
+                    // Spread the wake-ups so the backlog drains gradually once it closes.
+                    let jitter = Duration::from_millis(fastrand::u64(
+                        0..=after.as_millis() as u64 / 2 + 100,
+                    ));
+                    let _ = msg.ack_with(AckKind::Nak(Some(after + jitter))).await;
+                    "delayed"
+                }
+                Attempt::StoreBroken(why) => self.nak_uncounted(msg, &why).await,
+            };
+            return (msg_type, outcome);
+        }
+    }
+
+    /// Plan, external call behind its breaker, transaction, group commit, ack.
+    async fn attempt(
+        &self,
+        msg: &jetstream::Message,
+        env: &Envelope,
+        msg_type: &str,
+        inbox_key: &str,
+        input: &(dyn std::any::Any + Send + Sync),
+    ) -> Attempt {
+        let rt = &self.rt;
+        let reply = match self.component.plan(rt.store.reader(), input) {
             Ok(None) => None,
             Ok(Some(call)) => {
+                let breaker = rt.breakers.get(call.system);
+                let permit = match breaker.acquire(envelope::now_ms()) {
+                    Ok(p) => p,
+                    Err(open) => return Attempt::Delayed(open.retry_after),
+                };
                 let timeout = Duration::from_millis(rt.cfg.external_timeout_ms);
-                match external::call(&rt.bus.client, &call, timeout).await {
+                let result = external::call(&rt.bus.client, &call, timeout).await;
+                breaker.record(permit, result.is_ok(), envelope::now_ms());
+                match result {
                     Ok(v) => Some(v),
-                    Err(e) => {
-                        return (
-                            msg_type,
-                            self.fail(msg, msg_type, &e.to_string(), false).await,
-                        )
-                    }
+                    Err(e) => return Attempt::Transient(e.to_string()),
                 }
             }
-            Err(e) => return (msg_type, self.handle_error(msg, msg_type, e).await),
+            Err(e) => return classify(e),
         };
         let now = envelope::now_ms();
         let hctx = HandleCtx {
-            envelope: &env,
+            envelope: env,
             now_ms: now,
             external: reply.as_ref(),
         };
-        let result = rt.store.commit(&inbox_key, now, |tx| {
-            let out = self
-                .component
-                .handle(tx, input.as_ref(), &hctx)
-                .map_err(split_tx)?;
-            Ok(to_outbox(rt.context, &self.durable, &env, out, now))
+        let result = rt.store.commit(inbox_key, now, |tx| {
+            let out = self.component.handle(tx, input, &hctx).map_err(split_tx)?;
+            Ok(to_outbox(rt.context, &self.durable, env, out, now))
         });
         match result {
             Ok(Committed::Written { outbox_keys }) => {
                 if let Err(e) = rt.commit.durable().await {
-                    return (
-                        msg_type,
-                        self.fail(msg, msg_type, &e.to_string(), true).await,
-                    );
+                    return Attempt::StoreBroken(e.to_string());
                 }
-                if let Some(outcome) = self.inject(FaultPoint::AfterCommit, msg, msg_type).await {
+                if let Some(a) = self.inject(FaultPoint::AfterCommit, msg, msg_type).await {
                     // The effect is durable; the redelivery is absorbed by the inbox and the
                     // outbox entries are published by the next start-up scan.
-                    return (msg_type, outcome);
+                    return a;
                 }
                 rt.relay.durable(outbox_keys);
-                (msg_type, self.ack(msg, "acked").await)
+                Attempt::Done(self.ack(msg, "acked").await)
             }
-            Ok(Committed::Duplicate) => (msg_type, self.ack_durable(msg, "duplicate").await),
-            Err(CommitError::Handler(e)) => (msg_type, self.handle_error(msg, msg_type, e).await),
-            Err(CommitError::Store(e)) => (
-                msg_type,
-                self.fail(msg, msg_type, &format!("store: {e}"), false)
-                    .await,
-            ),
+            Ok(Committed::Duplicate) => Attempt::Done(self.ack_durable(msg, "duplicate").await),
+            Err(CommitError::Handler(e)) => classify(e),
+            Err(CommitError::Store(e)) => Attempt::StoreBroken(format!("store: {e}")),
         }
     }
 
-    /// Applies an injected fault, if a rule fires. `Some(outcome)` ends the message's path.
+    /// Applies an injected fault, if a rule fires. `Some` ends the attempt.
     async fn inject(
         &self,
         point: FaultPoint,
         msg: &jetstream::Message,
         msg_type: &str,
-    ) -> Option<&'static str> {
-        let rule = self.rt.faults.fire(point, msg_type)?;
+    ) -> Option<Attempt> {
+        let rule = self.rt.faults.fire(point, msg_type, &msg.payload)?;
         match rule.action {
             FaultAction::Panic => panic!("injected fault at {point:?} for {msg_type}"),
             FaultAction::Crash => {
                 tracing::error!(?point, msg_type, "injected crash: aborting the process");
                 std::process::abort();
             }
-            FaultAction::Error => Some(
-                self.fail(
-                    msg,
-                    msg_type,
-                    &format!("injected error at {point:?}"),
-                    false,
-                )
-                .await,
-            ),
+            FaultAction::Error => Some(Attempt::Transient(format!("injected error at {point:?}"))),
             FaultAction::Delay => {
                 tokio::time::sleep(Duration::from_millis(rule.delay_ms)).await;
                 None
@@ -492,38 +608,37 @@ impl PullLoop {
         }
     }
 
-    async fn handle_error(
-        &self,
-        msg: &jetstream::Message,
-        msg_type: &str,
-        e: HandleError,
-    ) -> &'static str {
-        match e {
-            HandleError::Retry(why) => self.fail(msg, msg_type, &why, false).await,
-            HandleError::Permanent(why) => self.dead_letter(msg, "permanent", &why).await,
-            HandleError::State(s) => {
-                self.fail(msg, msg_type, &format!("state: {s:?}"), false)
-                    .await
-            }
-        }
+    fn failure_key(&self, msg: &jetstream::Message) -> String {
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        format!("{}/{seq}", self.durable)
     }
 
-    /// A retryable failure: nak with back-off, or dead-letter once the budget is spent.
-    async fn fail(
-        &self,
-        msg: &jetstream::Message,
-        msg_type: &str,
-        why: &str,
-        store_broken: bool,
-    ) -> &'static str {
-        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-        if delivered >= self.rt.cfg.consumer.max_deliver && !store_broken {
-            let reason = format!("retries exhausted after {delivered} deliveries: {why}");
+    /// A transient failure: counted; nak with the policy's delay, or dead-letter once the
+    /// budget is spent.
+    async fn fail(&self, msg: &jetstream::Message, msg_type: &str, why: &str) -> &'static str {
+        let policy = self.policy();
+        let key = self.failure_key(msg);
+        let failures = self
+            .rt
+            .store
+            .add_failure(&key)
+            .unwrap_or_else(|_| msg.info().map(|i| i.delivered as u32).unwrap_or(1));
+        if policy.exhausted(failures) {
+            let reason = format!("retries exhausted after {failures} failed deliveries: {why}");
             return self.dead_letter(msg, "retries_exhausted", &reason).await;
         }
-        let delay = self.rt.cfg.retry_delay(delivered);
-        tracing::warn!(consumer = %self.durable, msg_type, delivered, ?delay, error = %why, "handler failed; will retry");
+        let delay = policy.delay(failures);
+        tracing::warn!(consumer = %self.durable, msg_type, failures, ?delay, error = %why, "handler failed; will retry");
         let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+        "retried"
+    }
+
+    /// A failure that is not the message's fault: nak without spending its budget.
+    async fn nak_uncounted(&self, msg: &jetstream::Message, why: &str) -> &'static str {
+        tracing::error!(consumer = %self.durable, error = %why, "cannot handle messages now; will retry");
+        let _ = msg
+            .ack_with(AckKind::Nak(Some(self.policy().delay(1))))
+            .await;
         "retried"
     }
 
@@ -531,7 +646,7 @@ impl PullLoop {
     /// committed by a concurrent delivery): wait for durability first.
     async fn ack_durable(&self, msg: &jetstream::Message, outcome: &'static str) -> &'static str {
         if let Err(e) = self.rt.commit.durable().await {
-            return self.fail(msg, "unknown", &e.to_string(), true).await;
+            return self.nak_uncounted(msg, &e.to_string()).await;
         }
         self.ack(msg, outcome).await
     }
@@ -541,10 +656,14 @@ impl PullLoop {
             // Not fatal: the message is redelivered and absorbed by the inbox.
             tracing::warn!(consumer = %self.durable, error = %e, "ack failed");
         }
+        if msg.info().map(|i| i.delivered > 1).unwrap_or(false) {
+            let _ = self.rt.store.clear_failures(&self.failure_key(msg));
+        }
         outcome
     }
 
-    /// Dead-letters the message (awaiting the DLQ publish ack), then terminates it.
+    /// Dead-letters the message (awaiting the DLQ publish ack), records it locally, then
+    /// terminates it.
     async fn dead_letter(
         &self,
         msg: &jetstream::Message,
@@ -572,12 +691,40 @@ impl PullLoop {
                 .await;
             return "retried";
         }
+        let headers: serde_json::Map<String, serde_json::Value> = msg
+            .headers
+            .iter()
+            .flat_map(|h| h.iter())
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    serde_json::json!(v.first().map(|x| x.as_str()).unwrap_or("")),
+                )
+            })
+            .collect();
+        let record = serde_json::json!({
+            "consumer": &*self.durable, "subject": msg.subject.as_str(), "category": category,
+            "reason": reason, "delivered": delivered, "stream_sequence": seq,
+            "at_ms": envelope::now_ms(), "headers": headers,
+        });
+        let key = self.failure_key(msg);
+        let _ = self.rt.store.record_dead_letter(&key, &record);
+        let _ = self.rt.store.clear_failures(&key);
         tracing::warn!(consumer = %self.durable, subject = %msg.subject, category, reason, "dead-lettered");
         metrics::DEAD_LETTERS
             .with_label_values(&[self.rt.context, category])
             .inc();
         let _ = msg.ack_with(AckKind::Term).await;
         "dead_lettered"
+    }
+}
+
+/// Maps a handler's error to an attempt outcome.
+fn classify(e: HandleError) -> Attempt {
+    match e {
+        HandleError::Retry(why) => Attempt::Transient(why),
+        HandleError::Permanent(why) => Attempt::Permanent(why),
+        HandleError::State(s) => Attempt::Transient(format!("state: {s:?}")),
     }
 }
 

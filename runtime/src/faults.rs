@@ -55,6 +55,9 @@ pub struct FaultRule {
     pub msg_type: Option<String>,
     #[serde(default)]
     pub times: Option<u64>,
+    /// Optional: only messages whose payload contains this text (one specific message).
+    #[serde(default)]
+    pub payload_contains: Option<String>,
     #[serde(default = "one")]
     pub probability: f64,
     #[serde(default)]
@@ -96,10 +99,15 @@ impl Faults {
     }
 
     /// The fault to apply at `point` for a message of `msg_type`, if any rule fires.
-    pub fn fire(&self, point: FaultPoint, msg_type: &str) -> Option<&FaultRule> {
+    pub fn fire(&self, point: FaultPoint, msg_type: &str, payload: &[u8]) -> Option<&FaultRule> {
         for (rule, fired) in &self.rules {
             if rule.point != point || rule.msg_type.as_deref().is_some_and(|t| t != msg_type) {
                 continue;
+            }
+            if let Some(needle) = &rule.payload_contains {
+                if !String::from_utf8_lossy(payload).contains(needle.as_str()) {
+                    continue;
+                }
             }
             if rule.probability < 1.0
                 && self.rng.lock().expect("fault rng").f64() >= rule.probability
@@ -150,13 +158,13 @@ mod tests {
     #[test]
     fn fires_only_when_enabled_matching_and_within_times() {
         assert!(Faults::new(&cfg(false))
-            .fire(FaultPoint::Handler, "A")
+            .fire(FaultPoint::Handler, "A", b"")
             .is_none());
         let f = Faults::new(&cfg(true));
-        assert!(f.fire(FaultPoint::Handler, "B").is_none());
-        assert!(f.fire(FaultPoint::AfterCommit, "A").is_none());
-        assert!(f.fire(FaultPoint::Handler, "A").is_some());
-        assert!(f.fire(FaultPoint::Handler, "A").is_some());
-        assert!(f.fire(FaultPoint::Handler, "A").is_none());
+        assert!(f.fire(FaultPoint::Handler, "B", b"").is_none());
+        assert!(f.fire(FaultPoint::AfterCommit, "A", b"").is_none());
+        assert!(f.fire(FaultPoint::Handler, "A", b"").is_some());
+        assert!(f.fire(FaultPoint::Handler, "A", b"").is_some());
+        assert!(f.fire(FaultPoint::Handler, "A", b"").is_none());
     }
 }

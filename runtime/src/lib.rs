@@ -17,6 +17,8 @@ pub mod flusher;
 pub mod metrics;
 pub mod node;
 pub mod outbox;
+pub mod resilience;
+
 pub mod saga;
 pub mod saga_service;
 pub mod store;

@@ -46,11 +46,11 @@ fn latency_buckets() -> Vec<f64> {
 }
 
 /// Messages taken from a consumer, by what became of them.
-/// outcome: acked | duplicate | retried | dead_lettered.
+/// outcome: acked | duplicate | retried | delayed | dead_lettered.
 pub static MESSAGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
         "choreo_messages_total",
-        "Messages delivered to a consumer, by outcome (acked, duplicate, retried, dead_lettered).",
+                "Messages delivered to a consumer, by outcome (acked, duplicate, retried, delayed by an open breaker, dead_lettered).",
         &["context", "consumer", "outcome"],
     )
 });
@@ -181,18 +181,67 @@ pub static SAGA_DEADLINE_LATENESS: LazyLock<HistogramVec> = LazyLock::new(|| {
     )
 });
 
+/// Circuit breaker state per external system: 0 closed, 1 open, 2 half-open.
+pub static BREAKER_STATE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "choreo_breaker_state",
+        "Circuit breaker state per external system: 0 closed, 1 open, 2 half-open.",
+        &["system"],
+    )
+});
+
+/// Circuit breaker transitions.
+pub static BREAKER_TRANSITIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_breaker_transitions_total",
+        "Circuit breaker state changes, by system and new state (open, half_open, closed).",
+        &["system", "to"],
+    )
+});
+
+/// Messages in handling per consumer (bulkhead in use).
+pub static BULKHEAD_IN_USE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "choreo_bulkhead_in_use",
+        "Messages being handled now, per durable consumer (at most max_in_flight).",
+        &["context", "consumer"],
+    )
+});
+
+/// Supervisor restart limit exceeded: the consumer is stopped and the node not ready.
+pub static SUPERVISOR_GIVEN_UP: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "choreo_supervisor_stopped",
+        "1 while a consumer is stopped after exceeding its restart limit (node not ready).",
+        &["context", "consumer"],
+    )
+});
+
 /// Readiness shared between the node and the HTTP endpoint.
 #[derive(Clone, Default)]
 pub struct Health {
     ready: Arc<AtomicBool>,
+    /// Consumers stopped after exceeding their restart limit.
+    degraded: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Health {
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
     }
+    /// Ready: started, not shutting down, and no consumer stopped by its restart limit.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && self.degraded.load(Ordering::SeqCst) == 0
+    }
+    /// A consumer exceeded its restart limit and stopped.
+    pub fn degrade(&self) {
+        self.degraded.fetch_add(1, Ordering::SeqCst);
+    }
+    /// A stopped consumer resumed.
+    pub fn recover(&self) {
+        let _ = self
+            .degraded
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
     }
 }
 
@@ -217,6 +266,11 @@ pub fn init() {
     LazyLock::force(&STORE_GROUP_COMMIT_SIZE);
     LazyLock::force(&EXTERNAL_SECONDS);
     LazyLock::force(&FAULTS_INJECTED);
+    LazyLock::force(&BREAKER_STATE);
+    LazyLock::force(&BREAKER_TRANSITIONS);
+    LazyLock::force(&BULKHEAD_IN_USE);
+    LazyLock::force(&SUPERVISOR_GIVEN_UP);
+
     LazyLock::force(&SAGA_DEADLINES_FIRED);
     LazyLock::force(&SAGA_DEADLINE_LATENESS);
 }

@@ -28,6 +28,8 @@ use crate::faults::Faults;
 use crate::flusher::GroupCommit;
 use crate::metrics::{self, Health};
 use crate::outbox::Relay;
+use crate::resilience::breaker::Breakers;
+
 use crate::saga_service;
 use crate::store::{Store, StoreError};
 use crate::subjects;
@@ -88,6 +90,7 @@ pub async fn run(
     }
 
     let faults = Arc::new(Faults::new(&cfg.faults));
+    let breakers = Arc::new(Breakers::new(cfg.breaker.clone()));
     if cfg.faults.enabled {
         tracing::warn!(rules = cfg.faults.rules.len(), "fault injection is ENABLED");
     }
@@ -118,6 +121,8 @@ pub async fn run(
         let rt = Arc::new(ContextRuntime {
             context: c.name(),
             faults: faults.clone(),
+            breakers: breakers.clone(),
+            health: health.clone(),
             store: store.clone(),
             commit,
             relay,

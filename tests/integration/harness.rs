@@ -18,9 +18,14 @@ pub(crate) const TEST_CONFIG: &str = r#"
 external_timeout_ms = 1000
 [consumer]
 ack_wait_ms = 3000
-max_deliver = 20
-retry_backoff_ms = [50, 200, 500, 1000]
+max_deliver = 100
 max_in_flight = 64
+[retry]
+immediate = 1
+base_ms = 50
+max_ms = 1000
+budget = 20
+handler_timeout_ms = 2500
 "#;
 
 pub(crate) struct TestShop {

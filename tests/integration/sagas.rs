@@ -189,14 +189,20 @@ async fn deadlines_fire_after_kill_9_and_compensate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compensation_failed_is_visible_and_retry_completes_it() {
     // CancelPayment fails on its first 6 deliveries: 2 sends (first + one resend) x 3
-    // deliveries each (max_deliver), then dead-lettered; the instance parks. The retry's
-    // send succeeds.
+    // failed deliveries each (the retry budget), then dead-lettered; the instance parks.
+    // The retry's send succeeds.
     let config = r#"
 external_timeout_ms = 1000
 [consumer]
 ack_wait_ms = 3000
-max_deliver = 3
-retry_backoff_ms = [200, 500]
+max_deliver = 100
+[retry]
+immediate = 0
+base_ms = 200
+max_ms = 500
+jitter = false
+budget = 3
+handler_timeout_ms = 2500
 [sagas.order-fulfilment]
 compensation_ms = 1500
 max_attempts = 1
