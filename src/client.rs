@@ -103,13 +103,35 @@ pub async fn wait_ready(bus: &Bus, contexts: &[&str], timeout: Duration) -> anyh
 
 /// Asks an external system's simulator for its ledger (`choreo.ext.<system>.stats`).
 pub async fn query_external(bus: &Bus, system: &str) -> anyhow::Result<serde_json::Value> {
+    sim_request(bus, system, "stats", serde_json::json!({})).await
+}
+
+/// Changes a simulator's failure rate and latency at run time (`choreo.ext.<system>.control`).
+pub async fn control_external(
+    bus: &Bus,
+    system: &str,
+    settings: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let v = sim_request(bus, system, "control", settings).await?;
+    if let Some(e) = v.get("error") {
+        bail!("{system}: {}", e.as_str().unwrap_or("error"));
+    }
+    Ok(v)
+}
+
+async fn sim_request(
+    bus: &Bus,
+    system: &str,
+    op: &str,
+    body: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
     let req = async_nats::Request::new()
-        .payload(Bytes::from_static(b"{}"))
+        .payload(Bytes::from(body.to_string()))
         .timeout(Some(Duration::from_secs(5)));
     let reply = bus
         .client
-        .send_request(subjects::external(system, "stats"), req)
+        .send_request(subjects::external(system, op), req)
         .await
-        .map_err(|e| anyhow!("{system} stats: {e}"))?;
+        .map_err(|e| anyhow!("{system} {op}: {e} (is `choreo sim` running?)"))?;
     Ok(serde_json::from_slice(&reply.payload)?)
 }

@@ -4,6 +4,7 @@
 pub mod client;
 pub mod contexts;
 pub mod demo;
+pub mod dlq;
 pub mod load;
 pub mod procs;
 pub mod saga_cli;

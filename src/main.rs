@@ -50,6 +50,84 @@ enum Cmd {
         #[command(subcommand)]
         command: SagaCmd,
     },
+    /// Dead letters: list, show, replay (exactly once), discard.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCmd,
+    },
+    /// Change a running simulator's failure rate or latency (outages, slowness).
+    SimSet {
+        /// payment-gateway or carrier.
+        system: String,
+        /// Share of requests that fail (0.0 to 1.0).
+        #[arg(long, value_parser = rate)]
+        failure_rate: Option<f64>,
+        /// Added latency of each reply, in milliseconds.
+        #[arg(long)]
+        latency_ms: Option<u64>,
+        #[command(flatten)]
+        nats: NatsArg,
+    },
+}
+
+#[derive(Args, Clone, Default)]
+struct DlqFilter {
+    /// Only dead letters of this context.
+    #[arg(long)]
+    context: Option<String>,
+    /// Only dead letters whose reason contains this text.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only dead letters of this message type.
+    #[arg(long = "type")]
+    msg_type: Option<String>,
+    /// Only dead letters given up by this durable consumer.
+    #[arg(long)]
+    consumer: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum DlqCmd {
+    /// List dead letters with their reasons.
+    List {
+        #[command(flatten)]
+        filter: DlqFilter,
+        #[command(flatten)]
+        nats: NatsArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter: headers, reason, payload.
+    Show {
+        seq: u64,
+        #[command(flatten)]
+        nats: NatsArg,
+    },
+    /// Publish dead letters again on their subjects (same message id: applied once), then remove them.
+    Replay {
+        /// Sequence numbers (from `dlq list`).
+        seqs: Vec<u64>,
+        /// Every dead letter matching the filters.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        filter: DlqFilter,
+        #[command(flatten)]
+        nats: NatsArg,
+    },
+    /// Remove dead letters for good.
+    Discard {
+        /// Sequence numbers (from `dlq list`).
+        seqs: Vec<u64>,
+        /// Every dead letter matching the filters.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        filter: DlqFilter,
+        #[command(flatten)]
+        nats: NatsArg,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -381,6 +459,24 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(report.violations() == 0)
         }),
         Cmd::Saga { command } => run_saga(command),
+        Cmd::Dlq { command } => run_dlq(command),
+        Cmd::SimSet {
+            system,
+            failure_rate,
+            latency_ms,
+            nats,
+        } => tokio_rt()?.block_on(async {
+            anyhow::ensure!(
+                failure_rate.is_some() || latency_ms.is_some(),
+                "give --failure-rate and/or --latency-ms"
+            );
+            let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
+            let body =
+                serde_json::json!({ "failure_rate": failure_rate, "latency_ms": latency_ms });
+            let v = choreo::client::control_external(&bus, &system, body).await?;
+            println!("{v}");
+            Ok(true)
+        }),
         Cmd::Demo(a) => {
             let cfg = choreo::demo::DemoConfig {
                 dir: a.dir,
@@ -389,6 +485,85 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 load: a.shape.config()?,
             };
             tokio_rt()?.block_on(choreo::demo::run(cfg))
+        }
+    }
+}
+
+fn run_dlq(cmd: DlqCmd) -> anyhow::Result<bool> {
+    use choreo::dlq;
+    let to_filter = |f: DlqFilter| dlq::Filter {
+        context: f.context,
+        reason: f.reason,
+        msg_type: f.msg_type,
+        consumer: f.consumer,
+    };
+    tokio_rt()?.block_on(async {
+        match cmd {
+            DlqCmd::List { filter, nats, json } => {
+                let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
+                let list = dlq::list(&bus, &to_filter(filter)).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&list)?);
+                } else {
+                    dlq::print_list(&list);
+                }
+            }
+            DlqCmd::Show { seq, nats } => {
+                let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
+                let list = dlq::list(&bus, &dlq::Filter::default()).await?;
+                let d = list
+                    .iter()
+                    .find(|d| d.seq == seq)
+                    .ok_or_else(|| anyhow::anyhow!("no dead letter {seq}"))?;
+                println!("{}", serde_json::to_string_pretty(d)?);
+            }
+            DlqCmd::Replay {
+                seqs,
+                all,
+                filter,
+                nats,
+            } => {
+                let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
+                for seq in dlq_targets(&bus, seqs, all, to_filter(filter)).await? {
+                    let (subject, id) = dlq::replay(&bus, seq).await?;
+                    println!("replayed {seq}: {id} on {subject}");
+                }
+            }
+            DlqCmd::Discard {
+                seqs,
+                all,
+                filter,
+                nats,
+            } => {
+                let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
+                for seq in dlq_targets(&bus, seqs, all, to_filter(filter)).await? {
+                    dlq::discard(&bus, seq).await?;
+                    println!("discarded {seq}");
+                }
+            }
+        }
+        Ok(true)
+    })
+}
+
+/// The dead letters a replay or discard applies to: the given sequence numbers, or every
+/// one matching the filters with `--all`.
+async fn dlq_targets(
+    bus: &runtime::bus::Bus,
+    seqs: Vec<u64>,
+    all: bool,
+    filter: choreo::dlq::Filter,
+) -> anyhow::Result<Vec<u64>> {
+    match (seqs.is_empty(), all) {
+        (false, false) => Ok(seqs),
+        (true, true) => Ok(choreo::dlq::list(bus, &filter)
+            .await?
+            .into_iter()
+            .map(|d| d.seq)
+            .collect()),
+        (false, true) => anyhow::bail!("give sequence numbers or --all, not both"),
+        (true, false) => {
+            anyhow::bail!("give sequence numbers (see `choreo dlq list`) or --all with filters")
         }
     }
 }

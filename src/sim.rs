@@ -3,7 +3,8 @@
 //! - payment gateway: `choreo.ext.payment-gateway.{authorize,capture,void,cancel-authorization}`
 //!   (`cancel-authorization` voids by the authorize key and refuses that key from then on);
 //! - carrier:         `choreo.ext.carrier.{dispatch,recall}`;
-//! - both answer `...stats` with the effects they performed, per order.
+//! - both answer `...stats` with the effects they performed, per order, and take
+//!   `...control {"failure_rate", "latency_ms"}` to change their behaviour at run time.
 //!
 //! Each request carries an `idempotency_key`: the first request with a key acts and its
 //! reply is remembered; a repeat gets the same reply and acts no more (as real gateways
@@ -57,7 +58,7 @@ struct Ledger {
 }
 
 struct Sim {
-    cfg: SimConfig,
+    cfg: Mutex<SimConfig>,
     ledger: Mutex<Ledger>,
     rng: Mutex<fastrand::Rng>,
 }
@@ -66,7 +67,7 @@ struct Sim {
 pub async fn run(client: async_nats::Client, cfg: SimConfig) -> anyhow::Result<()> {
     let sim = Arc::new(Sim {
         rng: Mutex::new(fastrand::Rng::with_seed(cfg.seed)),
-        cfg,
+        cfg: Mutex::new(cfg),
         ledger: Mutex::default(),
     });
     let mut subs = futures::stream::select(
@@ -99,10 +100,16 @@ impl Sim {
         if op == "stats" {
             return self.stats();
         }
-        let (latency, failure_rate) = match system {
-            "payment-gateway" => (self.cfg.payment_latency, self.cfg.payment_failure_rate),
-            "carrier" => (self.cfg.carrier_latency, self.cfg.carrier_failure_rate),
-            _ => return json!({"error": format!("unknown system {system}")}),
+        if op == "control" {
+            return self.control(system, payload);
+        }
+        let (latency, failure_rate) = {
+            let c = self.cfg.lock().expect("sim config");
+            match system {
+                "payment-gateway" => (c.payment_latency, c.payment_failure_rate),
+                "carrier" => (c.carrier_latency, c.carrier_failure_rate),
+                _ => return json!({"error": format!("unknown system {system}")}),
+            }
         };
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;
@@ -221,6 +228,35 @@ impl Sim {
         };
         l.replies.insert(key, reply.clone());
         reply
+    }
+
+    /// `choreo.ext.<system>.control {"failure_rate"?, "latency_ms"?}`: changes the system's
+    /// behaviour at run time (outages and slowness for tests and demos); answers the settings.
+    fn control(&self, system: &str, payload: &[u8]) -> Value {
+        let req: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+        let mut c = self.cfg.lock().expect("sim config");
+        let c = &mut *c;
+        let (latency, rate) = match system {
+            "payment-gateway" => (&mut c.payment_latency, &mut c.payment_failure_rate),
+            "carrier" => (&mut c.carrier_latency, &mut c.carrier_failure_rate),
+            _ => return json!({"error": format!("unknown system {system}")}),
+        };
+        if let Some(r) = req.get("failure_rate").and_then(Value::as_f64) {
+            if !(0.0..=1.0).contains(&r) {
+                return json!({"error": "failure_rate must be within 0.0..=1.0"});
+            }
+            *rate = r;
+        }
+        if let Some(ms) = req.get("latency_ms").and_then(Value::as_u64) {
+            *latency = Duration::from_millis(ms);
+        }
+        tracing::info!(
+            system,
+            failure_rate = *rate,
+            latency_ms = latency.as_millis() as u64,
+            "simulator settings changed"
+        );
+        json!({"system": system, "failure_rate": *rate, "latency_ms": latency.as_millis() as u64})
     }
 
     fn stats(&self) -> Value {

@@ -157,7 +157,13 @@ pub struct ConsumerActor {
     restarts: VecDeque<Instant>,
     /// Stopped after exceeding the restart limit.
     given_up: bool,
+    /// The JetStream message stream, kept across restarts: a restarted loop continues on the
+    /// same subscription (dropping it would strand prefetched and redelivered messages in
+    /// its open pull requests until `ack_wait`).
+    stream: Slot,
 }
+
+type Slot = Arc<tokio::sync::Mutex<Option<jetstream::consumer::pull::Stream>>>;
 
 impl ConsumerActor {
     pub fn new(
@@ -177,6 +183,7 @@ impl ConsumerActor {
             run: None,
             restarts: VecDeque::new(),
             given_up: false,
+            stream: Arc::new(tokio::sync::Mutex::new(None)),
         }
     }
 
@@ -190,6 +197,7 @@ impl ConsumerActor {
             sub: self.sub.clone(),
             durable: self.durable.clone(),
             actor: ctx.address(),
+            stream: self.stream.clone(),
         };
         let mut shutdown = self.node_shutdown.clone();
         self.run = Some(tokio::spawn(async move {
@@ -303,6 +311,7 @@ struct PullLoop {
     sub: Arc<Subscription>,
     durable: Arc<str>,
     actor: Addr<ConsumerActor>,
+    stream: Slot,
 }
 
 /// The result of one attempt at handling a decoded message.
@@ -329,8 +338,10 @@ impl PullLoop {
         let permits = Arc::new(Semaphore::new(max));
         let stopped =
             |s: &watch::Receiver<bool>, n: &watch::Receiver<bool>| *s.borrow() || *n.borrow();
-        // Bind to the durable consumer, retrying while NATS or the stream is unavailable.
-        let mut messages = loop {
+        // The previous run's stream (after a restart), or bind to the durable consumer,
+        // retrying while NATS or the stream is unavailable.
+        let mut slot = this.stream.clone().lock_owned().await;
+        while slot.is_none() {
             let attempt = async {
                 let c = this
                     .rt
@@ -349,7 +360,7 @@ impl PullLoop {
                     })
             };
             match attempt.await {
-                Ok(m) => break m,
+                Ok(m) => *slot = Some(m),
                 Err(e) => {
                     tracing::warn!(consumer = %this.durable, error = %e, "cannot bind consumer; retrying");
                     tokio::select! {
@@ -362,7 +373,8 @@ impl PullLoop {
                     }
                 }
             }
-        };
+        }
+        let messages = slot.as_mut().expect("bound above");
         loop {
             let permit = tokio::select! {
                 p = permits.clone().acquire_owned() => p.expect("semaphore open"),
@@ -387,13 +399,18 @@ impl PullLoop {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 None => {
-                    tracing::warn!(consumer = %this.durable, "message stream ended");
-                    break;
+                    tracing::warn!(consumer = %this.durable, "message stream ended; binding again");
+                    *slot = None;
+                    return;
                 }
             }
         }
-        // Stop pulling: give back what was buffered but not started, so another node (or
-        // the restarted actor) gets it now instead of after ack_wait.
+        if !*shutdown.borrow() {
+            // A restart: the next run continues on the same stream.
+            return;
+        }
+        // Shutdown: stop pulling and give back what was buffered but not started, so another
+        // node gets it now instead of after ack_wait.
         let mut returned = 0;
         while let Ok(Some(Ok(msg))) =
             tokio::time::timeout(Duration::from_millis(20), messages.next()).await
@@ -401,7 +418,7 @@ impl PullLoop {
             let _ = msg.ack_with(AckKind::Nak(None)).await;
             returned += 1;
         }
-        drop(messages);
+        *slot = None;
         // Finish in-flight work.
         let _ =
             tokio::time::timeout(this.rt.cfg.ack_wait(), permits.acquire_many(max as u32)).await;

@@ -150,3 +150,34 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// HTTP status of `GET path` on a node's metrics endpoint.
+pub(crate) fn http_status(addr: &str, path: &str) -> u16 {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return 0;
+    };
+    let _ = s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes());
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Runs the `choreo` binary with `args` against the shop's server; (success, output).
+pub(crate) fn choreo(t: &TestShop, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_choreo"))
+        .args(args)
+        .args(["--nats", &t.shop.nats.url])
+        .output()
+        .expect("run choreo");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}

@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod crash;
 mod duplicates;
+mod failure;
 mod harness;
 mod order_flow;
 mod sagas;

@@ -2,13 +2,12 @@
 //! fire after a `kill -9` of the saga's node, and an operator retry of a parked instance.
 //! Each ends with `choreo verify` clean.
 
-use std::process::Command;
 use std::time::Duration;
 
 use choreo::load::{self, LoadConfig};
 use choreo::verify;
 
-use crate::harness::{self, eventually, TestShop};
+use crate::harness::{self, choreo, eventually, TestShop};
 
 const SAGA: &str = "order-fulfilment";
 
@@ -24,22 +23,6 @@ fn only(kind: &str, orders: usize) -> LoadConfig {
         _ => {}
     }
     c
-}
-
-fn choreo(t: &TestShop, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_choreo"))
-        .args(args)
-        .args(["--nats", &t.shop.nats.url])
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 /// `choreo verify --only <run>` through the CLI: exit code 0 and "verify: OK".
