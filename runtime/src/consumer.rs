@@ -9,15 +9,15 @@
 //!
 //! Every outcome maps explicitly to one acknowledgement (see `resilience` for the order in
 //! which the policies stack):
-//! - handled (including a business rejection, which is an event) or duplicate
-//!                                    -> ack, after the store is durable;
-//! - transient (`HandleError::Retry`, external failure or timeout, handler timeout, panic)
-//!                                    -> `retry.immediate` retries at once, then nak with the
-//!                                       policy's back-off; counted against `retry.budget`;
-//! - external system's breaker open   -> nak with the breaker's delay; not counted;
-//! - store flush failed               -> nak; not counted (the node is the problem);
-//! - undecodable, unknown type, missing header, oversized, `HandleError::Permanent`,
-//!   budget exhausted                 -> dead letter (awaited, and recorded locally), then term.
+//! - handled (a business rejection is an event, so handled too) or duplicate: ack, after
+//!   the store is durable;
+//! - transient (`HandleError::Retry`, external failure or timeout, handler timeout, panic):
+//!   `retry.immediate` retries at once, then nak with the policy's back-off, counted against
+//!   `retry.budget`;
+//! - the external system's breaker is open: nak with the breaker's delay, not counted;
+//! - the store cannot be flushed: nak, not counted (the node is the problem);
+//! - undecodable, unknown type, missing header, oversized, `HandleError::Permanent`, budget
+//!   exhausted: dead letter (awaited, and recorded locally), then term.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
