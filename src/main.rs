@@ -86,6 +86,20 @@ struct DlqFilter {
     consumer: Option<String>,
 }
 
+/// Which dead letters `replay` or `discard` applies to.
+#[derive(Args)]
+struct DlqTargets {
+    /// Sequence numbers (from `dlq list`).
+    seqs: Vec<u64>,
+    /// Every dead letter matching the filters.
+    #[arg(long)]
+    all: bool,
+    #[command(flatten)]
+    filter: DlqFilter,
+    #[command(flatten)]
+    nats: NatsArg,
+}
+
 #[derive(Subcommand)]
 enum DlqCmd {
     /// List dead letters with their reasons.
@@ -105,29 +119,9 @@ enum DlqCmd {
         nats: NatsArg,
     },
     /// Publish dead letters again on their subjects (same message id: applied once), then remove them.
-    Replay {
-        /// Sequence numbers (from `dlq list`).
-        seqs: Vec<u64>,
-        /// Every dead letter matching the filters.
-        #[arg(long)]
-        all: bool,
-        #[command(flatten)]
-        filter: DlqFilter,
-        #[command(flatten)]
-        nats: NatsArg,
-    },
+    Replay(DlqTargets),
     /// Remove dead letters for good.
-    Discard {
-        /// Sequence numbers (from `dlq list`).
-        seqs: Vec<u64>,
-        /// Every dead letter matching the filters.
-        #[arg(long)]
-        all: bool,
-        #[command(flatten)]
-        filter: DlqFilter,
-        #[command(flatten)]
-        nats: NatsArg,
-    },
+    Discard(DlqTargets),
 }
 
 #[derive(Args, Clone)]
@@ -517,24 +511,24 @@ fn run_dlq(cmd: DlqCmd) -> anyhow::Result<bool> {
                     .ok_or_else(|| anyhow::anyhow!("no dead letter {seq}"))?;
                 println!("{}", serde_json::to_string_pretty(d)?);
             }
-            DlqCmd::Replay {
+            DlqCmd::Replay(DlqTargets {
                 seqs,
                 all,
                 filter,
                 nats,
-            } => {
+            }) => {
                 let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
                 for seq in dlq_targets(&bus, seqs, all, to_filter(filter)).await? {
                     let (subject, id) = dlq::replay(&bus, seq).await?;
                     println!("replayed {seq}: {id} on {subject}");
                 }
             }
-            DlqCmd::Discard {
+            DlqCmd::Discard(DlqTargets {
                 seqs,
                 all,
                 filter,
                 nats,
-            } => {
+            }) => {
                 let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
                 for seq in dlq_targets(&bus, seqs, all, to_filter(filter)).await? {
                     dlq::discard(&bus, seq).await?;
