@@ -24,6 +24,27 @@ pub async fn send_command<M: Message>(
     msg: &M,
 ) -> anyhow::Result<Envelope> {
     let env = Envelope::first(new_id(), M::TYPE, CLIENT_SOURCE, now_ms());
+    publish_command(bus, context, msg, env).await
+}
+
+/// Like [`send_command`], with a business correlation id (e.g. the order id): every message
+/// the command causes carries it, so one order can be followed through every context's logs.
+pub async fn send_correlated<M: Message>(
+    bus: &Bus,
+    context: &str,
+    msg: &M,
+    correlation: &str,
+) -> anyhow::Result<Envelope> {
+    let env = Envelope::first(new_id(), M::TYPE, CLIENT_SOURCE, now_ms()).correlated(correlation);
+    publish_command(bus, context, msg, env).await
+}
+
+async fn publish_command<M: Message>(
+    bus: &Bus,
+    context: &str,
+    msg: &M,
+    env: Envelope,
+) -> anyhow::Result<Envelope> {
     let payload = Bytes::from(serde_json::to_vec(msg)?);
     bus.publish(&subjects::command(context, M::TYPE), &env, payload)
         .await

@@ -270,7 +270,7 @@ pub async fn run(
             let order_id = format!("{run_id}-o{i}");
             let cmd = make_order(&mut rng, &order_id, kind, &customers, &run_id);
             placed_at.insert(order_id.clone(), (Instant::now(), kind));
-            client::send_command(bus, orders::CONTEXT, &cmd).await?;
+            client::send_correlated(bus, orders::CONTEXT, &cmd, &order_id).await?;
             order_list.push((order_id, kind));
             p.placed += 1;
             last_progress = Instant::now();

@@ -85,9 +85,18 @@ pub struct Outgoing {
     pub context: Option<String>,
     pub msg_type: &'static str,
     pub payload: String,
+    /// A business amount this message carries (in cents), counted per type in
+    /// `choreo_business_amount_cents_total` once published.
+    pub amount_cents: u64,
 }
 
 impl Outgoing {
+    /// Marks the business amount this message carries.
+    pub fn with_amount(mut self, cents: u64) -> Self {
+        self.amount_cents = cents;
+        self
+    }
+
     /// An event published on the handling context's own prefix.
     pub fn event<M: Message>(m: &M) -> Self {
         debug_assert_eq!(M::KIND, Kind::Event);
@@ -96,6 +105,7 @@ impl Outgoing {
             context: None,
             msg_type: M::TYPE,
             payload: serde_json::to_string(m).expect("message serializes"),
+            amount_cents: 0,
         }
     }
     /// A command addressed to `context`.
@@ -106,6 +116,7 @@ impl Outgoing {
             context: Some(context.to_string()),
             msg_type: M::TYPE,
             payload: serde_json::to_string(m).expect("message serializes"),
+            amount_cents: 0,
         }
     }
 }

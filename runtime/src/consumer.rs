@@ -29,6 +29,7 @@ use async_nats::jetstream::{self, AckKind};
 use futures::{FutureExt, StreamExt};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::bus::{Bus, DeadLetter};
 use crate::component::{DynComponent, HandleCtx, HandleError, Kind, Outgoing, Subscription};
@@ -139,6 +140,7 @@ pub(crate) fn to_outbox(
                 subject,
                 envelope: Envelope::caused_by(cause, scope, i, o.msg_type, context, now),
                 payload: o.payload,
+                amount_cents: o.amount_cents,
             }
         })
         .collect()
@@ -481,6 +483,31 @@ impl PullLoop {
                 )
             }
         };
+        let span = tracing::info_span!(
+            "message",
+            context = rt.context,
+            consumer = %self.durable,
+            msg_type = %env.msg_type,
+            id = %env.id,
+            correlation = %env.correlation_id,
+            causation = %env.causation_id,
+            trace_id = %env.trace_id(),
+        );
+        let (msg_type, outcome) = self
+            .process_envelope(msg, env)
+            .instrument(span.clone())
+            .await;
+        span.in_scope(|| tracing::debug!(outcome, "handled"));
+        (msg_type, outcome)
+    }
+
+    /// The path of a message whose envelope was read, inside its tracing span.
+    async fn process_envelope(
+        &self,
+        msg: &jetstream::Message,
+        env: Envelope,
+    ) -> (&'static str, &'static str) {
+        let rt = &self.rt;
         let Some(msg_type) = self.sub.types.iter().copied().find(|t| *t == env.msg_type) else {
             let reason = format!("unknown message type {:?} on {}", env.msg_type, msg.subject);
             return (

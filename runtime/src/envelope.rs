@@ -20,6 +20,8 @@ pub mod headers {
     pub const SOURCE: &str = "Choreo-Source";
     pub const OCCURRED_AT: &str = "Choreo-Occurred-At";
     pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
+    /// W3C trace context; optional on input, always set on what Choreo publishes.
+    pub const TRACEPARENT: &str = "traceparent";
     /// Set on dead letters: why the message was dead-lettered.
     pub const DLQ_REASON: &str = "Choreo-Dlq-Reason";
     /// Set on dead letters: the durable consumer that gave up on it.
@@ -50,6 +52,9 @@ pub struct Envelope {
     pub source: String,
     /// Milliseconds since the Unix epoch, UTC.
     pub occurred_at_ms: u64,
+    /// W3C `traceparent` (`00-<trace id>-<span id>-01`).
+    #[serde(default)]
+    pub traceparent: Option<String>,
 }
 
 /// Why an incoming message's metadata could not be read. Each is a dead-letter reason.
@@ -68,6 +73,7 @@ pub enum EnvelopeError {
 impl Envelope {
     /// A first message of a business transaction: it is its own correlation and causation.
     pub fn first(id: String, msg_type: &str, source: &str, occurred_at_ms: u64) -> Self {
+        let traceparent = Some(traceparent(&trace_id_of(&id), &id));
         Envelope {
             correlation_id: id.clone(),
             causation_id: id.clone(),
@@ -76,7 +82,26 @@ impl Envelope {
             schema: SCHEMA_VERSION,
             source: source.to_string(),
             occurred_at_ms,
+            traceparent,
         }
+    }
+
+    /// The same first message, correlated by a business id (e.g. the order id) so that every
+    /// message of the transaction carries it.
+    pub fn correlated(mut self, correlation_id: &str) -> Self {
+        self.correlation_id = correlation_id.to_string();
+        self.traceparent = Some(traceparent(&trace_id_of(correlation_id), &self.id));
+        self
+    }
+
+    /// The W3C trace id (32 hex digits) of this message's trace.
+    pub fn trace_id(&self) -> String {
+        self.traceparent
+            .as_deref()
+            .and_then(|t| t.split('-').nth(1))
+            .filter(|t| t.len() == 32)
+            .map(str::to_string)
+            .unwrap_or_else(|| trace_id_of(&self.correlation_id))
     }
 
     /// A message caused by `cause`, with a deterministic id: re-running the same handler on
@@ -89,8 +114,10 @@ impl Envelope {
         source: &str,
         occurred_at_ms: u64,
     ) -> Self {
+        let id = derived_id(&format!("{scope}/{}/{index}", cause.id));
         Envelope {
-            id: derived_id(&format!("{scope}/{}/{index}", cause.id)),
+            traceparent: Some(traceparent(&cause.trace_id(), &id)),
+            id,
             msg_type: msg_type.to_string(),
             schema: SCHEMA_VERSION,
             correlation_id: cause.correlation_id.clone(),
@@ -114,6 +141,9 @@ impl Envelope {
             headers::OCCURRED_AT,
             self.occurred_at_ms.to_string().as_str(),
         );
+        if let Some(t) = &self.traceparent {
+            h.insert(headers::TRACEPARENT, t.as_str());
+        }
         h
     }
 
@@ -159,8 +189,32 @@ impl Envelope {
             causation_id: get(headers::CAUSATION)?,
             source: get(headers::SOURCE)?,
             occurred_at_ms: number(headers::OCCURRED_AT)?,
+            traceparent: h
+                .get(headers::TRACEPARENT)
+                .map(|v| v.as_str().to_string())
+                .filter(|t| valid_traceparent(t)),
         })
     }
+}
+
+/// A 32-hex-digit trace id derived from a correlation id.
+pub fn trace_id_of(correlation_id: &str) -> String {
+    uuid::Uuid::parse_str(&derived_id(&format!("trace/{correlation_id}")))
+        .map(|u| u.simple().to_string())
+        .unwrap_or_default()
+}
+
+fn traceparent(trace_id: &str, span_source: &str) -> String {
+    let span = &trace_id_of(span_source)[..16];
+    format!("00-{trace_id}-{span}-01")
+}
+
+fn valid_traceparent(t: &str) -> bool {
+    let p: Vec<&str> = t.split('-').collect();
+    p.len() == 4
+        && p[1].len() == 32
+        && p[2].len() == 16
+        && p.iter().all(|x| x.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// True for a string usable as one NATS subject token (no dots, spaces or wildcards).
@@ -243,5 +297,29 @@ mod tests {
         assert_ne!(a.id, c.id);
         assert_eq!(a.correlation_id, "c1");
         assert_eq!(a.causation_id, "c1");
+    }
+
+    #[test]
+    fn traceparent_travels_with_the_correlation() {
+        let first = Envelope::first("m1".into(), "PlaceOrder", "client", 1).correlated("order-7");
+        let caused = Envelope::caused_by(&first, "s", 0, "OrderPlaced", "orders", 2);
+        let t = caused.traceparent.clone().unwrap();
+        assert!(valid_traceparent(&t), "{t}");
+        assert_eq!(caused.trace_id(), first.trace_id());
+        assert_ne!(caused.traceparent, first.traceparent, "a new span id");
+        let back = Envelope::from_headers(Some(&caused.to_headers())).unwrap();
+        assert_eq!(back.traceparent.as_deref(), Some(t.as_str()));
+        // A client's own traceparent is kept; a malformed one is ignored.
+        let mut h = first.to_headers();
+        h.insert(
+            headers::TRACEPARENT,
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        );
+        assert_eq!(
+            Envelope::from_headers(Some(&h)).unwrap().trace_id(),
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+        h.insert(headers::TRACEPARENT, "garbage");
+        assert_eq!(Envelope::from_headers(Some(&h)).unwrap().traceparent, None);
     }
 }

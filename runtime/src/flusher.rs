@@ -10,7 +10,8 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
@@ -33,14 +34,20 @@ pub struct FlushError(pub String);
 
 impl GroupCommit {
     /// Starts the flusher thread for `store`, whose files live in `dir`.
-    pub fn start(store: &Store, dir: &Path, context: &str) -> std::io::Result<Self> {
+    /// `failed` is set while the last flush failed (readiness reads it).
+    pub fn start(
+        store: &Store,
+        dir: &Path,
+        context: &str,
+        failed: Arc<AtomicBool>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let db = store.db().clone();
         let db_file: PathBuf = dir.join("db");
         let context = context.to_string();
         std::thread::Builder::new()
             .name(format!("flusher-{context}"))
-            .spawn(move || run(db, db_file, rx, context))?;
+            .spawn(move || run(db, db_file, rx, context, failed))?;
         Ok(GroupCommit { tx })
     }
 
@@ -56,7 +63,13 @@ impl GroupCommit {
     }
 }
 
-fn run(db: sled::Db, db_file: PathBuf, rx: mpsc::Receiver<Waiter>, context: String) {
+fn run(
+    db: sled::Db,
+    db_file: PathBuf,
+    rx: mpsc::Receiver<Waiter>,
+    context: String,
+    failed: Arc<AtomicBool>,
+) {
     // Blocks for the first waiter, then takes every waiter already queued: they all share
     // the one flush that starts after their requests.
     while let Ok(first) = rx.recv() {
@@ -72,6 +85,7 @@ fn run(db: sled::Db, db_file: PathBuf, rx: mpsc::Receiver<Waiter>, context: Stri
         metrics::STORE_GROUP_COMMIT_SIZE
             .with_label_values(&[&context])
             .observe(batch.len() as f64);
+        failed.store(result.is_err(), Ordering::SeqCst);
         if let Err(e) = &result {
             tracing::error!(context = %context, error = %e, "store flush failed");
         }
@@ -96,7 +110,7 @@ mod tests {
     async fn many_concurrent_waiters_all_complete() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
-        let gc = GroupCommit::start(&store, dir.path(), "test").unwrap();
+        let gc = GroupCommit::start(&store, dir.path(), "test", Default::default()).unwrap();
         let mut tasks = Vec::new();
         for i in 0..200u32 {
             let store = store.clone();

@@ -217,10 +217,88 @@ pub static SUPERVISOR_GIVEN_UP: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
+/// Messages not yet delivered to a durable consumer (its lag).
+pub static CONSUMER_PENDING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "choreo_consumer_pending_messages",
+        "Messages in the stream not yet delivered to the durable consumer (consumer lag).",
+        &["context", "consumer"],
+    )
+});
+
+/// Messages delivered and not yet acked (in handling plus prefetched: the bulkhead's queue).
+pub static CONSUMER_ACK_PENDING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "choreo_consumer_ack_pending_messages",
+        "Messages delivered to the durable consumer and not yet acked (in handling or queued).",
+        &["context", "consumer"],
+    )
+});
+
+/// Events and commands published from the outbox, by type.
+pub static PUBLISHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_messages_published_total",
+        "Messages published from the outbox and acknowledged by JetStream, by context and type \
+         (business counters: e.g. type OrderPlaced, OrderCompleted, OrderCancelled).",
+        &["context", "msg_type"],
+    )
+});
+
+/// Business amounts carried by published messages, by type.
+pub static PUBLISHED_AMOUNT: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_business_amount_cents_total",
+        "Sum of the business amount (in cents) carried by published messages, by context and type \
+         (e.g. PaymentAuthorized, PaymentCaptured, PaymentVoided).",
+        &["context", "msg_type"],
+    )
+});
+
+/// Saga instances by saga and state.
+pub static SAGA_INSTANCES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "choreo_saga_instances",
+        "Saga instances stored, by saga and state.",
+        &["saga", "state"],
+    )
+});
+
+/// Age of the oldest active (non-terminal) saga instance.
+pub static SAGA_OLDEST_ACTIVE_SECONDS: LazyLock<prometheus::GaugeVec> = LazyLock::new(|| {
+    let g = prometheus::GaugeVec::new(
+        Opts::new(
+            "choreo_saga_oldest_active_seconds",
+            "Age of the oldest active (non-terminal) saga instance; 0 when none.",
+        ),
+        &["saga"],
+    )
+    .expect("valid metric");
+    REGISTRY
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+});
+
+/// Time from a saga instance's start to its terminal state.
+pub static SAGA_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "choreo_saga_duration_seconds",
+        "Time from a saga instance's start to its terminal state, by saga and terminal state.",
+        &["saga", "state"],
+        vec![
+            0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
+        ],
+    )
+});
+
 /// Readiness shared between the node and the HTTP endpoint.
 #[derive(Clone, Default)]
 pub struct Health {
     ready: Arc<AtomicBool>,
+    nats: Arc<std::sync::OnceLock<async_nats::Client>>,
+    /// Set while the last store flush of some context failed.
+    pub store_failed: Arc<AtomicBool>,
     /// Consumers stopped after exceeding their restart limit.
     degraded: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -229,9 +307,21 @@ impl Health {
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
     }
-    /// Ready: started, not shutting down, and no consumer stopped by its restart limit.
+    /// Ready: started, not shutting down, connected to NATS, the stores writable, and no
+    /// consumer stopped by its restart limit.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && self.degraded.load(Ordering::SeqCst) == 0
+        let nats_ok = self
+            .nats
+            .get()
+            .is_none_or(|c| c.connection_state() == async_nats::connection::State::Connected);
+        self.ready.load(Ordering::SeqCst)
+            && nats_ok
+            && !self.store_failed.load(Ordering::SeqCst)
+            && self.degraded.load(Ordering::SeqCst) == 0
+    }
+    /// Readiness follows this client's connection from now on.
+    pub fn watch_nats(&self, client: async_nats::Client) {
+        let _ = self.nats.set(client);
     }
     /// A consumer exceeded its restart limit and stopped.
     pub fn degrade(&self) {
@@ -243,6 +333,22 @@ impl Health {
             .degraded
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
     }
+}
+
+/// Messages handled by a context's consumers so far (for `$SRV.STATS`).
+pub fn handled(context: &str) -> u64 {
+    REGISTRY
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "choreo_messages_total")
+        .flat_map(|f| f.get_metric())
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == "context" && l.value() == context)
+        })
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
 }
 
 /// Renders all metrics in the Prometheus text format.
@@ -270,6 +376,13 @@ pub fn init() {
     LazyLock::force(&BREAKER_TRANSITIONS);
     LazyLock::force(&BULKHEAD_IN_USE);
     LazyLock::force(&SUPERVISOR_GIVEN_UP);
+    LazyLock::force(&CONSUMER_PENDING);
+    LazyLock::force(&CONSUMER_ACK_PENDING);
+    LazyLock::force(&PUBLISHED);
+    LazyLock::force(&PUBLISHED_AMOUNT);
+    LazyLock::force(&SAGA_INSTANCES);
+    LazyLock::force(&SAGA_OLDEST_ACTIVE_SECONDS);
+    LazyLock::force(&SAGA_DURATION);
 
     LazyLock::force(&SAGA_DEADLINES_FIRED);
     LazyLock::force(&SAGA_DEADLINE_LATENESS);

@@ -100,6 +100,7 @@ pub async fn run(
     let mut services = Vec::new();
     let mut commits = Vec::new();
     let mut timers = Vec::new();
+    let mut consumers = Vec::new();
     for c in &contexts {
         let dir = cfg.data_dir.join(c.name());
         let store = Store::open(&dir, cfg.store.cache_capacity_bytes).map_err(|source| {
@@ -108,7 +109,7 @@ pub async fn run(
                 source,
             }
         })?;
-        let commit = GroupCommit::start(&store, &dir, c.name())
+        let commit = GroupCommit::start(&store, &dir, c.name(), health.store_failed.clone())
             .map_err(|e| NodeError::Other(e.to_string()))?;
         let (relay, relay_task) = Relay::start(
             c.name().to_string(),
@@ -131,6 +132,11 @@ pub async fn run(
         });
         for comp in c.components() {
             for sub in comp.subscriptions() {
+                consumers.push((
+                    c.name(),
+                    subjects::stream(sub.source),
+                    crate::consumer::durable_name(c.name(), comp.name(), &sub),
+                ));
                 let (rt, comp, stop) = (rt.clone(), comp.clone(), stop_rx.clone());
                 actors.push(Supervisor::start(move |_| {
                     ConsumerActor::new(rt, comp, sub, stop)
@@ -157,6 +163,8 @@ pub async fn run(
             )));
         }
     }
+    services.push(tokio::spawn(poll_consumers(bus.clone(), consumers)));
+    health.watch_nats(bus.client.clone());
     health.set_ready(true);
     tracing::info!(contexts = ?names, nats = %cfg.nats_url, metrics = %cfg.metrics_addr, "node ready");
 
@@ -224,27 +232,74 @@ fn check_routing(contexts: &[Arc<dyn Context>]) -> Result<(), NodeError> {
 
 /// Answers `choreo.<ctx>.query.<name>` requests. Reply: `{"ok": value}` or `{"error": "..."}`.
 async fn serve_queries(client: async_nats::Client, ctx: Arc<dyn Context>, store: Store) {
-    let subject = subjects::query(ctx.name(), "*");
-    let mut sub = match client
-        .queue_subscribe(subject.clone(), format!("choreo-{}", ctx.name()))
-        .await
-    {
+    use async_nats::service::ServiceExt;
+    let context = ctx.name();
+    let service = client
+        .service_builder()
+        .description(format!("Choreo context {context}: read-model queries"))
+        .metadata(std::collections::HashMap::from([(
+            "context".to_string(),
+            context.to_string(),
+        )]))
+        .stats_handler(
+            move |_, _| serde_json::json!({ "messages_handled": metrics::handled(context) }),
+        )
+        .queue_group(format!("choreo-{context}"))
+        .start(format!("choreo-{context}"), env!("CARGO_PKG_VERSION"))
+        .await;
+    let service = match service {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!(subject, error = %e, "cannot serve queries");
+            tracing::error!(context, error = %e, "cannot register the query service");
             return;
         }
     };
-    while let Some(req) = sub.next().await {
-        let Some(reply) = req.reply.clone() else {
-            continue;
-        };
-        let name = subjects::last_token(&req.subject);
-        let body = match ctx.query(store.reader(), name, &req.payload) {
+    let mut endpoints = Vec::new();
+    for q in ctx.queries() {
+        match service
+            .endpoint_builder()
+            .name(q)
+            .add(subjects::query(context, q))
+            .await
+        {
+            Ok(e) => endpoints.push(e),
+            Err(e) => tracing::error!(context, query = q, error = %e, "cannot serve query"),
+        }
+    }
+    let mut requests = futures::stream::select_all(endpoints);
+    while let Some(req) = requests.next().await {
+        let name = subjects::last_token(&req.message.subject);
+        let body = match ctx.query(store.reader(), name, &req.message.payload) {
             Ok(v) => serde_json::json!({ "ok": v }),
             Err(e) => serde_json::json!({ "error": e.to_string() }),
         };
-        let _ = client.publish(reply, body.to_string().into()).await;
+        let _ = req.respond(Ok(body.to_string().into())).await;
+    }
+}
+
+/// Consumer lag and ack-pending, read from JetStream every few seconds.
+async fn poll_consumers(bus: Bus, consumers: Vec<(&'static str, String, String)>) {
+    loop {
+        for (context, stream, durable) in &consumers {
+            let info = async {
+                let s = bus.js.get_stream(stream).await.ok()?;
+                let mut c: async_nats::jetstream::consumer::PullConsumer =
+                    s.get_consumer(durable).await.ok()?;
+                c.info()
+                    .await
+                    .ok()
+                    .map(|i| (i.num_pending, i.num_ack_pending))
+            };
+            if let Some((pending, ack_pending)) = info.await {
+                metrics::CONSUMER_PENDING
+                    .with_label_values(&[*context, durable.as_str()])
+                    .set(pending as i64);
+                metrics::CONSUMER_ACK_PENDING
+                    .with_label_values(&[*context, durable.as_str()])
+                    .set(ack_pending as i64);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 

@@ -132,6 +132,7 @@ async fn publish_batch(
             }
             Err(e) => return Err(e.to_string()),
         };
+        let (entry_type, entry_amount) = (entry.envelope.msg_type.clone(), entry.amount_cents);
         let fut = bus
             .js
             .publish_with_headers(
@@ -141,15 +142,30 @@ async fn publish_batch(
             )
             .await
             .map_err(|e| e.to_string())?;
-        sends.push((k, fut));
+        sends.push((k, (entry_type, entry_amount), fut));
     }
-    let (keys_sent, futs): (Vec<u64>, Vec<_>) = sends.into_iter().unzip();
+    let mut sent = Vec::with_capacity(sends.len());
+    let mut futs = Vec::with_capacity(sends.len());
+    for (k, meta, fut) in sends {
+        sent.push((k, meta));
+        futs.push(fut);
+    }
     let results = join_all(futs.into_iter().map(std::future::IntoFuture::into_future)).await;
     let mut first_err = None;
-    for (k, r) in keys_sent.into_iter().zip(results) {
+    for ((k, (msg_type, amount)), r) in sent.into_iter().zip(results) {
         match r {
             Ok(ack) => {
                 store.outbox_remove(k).map_err(|e| e.to_string())?;
+                if !ack.duplicate {
+                    metrics::PUBLISHED
+                        .with_label_values(&[context, &msg_type])
+                        .inc();
+                    if amount > 0 {
+                        metrics::PUBLISHED_AMOUNT
+                            .with_label_values(&[context, &msg_type])
+                            .inc_by(amount);
+                    }
+                }
                 let result = if ack.duplicate { "duplicate" } else { "stored" };
                 metrics::OUTBOX_PUBLISHED
                     .with_label_values(&[context, result])

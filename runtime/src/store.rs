@@ -66,6 +66,9 @@ pub struct OutboxEntry {
     pub envelope: Envelope,
     /// JSON payload, as sent on the wire.
     pub payload: String,
+    /// Business amount carried (metrics only).
+    #[serde(default)]
+    pub amount_cents: u64,
 }
 
 /// What a commit did.
@@ -438,6 +441,7 @@ mod tests {
             subject: "choreo.t.evt.X".into(),
             envelope: Envelope::first(format!("id{n}"), "X", "t", 1),
             payload: format!("{{\"n\":{n}}}"),
+            amount_cents: 0,
         }
     }
 
