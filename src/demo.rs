@@ -16,6 +16,8 @@ pub struct DemoConfig {
     pub dir: PathBuf,
     pub port: Option<u16>,
     pub sync_always: bool,
+    /// Keep the shop running after the summary until Ctrl-C.
+    pub keep_running: bool,
     pub load: LoadConfig,
 }
 
@@ -42,6 +44,18 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<bool> {
             "default (2 min)"
         }
     );
+    // Scrape targets for dashboards/prometheus.yml (file_sd).
+    let targets: Vec<serde_json::Value> = shop
+        .nodes
+        .iter()
+        .map(
+            |n| serde_json::json!({ "targets": [n.metrics_addr], "labels": { "node": n.context } }),
+        )
+        .collect();
+    std::fs::write(
+        cfg.dir.join("prometheus-targets.json"),
+        serde_json::to_string_pretty(&targets)?,
+    )?;
     for n in &shop.nodes {
         println!(
             "  node {:<10} pid {:<7} metrics http://{}/metrics",
@@ -102,6 +116,13 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<bool> {
         }
     };
     println!("logs: {}", shop.logs().display());
+    if cfg.keep_running && ok {
+        println!(
+            "still running (NATS {}); Prometheus: `make prometheus`; Ctrl-C stops everything",
+            shop.nats.url
+        );
+        crate::shutdown_signal().await;
+    }
     shop.stop()?;
     println!("stopped cleanly");
     Ok(ok)

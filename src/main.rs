@@ -300,6 +300,10 @@ struct DemoArgs {
     /// Run nats-server with `sync_interval: always` (fsync each write).
     #[arg(long)]
     sync_always: bool,
+    /// After the summary, keep everything running until Ctrl-C (for Prometheus and Grafana:
+    /// `make prometheus`).
+    #[arg(long)]
+    keep_running: bool,
     #[command(flatten)]
     shape: LoadShape,
 }
@@ -476,6 +480,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 dir: a.dir,
                 port: a.port,
                 sync_always: a.sync_always,
+                keep_running: a.keep_running,
                 load: a.shape.config()?,
             };
             tokio_rt()?.block_on(choreo::demo::run(cfg))

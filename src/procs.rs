@@ -235,7 +235,17 @@ impl NatsServer {
 
     /// `kill -9` the server, then starts it again on the same port and store.
     pub fn crash_and_restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.start_again()
+    }
+
+    /// `kill -9` the server (it stays down until [`NatsServer::start_again`]).
+    pub fn kill9(&mut self) {
         self.proc.kill9();
+    }
+
+    /// Starts the server again on the same port and store.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
         self.proc = Self::launch(&self.bin, &self.dir, self.port, self.sync_always)?;
         self.wait_listening(Duration::from_secs(15))
     }

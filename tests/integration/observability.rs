@@ -312,3 +312,100 @@ async fn prometheus_evaluates_every_panel_and_rule() {
     );
     t.shop.stop().unwrap();
 }
+
+/// Replies to a `$SRV` discovery request, collected for a second.
+async fn srv(bus: &runtime::bus::Bus, subject: &str) -> Vec<Value> {
+    use futures::StreamExt;
+    let inbox = bus.client.new_inbox();
+    let mut sub = bus.client.subscribe(inbox.clone()).await.unwrap();
+    bus.client
+        .publish_with_reply(subject.to_string(), inbox, "".into())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(1000), sub.next()).await {
+        out.push(serde_json::from_slice(&m.payload).unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_register_with_the_service_api_and_readiness_follows_nats() {
+    let mut t = harness::start(&["orders", "inventory"], false, "").await;
+    let infos = srv(&t.bus, "$SRV.INFO").await;
+    let names: BTreeSet<String> = infos
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["choreo-inventory".to_string(), "choreo-orders".to_string()])
+    );
+    let orders = infos.iter().find(|i| i["name"] == "choreo-orders").unwrap();
+    assert_eq!(orders["version"], env!("CARGO_PKG_VERSION"));
+    let subjects: Vec<&str> = orders["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap())
+        .collect();
+    assert!(
+        subjects.contains(&"choreo.orders.query.order"),
+        "{subjects:?}"
+    );
+    assert_eq!(srv(&t.bus, "$SRV.PING").await.len(), 2);
+    // STATS carry the messages each context handled.
+    let env = runtime::Envelope::first(
+        runtime::envelope::new_id(),
+        "AddStock",
+        "test",
+        runtime::envelope::now_ms(),
+    );
+    let body = serde_json::json!({"sku": "s", "qty": 1}).to_string();
+    t.bus
+        .publish(
+            &runtime::subjects::command("inventory", "AddStock"),
+            &env,
+            body.into(),
+        )
+        .await
+        .unwrap();
+    let handled = || async {
+        srv(&t.bus, "$SRV.STATS.choreo-inventory")
+            .await
+            .iter()
+            .any(|s| {
+                s["endpoints"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e["data"]["messages_handled"].as_u64().unwrap_or(0) >= 1)
+            })
+    };
+    assert!(
+        eventually(Duration::from_secs(15), handled).await,
+        "STATS count handled messages"
+    );
+
+    // Readiness follows the NATS connection.
+    let addr = t.shop.node("inventory").unwrap().metrics_addr.clone();
+    assert_eq!(harness::http_status(&addr, "/readyz"), 200);
+    assert_eq!(harness::http_status(&addr, "/healthz"), 200);
+    t.shop.nats.kill9();
+    let down = || async { harness::http_status(&addr, "/readyz") == 503 };
+    assert!(
+        eventually(Duration::from_secs(15), down).await,
+        "not ready without NATS"
+    );
+    assert_eq!(
+        harness::http_status(&addr, "/healthz"),
+        200,
+        "alive all the same"
+    );
+    t.shop.nats.start_again().unwrap();
+    let up = || async { harness::http_status(&addr, "/readyz") == 200 };
+    assert!(
+        eventually(Duration::from_secs(30), up).await,
+        "ready again once NATS is back"
+    );
+}
