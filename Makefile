@@ -1,5 +1,5 @@
 # Choreo: the two set-up commands are `make demo` (the shop end to end) and `make test`.
-.PHONY: setup demo test lint build prometheus
+.PHONY: setup demo test lint build prometheus bench
 
 CARGO ?= cargo
 
@@ -30,3 +30,9 @@ prometheus:
 	./scripts/install-prometheus.sh
 	prometheus --config.file=dashboards/prometheus.yml --storage.tsdb.path=.choreo/prometheus \
 		--web.listen-address=127.0.0.1:9090
+
+# The benchmark: every context in its own process, max throughput and fixed rates, both
+# nats-server sync settings; JSON in bench/latest.json, compared with bench/baseline.json.
+bench: setup
+	$(CARGO) build --release --locked
+	./target/release/choreo bench --out bench/latest.json $(if $(wildcard bench/baseline.json),--baseline bench/baseline.json) $(ARGS)

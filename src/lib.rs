@@ -1,6 +1,7 @@
 //! The `choreo` package: the shop's composition and the tools around the runtime (node
 //! start-up, simulators, load, verify, demo). `src/main.rs` is only the command line.
 
+pub mod bench;
 pub mod client;
 pub mod contexts;
 pub mod demo;

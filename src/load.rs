@@ -37,6 +37,8 @@ pub struct LoadConfig {
     pub fail_shipping_pct: f64,
     /// Give up waiting for terminal states after this long without progress.
     pub timeout: Duration,
+    /// Stop placing new orders after this long (then wait for those in flight).
+    pub max_duration: Option<Duration>,
     pub seed: u64,
 }
 
@@ -82,10 +84,11 @@ pub struct LoadReport {
     pub orders: Vec<(String, Kind)>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
 pub struct Latency {
     pub p50: f64,
     pub p99: f64,
+    pub p999: f64,
     pub max: f64,
 }
 
@@ -257,14 +260,16 @@ pub async fn run(
             }
         }
     };
-    while p.placed < cfg.orders || outcome.len() < p.placed {
+    let placing =
+        |placed: usize| placed < cfg.orders && cfg.max_duration.is_none_or(|d| start.elapsed() < d);
+    while placing(p.placed) || outcome.len() < p.placed {
         while let Ok((id, completed, at)) = rx.try_recv() {
             record(id, completed, at, &placed_at, &mut outcome, &mut p);
             last_progress = Instant::now();
         }
         let in_flight = p.placed - outcome.len();
         let due = interval.is_none_or(|_| Instant::now() >= next_at);
-        if p.placed < cfg.orders && in_flight < cfg.concurrency && due {
+        if placing(p.placed) && in_flight < cfg.concurrency && due {
             let i = p.placed;
             let kind = pick_kind(&mut rng, cfg);
             let order_id = format!("{run_id}-o{i}");
@@ -287,7 +292,7 @@ pub async fn run(
             break;
         }
         let wait = match interval {
-            Some(_) if p.placed < cfg.orders && in_flight < cfg.concurrency => {
+            Some(_) if placing(p.placed) && in_flight < cfg.concurrency => {
                 next_at.saturating_duration_since(Instant::now())
             }
             _ => Duration::from_millis(200),
@@ -340,6 +345,7 @@ pub async fn run(
         latency_ms: Latency {
             p50: pct(0.50),
             p99: pct(0.99),
+            p999: pct(0.999),
             max: latencies.last().copied().unwrap_or(0.0),
         },
         orders: order_list,

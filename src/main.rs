@@ -55,6 +55,8 @@ enum Cmd {
         #[command(subcommand)]
         command: DlqCmd,
     },
+    /// Benchmark the whole shop: max throughput and fixed rates, latency, CPU, memory.
+    Bench(BenchArgs),
     /// Change a running simulator's failure rate or latency (outages, slowness).
     SimSet {
         /// payment-gateway or carrier.
@@ -68,6 +70,34 @@ enum Cmd {
         #[command(flatten)]
         nats: NatsArg,
     },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Working directory (server stores, node data, logs); wiped per run.
+    #[arg(long, default_value = ".choreo/bench")]
+    dir: PathBuf,
+    /// Seconds of the as-fast-as-possible phase.
+    #[arg(long, default_value_t = 60)]
+    max_seconds: u64,
+    /// Orders in flight during the as-fast-as-possible phase.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Fixed rates in orders per second, comma-separated.
+    #[arg(long, default_value = "100,250,500", value_delimiter = ',')]
+    rates: Vec<f64>,
+    /// Seconds of each fixed-rate phase.
+    #[arg(long, default_value_t = 20)]
+    rate_seconds: u64,
+    /// nats-server sync settings to run with: default, always (comma-separated).
+    #[arg(long, default_value = "default,always", value_delimiter = ',')]
+    sync: Vec<String>,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "bench/latest.json")]
+    out: PathBuf,
+    /// A previous report to compare with (ratios printed and stored).
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 }
 
 #[derive(Args, Clone, Default)]
@@ -346,6 +376,7 @@ impl LoadShape {
             fail_payment_pct: self.fail_payment,
             fail_shipping_pct: self.fail_shipping,
             timeout: Duration::from_secs(self.timeout),
+            max_duration: None,
             seed: self.seed,
         })
     }
@@ -457,6 +488,42 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(report.violations() == 0)
         }),
         Cmd::Saga { command } => run_saga(command),
+        Cmd::Bench(a) => {
+            let sync_modes = a
+                .sync
+                .iter()
+                .map(|s| match s.as_str() {
+                    "default" => Ok(false),
+                    "always" => Ok(true),
+                    other => Err(anyhow::anyhow!(
+                        "--sync takes default and/or always, not {other:?}"
+                    )),
+                })
+                .collect::<anyhow::Result<Vec<bool>>>()?;
+            anyhow::ensure!(a.rates.iter().all(|r| *r > 0.0), "--rates must be positive");
+            let cfg = choreo::bench::BenchConfig {
+                dir: a.dir,
+                max_seconds: a.max_seconds,
+                concurrency: a.concurrency,
+                rates: a.rates,
+                rate_seconds: a.rate_seconds,
+                sync_modes,
+            };
+            tokio_rt()?.block_on(async {
+                let mut report = choreo::bench::run(&cfg, |line| println!("{line}")).await?;
+                if let Some(b) = &a.baseline {
+                    choreo::bench::compare(&mut report, b)?;
+                }
+                if let Some(dir) = a.out.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                std::fs::write(&a.out, serde_json::to_string_pretty(&report)?)?;
+                println!();
+                choreo::bench::print(&report);
+                println!("report: {}", a.out.display());
+                Ok(true)
+            })
+        }
         Cmd::Dlq { command } => run_dlq(command),
         Cmd::SimSet {
             system,

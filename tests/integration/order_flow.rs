@@ -17,6 +17,7 @@ pub(crate) fn mix(orders: usize, rate: f64) -> LoadConfig {
         fail_payment_pct: 10.0,
         fail_shipping_pct: 5.0,
         timeout: Duration::from_secs(60),
+        max_duration: None,
         seed: 42,
     }
 }

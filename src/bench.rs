@@ -1,0 +1,306 @@
+//! `choreo bench`: the whole shop, every context in its own process, simulators with zero
+//! latency and no failures. For each nats-server sync setting it drives orders (a) as fast as
+//! the system completes them and (b) at fixed rates, and reports completed orders per
+//! second, end-to-end latency (PlaceOrder published to terminal event observed), CPU seconds
+//! per order and resident memory of every process. Writes JSON and compares with a baseline.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::load::{self, LoadConfig};
+use crate::shop::{Shop, ShopOptions};
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub dir: PathBuf,
+    /// Length of the as-fast-as-possible phase.
+    pub max_seconds: u64,
+    /// Orders in flight during the as-fast-as-possible phase.
+    pub concurrency: usize,
+    /// Fixed rates, orders per second.
+    pub rates: Vec<f64>,
+    pub rate_seconds: u64,
+    /// nats-server `sync_interval: always` (true) or the default (false); one run each.
+    pub sync_modes: Vec<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Phase {
+    pub phase: String,
+    pub sync: String,
+    /// 0 = as fast as possible.
+    pub target_rate: f64,
+    pub placed: usize,
+    pub completed: usize,
+    pub cancelled: usize,
+    pub unfinished: usize,
+    pub seconds: f64,
+    pub completed_per_second: f64,
+    pub latency_ms: load::Latency,
+    /// CPU seconds (user + system) of every process, per terminal order.
+    pub cpu_seconds_per_order: f64,
+    pub cpu_seconds: BTreeMap<String, f64>,
+    /// Peak resident memory so far (VmHWM), MiB.
+    pub peak_rss_mib: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Comparison {
+    pub phase: String,
+    pub sync: String,
+    pub baseline_completed_per_second: f64,
+    pub throughput_ratio: f64,
+    pub baseline_p99_ms: f64,
+    pub p99_ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub machine: BTreeMap<String, String>,
+    pub build: String,
+    /// Resident memory after start-up, before any load, MiB, per sync setting and process.
+    pub idle_rss_mib: BTreeMap<String, BTreeMap<String, f64>>,
+    pub phases: Vec<Phase>,
+    #[serde(default)]
+    pub comparison: Vec<Comparison>,
+}
+
+fn clk_tck() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// User + system CPU seconds of a process.
+fn cpu_seconds(pid: u32, tck: f64) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // After the command name: state is [0], ..., utime [11] and stime [12] (fields 14, 15).
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / tck
+}
+
+/// A `/proc/<pid>/status` value in kB, as MiB.
+fn status_mib(pid: u32, key: &str) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|kb| (kb / 1024.0 * 10.0).round() / 10.0)
+        .unwrap_or(0.0)
+}
+
+fn processes(shop: &Shop) -> Vec<(String, u32)> {
+    let mut p: Vec<(String, u32)> = shop
+        .nodes
+        .iter()
+        .map(|n| (n.context.clone(), n.proc.pid()))
+        .collect();
+    p.push(("nats-server".into(), shop.nats.proc.pid()));
+    if let Some(s) = &shop.sim {
+        p.push(("sim".into(), s.pid()));
+    }
+    p
+}
+
+fn machine() -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    m.insert(
+        "cores".into(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+            .to_string(),
+    );
+    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    if let Some(kb) = mem
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        m.insert("memory_gib".into(), format!("{:.1}", kb / 1024.0 / 1024.0));
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if let Some(model) = cpu
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+    {
+        m.insert("cpu".into(), model.trim().to_string());
+    }
+    if let Ok(k) = std::fs::read_to_string("/proc/sys/kernel/osrelease") {
+        m.insert("kernel".into(), k.trim().to_string());
+    }
+    m
+}
+
+fn load_config(rate: f64, seconds: u64, concurrency: usize) -> LoadConfig {
+    LoadConfig {
+        orders: usize::MAX / 2,
+        rate,
+        concurrency,
+        customers: 50,
+        fail_stock_pct: 0.0,
+        fail_payment_pct: 0.0,
+        fail_shipping_pct: 0.0,
+        timeout: Duration::from_secs(60),
+        max_duration: Some(Duration::from_secs(seconds)),
+        seed: 11,
+    }
+}
+
+/// Runs every phase for every sync setting. `progress` gets one line per phase.
+pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::Result<Report> {
+    let tck = clk_tck();
+    let mut report = Report {
+        machine: machine(),
+        build: if cfg!(debug_assertions) {
+            "debug".into()
+        } else {
+            "release".into()
+        },
+        idle_rss_mib: BTreeMap::new(),
+        phases: Vec::new(),
+        comparison: Vec::new(),
+    };
+    for &sync in &cfg.sync_modes {
+        let sync_name = if sync { "always" } else { "default" };
+        let shop = Shop::start(ShopOptions {
+            sync_always: sync,
+            ..ShopOptions::new(cfg.dir.join(sync_name))
+        })
+        .await?;
+        let bus = crate::client::connect(&shop.nats.url, Duration::from_secs(10)).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let procs = processes(&shop);
+        report.idle_rss_mib.insert(
+            sync_name.into(),
+            procs
+                .iter()
+                .map(|(n, pid)| (n.clone(), status_mib(*pid, "VmRSS:")))
+                .collect(),
+        );
+        // Warm-up: connections, consumers, caches.
+        let mut warm = load_config(0.0, 5, 128);
+        warm.orders = 200;
+        load::run(&bus, &warm, |_| {}).await?;
+        let mut phases: Vec<(String, f64, u64, usize)> =
+            vec![("max".into(), 0.0, cfg.max_seconds, cfg.concurrency)];
+        phases.extend(
+            cfg.rates
+                .iter()
+                .map(|r| (format!("rate-{r}"), *r, cfg.rate_seconds, 4096)),
+        );
+        for (name, rate, seconds, concurrency) in phases {
+            let before: Vec<f64> = procs
+                .iter()
+                .map(|(_, pid)| cpu_seconds(*pid, tck))
+                .collect();
+            let r = load::run(&bus, &load_config(rate, seconds, concurrency), |_| {}).await?;
+            let cpu: BTreeMap<String, f64> = procs
+                .iter()
+                .zip(before)
+                .map(|((n, pid), b)| {
+                    (
+                        n.clone(),
+                        ((cpu_seconds(*pid, tck) - b) * 100.0).round() / 100.0,
+                    )
+                })
+                .collect();
+            let terminal = (r.completed + r.cancelled).max(1);
+            let phase = Phase {
+                phase: name,
+                sync: sync_name.into(),
+                target_rate: rate,
+                placed: r.placed,
+                completed: r.completed,
+                cancelled: r.cancelled,
+                unfinished: r.unfinished,
+                seconds: r.elapsed_seconds,
+                completed_per_second: r.completed as f64 / r.elapsed_seconds.max(0.001),
+                latency_ms: r.latency_ms,
+                cpu_seconds_per_order: cpu.values().sum::<f64>() / terminal as f64,
+                cpu_seconds: cpu,
+                peak_rss_mib: procs
+                    .iter()
+                    .map(|(n, pid)| (n.clone(), status_mib(*pid, "VmHWM:")))
+                    .collect(),
+            };
+            progress(&phase_line(&phase));
+            report.phases.push(phase);
+        }
+        shop.stop()?;
+    }
+    Ok(report)
+}
+
+fn phase_line(p: &Phase) -> String {
+    format!(
+        "{:<9} sync={:<7} {:>7.1} completed/s ({} placed, {} unfinished)  p50 {:>7.1} ms  p99 {:>7.1} ms  p99.9 {:>7.1} ms  cpu {:.2} ms/order",
+        p.phase,
+        p.sync,
+        p.completed_per_second,
+        p.placed,
+        p.unfinished,
+        p.latency_ms.p50,
+        p.latency_ms.p99,
+        p.latency_ms.p999,
+        p.cpu_seconds_per_order * 1000.0
+    )
+}
+
+/// Adds the comparison with a stored baseline report.
+pub fn compare(report: &mut Report, baseline: &Path) -> anyhow::Result<()> {
+    let base: Report = serde_json::from_str(&std::fs::read_to_string(baseline)?)?;
+    report.comparison = report
+        .phases
+        .iter()
+        .filter_map(|p| {
+            let b = base
+                .phases
+                .iter()
+                .find(|b| b.phase == p.phase && b.sync == p.sync)?;
+            Some(Comparison {
+                phase: p.phase.clone(),
+                sync: p.sync.clone(),
+                baseline_completed_per_second: b.completed_per_second,
+                throughput_ratio: p.completed_per_second / b.completed_per_second.max(0.001),
+                baseline_p99_ms: b.latency_ms.p99,
+                p99_ratio: p.latency_ms.p99 / b.latency_ms.p99.max(0.001),
+            })
+        })
+        .collect();
+    Ok(())
+}
+
+/// The report as the table `choreo bench` prints.
+pub fn print(report: &Report) {
+    println!("machine: {:?}, build {}", report.machine, report.build);
+    for p in &report.phases {
+        println!("{}", phase_line(p));
+    }
+    for (sync, rss) in &report.idle_rss_mib {
+        println!("idle RSS MiB (sync={sync}): {rss:?}");
+    }
+    if let Some(last) = report.phases.iter().rev().find(|p| p.phase == "max") {
+        println!(
+            "peak RSS MiB (after the max phase, sync={}): {:?}",
+            last.sync, last.peak_rss_mib
+        );
+    }
+    for c in &report.comparison {
+        println!(
+            "vs baseline {:<9} sync={:<7} throughput x{:.2} ({:.1}/s before), p99 x{:.2} ({:.1} ms before)",
+            c.phase, c.sync, c.throughput_ratio, c.baseline_completed_per_second, c.p99_ratio, c.baseline_p99_ms
+        );
+    }
+}
