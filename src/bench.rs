@@ -144,8 +144,10 @@ fn machine() -> BTreeMap<String, String> {
 }
 
 fn load_config(rate: f64, seconds: u64, concurrency: usize) -> LoadConfig {
+    // Enough orders (and so stock) for the phase: at most 5,000/s when unpaced.
+    let per_second = if rate > 0.0 { rate } else { 5_000.0 };
     LoadConfig {
-        orders: usize::MAX / 2,
+        orders: (per_second * seconds as f64) as usize + 1_000,
         rate,
         concurrency,
         customers: 50,
