@@ -144,7 +144,7 @@ pub async fn prepare(bus: &Bus, cfg: &LoadConfig, run_id: &str) -> anyhow::Resul
         },
     )
     .await?;
-        let per_sku = (cfg.orders as u64).saturating_mul(6).clamp(10, 1 << 40);
+    let per_sku = (cfg.orders as u64).saturating_mul(6).clamp(10, 1 << 40);
     let before = stock_added(bus).await?;
     for sku in SKUS {
         client::send_command(

@@ -261,11 +261,36 @@ pub struct Instance<S> {
     pub updated_at_ms: u64,
     /// Pending deadlines: name -> due time.
     pub deadlines: BTreeMap<String, u64>,
-    pub history: Vec<HistoryEntry>,
 }
 
 pub fn instance_key(saga: &str, id: &str) -> String {
     format!("saga/{saga}/{id}")
+}
+
+/// History entries live beside the instance, one key per version, so a transition writes a
+/// small instance and one entry instead of rewriting a growing record.
+pub fn history_prefix(saga: &str, id: &str) -> String {
+    format!("saga-history/{saga}/{id}/")
+}
+
+fn history_key(saga: &str, id: &str, version: u64) -> String {
+    format!("{}{version:010}", history_prefix(saga, id))
+}
+
+/// An instance with its history (oldest first), as `choreo saga show` prints it.
+pub fn show(
+    state: &dyn StateRead,
+    saga: &str,
+    id: &str,
+) -> Result<Option<serde_json::Value>, crate::store::StateError> {
+    let Some(mut v): Option<serde_json::Value> =
+        crate::store::read(state, &instance_key(saga, id))?
+    else {
+        return Ok(None);
+    };
+    let history: Vec<HistoryEntry> = crate::store::read_all(state, &history_prefix(saga, id))?;
+    v["history"] = serde_json::to_value(history).unwrap_or_default();
+    Ok(Some(v))
 }
 
 /// Prefix of the deadline index; keys sort by due time.
@@ -344,7 +369,6 @@ pub fn apply<P: ProcessManager>(
         started_at_ms: now_ms,
         updated_at_ms: now_ms,
         deadlines: BTreeMap::new(),
-        history: vec![],
     });
     let from = std::mem::take(&mut inst.status);
     // A fired deadline is consumed.
@@ -378,7 +402,7 @@ pub fn apply<P: ProcessManager>(
     inst.terminal = terminal;
     inst.state = step.state;
     inst.updated_at_ms = now_ms;
-    inst.history.push(HistoryEntry {
+    let entry = HistoryEntry {
         version: inst.version,
         at_ms: now_ms,
         trigger: cause.trigger.to_string(),
@@ -389,10 +413,14 @@ pub fn apply<P: ProcessManager>(
         sent: step.send.iter().map(|o| o.msg_type.to_string()).collect(),
         deadlines_set: set,
         deadlines_cancelled: cancelled,
-    });
-    if inst.history.len() > HISTORY_LIMIT {
-        let extra = inst.history.len() - HISTORY_LIMIT;
-        inst.history.drain(..extra);
+    };
+    save(tx, &history_key(pm.name(), id, inst.version), &entry)?;
+    if inst.version > HISTORY_LIMIT as u64 {
+        tx.remove(&history_key(
+            pm.name(),
+            id,
+            inst.version - HISTORY_LIMIT as u64,
+        ))?;
     }
     save(tx, &key, &inst)?;
     Ok(step.send)
@@ -746,10 +774,10 @@ mod tests {
             crate::store::read(store.reader(), &instance_key("counter", "one"))
                 .unwrap()
                 .unwrap();
-        assert_eq!(
-            (inst.state, inst.version, inst.history.len()),
-            (200, 200, 200)
-        );
+        let history = store
+            .scan_prefix(&history_prefix("counter", "one"))
+            .unwrap();
+        assert_eq!((inst.state, inst.version, history.len()), (200, 200, 200));
     }
 
     #[test]

@@ -239,9 +239,8 @@ async fn answer(
         }
         "show" => {
             let id = req.id.ok_or("show needs id")?;
-            let key = saga::instance_key(saga.name(), &id);
-            let v: Option<serde_json::Value> =
-                crate::store::read(rt.store.reader(), &key).map_err(|e| format!("store: {e:?}"))?;
+            let v = saga::show(rt.store.reader(), saga.name(), &id)
+                .map_err(|e| format!("store: {e:?}"))?;
             v.ok_or_else(|| format!("no {} instance {id}", saga.name()))
         }
         "retry" => {
@@ -256,9 +255,8 @@ async fn answer(
             })
             .await
             .map_err(|e| e.to_string())?;
-            let key = saga::instance_key(saga.name(), &id);
-            let v: Option<serde_json::Value> =
-                crate::store::read(rt.store.reader(), &key).map_err(|e| format!("store: {e:?}"))?;
+            let v = saga::show(rt.store.reader(), saga.name(), &id)
+                .map_err(|e| format!("store: {e:?}"))?;
             Ok(v.unwrap_or_default())
         }
         other => Err(format!(

@@ -126,6 +126,8 @@ impl Store {
             .path(dir)
             .cache_capacity(cache_capacity_bytes)
             .mode(sled::Mode::LowSpace)
+            // Durability is ours (the group-commit flusher); no background flushes besides.
+            .flush_every_ms(None)
             .open()?;
         Ok(Store {
             state: db.open_tree("state")?,

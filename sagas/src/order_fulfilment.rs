@@ -140,6 +140,13 @@ pub struct Fulfilment {
     pub reason: Option<String>,
     /// Resends made in the current phase.
     pub attempts: u64,
+    /// `OrderPlaced` has arrived (answers that overtook it are recorded meanwhile).
+    #[serde(default = "yes")]
+    pub placed: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Every message the saga reacts to.
@@ -219,7 +226,30 @@ impl OrderFulfilment {
             shipment: ShipmentStep::NotRequested,
             reason: None,
             attempts: 0,
+            placed: true,
         };
+        Step {
+            set: vec![Deadline::after("awaiting", now, self.timeouts.awaiting_ms)],
+            ..Step::to(s)
+        }
+    }
+
+    /// An answer overtook `OrderPlaced` (it comes from another stream): record it and wait
+    /// for the order's details instead of refusing it (a refusal costs a redelivery delay).
+    fn start_early(&self, input: &Input, now: u64) -> Step<Fulfilment> {
+        let mut s = Fulfilment {
+            order_id: input.order_id().to_string(),
+            customer_id: String::new(),
+            items: vec![],
+            phase: Phase::AwaitingStockAndPayment,
+            stock: StockStep::Pending,
+            payment: PaymentStep::Pending,
+            shipment: ShipmentStep::NotRequested,
+            reason: None,
+            attempts: 0,
+            placed: false,
+        };
+        record(&mut s, input);
         Step {
             set: vec![Deadline::after("awaiting", now, self.timeouts.awaiting_ms)],
             ..Step::to(s)
@@ -232,6 +262,8 @@ impl OrderFulfilment {
         let failed =
             matches!(s.stock, StockStep::Rejected) || matches!(s.payment, PaymentStep::Declined);
         match s.phase {
+            // Nothing moves before the order's details are known.
+            P::AwaitingStockAndPayment if !s.placed => Step::to(s),
             P::AwaitingStockAndPayment if failed => self.compensate(s, now, &["awaiting"]),
             P::AwaitingStockAndPayment
                 if s.stock == StockStep::Reserved && s.payment == PaymentStep::Authorized =>
@@ -627,12 +659,16 @@ impl ProcessManager for OrderFulfilment {
     ) -> Result<Out, HandleError> {
         match (state, trigger) {
             (None, Trigger::Message(Input::Placed(p))) => Ok(Some(self.start(p, now))),
-            (None, Trigger::Message(other)) => Err(HandleError::Retry(format!(
-                "fulfilment of {} not started yet",
-                other.order_id()
-            ))),
+            (None, Trigger::Message(other)) => Ok(Some(self.start_early(other, now))),
             (None, _) => Ok(None),
             (Some(s), _) if matches!(s.phase, Phase::Completed | Phase::Cancelled) => Ok(None),
+            (Some(s), Trigger::Message(Input::Placed(p))) if !s.placed => {
+                let mut next = s.clone();
+                next.customer_id = p.customer_id.clone();
+                next.items = p.items.clone();
+                next.placed = true;
+                Ok(Some(self.advance(next, now)))
+            }
             (Some(_), Trigger::Message(Input::Placed(_))) => Ok(None),
             (Some(s), Trigger::Message(m)) => {
                 let mut next = s.clone();
@@ -687,7 +723,7 @@ pub fn definition() -> Definition {
         waits_without_deadline: None,
     };
     let t = |from, on, to| TransitionDef { from, on, to };
-    const ANSWERS: &str = "StockRejected|PaymentDeclined";
+    const ANSWERS: &str = "StockRejected|PaymentDeclined|OrderPlaced";
     const UNDONE: &str =
         "StockReleased|StockRejected|PaymentVoided|PaymentCancelled|PaymentDeclined";
     Definition {
@@ -707,7 +743,7 @@ pub fn definition() -> Definition {
         transitions: vec![
             t(
                 "AwaitingStockAndPayment",
-                "StockReserved|PaymentAuthorized",
+                "StockReserved|PaymentAuthorized|OrderPlaced",
                 "Shipping",
             ),
             t("AwaitingStockAndPayment", ANSWERS, "Compensating"),

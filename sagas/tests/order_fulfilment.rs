@@ -328,12 +328,31 @@ fn retry_is_refused_outside_the_parked_states() {
 }
 
 #[test]
+fn answers_before_order_placed_are_kept_until_it_arrives() {
+    let s = saga();
+    let sc = run(&s, vec![authorized(), reserved()]);
+    assert_eq!(sc.status(), "AwaitingStockAndPayment");
+    assert!(
+        sc.sent.is_empty(),
+        "nothing sent before the order's details are known"
+    );
+    let sc = sc.when(placed(), "OrderPlaced");
+    assert_eq!(sc.status(), "Shipping");
+    assert_eq!(sc.sent, ["ConfirmOrder", "ShipOrder"]);
+    assert_declared(&sc);
+    // A refusal that overtook the order compensates once the order arrives.
+    let sc = run(&s, vec![rejected(), placed(), authorized(), voided()]);
+    assert_eq!(sc.status(), "Cancelled");
+    assert_declared(&sc);
+}
+
+#[test]
 fn early_messages_wait_and_late_ones_change_nothing() {
     let s = saga();
     let mut sc = Scenario::new(&s);
     assert!(
-        sc.try_when(&reserved(), "StockReserved").is_err(),
-        "before OrderPlaced: retried later"
+        sc.try_when(&reserved(), "StockReserved").is_ok(),
+        "kept, not refused"
     );
     let sc = run(
         &s,
