@@ -1,5 +1,5 @@
 # Choreo: the two set-up commands are `make demo` (the shop end to end) and `make test`.
-.PHONY: setup demo test lint build prometheus bench
+.PHONY: setup demo test lint build prometheus bench chaos
 
 CARGO ?= cargo
 
@@ -36,3 +36,10 @@ prometheus:
 bench: setup
 	$(CARGO) build --release --locked
 	./target/release/choreo bench --out bench/latest.json $(if $(wildcard bench/baseline.json),--baseline bench/baseline.json) $(ARGS)
+
+# The full chaos matrix (every scenario, for each seed in SEEDS); the default test command
+# runs the short one. Summary table printed, JSON in chaos/summary.json.
+SEEDS ?= 1,2
+chaos: setup
+	CHOREO_CHAOS=full CHOREO_CHAOS_SEEDS=$(SEEDS) CHOREO_CHAOS_OUT=$(CURDIR)/chaos/summary.json \
+		$(CARGO) test --locked --test chaos chaos_matrix -- --nocapture

@@ -39,6 +39,27 @@ pub async fn send_correlated<M: Message>(
     publish_command(bus, context, msg, env).await
 }
 
+/// Like [`send_correlated`], but rides out a server restart: the same envelope is published
+/// again until JetStream acks it (the server drops a repeat inside its duplicate window, and
+/// the handler's inbox one outside it), for at most `give_up`.
+pub async fn send_retrying<M: Message>(
+    bus: &Bus,
+    context: &str,
+    msg: &M,
+    correlation: &str,
+    give_up: Duration,
+) -> anyhow::Result<Envelope> {
+    let env = Envelope::first(new_id(), M::TYPE, CLIENT_SOURCE, now_ms()).correlated(correlation);
+    let deadline = std::time::Instant::now() + give_up;
+    loop {
+        match publish_command(bus, context, msg, env.clone()).await {
+            Ok(env) => return Ok(env),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
 async fn publish_command<M: Message>(
     bus: &Bus,
     context: &str,
@@ -72,6 +93,17 @@ pub async fn saga(
 ) -> anyhow::Result<serde_json::Value> {
     let hint = format!("is the node hosting saga {saga} running?");
     self::request(bus, &subjects::saga(saga, op), &hint, request).await
+}
+
+/// Sends a fault-injection request (`inject`, `clear`, `list`) to the node hosting
+/// `context`; its config must enable faults.
+pub async fn faults(
+    bus: &Bus,
+    context: &str,
+    request: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let hint = format!("is a node hosting {context} running?");
+    self::request(bus, &subjects::admin(context, "faults"), &hint, request).await
 }
 
 /// Request/reply with Choreo's reply convention: `{"ok": value}` or `{"error": "..."}`.

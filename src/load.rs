@@ -82,6 +82,9 @@ pub struct LoadReport {
     /// Order ids of the run, with how each was set up.
     #[serde(skip)]
     pub orders: Vec<(String, Kind)>,
+    /// When each order was placed and ended (Unix ms), in the order they were placed.
+    #[serde(skip)]
+    pub timeline: Vec<(u64, Option<u64>)>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize)]
@@ -196,39 +199,19 @@ pub async fn run(
     let mut rng = fastrand::Rng::with_seed(cfg.seed);
 
     // Terminal events, observed from before the first order.
-    let stream = bus
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, bool, Instant)>();
+    let first = bus
         .js
         .get_stream(subjects::stream(orders::CONTEXT))
         .await
-        .context("orders stream")?;
-    let watcher = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subjects: vec![
-                subjects::event(orders::CONTEXT, "OrderCompleted"),
-                subjects::event(orders::CONTEXT, "OrderCancelled"),
-            ],
-            deliver_policy: consumer::DeliverPolicy::New,
-            ..Default::default()
-        })
+        .context("orders stream")?
+        .info()
         .await
-        .context("watch terminal events")?;
-    let mut events = watcher.messages().await.context("watch terminal events")?;
-    let (tx, mut rx) = mpsc::unbounded_channel::<(String, bool, Instant)>();
-    let collector = tokio::spawn(async move {
-        while let Some(Ok(m)) = events.next().await {
-            let completed = m.subject.ends_with("OrderCompleted");
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
-                if let Some(id) = v["order_id"].as_str() {
-                    if tx
-                        .send((id.to_string(), completed, Instant::now()))
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            }
-        }
-    });
+        .context("orders stream")?
+        .state
+        .last_sequence
+        + 1;
+    let collector = tokio::spawn(watch_terminal(bus.clone(), first, tx));
 
     let mut placed_at: HashMap<String, (Instant, Kind)> = HashMap::new();
     let mut outcome: HashMap<String, (bool, f64)> = HashMap::new();
@@ -275,7 +258,7 @@ pub async fn run(
             let order_id = format!("{run_id}-o{i}");
             let cmd = make_order(&mut rng, &order_id, kind, &customers, &run_id);
             placed_at.insert(order_id.clone(), (Instant::now(), kind));
-            client::send_correlated(bus, orders::CONTEXT, &cmd, &order_id).await?;
+            client::send_retrying(bus, orders::CONTEXT, &cmd, &order_id, cfg.timeout).await?;
             order_list.push((order_id, kind));
             p.placed += 1;
             last_progress = Instant::now();
@@ -315,6 +298,18 @@ pub async fn run(
             latencies[((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1]
         }
     };
+    let unix_ms = |t: Instant| {
+        let ago = Instant::now().saturating_duration_since(t);
+        runtime::envelope::now_ms().saturating_sub(ago.as_millis() as u64)
+    };
+    let timeline = order_list
+        .iter()
+        .map(|(id, _)| {
+            let t0 = placed_at[id].0;
+            let end = outcome.get(id).map(|(_, ms)| unix_ms(t0) + *ms as u64);
+            (unix_ms(t0), end)
+        })
+        .collect();
     let mut unexpected = Vec::new();
     let mut by_kind: HashMap<String, usize> = HashMap::new();
     for (id, kind) in &order_list {
@@ -349,7 +344,79 @@ pub async fn run(
             max: latencies.last().copied().unwrap_or(0.0),
         },
         orders: order_list,
+        timeline,
     })
+}
+
+/// Sends every `OrderCompleted`/`OrderCancelled` from stream sequence `from` on; the ordered
+/// consumer is made again from the next sequence whenever it fails (a server restart).
+async fn watch_terminal(
+    bus: Bus,
+    mut from: u64,
+    tx: mpsc::UnboundedSender<(String, bool, Instant)>,
+) {
+    loop {
+        let events = async {
+            bus.js
+                .get_stream(subjects::stream(orders::CONTEXT))
+                .await
+                .ok()?
+                .create_consumer(consumer::pull::OrderedConfig {
+                    filter_subjects: vec![
+                        subjects::event(orders::CONTEXT, "OrderCompleted"),
+                        subjects::event(orders::CONTEXT, "OrderCancelled"),
+                    ],
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: from,
+                    },
+                    // Short pulls (1 s heartbeat): a server restart is noticed in about
+                    // 2 s, not 30 s, so latency after a fault is the shop's, not ours.
+                    max_expires: Duration::from_secs(2),
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .messages()
+                .await
+                .ok()
+        };
+        let stats = bus.client.statistics();
+        let connects = stats.connects.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(mut events) = events.await {
+            loop {
+                // An ordered consumer lives in the server's memory: after a server restart it
+                // is gone, and the client notices late. Start again at a reconnect.
+                let next = tokio::select! {
+                    n = events.next() => n,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                        if stats.connects.load(std::sync::atomic::Ordering::Relaxed) != connects {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                let Some(Ok(m)) = next else { break };
+                if let Ok(info) = m.info() {
+                    from = info.stream_sequence + 1;
+                }
+                let completed = m.subject.ends_with("OrderCompleted");
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
+                    if let Some(id) = v["order_id"].as_str() {
+                        if tx
+                            .send((id.to_string(), completed, Instant::now()))
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 fn pick_kind(rng: &mut fastrand::Rng, cfg: &LoadConfig) -> Kind {

@@ -57,6 +57,11 @@ enum Cmd {
     },
     /// Benchmark the whole shop: max throughput and fixed rates, latency, CPU, memory.
     Bench(BenchArgs),
+    /// Fault injection in running nodes (their config must set `[faults] enabled = true`).
+    Chaos {
+        #[command(subcommand)]
+        command: ChaosCmd,
+    },
     /// Change a running simulator's failure rate or latency (outages, slowness).
     SimSet {
         /// payment-gateway or carrier.
@@ -70,6 +75,79 @@ enum Cmd {
         #[command(flatten)]
         nats: NatsArg,
     },
+}
+
+#[derive(Subcommand)]
+enum ChaosCmd {
+    /// Install a fault rule in the node hosting a context.
+    Inject(InjectArgs),
+    /// Remove every fault rule of the given contexts.
+    Clear {
+        /// Contexts (comma-separated) or `all`.
+        #[arg(long, default_value = "all")]
+        context: String,
+        #[command(flatten)]
+        nats: NatsArg,
+    },
+    /// Show the installed rules and how often each fired.
+    List {
+        /// Contexts (comma-separated) or `all`.
+        #[arg(long, default_value = "all")]
+        context: String,
+        #[command(flatten)]
+        nats: NatsArg,
+    },
+}
+
+#[derive(Args)]
+struct InjectArgs {
+    /// The context whose node gets the fault (the rule applies to that context only).
+    #[arg(long)]
+    context: String,
+    /// Where: handler, after-commit, outbox-publish, external-call, deadline-fire.
+    #[arg(long, value_enum)]
+    point: FaultPointArg,
+    /// What: crash (abort the process), error, delay, drop, panic.
+    #[arg(long, value_enum)]
+    action: FaultActionArg,
+    /// Chance per matching message (0.0 to 1.0).
+    #[arg(long, default_value_t = 1.0, value_parser = rate)]
+    probability: f64,
+    /// Fire at most this many times.
+    #[arg(long)]
+    times: Option<u64>,
+    /// Remove the rule after this many milliseconds.
+    #[arg(long)]
+    duration_ms: Option<u64>,
+    /// Delay of `--action delay`, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Only messages of this type (a deadline's name at deadline-fire).
+    #[arg(long = "type")]
+    msg_type: Option<String>,
+    /// Seed of the random choices from now on.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[command(flatten)]
+    nats: NatsArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FaultPointArg {
+    Handler,
+    AfterCommit,
+    OutboxPublish,
+    ExternalCall,
+    DeadlineFire,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FaultActionArg {
+    Crash,
+    Error,
+    Delay,
+    Drop,
+    Panic,
 }
 
 #[derive(Args)]
@@ -525,6 +603,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             })
         }
         Cmd::Dlq { command } => run_dlq(command),
+        Cmd::Chaos { command } => run_chaos(command),
         Cmd::SimSet {
             system,
             failure_rate,
@@ -632,6 +711,61 @@ async fn dlq_targets(
             anyhow::bail!("give sequence numbers (see `choreo dlq list`) or --all with filters")
         }
     }
+}
+
+fn run_chaos(cmd: ChaosCmd) -> anyhow::Result<bool> {
+    use runtime::faults::{FaultAction as A, FaultPoint as P};
+    let (context, nats, body) = match cmd {
+        ChaosCmd::Inject(a) => {
+            let point = match a.point {
+                FaultPointArg::Handler => P::Handler,
+                FaultPointArg::AfterCommit => P::AfterCommit,
+                FaultPointArg::OutboxPublish => P::OutboxPublish,
+                FaultPointArg::ExternalCall => P::ExternalCall,
+                FaultPointArg::DeadlineFire => P::DeadlineFire,
+            };
+            let action = match a.action {
+                FaultActionArg::Crash => A::Crash,
+                FaultActionArg::Error => A::Error,
+                FaultActionArg::Delay => A::Delay,
+                FaultActionArg::Drop => A::Drop,
+                FaultActionArg::Panic => A::Panic,
+            };
+            let rule = runtime::faults::FaultRule {
+                point,
+                action,
+                context: None,
+                msg_type: a.msg_type,
+                times: a.times,
+                payload_contains: None,
+                probability: a.probability,
+                delay_ms: a.delay_ms,
+                duration_ms: a.duration_ms,
+            };
+            rule.validate()
+                .map_err(|e| anyhow::anyhow!("invalid fault: {e}"))?;
+            let body = serde_json::json!({ "op": "inject", "rule": rule, "seed": a.seed });
+            (a.context, a.nats, body)
+        }
+        ChaosCmd::Clear { context, nats } => (context, nats, serde_json::json!({ "op": "clear" })),
+        ChaosCmd::List { context, nats } => (context, nats, serde_json::json!({ "op": "list" })),
+    };
+    let targets = contexts::expand(&context);
+    for t in &targets {
+        anyhow::ensure!(
+            contexts::KNOWN.contains(&t.as_str()),
+            "unknown context {t:?}; known: {} (or `all`)",
+            contexts::KNOWN.join(", ")
+        );
+    }
+    tokio_rt()?.block_on(async {
+        let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
+        for t in &targets {
+            let v = choreo::client::faults(&bus, t, body.clone()).await?;
+            println!("{t}: {v}");
+        }
+        Ok(true)
+    })
 }
 
 fn run_saga(cmd: SagaCmd) -> anyhow::Result<bool> {

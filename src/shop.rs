@@ -56,6 +56,8 @@ pub struct Shop {
     pub nodes: Vec<Node>,
     pub sim: Option<Proc>,
     pub opts: ShopOptions,
+    /// NATS URL a context's node uses instead of the server's (e.g. through a proxy).
+    pub node_nats: std::collections::HashMap<String, String>,
 }
 
 impl Shop {
@@ -72,6 +74,7 @@ impl Shop {
             nodes: Vec::new(),
             sim: None,
             opts,
+            node_nats: Default::default(),
         };
         for ctx in shop.opts.contexts.clone() {
             let node = shop.spawn_node(&ctx)?;
@@ -95,12 +98,13 @@ impl Shop {
     fn spawn_node(&self, ctx: &str) -> anyhow::Result<Node> {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let data = self.opts.dir.join("data").display().to_string();
+        let nats = self.node_nats.get(ctx).unwrap_or(&self.nats.url);
         let mut args: Vec<String> = [
             "node",
             "--context",
             ctx,
             "--nats",
-            &self.nats.url,
+            nats,
             "--data",
             &data,
             "--metrics",
@@ -185,11 +189,32 @@ impl Shop {
         Ok(())
     }
 
+    /// The data directory of the node hosting `ctx` (one sled database per context inside).
+    pub fn data_dir(&self) -> PathBuf {
+        self.opts.dir.join("data")
+    }
+
+    /// SIGTERM to the node hosting `ctx`; waits until it finished its in-flight work.
+    pub fn stop_node(&mut self, ctx: &str) -> anyhow::Result<()> {
+        let node = self.node(ctx)?;
+        let _ = node.proc.signal(Signal::SIGTERM);
+        let st = node.proc.terminate(Duration::from_secs(30))?;
+        anyhow::ensure!(st.success(), "node {ctx} exited with {st}");
+        Ok(())
+    }
+
     /// Starts the node hosting `ctx` again (same data directory) and waits until it answers.
     pub async fn restart(&mut self, ctx: &str) -> anyhow::Result<()> {
+        self.respawn(ctx)?;
+        self.wait_ready(Duration::from_secs(60)).await
+    }
+
+    /// Starts the node hosting `ctx` again without waiting (several at once, then
+    /// [`Shop::wait_ready`]).
+    pub fn respawn(&mut self, ctx: &str) -> anyhow::Result<()> {
         let fresh = self.spawn_node(ctx)?;
         *self.node(ctx)? = fresh;
-        self.wait_ready(Duration::from_secs(60)).await
+        Ok(())
     }
 
     /// Starts a node for `ctx` that was not started with the shop, and waits until it answers.

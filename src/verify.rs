@@ -7,8 +7,9 @@
 //!   state;
 //! - money: a completed order's payment is captured in full; a cancelled order has nothing
 //!   captured; per payment captured + voided = authorized;
-//! - stock: per sku added = available + reserved + committed, and nothing is reserved once
-//!   no reservation is open;
+//! - stock: per sku added = available + reserved + committed, nothing is reserved once
+//!   no reservation is open, and added = the quantities of the distinct `AddStock`
+//!   commands in the inventory stream (a replayed command applied twice adds twice);
 //! - once: the gateway and carrier performed each effect at most once per order, and a
 //!   completed order exactly one capture and one dispatch.
 
@@ -276,5 +277,65 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
             "{reserved_total} units reserved but no reservation is open"
         ));
     }
+    if let Some(sent) = stock_sent(bus).await? {
+        for (sku, qty) in &sent {
+            c.checked += 1;
+            let added = stock
+                .get(sku)
+                .and_then(|s| s["added"].as_u64())
+                .unwrap_or(0);
+            if added != *qty {
+                c.violations.push(format!(
+                    "sku {sku}: added {added}, but the distinct AddStock commands sent add {qty}"
+                ));
+            }
+        }
+    }
     Ok(r)
+}
+
+/// Per sku, the quantity of the distinct (by `Choreo-Id`) well-formed `AddStock` commands in
+/// the inventory stream; `None` if the stream no longer holds all of them.
+async fn stock_sent(bus: &Bus) -> anyhow::Result<Option<BTreeMap<String, u64>>> {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt;
+    use runtime::envelope::Envelope;
+    use runtime::subjects;
+    let mut stream = bus
+        .js
+        .get_stream(subjects::stream(inventory::CONTEXT))
+        .await?;
+    let state = stream.info().await?.state.clone();
+    if state.first_sequence > 1 {
+        return Ok(None);
+    }
+    let subject = subjects::command(inventory::CONTEXT, "AddStock");
+    let total = stream.info().await?.state.messages;
+    let c = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: subject,
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await?;
+    let mut msgs = c.messages().await?;
+    let mut seen = std::collections::HashSet::new();
+    let mut out: BTreeMap<String, u64> = BTreeMap::new();
+    loop {
+        let next = tokio::time::timeout(std::time::Duration::from_millis(500), msgs.next()).await;
+        let Ok(Some(Ok(m))) = next else { break };
+        let last = m.info().is_ok_and(|i| i.pending == 0);
+        if let (Ok(env), Ok(cmd)) = (
+            Envelope::from_headers(m.headers.as_ref()),
+            serde_json::from_slice::<inventory::AddStock>(&m.payload),
+        ) {
+            if cmd.qty > 0 && !cmd.sku.trim().is_empty() && seen.insert(env.id) {
+                *out.entry(cmd.sku).or_default() += cmd.qty;
+            }
+        }
+        if last || total == 0 {
+            break;
+        }
+    }
+    Ok(Some(out))
 }

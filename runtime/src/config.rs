@@ -55,6 +55,29 @@ pub struct NodeConfig {
     /// Per-saga settings (deadlines in ms, resend limits), by saga name; each saga
     /// validates its own keys.
     pub sagas: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    /// Switches that remove a safety mechanism, only so that the chaos suite can show what
+    /// each one protects. Never set them in production.
+    pub danger: DangerConfig,
+}
+
+/// Each switch removes one mechanism the invariants rest on (see `docs/chaos.md`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DangerConfig {
+    /// No inbox check: a redelivered or replayed message is handled again.
+    pub disable_inbox: bool,
+    /// No outbox: a handler's messages are published from memory after its commit, and
+    /// whatever a crash left unpublished is forgotten at start.
+    pub disable_outbox: bool,
+    /// No group commit before the ack: messages are acked (and their messages published)
+    /// after the in-memory commit; sled flushes in the background every second.
+    pub disable_group_commit: bool,
+}
+
+impl DangerConfig {
+    pub fn any(&self) -> bool {
+        self.disable_inbox || self.disable_outbox || self.disable_group_commit
+    }
 }
 
 /// Limits of each context's stream.
@@ -153,6 +176,7 @@ impl Default for NodeConfig {
             breaker: Default::default(),
             supervision: Default::default(),
             sagas: Default::default(),
+            danger: Default::default(),
         }
     }
 }
@@ -276,6 +300,11 @@ impl NodeConfig {
                  input is dead-lettered, not refused at publish",
                 self.max_message_bytes, self.stream.max_message_size
             ));
+        }
+        for (i, r) in self.faults.rules.iter().enumerate() {
+            if let Err(problem) = r.validate() {
+                return bad(format!("faults.rules[{i}]: {problem}"));
+            }
         }
         if self.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
             return bad(format!(

@@ -350,10 +350,12 @@ impl PullLoop {
                     .bus
                     .durable_consumer(&this.durable, &this.sub, &this.rt.cfg)
                     .await?;
+                // A 1 s heartbeat: a pull lost with a server restart or a cut connection is
+                // noticed after two missed beats and issued again.
                 c.stream()
                     .max_messages_per_batch(max)
-                    .heartbeat(Duration::from_secs(5))
-                    .expires(Duration::from_secs(30))
+                    .heartbeat(Duration::from_secs(1))
+                    .expires(Duration::from_secs(10))
                     .messages()
                     .await
                     .map_err(|e| crate::bus::BusError::JetStream {
@@ -592,7 +594,31 @@ impl PullLoop {
                     Err(open) => return Attempt::Delayed(open.retry_after),
                 };
                 let timeout = Duration::from_millis(rt.cfg.external_timeout_ms);
-                let result = external::call(&rt.bus.client, &call, timeout).await;
+                let fault =
+                    rt.faults
+                        .fire(FaultPoint::ExternalCall, rt.context, msg_type, &msg.payload);
+                let result = match fault.map(|f| (f.action, f.delay_ms)) {
+                    None => external::call(&rt.bus.client, &call, timeout).await,
+                    Some((FaultAction::Crash, _)) => crash(FaultPoint::ExternalCall, msg_type),
+                    Some((FaultAction::Panic, _)) => {
+                        panic!("injected fault at external_call for {msg_type}")
+                    }
+                    Some((FaultAction::Error, _)) => Err(external::ExternalError::Failed {
+                        system: call.system,
+                        message: "injected error".into(),
+                    }),
+                    Some((FaultAction::Delay, ms)) => {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        external::call(&rt.bus.client, &call, timeout).await
+                    }
+                    // The system acts on the request; its reply is lost on the way back.
+                    Some((FaultAction::Drop, _)) => external::call(&rt.bus.client, &call, timeout)
+                        .await
+                        .and(Err(external::ExternalError::Timeout {
+                            system: call.system,
+                            timeout,
+                        })),
+                };
                 breaker.record(permit, result.is_ok(), envelope::now_ms());
                 match result {
                     Ok(v) => Some(v),
@@ -612,13 +638,20 @@ impl PullLoop {
             Ok(to_outbox(rt.context, &self.durable, env, out, now))
         });
         match result {
+            Ok(Committed::Written { outbox_keys }) if rt.cfg.danger.disable_group_commit => {
+                // Chaos-suite switch: ack what is only in memory (lost by a crash).
+                rt.relay.durable(outbox_keys);
+                Attempt::Done(self.ack(msg, "acked").await)
+            }
             Ok(Committed::Written { outbox_keys }) => {
                 if let Err(e) = rt.commit.durable().await {
                     return Attempt::StoreBroken(e.to_string());
                 }
+                // An injected crash here leaves durable outbox entries for the next start-up
+                // scan; any other fault hands them over and skips the ack (the redelivery is
+                // absorbed by the inbox).
                 if let Some(a) = self.inject(FaultPoint::AfterCommit, msg, msg_type).await {
-                    // The effect is durable; the redelivery is absorbed by the inbox and the
-                    // outbox entries are published by the next start-up scan.
+                    rt.relay.durable(outbox_keys);
                     return a;
                 }
                 rt.relay.durable(outbox_keys);
@@ -637,18 +670,23 @@ impl PullLoop {
         msg: &jetstream::Message,
         msg_type: &str,
     ) -> Option<Attempt> {
-        let rule = self.rt.faults.fire(point, msg_type, &msg.payload)?;
+        let rule = self
+            .rt
+            .faults
+            .fire(point, self.rt.context, msg_type, &msg.payload)?;
         match rule.action {
-            FaultAction::Panic => panic!("injected fault at {point:?} for {msg_type}"),
-            FaultAction::Crash => {
-                tracing::error!(?point, msg_type, "injected crash: aborting the process");
-                std::process::abort();
-            }
-            FaultAction::Error => Some(Attempt::Transient(format!("injected error at {point:?}"))),
+            FaultAction::Panic => panic!("injected fault at {} for {msg_type}", point.label()),
+            FaultAction::Crash => crash(point, msg_type),
+            FaultAction::Error => Some(Attempt::Transient(format!(
+                "injected error at {}",
+                point.label()
+            ))),
             FaultAction::Delay => {
                 tokio::time::sleep(Duration::from_millis(rule.delay_ms)).await;
                 None
             }
+            // Neither ack nor nak: the server redelivers after ack_wait.
+            FaultAction::Drop => Some(Attempt::Done("dropped")),
         }
     }
 
@@ -764,6 +802,16 @@ impl PullLoop {
 }
 
 /// Maps a handler's error to an attempt outcome.
+/// An injected crash: abort at once, like `kill -9` (no destructors, no flush).
+pub(crate) fn crash(point: FaultPoint, what: &str) -> ! {
+    tracing::error!(
+        point = point.label(),
+        what,
+        "injected crash: aborting the process"
+    );
+    std::process::abort();
+}
+
 fn classify(e: HandleError) -> Attempt {
     match e {
         HandleError::Retry(why) => Attempt::Transient(why),

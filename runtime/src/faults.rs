@@ -1,26 +1,43 @@
-//! Fault injection at named points of the message path, for chaos tests. Off unless
-//! `[faults] enabled = true` in the node config; every fault fired is counted in
-//! `choreo_faults_injected_total`.
+//! Fault injection at named points of the message path, for chaos tests.
+//!
+//! Off unless `[faults] enabled = true` in the node config. Rules come from the config and,
+//! at run time, from the admin subject `choreo.admin.<context>.faults` (`choreo chaos
+//! inject|clear|list`); a node whose config leaves faults off refuses them. Every fault
+//! fired is counted in `choreo_faults_injected_total{point,action}`.
 //!
 //! ```toml
 //! [faults]
 //! enabled = true
-//! seed = 7
+//! seed = 7                   # random choices (probability) are repeatable per seed
 //! [[faults.rules]]
-//! point = "handler"          # handler | after_commit
-//! action = "panic"           # panic | error | delay | crash
-//! msg_type = "AddStock"      # optional: only this message type
-//! times = 2                  # optional: at most this many times
+//! point = "handler"          # handler | after_commit | outbox_publish | external_call | deadline_fire
+//! action = "crash"           # crash | error | delay | drop | panic
+//! context = "orders"         # optional: only this hosted context
+//! msg_type = "PlaceOrder"    # optional: only this message type
+//! times = 1                  # optional: at most this many times
 //! probability = 1.0          # chance per matching message
 //! delay_ms = 0               # for `delay`
+//! duration_ms = 10000        # optional: the rule expires this long after it is installed
 //! ```
+//!
+//! What each action does at each point:
+//!
+//! | point | crash | error | delay | drop | panic |
+//! |---|---|---|---|---|---|
+//! | handler (before inbox check and handler) | abort | transient failure, retried | sleep | no ack, no nak: redelivered after `ack_wait` | panic in handler code |
+//! | after_commit (durable, before ack and outbox hand-over) | abort | transient failure (redelivery is a duplicate) | sleep | outbox handed over, ack skipped | panic |
+//! | outbox_publish (per entry) | abort | publish fails, retried with back-off | sleep | published, ack lost: published again (server drops the duplicate) | refused |
+//! | external_call | abort | call fails | sleep | call made, reply lost (a timeout) | panic |
+//! | deadline_fire | abort | firing fails, retried | sleep | firing skipped, retried | refused |
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use crate::metrics;
+use crate::{metrics, subjects};
 
 /// Where in the path of one message a fault can fire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,20 +47,60 @@ pub enum FaultPoint {
     Handler,
     /// After the transaction is durable, before the ack and the outbox hand-over.
     AfterCommit,
+    /// Before the outbox relay publishes one entry.
+    OutboxPublish,
+    /// Before a handler's request to an external system (gateway, carrier).
+    ExternalCall,
+    /// Before a due saga deadline is fired.
+    DeadlineFire,
+}
+
+impl FaultPoint {
+    pub const ALL: [FaultPoint; 5] = [
+        FaultPoint::Handler,
+        FaultPoint::AfterCommit,
+        FaultPoint::OutboxPublish,
+        FaultPoint::ExternalCall,
+        FaultPoint::DeadlineFire,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            FaultPoint::Handler => "handler",
+            FaultPoint::AfterCommit => "after_commit",
+            FaultPoint::OutboxPublish => "outbox_publish",
+            FaultPoint::ExternalCall => "external_call",
+            FaultPoint::DeadlineFire => "deadline_fire",
+        }
+    }
 }
 
 /// What the fault does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FaultAction {
-    /// Panic in handler code (caught by the runtime).
-    Panic,
-    /// A transient error (the message is naked and retried).
-    Error,
-    /// Sleep `delay_ms`.
-    Delay,
     /// Abort the process at once, like `kill -9`.
     Crash,
+    /// A transient error.
+    Error,
+    /// Sleep `delay_ms`, then go on.
+    Delay,
+    /// Lose something on the way (see the table in the module docs).
+    Drop,
+    /// Panic in handler code (caught by the runtime).
+    Panic,
+}
+
+impl FaultAction {
+    pub fn label(self) -> &'static str {
+        match self {
+            FaultAction::Crash => "crash",
+            FaultAction::Error => "error",
+            FaultAction::Delay => "delay",
+            FaultAction::Drop => "drop",
+            FaultAction::Panic => "panic",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,21 +108,54 @@ pub enum FaultAction {
 pub struct FaultRule {
     pub point: FaultPoint,
     pub action: FaultAction,
-    #[serde(default)]
+    /// Only messages of this hosted context (runtime injections set it to their target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub msg_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub times: Option<u64>,
     /// Optional: only messages whose payload contains this text (one specific message).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_contains: Option<String>,
     #[serde(default = "one")]
     pub probability: f64,
     #[serde(default)]
     pub delay_ms: u64,
+    /// The rule expires this long after it is installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
 }
 
 fn one() -> f64 {
     1.0
+}
+
+impl FaultRule {
+    /// Rejects rules that cannot do what they say.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.probability) {
+            return Err(format!(
+                "probability must be within 0.0..=1.0, not {}",
+                self.probability
+            ));
+        }
+        if self.action == FaultAction::Delay && self.delay_ms == 0 {
+            return Err("a delay needs delay_ms > 0".into());
+        }
+        if self.action == FaultAction::Panic
+            && matches!(
+                self.point,
+                FaultPoint::OutboxPublish | FaultPoint::DeadlineFire
+            )
+        {
+            return Err(format!(
+                "panic is a handler fault; at {} use crash or error",
+                self.point.label()
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -76,32 +166,141 @@ pub struct FaultConfig {
     pub rules: Vec<FaultRule>,
 }
 
-/// The node's fault injector.
+/// Why a runtime request to the injector was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum FaultsError {
+    #[error("fault injection is off in this node's config (set [faults] enabled = true)")]
+    Disabled,
+    #[error("invalid fault rule: {0}")]
+    Invalid(String),
+}
+
+struct Installed {
+    id: u64,
+    rule: FaultRule,
+    fired: u64,
+    until: Option<Instant>,
+}
+
+struct Inner {
+    rules: Vec<Installed>,
+    rng: fastrand::Rng,
+    next_id: u64,
+}
+
+/// The node's fault injector. The hot path costs one atomic load while no rule is installed.
 pub struct Faults {
-    rules: Vec<(FaultRule, AtomicU64)>,
-    rng: Mutex<fastrand::Rng>,
+    enabled: bool,
+    any: AtomicBool,
+    inner: Mutex<Inner>,
 }
 
 impl Faults {
     pub fn new(cfg: &FaultConfig) -> Self {
-        let rules = if cfg.enabled {
-            cfg.rules
-                .iter()
-                .map(|r| (r.clone(), AtomicU64::new(0)))
-                .collect()
-        } else {
-            vec![]
+        let faults = Faults {
+            enabled: cfg.enabled,
+            any: AtomicBool::new(false),
+            inner: Mutex::new(Inner {
+                rules: Vec::new(),
+                rng: fastrand::Rng::with_seed(cfg.seed),
+                next_id: 1,
+            }),
         };
-        Faults {
-            rules,
-            rng: Mutex::new(fastrand::Rng::with_seed(cfg.seed)),
+        if cfg.enabled {
+            for r in &cfg.rules {
+                // Config rules were validated with the config.
+                let _ = faults.install(r.clone(), None);
+            }
         }
+        faults
     }
 
-    /// The fault to apply at `point` for a message of `msg_type`, if any rule fires.
-    pub fn fire(&self, point: FaultPoint, msg_type: &str, payload: &[u8]) -> Option<&FaultRule> {
-        for (rule, fired) in &self.rules {
-            if rule.point != point || rule.msg_type.as_deref().is_some_and(|t| t != msg_type) {
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Installs a rule (reseeding the random choices if `seed` is given); returns its id.
+    pub fn install(&self, rule: FaultRule, seed: Option<u64>) -> Result<u64, FaultsError> {
+        if !self.enabled {
+            return Err(FaultsError::Disabled);
+        }
+        rule.validate().map_err(FaultsError::Invalid)?;
+        let mut inner = self.lock();
+        if let Some(s) = seed {
+            inner.rng = fastrand::Rng::with_seed(s);
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let until = rule
+            .duration_ms
+            .map(|ms| Instant::now() + Duration::from_millis(ms));
+        tracing::warn!(id, ?rule, "fault rule installed");
+        inner.rules.push(Installed {
+            id,
+            rule,
+            fired: 0,
+            until,
+        });
+        self.any.store(true, Ordering::SeqCst);
+        Ok(id)
+    }
+
+    /// Removes the rules of `context` (every rule if `None`); returns how many.
+    pub fn clear(&self, context: Option<&str>) -> usize {
+        let mut inner = self.lock();
+        let before = inner.rules.len();
+        inner.rules.retain(|r| {
+            context.is_some_and(|c| r.rule.context.as_deref().is_some_and(|rc| rc != c))
+        });
+        self.any.store(!inner.rules.is_empty(), Ordering::SeqCst);
+        before - inner.rules.len()
+    }
+
+    /// Installed rules with how often each fired and how long each has left.
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        let now = Instant::now();
+        self.lock()
+            .rules
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "id": r.id,
+                    "rule": r.rule,
+                    "fired": r.fired,
+                    "remaining_ms": r.until.map(|u| u.saturating_duration_since(now).as_millis() as u64),
+                })
+            })
+            .collect()
+    }
+
+    /// The fault to apply at `point` for a message of `msg_type` in `context`, if a rule
+    /// fires.
+    pub fn fire(
+        &self,
+        point: FaultPoint,
+        context: &str,
+        msg_type: &str,
+        payload: &[u8],
+    ) -> Option<FaultRule> {
+        if !self.any.load(Ordering::Relaxed) {
+            return None;
+        }
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.rules.retain(|r| r.until.is_none_or(|u| u > now));
+        self.any.store(!inner.rules.is_empty(), Ordering::SeqCst);
+        let Inner { rules, rng, .. } = &mut *inner;
+        for r in rules.iter_mut() {
+            let rule = &r.rule;
+            if rule.point != point
+                || rule.context.as_deref().is_some_and(|c| c != context)
+                || rule.msg_type.as_deref().is_some_and(|t| t != msg_type)
+                || rule.times.is_some_and(|t| r.fired >= t)
+            {
                 continue;
             }
             if let Some(needle) = &rule.payload_contains {
@@ -109,38 +308,93 @@ impl Faults {
                     continue;
                 }
             }
-            if rule.probability < 1.0
-                && self.rng.lock().expect("fault rng").f64() >= rule.probability
-            {
+            if rule.probability < 1.0 && rng.f64() >= rule.probability {
                 continue;
             }
-            let n = fired.fetch_add(1, Ordering::SeqCst);
-            if rule.times.is_some_and(|t| n >= t) {
-                continue;
-            }
+            r.fired += 1;
             metrics::FAULTS_INJECTED
-                .with_label_values(&[point_label(point), action_label(rule.action)])
+                .with_label_values(&[point.label(), rule.action.label()])
                 .inc();
-            tracing::warn!(?point, action = ?rule.action, msg_type, "injecting fault");
-            return Some(rule);
+            tracing::warn!(
+                point = point.label(),
+                action = rule.action.label(),
+                context,
+                msg_type,
+                "injecting fault"
+            );
+            return Some(rule.clone());
         }
         None
     }
 }
 
-fn point_label(p: FaultPoint) -> &'static str {
-    match p {
-        FaultPoint::Handler => "handler",
-        FaultPoint::AfterCommit => "after_commit",
+/// A request on `choreo.admin.<context>.faults`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdminRequest {
+    Inject {
+        rule: FaultRule,
+        #[serde(default)]
+        seed: Option<u64>,
+    },
+    Clear,
+    List,
+}
+
+/// Answers one admin request for `context`: `{"ok": ...}` or `{"error": "..."}`.
+pub fn answer(faults: &Faults, context: &str, payload: &[u8]) -> serde_json::Value {
+    let req = match serde_json::from_slice::<AdminRequest>(payload) {
+        Ok(r) => r,
+        Err(e) => return serde_json::json!({ "error": format!("bad request: {e}") }),
+    };
+    let result = match req {
+        AdminRequest::Inject { mut rule, seed } => {
+            rule.context.get_or_insert_with(|| context.to_string());
+            if rule.context.as_deref() != Some(context) {
+                Err(FaultsError::Invalid(format!(
+                    "rule is for context {:?}, sent to {context}",
+                    rule.context
+                )))
+            } else {
+                faults
+                    .install(rule, seed)
+                    .map(|id| serde_json::json!({ "installed": id }))
+            }
+        }
+        AdminRequest::Clear => Ok(serde_json::json!({ "cleared": faults.clear(Some(context)) })),
+        AdminRequest::List => Ok(serde_json::json!({
+            "enabled": faults.enabled(),
+            "rules": faults.list().into_iter()
+                .filter(|r| r["rule"]["context"].as_str().is_none_or(|c| c == context))
+                .collect::<Vec<_>>(),
+        })),
+    };
+    match result {
+        Ok(v) => serde_json::json!({ "ok": v }),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
     }
 }
 
-fn action_label(a: FaultAction) -> &'static str {
-    match a {
-        FaultAction::Panic => "panic",
-        FaultAction::Error => "error",
-        FaultAction::Delay => "delay",
-        FaultAction::Crash => "crash",
+/// Serves `choreo.admin.<context>.faults` for every hosted context.
+pub async fn serve(
+    client: async_nats::Client,
+    faults: std::sync::Arc<Faults>,
+    contexts: Vec<&'static str>,
+) {
+    let mut subs = Vec::new();
+    for c in &contexts {
+        match client.subscribe(subjects::admin(c, "faults")).await {
+            Ok(s) => subs.push(s.map(move |m| (*c, m))),
+            Err(e) => tracing::error!(context = c, error = %e, "cannot serve fault admin"),
+        }
+    }
+    let mut all = futures::stream::select_all(subs);
+    while let Some((context, req)) = all.next().await {
+        let Some(reply) = req.reply.clone() else {
+            continue;
+        };
+        let body = answer(&faults, context, &req.payload);
+        let _ = client.publish(reply, body.to_string().into()).await;
     }
 }
 
@@ -158,13 +412,103 @@ mod tests {
     #[test]
     fn fires_only_when_enabled_matching_and_within_times() {
         assert!(Faults::new(&cfg(false))
-            .fire(FaultPoint::Handler, "A", b"")
+            .fire(FaultPoint::Handler, "c", "A", b"")
             .is_none());
         let f = Faults::new(&cfg(true));
-        assert!(f.fire(FaultPoint::Handler, "B", b"").is_none());
-        assert!(f.fire(FaultPoint::AfterCommit, "A", b"").is_none());
-        assert!(f.fire(FaultPoint::Handler, "A", b"").is_some());
-        assert!(f.fire(FaultPoint::Handler, "A", b"").is_some());
-        assert!(f.fire(FaultPoint::Handler, "A", b"").is_none());
+        assert!(f.fire(FaultPoint::Handler, "c", "B", b"").is_none());
+        assert!(f.fire(FaultPoint::AfterCommit, "c", "A", b"").is_none());
+        assert!(f.fire(FaultPoint::Handler, "c", "A", b"").is_some());
+        assert!(f.fire(FaultPoint::Handler, "c", "A", b"").is_some());
+        assert!(f.fire(FaultPoint::Handler, "c", "A", b"").is_none());
+    }
+
+    #[test]
+    fn admin_requests_install_scope_expire_and_clear() {
+        let off = Faults::new(&FaultConfig::default());
+        let req = br#"{"op":"inject","rule":{"point":"outbox_publish","action":"error"}}"#;
+        assert!(answer(&off, "orders", req)["error"]
+            .as_str()
+            .unwrap()
+            .contains("off in this node's config"));
+
+        let f = Faults::new(&FaultConfig {
+            enabled: true,
+            ..Default::default()
+        });
+        assert!(answer(&f, "orders", req)["ok"]["installed"].is_u64());
+        // Scoped to the context it was sent to.
+        assert!(f
+            .fire(FaultPoint::OutboxPublish, "payments", "X", b"")
+            .is_none());
+        assert!(f
+            .fire(FaultPoint::OutboxPublish, "orders", "X", b"")
+            .is_some());
+        assert_eq!(
+            answer(&f, "orders", br#"{"op":"list"}"#)["ok"]["rules"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            answer(&f, "payments", br#"{"op":"clear"}"#)["ok"]["cleared"],
+            0
+        );
+        assert_eq!(
+            answer(&f, "orders", br#"{"op":"clear"}"#)["ok"]["cleared"],
+            1
+        );
+        assert!(f
+            .fire(FaultPoint::OutboxPublish, "orders", "X", b"")
+            .is_none());
+
+        let short =
+            br#"{"op":"inject","rule":{"point":"handler","action":"drop","duration_ms":1}}"#;
+        assert!(answer(&f, "orders", short)["ok"].is_object());
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(
+            f.fire(FaultPoint::Handler, "orders", "X", b"").is_none(),
+            "expired"
+        );
+
+        for bad in [
+            &br#"{"op":"inject","rule":{"point":"handler","action":"error","probability":2}}"#[..],
+            br#"{"op":"inject","rule":{"point":"handler","action":"delay"}}"#,
+            br#"{"op":"inject","rule":{"point":"deadline_fire","action":"panic"}}"#,
+            br#"{"op":"inject","rule":{"point":"nowhere","action":"crash"}}"#,
+            b"not json",
+        ] {
+            assert!(
+                answer(&f, "orders", bad)["error"].is_string(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn the_same_seed_makes_the_same_choices() {
+        let run = |seed| {
+            let f = Faults::new(&FaultConfig {
+                enabled: true,
+                seed,
+                rules: vec![FaultRule {
+                    point: FaultPoint::Handler,
+                    action: FaultAction::Error,
+                    context: None,
+                    msg_type: None,
+                    times: None,
+                    payload_contains: None,
+                    probability: 0.3,
+                    delay_ms: 0,
+                    duration_ms: None,
+                }],
+            });
+            (0..64)
+                .map(|_| f.fire(FaultPoint::Handler, "c", "A", b"").is_some())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
     }
 }

@@ -297,8 +297,8 @@ pub static SAGA_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
 pub struct Health {
     ready: Arc<AtomicBool>,
     nats: Arc<std::sync::OnceLock<async_nats::Client>>,
-    /// Set while the last store flush of some context failed.
-    pub store_failed: Arc<AtomicBool>,
+    /// One flag per store, set while its last flush failed.
+    stores: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>>,
     /// Consumers stopped after exceeding their restart limit.
     degraded: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -316,8 +316,25 @@ impl Health {
             .is_none_or(|c| c.connection_state() == async_nats::connection::State::Connected);
         self.ready.load(Ordering::SeqCst)
             && nats_ok
-            && !self.store_failed.load(Ordering::SeqCst)
+            && !self.store_failed()
             && self.degraded.load(Ordering::SeqCst) == 0
+    }
+    /// A new store's flag: its flusher sets it while flushes fail.
+    pub fn store_flag(&self) -> Arc<AtomicBool> {
+        let flag = Arc::new(AtomicBool::new(false));
+        self.stores
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(flag.clone());
+        flag
+    }
+    /// Some store's last flush failed.
+    pub fn store_failed(&self) -> bool {
+        self.stores
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|f| f.load(Ordering::SeqCst))
     }
     /// Readiness follows this client's connection from now on.
     pub fn watch_nats(&self, client: async_nats::Client) {

@@ -11,6 +11,8 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +26,7 @@ use crate::component::{Context, Kind};
 use crate::config::NodeConfig;
 use crate::consumer::{ConsumerActor, ContextRuntime, TakeRun};
 use crate::envelope::now_ms;
-use crate::faults::Faults;
+use crate::faults::{self, Faults};
 use crate::flusher::GroupCommit;
 use crate::metrics::{self, Health};
 use crate::outbox::Relay;
@@ -94,6 +96,10 @@ pub async fn run(
     if cfg.faults.enabled {
         tracing::warn!(rules = cfg.faults.rules.len(), "fault injection is ENABLED");
     }
+    if cfg.danger.any() {
+        tracing::error!(danger = ?cfg.danger, "SAFETY MECHANISMS DISABLED ([danger]): messages can be lost or doubled");
+    }
+    let mut watched = Vec::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut actors: Vec<Addr<ConsumerActor>> = Vec::new();
     let mut relays = Vec::new();
@@ -103,18 +109,22 @@ pub async fn run(
     let mut consumers = Vec::new();
     for c in &contexts {
         let dir = cfg.data_dir.join(c.name());
-        let store = Store::open(&dir, cfg.store.cache_capacity_bytes).map_err(|source| {
-            NodeError::Store {
+        let store = Store::open_with(&dir, cfg.store.cache_capacity_bytes, &cfg.danger).map_err(
+            |source| NodeError::Store {
                 context: c.name().into(),
                 source,
-            }
-        })?;
-        let commit = GroupCommit::start(&store, &dir, c.name(), health.store_failed.clone())
+            },
+        )?;
+        let failed = health.store_flag();
+        let commit = GroupCommit::start(&store, &dir, c.name(), failed.clone())
             .map_err(|e| NodeError::Other(e.to_string()))?;
+        watched.push((c.name(), dir.clone(), commit.clone(), failed));
         let (relay, relay_task) = Relay::start(
-            c.name().to_string(),
+            c.name(),
             store.clone(),
             bus.clone(),
+            faults.clone(),
+            !cfg.danger.disable_outbox,
             stop_rx.clone(),
         );
         relays.push(relay_task);
@@ -168,6 +178,12 @@ pub async fn run(
         }
     }
     services.push(tokio::spawn(poll_consumers(bus.clone(), consumers)));
+    services.push(tokio::spawn(faults::serve(
+        bus.client.clone(),
+        faults.clone(),
+        names.clone(),
+    )));
+    services.push(tokio::spawn(store_watchdog(watched)));
     health.watch_nats(bus.client.clone());
     health.set_ready(true);
     tracing::info!(contexts = ?names, nats = %cfg.nats_url, metrics = %cfg.metrics_addr, "node ready");
@@ -305,6 +321,60 @@ async fn poll_consumers(bus: Bus, consumers: Vec<(&'static str, String, String)>
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
+}
+
+/// A store whose flush failed (disk full, I/O error) makes the node stop acking its
+/// messages and report not ready. Once the store's directory takes a test write again, the
+/// store is flushed; sled keeps an I/O error for good (its `global_error`), so if that flush
+/// still fails the node restarts in place (executes itself again with the same arguments)
+/// and recovers from what is on disk, as after a crash. Unacked messages are redelivered.
+async fn store_watchdog(stores: Vec<(&'static str, PathBuf, GroupCommit, Arc<AtomicBool>)>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for (context, dir, commit, failed) in &stores {
+            if !failed.load(Ordering::SeqCst) {
+                continue;
+            }
+            if let Err(e) = space_probe(dir) {
+                tracing::warn!(context, error = %e, "store still not writable");
+                continue;
+            }
+            match commit.durable().await {
+                Ok(()) => tracing::info!(context, "store writable again"),
+                Err(e) => {
+                    tracing::error!(context, error = %e, "store cannot recover in this process: restarting in place");
+                    restart_in_place();
+                }
+            }
+        }
+    }
+}
+
+/// Writes, syncs and removes 1 MiB in `dir`.
+fn space_probe(dir: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let path = dir.join(".space-probe");
+    let result = std::fs::File::create(&path).and_then(|mut f| {
+        f.write_all(&vec![0u8; 1 << 20])?;
+        f.sync_all()
+    });
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// Replaces this process with a fresh run of the same command line (same pid; every file
+/// and socket is closed on exec).
+fn restart_in_place() -> ! {
+    use std::os::unix::process::CommandExt;
+    let err = std::env::current_exe()
+        .map(|exe| {
+            std::process::Command::new(exe)
+                .args(std::env::args_os().skip(1))
+                .exec()
+        })
+        .unwrap_or_else(|e| e);
+    tracing::error!(error = %err, "cannot restart in place; exiting");
+    std::process::exit(70);
 }
 
 async fn prune_inbox(context: &'static str, store: Store, cfg: Arc<NodeConfig>) {

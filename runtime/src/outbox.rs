@@ -8,6 +8,7 @@
 //! retried with back-off; `Nats-Msg-Id` makes a repeated publish a duplicate the server drops.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,6 +16,7 @@ use futures::future::join_all;
 use tokio::sync::{mpsc, watch};
 
 use crate::bus::Bus;
+use crate::faults::{FaultAction, FaultPoint, Faults};
 use crate::metrics;
 use crate::store::Store;
 
@@ -29,15 +31,24 @@ pub struct Relay {
 
 impl Relay {
     /// Starts the relay task for one context; it runs until `shutdown` turns true and every
-    /// handed-over entry is published (or the bus is gone).
+    /// handed-over entry is published (or the bus is gone). `resume: false` is the chaos
+    /// suite's "no outbox" switch: entries left by a previous run are deleted, not published.
     pub fn start(
-        context: String,
+        context: &'static str,
         store: Store,
         bus: Bus,
+        faults: Arc<Faults>,
+        resume: bool,
         shutdown: watch::Receiver<bool>,
     ) -> (Relay, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let handle = tokio::spawn(run(context, store, bus, rx, shutdown));
+        let out = Out {
+            context,
+            store,
+            bus,
+            faults,
+        };
+        let handle = tokio::spawn(run(out, resume, rx, shutdown));
         (Relay { tx }, handle)
     }
 
@@ -51,22 +62,40 @@ impl Relay {
     }
 }
 
-async fn run(
-    context: String,
+/// What the relay publishes with.
+struct Out {
+    context: &'static str,
     store: Store,
     bus: Bus,
+    faults: Arc<Faults>,
+}
+
+async fn run(
+    out: Out,
+    resume: bool,
     mut rx: mpsc::UnboundedReceiver<Vec<u64>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let (context, store) = (out.context, &out.store);
     let mut pending: BTreeSet<u64> = BTreeSet::new();
     match store.outbox_pending() {
+        Ok(entries) if !resume => {
+            tracing::error!(
+                context,
+                entries = entries.len(),
+                "outbox DISABLED ([danger]): forgetting entries left by the previous run"
+            );
+            for (k, _) in entries {
+                let _ = store.outbox_remove(k);
+            }
+        }
         Ok(entries) => {
             if !entries.is_empty() {
-                tracing::info!(context = %context, entries = entries.len(), "outbox: resuming");
+                tracing::info!(context, entries = entries.len(), "outbox: resuming");
             }
             pending.extend(entries.into_iter().map(|(k, _)| k));
         }
-        Err(e) => tracing::error!(context = %context, error = %e, "outbox: start-up scan failed"),
+        Err(e) => tracing::error!(context, error = %e, "outbox: start-up scan failed"),
     }
     let mut backoff = Duration::from_millis(50);
     let mut stopping = false;
@@ -87,7 +116,7 @@ async fn run(
             pending.extend(keys);
         }
         let batch: Vec<u64> = pending.iter().take(BATCH).copied().collect();
-        match publish_batch(&context, &store, &bus, &batch).await {
+        match publish_batch(&out, &batch).await {
             Ok(done) => {
                 for k in done {
                     pending.remove(&k);
@@ -95,7 +124,7 @@ async fn run(
                 backoff = Duration::from_millis(50);
             }
             Err(e) => {
-                tracing::warn!(context = %context, error = %e, retry_in = ?backoff, "outbox: publish failed");
+                tracing::warn!(context, error = %e, retry_in = ?backoff, "outbox: publish failed");
                 if stopping && *shutdown.borrow() {
                     // Leave the rest for the next start; never spin at shutdown.
                     return;
@@ -108,19 +137,22 @@ async fn run(
             }
         }
         metrics::OUTBOX_DEPTH
-            .with_label_values(&[&context])
+            .with_label_values(&[context])
             .set(store.outbox_len() as i64);
     }
 }
 
 /// Publishes a batch pipelined; returns the keys that are done (acked, or already gone).
-async fn publish_batch(
-    context: &str,
-    store: &Store,
-    bus: &Bus,
-    keys: &[u64],
-) -> Result<Vec<u64>, String> {
+async fn publish_batch(out: &Out, keys: &[u64]) -> Result<Vec<u64>, String> {
+    let Out {
+        context,
+        store,
+        bus,
+        faults,
+    } = out;
+    let context: &str = context;
     let started = Instant::now();
+    let mut acks_lost = 0usize;
     let mut done = Vec::with_capacity(keys.len());
     let mut sends = Vec::with_capacity(keys.len());
     for &k in keys {
@@ -133,6 +165,25 @@ async fn publish_batch(
             Err(e) => return Err(e.to_string()),
         };
         let (entry_type, entry_amount) = (entry.envelope.msg_type.clone(), entry.amount_cents);
+        let fault = faults.fire(
+            FaultPoint::OutboxPublish,
+            context,
+            &entry_type,
+            entry.payload.as_bytes(),
+        );
+        match fault.as_ref().map(|f| f.action) {
+            Some(FaultAction::Crash) => {
+                crate::consumer::crash(FaultPoint::OutboxPublish, &entry_type)
+            }
+            Some(FaultAction::Error) => {
+                return Err(format!("injected error publishing {entry_type}"))
+            }
+            Some(FaultAction::Delay) => {
+                let ms = fault.as_ref().map_or(0, |f| f.delay_ms);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            _ => {}
+        }
         let fut = bus
             .js
             .publish_with_headers(
@@ -142,6 +193,12 @@ async fn publish_batch(
             )
             .await
             .map_err(|e| e.to_string())?;
+        if fault.is_some_and(|f| f.action == FaultAction::Drop) {
+            // Published, but the ack is lost: the entry stays and is published again.
+            drop(fut);
+            acks_lost += 1;
+            continue;
+        }
         sends.push((k, (entry_type, entry_amount), fut));
     }
     let mut sent = Vec::with_capacity(sends.len());
@@ -186,6 +243,7 @@ async fn publish_batch(
     match first_err {
         // Keys that did publish are removed; the caller retries the rest.
         Some(e) if done.is_empty() => Err(e),
+        None if done.is_empty() && acks_lost > 0 => Err(format!("{acks_lost} publish acks lost")),
         _ => Ok(done),
     }
 }

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::consumer::{ContextRuntime, LocalError};
 use crate::envelope::{derived_id, now_ms, Envelope};
+use crate::faults::{FaultAction, FaultPoint};
 use crate::metrics;
 use crate::saga::{self, parse_deadline_key, DynSaga, InstanceSummary, DEADLINE_PREFIX};
 use crate::store::Committed;
@@ -72,6 +73,19 @@ async fn fire_one(rt: &ContextRuntime, sagas: &[Arc<dyn DynSaga>], key: &str) {
         "deadline/{}/{}/{}/{}",
         due.saga, due.id, due.name, due.at_ms
     );
+    if let Some(f) = rt.faults.fire(
+        FaultPoint::DeadlineFire,
+        rt.context,
+        &due.name,
+        inbox_key.as_bytes(),
+    ) {
+        match f.action {
+            FaultAction::Crash => crate::consumer::crash(FaultPoint::DeadlineFire, &due.name),
+            FaultAction::Delay => tokio::time::sleep(Duration::from_millis(f.delay_ms)).await,
+            // The next scan finds it due again.
+            _ => return,
+        }
+    }
     let cause_id = derived_id(&inbox_key);
     let mut cause = Envelope::first(cause_id.clone(), "DeadlineReached", rt.context, now_ms());
     cause.correlation_id = due.id.clone();

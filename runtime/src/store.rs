@@ -19,6 +19,7 @@ use sled::transaction::{
 };
 use sled::Transactional;
 
+use crate::config::DangerConfig;
 use crate::envelope::Envelope;
 
 /// A store operation failed below the domain (IO, corruption). Transient from the message's
@@ -103,6 +104,8 @@ pub enum CommitError<E> {
 /// One context's sled database.
 #[derive(Clone)]
 pub struct Store {
+    /// `false` only with `[danger] disable_inbox`.
+    dedupe: bool,
     db: sled::Db,
     state: sled::Tree,
     outbox: sled::Tree,
@@ -121,15 +124,26 @@ enum Abort<E> {
 impl Store {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path, cache_capacity_bytes: u64) -> Result<Self, StoreError> {
+        Self::open_with(dir, cache_capacity_bytes, &DangerConfig::default())
+    }
+
+    /// Like [`Store::open`], with the chaos suite's switches: no inbox check, or sled's
+    /// own background flush instead of the group commit.
+    pub fn open_with(
+        dir: &Path,
+        cache_capacity_bytes: u64,
+        danger: &DangerConfig,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_capacity_bytes)
             .mode(sled::Mode::LowSpace)
             // Durability is ours (the group-commit flusher); no background flushes besides.
-            .flush_every_ms(None)
+            .flush_every_ms(danger.disable_group_commit.then_some(1000))
             .open()?;
         Ok(Store {
+            dedupe: !danger.disable_inbox,
             state: db.open_tree("state")?,
             outbox: db.open_tree("outbox")?,
             inbox: db.open_tree("inbox")?,
@@ -147,7 +161,7 @@ impl Store {
     /// True if the inbox already holds this mark (a cheap pre-check before external calls;
     /// the authoritative check is inside [`Store::commit`]).
     pub fn seen(&self, inbox_key: &str) -> Result<bool, StoreError> {
-        Ok(self.inbox.contains_key(inbox_key)?)
+        Ok(self.dedupe && self.inbox.contains_key(inbox_key)?)
     }
 
     /// Runs `decide` in one transaction with the inbox check and mark, then appends the
@@ -163,7 +177,7 @@ impl Store {
     {
         let trees = (&self.state, &self.outbox, &self.inbox, &self.inbox_ts);
         let result = trees.transaction(|(state, outbox, inbox, inbox_ts)| {
-            if inbox.get(inbox_key)?.is_some() {
+            if self.dedupe && inbox.get(inbox_key)?.is_some() {
                 return Err(ConflictableTransactionError::Abort(Abort::Duplicate));
             }
             let tx = Tx(state);

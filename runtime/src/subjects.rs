@@ -30,6 +30,12 @@ pub fn saga(name: &str, op: &str) -> String {
     format!("choreo.saga.{name}.{op}")
 }
 
+/// Subject of an operator request to the node hosting `context` (`faults`: fault
+/// injection, see [`crate::faults`]).
+pub fn admin(context: &str, op: &str) -> String {
+    format!("choreo.admin.{context}.{op}")
+}
+
 /// Subject where `context` dead-letters messages.
 pub fn dead_letter(context: &str) -> String {
     format!("choreo.dlq.{context}")

@@ -167,7 +167,8 @@ pub(crate) fn http_status(addr: &str, path: &str) -> u16 {
 
 /// Runs the `choreo` binary with `args` against the shop's server; (success, output).
 pub(crate) fn choreo(t: &TestShop, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_choreo"))
+    let bin = std::env::var("CHOREO_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_choreo").into());
+    let out = std::process::Command::new(bin)
         .args(args)
         .args(["--nats", &t.shop.nats.url])
         .output()

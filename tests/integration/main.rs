@@ -6,6 +6,7 @@ mod cli;
 mod crash;
 mod duplicates;
 mod failure;
+mod faults;
 mod harness;
 mod observability;
 mod order_flow;
