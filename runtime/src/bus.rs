@@ -178,18 +178,7 @@ impl Bus {
     /// Sends a message to the dead-letter stream with its reason, keeping its original
     /// headers and payload, and waits for the ack.
     pub async fn dead_letter(&self, dl: &DeadLetter<'_>) -> Result<(), BusError> {
-        let mut h = HeaderMap::new();
-        if let Some(orig) = dl.headers {
-            for (name, values) in orig.iter() {
-                let name: &str = name.as_ref();
-                if name.eq_ignore_ascii_case(headers::NATS_MSG_ID) {
-                    continue;
-                }
-                for v in values {
-                    h.append(name, v.as_str());
-                }
-            }
-        }
+        let mut h = envelope::headers_without_msg_id(dl.headers);
         h.insert(headers::DLQ_REASON, one_line(dl.reason).as_str());
         h.insert(headers::DLQ_CONSUMER, dl.consumer);
         h.insert(headers::DLQ_SUBJECT, dl.subject);

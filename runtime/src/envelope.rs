@@ -236,6 +236,22 @@ pub fn derived_id(name: &str) -> String {
     uuid::Uuid::new_v5(&NS, name.as_bytes()).to_string()
 }
 
+/// A copy of `h` without `Nats-Msg-Id`: for publishing a stored message again as a new NATS
+/// message (a dead letter, a replay) that keeps its envelope.
+pub fn headers_without_msg_id(h: Option<&HeaderMap>) -> HeaderMap {
+    let mut copy = HeaderMap::new();
+    for (name, values) in h.into_iter().flat_map(|h| h.iter()) {
+        let name: &str = name.as_ref();
+        if name.eq_ignore_ascii_case(headers::NATS_MSG_ID) {
+            continue;
+        }
+        for v in values {
+            copy.append(name, v.as_str());
+        }
+    }
+    copy
+}
+
 /// Wall-clock milliseconds since the Unix epoch. Only the runtime's edge reads the clock;
 /// deciders receive time as data.
 pub fn now_ms() -> u64 {

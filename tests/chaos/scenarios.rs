@@ -690,16 +690,7 @@ async fn publish_copy(
     h: HeaderMap,
     payload: Bytes,
 ) -> anyhow::Result<()> {
-    let mut copy = HeaderMap::new();
-    for (name, values) in h.iter() {
-        let name: &str = name.as_ref();
-        if name.eq_ignore_ascii_case(headers::NATS_MSG_ID) {
-            continue;
-        }
-        for v in values {
-            copy.append(name, v.as_str());
-        }
-    }
+    let mut copy = runtime::envelope::headers_without_msg_id(Some(&h));
     copy.insert(
         headers::NATS_MSG_ID,
         format!("replay-{}", new_id()).as_str(),

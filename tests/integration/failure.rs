@@ -8,24 +8,9 @@ use bytes::Bytes;
 use choreo::load::{self, LoadConfig};
 use choreo::verify;
 use futures::StreamExt;
-use runtime::envelope::{new_id, now_ms};
-use runtime::{subjects, Envelope};
+use runtime::subjects;
 
-use crate::harness::{self, choreo, eventually, TestShop, TEST_CONFIG};
-
-async fn add_stock(t: &TestShop, sku: &str, qty: u64) -> Envelope {
-    let env = Envelope::first(new_id(), "AddStock", "test", now_ms());
-    let body = Bytes::from(serde_json::json!({ "sku": sku, "qty": qty }).to_string());
-    t.bus
-        .publish(
-            &subjects::command("inventory", "AddStock"),
-            &env,
-            body.clone(),
-        )
-        .await
-        .unwrap();
-    env
-}
+use crate::harness::{self, add_stock, choreo, eventually, TestShop, TEST_CONFIG};
 
 fn normal_orders(n: usize, rate: f64) -> LoadConfig {
     let mut c = crate::order_flow::mix(n, rate);

@@ -3,31 +3,41 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use runtime::envelope::{new_id, now_ms};
-use runtime::{subjects, Envelope};
+use runtime::envelope::new_id;
 
-use crate::harness::{self, eventually};
+use crate::harness::{self, eventually, TestShop};
+
+/// `choreo chaos inject` with the given context, point, action and further flags.
+fn inject(
+    t: &TestShop,
+    context: &str,
+    point: &str,
+    action: &str,
+    extra: &[&str],
+) -> (bool, String) {
+    let mut args = vec![
+        "chaos",
+        "inject",
+        "--context",
+        context,
+        "--point",
+        point,
+        "--action",
+        action,
+    ];
+    args.extend_from_slice(extra);
+    harness::choreo(t, &args)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_cli_injects_counts_and_clears_faults() {
     let mut t = harness::start(&["inventory"], false, "[faults]\nenabled = true\nseed = 3").await;
-    let (ok, out) = harness::choreo(
+    let (ok, out) = inject(
         &t,
-        &[
-            "chaos",
-            "inject",
-            "--context",
-            "inventory",
-            "--point",
-            "handler",
-            "--action",
-            "error",
-            "--times",
-            "2",
-            "--type",
-            "AddStock",
-        ],
+        "inventory",
+        "handler",
+        "error",
+        &["--times", "2", "--type", "AddStock"],
     );
     assert!(ok, "{out}");
     assert!(out.contains("installed"), "{out}");
@@ -35,12 +45,7 @@ async fn chaos_cli_injects_counts_and_clears_faults() {
     assert!(ok && out.contains("\"point\":\"handler\""), "{out}");
 
     let sku = format!("faulty-{}", new_id());
-    let env = Envelope::first(new_id(), "AddStock", "test", now_ms());
-    let body = Bytes::from(serde_json::json!({ "sku": sku, "qty": 3 }).to_string());
-    t.bus
-        .publish(&subjects::command("inventory", "AddStock"), &env, body)
-        .await
-        .unwrap();
+    harness::add_stock(&t, &sku, 3).await;
     // Two injected errors, then the retry applies it, once.
     assert!(
         eventually(Duration::from_secs(15), || async {
@@ -60,33 +65,9 @@ async fn chaos_cli_injects_counts_and_clears_faults() {
     assert!(ok && out.contains("\"cleared\":1"), "{out}");
 
     // Refused before anything is sent: a bad rule, an unknown context.
-    let (ok, out) = harness::choreo(
-        &t,
-        &[
-            "chaos",
-            "inject",
-            "--context",
-            "inventory",
-            "--point",
-            "handler",
-            "--action",
-            "delay",
-        ],
-    );
+    let (ok, out) = inject(&t, "inventory", "handler", "delay", &[]);
     assert!(!ok && out.contains("delay_ms"), "{out}");
-    let (ok, out) = harness::choreo(
-        &t,
-        &[
-            "chaos",
-            "inject",
-            "--context",
-            "warehouse",
-            "--point",
-            "handler",
-            "--action",
-            "error",
-        ],
-    );
+    let (ok, out) = inject(&t, "warehouse", "handler", "error", &[]);
     assert!(!ok && out.contains("unknown context"), "{out}");
     t.shop.stop().unwrap();
 }
@@ -94,19 +75,7 @@ async fn chaos_cli_injects_counts_and_clears_faults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_faults_off_refuses_them() {
     let t = harness::start(&["inventory"], false, "").await;
-    let (ok, out) = harness::choreo(
-        &t,
-        &[
-            "chaos",
-            "inject",
-            "--context",
-            "inventory",
-            "--point",
-            "after-commit",
-            "--action",
-            "crash",
-        ],
-    );
+    let (ok, out) = inject(&t, "inventory", "after-commit", "crash", &[]);
     assert!(!ok, "{out}");
     assert!(out.contains("fault injection is off"), "{out}");
     t.shop.stop().unwrap();

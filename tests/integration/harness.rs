@@ -11,7 +11,8 @@ use bytes::Bytes;
 use choreo::shop::{Shop, ShopOptions};
 use futures::StreamExt;
 use runtime::bus::Bus;
-use runtime::subjects;
+use runtime::envelope::{new_id, now_ms};
+use runtime::{subjects, Envelope};
 
 /// Node settings for tests: short ack wait and back-off so redeliveries take seconds.
 pub(crate) const TEST_CONFIG: &str = r#"
@@ -181,4 +182,19 @@ pub(crate) fn choreo(t: &TestShop, args: &[&str]) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+/// Publishes an `AddStock` command with a fresh envelope; returns the envelope.
+pub(crate) async fn add_stock(t: &TestShop, sku: &str, qty: u64) -> Envelope {
+    let env = Envelope::first(new_id(), "AddStock", "test", now_ms());
+    let body = Bytes::from(serde_json::json!({ "sku": sku, "qty": qty }).to_string());
+    t.bus
+        .publish(
+            &subjects::command("inventory", "AddStock"),
+            &env,
+            body.clone(),
+        )
+        .await
+        .unwrap();
+    env
 }

@@ -4,10 +4,6 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use runtime::envelope::{new_id, now_ms};
-use runtime::{subjects, Envelope};
-
 use crate::harness::{self, eventually};
 
 const PANIC_TWICE: &str = r#"
@@ -23,12 +19,7 @@ times = 2
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_panic_is_caught_restarted_and_redelivered() {
     let mut t = harness::start(&["inventory"], false, PANIC_TWICE).await;
-    let env = Envelope::first(new_id(), "AddStock", "test", now_ms());
-    let body = Bytes::from(serde_json::json!({ "sku": "panicky", "qty": 4 }).to_string());
-    t.bus
-        .publish(&subjects::command("inventory", "AddStock"), &env, body)
-        .await
-        .unwrap();
+    harness::add_stock(&t, "panicky", 4).await;
 
     assert!(
         eventually(Duration::from_secs(15), || async {
