@@ -369,9 +369,6 @@ async fn watch_terminal(
                     deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                         start_sequence: from,
                     },
-                    // Short pulls (1 s heartbeat): a server restart is noticed in about
-                    // 2 s, not 30 s, so latency after a fault is the shop's, not ours.
-                    max_expires: Duration::from_secs(2),
                     ..Default::default()
                 })
                 .await

@@ -309,8 +309,8 @@ async fn stock_sent(bus: &Bus) -> anyhow::Result<Option<BTreeMap<String, u64>>> 
     if state.first_sequence > 1 {
         return Ok(None);
     }
+    let total = state.messages;
     let subject = subjects::command(inventory::CONTEXT, "AddStock");
-    let total = stream.info().await?.state.messages;
     let c = stream
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subject: subject,

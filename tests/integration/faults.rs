@@ -5,29 +5,7 @@ use std::time::Duration;
 
 use runtime::envelope::new_id;
 
-use crate::harness::{self, eventually, TestShop};
-
-/// `choreo chaos inject` with the given context, point, action and further flags.
-fn inject(
-    t: &TestShop,
-    context: &str,
-    point: &str,
-    action: &str,
-    extra: &[&str],
-) -> (bool, String) {
-    let mut args = vec![
-        "chaos",
-        "inject",
-        "--context",
-        context,
-        "--point",
-        point,
-        "--action",
-        action,
-    ];
-    args.extend_from_slice(extra);
-    harness::choreo(t, &args)
-}
+use crate::harness::{self, eventually, inject};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_cli_injects_counts_and_clears_faults() {

@@ -198,3 +198,25 @@ pub(crate) async fn add_stock(t: &TestShop, sku: &str, qty: u64) -> Envelope {
         .unwrap();
     env
 }
+
+/// `choreo chaos inject` with the given context, point, action and further flags.
+pub(crate) fn inject(
+    t: &TestShop,
+    context: &str,
+    point: &str,
+    action: &str,
+    extra: &[&str],
+) -> (bool, String) {
+    let mut args = vec![
+        "chaos",
+        "inject",
+        "--context",
+        context,
+        "--point",
+        point,
+        "--action",
+        action,
+    ];
+    args.extend_from_slice(extra);
+    choreo(t, &args)
+}
