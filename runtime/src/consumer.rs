@@ -639,9 +639,19 @@ impl PullLoop {
         });
         match result {
             Ok(Committed::Written { outbox_keys }) if rt.cfg.danger.disable_group_commit => {
-                // Chaos-suite switch: ack what is only in memory (lost by a crash).
+                // Chaos-suite switch: ack what is only in memory (sled writes it out within
+                // a second). The server confirms the ack first, so a crash injected after the
+                // commit falls in the window the group commit closes: acked, never
+                // redelivered, never on disk, its outbox entries gone with it.
+                if let Err(e) = msg.double_ack().await {
+                    tracing::warn!(consumer = %self.durable, error = %e, "ack failed");
+                }
+                if let Some(a) = self.inject(FaultPoint::AfterCommit, msg, msg_type).await {
+                    rt.relay.durable(outbox_keys);
+                    return a;
+                }
                 rt.relay.durable(outbox_keys);
-                Attempt::Done(self.ack(msg, "acked").await)
+                Attempt::Done("acked")
             }
             Ok(Committed::Written { outbox_keys }) => {
                 if let Err(e) = rt.commit.durable().await {
