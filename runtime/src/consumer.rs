@@ -509,7 +509,6 @@ impl PullLoop {
         msg: &jetstream::Message,
         env: Envelope,
     ) -> (&'static str, &'static str) {
-        let rt = &self.rt;
         let Some(msg_type) = self.sub.types.iter().copied().find(|t| *t == env.msg_type) else {
             let reason = format!("unknown message type {:?} on {}", env.msg_type, msg.subject);
             return (
@@ -525,16 +524,6 @@ impl PullLoop {
             return ("unknown", self.dead_letter(msg, "malformed", &reason).await);
         }
         let inbox_key = format!("{}/{}", self.durable, env.id);
-        match rt.store.seen(&inbox_key) {
-            Ok(true) => return (msg_type, self.ack_durable(msg, "duplicate").await),
-            Ok(false) => {}
-            Err(e) => {
-                return (
-                    msg_type,
-                    self.nak_uncounted(msg, &format!("store: {e}")).await,
-                )
-            }
-        }
         let input = match self.component.decode(msg_type, &msg.payload) {
             Ok(i) => i,
             Err(e) => {
@@ -588,6 +577,13 @@ impl PullLoop {
         let reply = match self.component.plan(rt.store.reader(), input) {
             Ok(None) => None,
             Ok(Some(call)) => {
+                // A duplicate must not call the external system again (the transaction's
+                // inbox check is the authoritative one; this saves the call).
+                match rt.store.seen(inbox_key) {
+                    Ok(true) => return Attempt::Done(self.ack_durable(msg, "duplicate").await),
+                    Ok(false) => {}
+                    Err(e) => return Attempt::StoreBroken(format!("store: {e}")),
+                }
                 let breaker = rt.breakers.get(call.system);
                 let permit = match breaker.acquire(envelope::now_ms()) {
                     Ok(p) => p,

@@ -21,6 +21,7 @@ pub mod resilience;
 
 pub mod saga;
 pub mod saga_service;
+pub mod saga_stats;
 pub mod store;
 pub mod subjects;
 

@@ -140,6 +140,16 @@ pub async fn run(
             bus: bus.clone(),
             cfg: cfg.clone(),
         });
+        // Saga counts for the metrics: one scan of the stored instances before the consumers
+        // run, then kept up to date by the transitions as they commit.
+        for s in c.sagas() {
+            match crate::saga_stats::load(store.reader(), s.name()) {
+                Ok(n) => tracing::debug!(saga = s.name(), instances = n, "saga instances counted"),
+                Err(e) => {
+                    tracing::error!(saga = s.name(), error = ?e, "saga instances not counted")
+                }
+            }
+        }
         for comp in c.components() {
             for sub in comp.subscriptions() {
                 consumers.push((
@@ -166,10 +176,7 @@ pub async fn run(
                 sagas.clone(),
                 stop_rx.clone(),
             )));
-            services.push(tokio::spawn(saga_service::report_metrics(
-                rt.clone(),
-                sagas.clone(),
-            )));
+            services.push(tokio::spawn(saga_service::report_metrics(sagas.clone())));
             services.push(tokio::spawn(saga_service::serve(
                 bus.client.clone(),
                 rt.clone(),

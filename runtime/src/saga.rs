@@ -359,6 +359,7 @@ pub fn apply<P: ProcessManager>(
     let def = pm.definition();
     let to = pm.state_name(&step.state);
     let terminal = def.is_terminal(to);
+    let prior_terminal = current.as_ref().map(|i| i.terminal);
     let mut inst = current.unwrap_or_else(|| Instance {
         saga: pm.name().to_string(),
         id: id.to_string(),
@@ -371,6 +372,7 @@ pub fn apply<P: ProcessManager>(
         deadlines: BTreeMap::new(),
     });
     let from = std::mem::take(&mut inst.status);
+    let was = prior_terminal.map(|t| (from.clone(), t));
     // A fired deadline is consumed.
     let mut cancel: Vec<String> = step.cancel.clone();
     if let Trigger::Deadline(name) = trigger {
@@ -423,6 +425,15 @@ pub fn apply<P: ProcessManager>(
         ))?;
     }
     save(tx, &key, &inst)?;
+    crate::saga_stats::note(crate::saga_stats::Transition {
+        saga: pm.name(),
+        id: id.to_string(),
+        from: was,
+        to,
+        terminal,
+        started_at_ms: inst.started_at_ms,
+        at_ms: now_ms,
+    });
     Ok(step.send)
 }
 

@@ -21,6 +21,7 @@ use crate::envelope::{derived_id, now_ms, Envelope};
 use crate::faults::{FaultAction, FaultPoint};
 use crate::metrics;
 use crate::saga::{self, parse_deadline_key, DynSaga, InstanceSummary, DEADLINE_PREFIX};
+use crate::saga_stats;
 use crate::store::Committed;
 use crate::subjects;
 
@@ -119,44 +120,27 @@ async fn fire_one(rt: &ContextRuntime, sagas: &[Arc<dyn DynSaga>], key: &str) {
     }
 }
 
-/// Saga gauges (instances by state, oldest active age) and the duration histogram, from a
-/// scan of the instances every few seconds. Durations are observed for instances that
-/// reached a terminal state since the previous scan.
-pub async fn report_metrics(rt: Arc<ContextRuntime>, sagas: Vec<Arc<dyn DynSaga>>) {
-    let mut since = now_ms();
+/// Sets the saga gauges (instances by state, oldest active age) every few seconds from the
+/// in-memory counts ([`saga_stats`]; the duration histogram is observed as transitions
+/// commit).
+pub async fn report_metrics(sagas: Vec<Arc<dyn DynSaga>>) {
     loop {
-        tokio::time::sleep(Duration::from_secs(5)).await;
         let now = now_ms();
         for s in &sagas {
-            let Ok(all) = saga::instances(rt.store.reader(), s.name()) else {
-                continue;
-            };
             let def = s.definition();
-            let mut counts: std::collections::BTreeMap<&str, i64> =
-                def.states.iter().map(|st| (st.name, 0)).collect();
-            let mut oldest = 0u64;
-            for i in &all {
-                if let Some(n) = counts.get_mut(i.status.as_str()) {
-                    *n += 1;
-                }
-                if !i.terminal {
-                    oldest = oldest.max(now.saturating_sub(i.started_at_ms));
-                } else if i.updated_at_ms >= since && i.updated_at_ms < now {
-                    metrics::SAGA_DURATION
-                        .with_label_values(&[s.name(), &i.status])
-                        .observe(i.updated_at_ms.saturating_sub(i.started_at_ms) as f64 / 1000.0);
-                }
-            }
-            for (state, n) in counts {
+            let states: Vec<&str> = def.states.iter().map(|st| st.name).collect();
+            let (by_state, oldest) = saga_stats::snapshot(s.name(), &states);
+            for (state, n) in by_state {
                 metrics::SAGA_INSTANCES
-                    .with_label_values(&[s.name(), state])
+                    .with_label_values(&[s.name(), &state])
                     .set(n);
             }
+            let oldest_ms = oldest.map_or(0, |started| now.saturating_sub(started));
             metrics::SAGA_OLDEST_ACTIVE_SECONDS
                 .with_label_values(&[s.name()])
-                .set(oldest as f64 / 1000.0);
+                .set(oldest_ms as f64 / 1000.0);
         }
-        since = now;
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 

@@ -177,6 +177,7 @@ impl Store {
     {
         let trees = (&self.state, &self.outbox, &self.inbox, &self.inbox_ts);
         let result = trees.transaction(|(state, outbox, inbox, inbox_ts)| {
+            crate::saga_stats::begin();
             if self.dedupe && inbox.get(inbox_key)?.is_some() {
                 return Err(ConflictableTransactionError::Abort(Abort::Duplicate));
             }
@@ -204,6 +205,11 @@ impl Store {
             inbox_ts.insert(inbox_ts_key(now_ms, inbox_key), &[])?;
             Ok(keys)
         });
+        if result.is_ok() {
+            crate::saga_stats::committed();
+        } else {
+            crate::saga_stats::begin();
+        }
         match result {
             Ok(outbox_keys) => Ok(Committed::Written { outbox_keys }),
             Err(TransactionError::Abort(Abort::Duplicate)) => Ok(Committed::Duplicate),
