@@ -105,12 +105,44 @@ impl Drop for Proc {
     }
 }
 
-/// A free TCP port on the loopback interface.
+/// A free TCP port on the loopback interface, for a child to listen on.
+///
+/// Taken below the kernel's ephemeral range: a port the kernel hands out for `bind(0)` is
+/// also handed out as the local port of outgoing connections, so between this check and
+/// the child's bind another connection could take it (seen once in the chaos suite: a
+/// node exited with "Address already in use" on its metrics port). Candidates walk from a
+/// per-process start so parallel tests in one process, and processes started together, do
+/// not pick the same one.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = u32::from(ephemeral_low().unwrap_or(32768));
+    const FLOOR: u32 = 10_000;
+    if low > FLOOR + 1_000 {
+        let span = low - FLOOR;
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span.min(2_000) {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = FLOOR + (start + n.wrapping_mul(37)) % span;
+            if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+                return port as u16;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
+}
+
+/// The first port of the kernel's ephemeral range (Linux), if readable.
+fn ephemeral_low() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Finds nats-server: `$CHOREO_NATS_SERVER`, then `.tools/venv/bin/nats-server` in the current
@@ -248,5 +280,24 @@ impl NatsServer {
     pub fn start_again(&mut self) -> anyhow::Result<()> {
         self.proc = Self::launch(&self.bin, &self.dir, self.port, self.sync_always)?;
         self.wait_listening(Duration::from_secs(15))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_and_outside_the_ephemeral_range() {
+        let low = ephemeral_low().unwrap_or(32768);
+        let ports: Vec<u16> = (0..20).map(|_| free_port()).collect();
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len(), "{ports:?}");
+        assert!(
+            ports.iter().all(|p| *p < low),
+            "{ports:?} vs ephemeral from {low}"
+        );
     }
 }
