@@ -634,34 +634,29 @@ impl PullLoop {
             Ok(to_outbox(rt.context, &self.durable, env, out, now))
         });
         match result {
-            Ok(Committed::Written { outbox_keys }) if rt.cfg.danger.disable_group_commit => {
-                // Chaos-suite switch: ack what is only in memory (sled writes it out within
-                // a second). The server confirms the ack first, so a crash injected after the
-                // commit falls in the window the group commit closes: acked, never
-                // redelivered, never on disk, its outbox entries gone with it.
-                if let Err(e) = msg.double_ack().await {
-                    tracing::warn!(consumer = %self.durable, error = %e, "ack failed");
-                }
-                if let Some(a) = self.inject(FaultPoint::AfterCommit, msg, msg_type).await {
-                    rt.relay.durable(outbox_keys);
-                    return a;
-                }
-                rt.relay.durable(outbox_keys);
-                Attempt::Done("acked")
-            }
             Ok(Committed::Written { outbox_keys }) => {
-                if let Err(e) = rt.commit.durable().await {
+                let from_memory = rt.cfg.danger.disable_group_commit;
+                if from_memory {
+                    // Chaos-suite switch: ack what is only in memory (sled writes it out
+                    // within a second). The server confirms the ack first, so a crash
+                    // injected below falls in the window the group commit closes: acked,
+                    // never redelivered, never on disk, its outbox entries gone with it.
+                    if let Err(e) = msg.double_ack().await {
+                        tracing::warn!(consumer = %self.durable, error = %e, "ack failed");
+                    }
+                } else if let Err(e) = rt.commit.durable().await {
                     return Attempt::StoreBroken(e.to_string());
                 }
                 // An injected crash here leaves durable outbox entries for the next start-up
                 // scan; any other fault hands them over and skips the ack (the redelivery is
                 // absorbed by the inbox).
-                if let Some(a) = self.inject(FaultPoint::AfterCommit, msg, msg_type).await {
-                    rt.relay.durable(outbox_keys);
-                    return a;
-                }
+                let fault = self.inject(FaultPoint::AfterCommit, msg, msg_type).await;
                 rt.relay.durable(outbox_keys);
-                Attempt::Done(self.ack(msg, "acked").await)
+                match fault {
+                    Some(a) => a,
+                    None if from_memory => Attempt::Done("acked"),
+                    None => Attempt::Done(self.ack(msg, "acked").await),
+                }
             }
             Ok(Committed::Duplicate) => Attempt::Done(self.ack_durable(msg, "duplicate").await),
             Err(CommitError::Handler(e)) => classify(e),

@@ -19,9 +19,8 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{LazyLock, Mutex};
 
-use serde::Deserialize;
-
 use crate::metrics;
+use crate::saga::InstanceSummary;
 use crate::store::{StateError, StateRead};
 
 /// One instance moving from `from` to `to`.
@@ -92,15 +91,6 @@ pub(crate) fn committed() {
     }
 }
 
-/// The fields of a stored instance the counts need (the state itself is skipped unparsed).
-#[derive(Deserialize)]
-struct Stored {
-    id: String,
-    status: String,
-    terminal: bool,
-    started_at_ms: u64,
-}
-
 /// Counts the stored instances of `saga` (start-up, before its consumers run); returns how
 /// many. Replaces what was counted for it before; an undecodable instance is logged and
 /// skipped.
@@ -111,7 +101,8 @@ pub fn load(state: &dyn StateRead, saga: &'static str) -> Result<usize, StateErr
         .scan_prefix(&format!("saga/{saga}/"))
         .map_err(|e| StateError::Corrupt(e.to_string()))?
     {
-        let s: Stored = match serde_json::from_slice(&v) {
+        // The summary fields only: the state itself is skipped unparsed.
+        let s: InstanceSummary = match serde_json::from_slice(&v) {
             Ok(s) => s,
             Err(e) => {
                 // `choreo saga show` reports it; the counts go on without it.
