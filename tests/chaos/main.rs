@@ -83,6 +83,19 @@ async fn without(s: Scenario) -> Outcome {
     o
 }
 
+/// `crash-after_commit-orders` on a `PlaceOrder`, with one `[danger]` switch on.
+fn crash_after_placing_an_order(suffix: &str, switch: &str) -> Scenario {
+    Scenario::new(
+        &format!("crash-after_commit-{suffix}"),
+        Fault::Crash {
+            context: "orders",
+            point: "after-commit",
+            msg_type: Some("PlaceOrder"),
+        },
+    )
+    .danger(switch)
+}
+
 /// The inbox: replayed commands and events (same `Choreo-Id`, new `Nats-Msg-Id`, so the
 /// server's duplicate window does not catch them). With the inbox, `replays` has 0
 /// violations; without it a replayed `AddStock` is applied twice.
@@ -103,17 +116,10 @@ async fn without_the_inbox_replays_double_effects() {
 /// without it the order's events are gone and the order never ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_outbox_a_crash_after_commit_loses_orders() {
-    let o = without(
-        Scenario::new(
-            "crash-after_commit-no-outbox",
-            Fault::Crash {
-                context: "orders",
-                point: "after-commit",
-                msg_type: Some("PlaceOrder"),
-            },
-        )
-        .danger("disable_outbox = true"),
-    )
+    let o = without(crash_after_placing_an_order(
+        "no-outbox",
+        "disable_outbox = true",
+    ))
     .await;
     assert!(
         o.lost > 0,
@@ -129,17 +135,10 @@ async fn without_the_outbox_a_crash_after_commit_loses_orders() {
 /// shows the same only when it falls between an ack and sled's next background flush.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_group_commit_a_crash_after_the_ack_loses_orders() {
-    let o = without(
-        Scenario::new(
-            "crash-after_commit-no-group-commit",
-            Fault::Crash {
-                context: "orders",
-                point: "after-commit",
-                msg_type: Some("PlaceOrder"),
-            },
-        )
-        .danger("disable_group_commit = true"),
-    )
+    let o = without(crash_after_placing_an_order(
+        "no-group-commit",
+        "disable_group_commit = true",
+    ))
     .await;
     assert!(
         o.lost + o.violations > 0,

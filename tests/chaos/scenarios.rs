@@ -572,11 +572,7 @@ async fn apply(
             let addr = t.shop.node(ctx)?.metrics_addr.clone();
             let pid = t.shop.node(ctx)?.proc.pid();
             mount.fill()?;
-            let unready = harness::eventually(Duration::from_secs(15), || {
-                let st = harness::http_status(&addr, "/readyz");
-                async move { st == 503 }
-            })
-            .await;
+            let unready = harness::readyz_becomes(&addr, 503, Duration::from_secs(15)).await;
             if !unready {
                 a.violations
                     .push("the node stayed ready with its disk full".into());
@@ -593,11 +589,7 @@ async fn apply(
             }
             mount.free()?;
             a.ended_ms = now_ms();
-            let ready = harness::eventually(Duration::from_secs(30), || {
-                let st = harness::http_status(&addr, "/readyz");
-                async move { st == 200 }
-            })
-            .await;
+            let ready = harness::readyz_becomes(&addr, 200, Duration::from_secs(30)).await;
             if !ready {
                 a.violations
                     .push("the node did not become ready once space returned".into());

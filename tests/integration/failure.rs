@@ -311,8 +311,7 @@ async fn past_the_restart_limit_the_node_is_not_ready_then_resumes() {
     for _ in 0..10 {
         add_stock(&t, "boom-sku", 1).await;
     }
-    let not_ready = || async { harness::http_status(&addr, "/readyz") == 503 };
-    let became_not_ready = eventually(Duration::from_secs(10), not_ready).await;
+    let became_not_ready = harness::readyz_becomes(&addr, 503, Duration::from_secs(10)).await;
     if !became_not_ready {
         let log = std::fs::read_to_string(t.shop.logs().join("inventory.log")).unwrap_or_default();
         let tail: Vec<&str> = log
@@ -348,10 +347,7 @@ async fn past_the_restart_limit_the_node_is_not_ready_then_resumes() {
         "all 10 dead-lettered"
     );
     assert!(
-        eventually(Duration::from_secs(15), || async {
-            harness::http_status(&addr, "/readyz") == 200
-        })
-        .await,
+        harness::readyz_becomes(&addr, 200, Duration::from_secs(15)).await,
         "ready again"
     );
     add_stock(&t, "after", 3).await;

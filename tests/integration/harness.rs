@@ -152,6 +152,15 @@ where
     }
 }
 
+/// Whether the node's `/readyz` answers `status` within `within`.
+pub(crate) async fn readyz_becomes(addr: &str, status: u16, within: Duration) -> bool {
+    eventually(within, || {
+        let st = http_status(addr, "/readyz");
+        async move { st == status }
+    })
+    .await
+}
+
 /// HTTP status of `GET path` on a node's metrics endpoint.
 pub(crate) fn http_status(addr: &str, path: &str) -> u16 {
     let Ok(mut s) = TcpStream::connect(addr) else {

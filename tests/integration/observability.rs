@@ -392,9 +392,8 @@ async fn nodes_register_with_the_service_api_and_readiness_follows_nats() {
     assert_eq!(harness::http_status(&addr, "/readyz"), 200);
     assert_eq!(harness::http_status(&addr, "/healthz"), 200);
     t.shop.nats.kill9();
-    let down = || async { harness::http_status(&addr, "/readyz") == 503 };
     assert!(
-        eventually(Duration::from_secs(15), down).await,
+        harness::readyz_becomes(&addr, 503, Duration::from_secs(15)).await,
         "not ready without NATS"
     );
     assert_eq!(
@@ -403,9 +402,8 @@ async fn nodes_register_with_the_service_api_and_readiness_follows_nats() {
         "alive all the same"
     );
     t.shop.nats.start_again().unwrap();
-    let up = || async { harness::http_status(&addr, "/readyz") == 200 };
     assert!(
-        eventually(Duration::from_secs(30), up).await,
+        harness::readyz_becomes(&addr, 200, Duration::from_secs(30)).await,
         "ready again once NATS is back"
     );
 }
