@@ -36,8 +36,8 @@ use crate::component::{DynComponent, HandleCtx, HandleError, Kind, Outgoing, Sub
 use crate::config::NodeConfig;
 use crate::envelope::{self, Envelope};
 use crate::external;
-use crate::faults::{FaultAction, FaultPoint, Faults};
-use crate::flusher::GroupCommit;
+use crate::faults::{FaultAction, FaultPoint, FaultRule, Faults};
+use crate::flusher::{AfterDurable, Decide, GroupCommit};
 use crate::metrics::{self, Health};
 use crate::outbox::Relay;
 use crate::resilience::breaker::Breakers;
@@ -60,8 +60,8 @@ pub struct ContextRuntime {
 
 impl ContextRuntime {
     /// Commits a transition that does not come from the bus (a deadline, an operator
-    /// command) through the same path as a message: one transaction with the inbox mark
-    /// `inbox_key` and the outbox entries, group commit, then the outbox relay.
+    /// command) through the same path as a message: the inbox mark `inbox_key` and the
+    /// outbox entries in the next batch transaction, group commit, then the outbox relay.
     pub async fn commit_local<F>(
         &self,
         inbox_key: &str,
@@ -70,20 +70,23 @@ impl ContextRuntime {
         f: F,
     ) -> Result<Committed, LocalError>
     where
-        F: Fn(&dyn crate::store::StateTx) -> Result<Vec<Outgoing>, HandleError>,
+        F: Fn(&dyn crate::store::StateTx) -> Result<Vec<Outgoing>, HandleError> + Send + 'static,
     {
         let now = envelope::now_ms();
-        let result = self.store.commit(inbox_key, now, |tx| {
+        let (context, scope, cause) = (self.context, scope.to_string(), cause.clone());
+        let decide: Decide = Box::new(move |tx| {
             let out = f(tx).map_err(split_tx)?;
-            Ok(to_outbox(self.context, scope, cause, out, now))
+            Ok(to_outbox(context, &scope, &cause, out, now))
         });
-        match result {
+        match self
+            .commit
+            .commit(inbox_key.to_string(), now, decide, None)
+            .await
+        {
             Ok(Committed::Written { outbox_keys }) => {
-                self.commit
-                    .durable()
-                    .await
-                    .map_err(|e| LocalError::Store(e.to_string()))?;
-                self.relay.durable(outbox_keys.clone());
+                if self.cfg.danger.disable_group_commit {
+                    self.relay.durable(outbox_keys.clone());
+                }
                 Ok(Committed::Written { outbox_keys })
             }
             Ok(Committed::Duplicate) => Ok(Committed::Duplicate),
@@ -496,7 +499,7 @@ impl PullLoop {
             trace_id = %env.trace_id(),
         );
         let (msg_type, outcome) = self
-            .process_envelope(msg, env)
+            .process_envelope(msg, Arc::new(env))
             .instrument(span.clone())
             .await;
         span.in_scope(|| tracing::debug!(outcome, "handled"));
@@ -507,7 +510,7 @@ impl PullLoop {
     async fn process_envelope(
         &self,
         msg: &jetstream::Message,
-        env: Envelope,
+        env: Arc<Envelope>,
     ) -> (&'static str, &'static str) {
         let Some(msg_type) = self.sub.types.iter().copied().find(|t| *t == env.msg_type) else {
             let reason = format!("unknown message type {:?} on {}", env.msg_type, msg.subject);
@@ -524,23 +527,21 @@ impl PullLoop {
             return ("unknown", self.dead_letter(msg, "malformed", &reason).await);
         }
         let inbox_key = format!("{}/{}", self.durable, env.id);
-        let input = match self.component.decode(msg_type, &msg.payload) {
-            Ok(i) => i,
-            Err(e) => {
-                return (
-                    msg_type,
-                    self.dead_letter(msg, "malformed", &e.to_string()).await,
-                )
-            }
-        };
+        let input: Arc<dyn std::any::Any + Send + Sync> =
+            match self.component.decode(msg_type, &msg.payload) {
+                Ok(i) => Arc::from(i),
+                Err(e) => {
+                    return (
+                        msg_type,
+                        self.dead_letter(msg, "malformed", &e.to_string()).await,
+                    )
+                }
+            };
         let mut immediate = 0;
         loop {
             let attempt = match self.inject(FaultPoint::Handler, msg, msg_type).await {
                 Some(a) => a,
-                None => {
-                    self.attempt(msg, &env, msg_type, &inbox_key, input.as_ref())
-                        .await
-                }
+                None => self.attempt(msg, &env, msg_type, &inbox_key, &input).await,
             };
             let outcome = match attempt {
                 Attempt::Done(outcome) => outcome,
@@ -568,13 +569,13 @@ impl PullLoop {
     async fn attempt(
         &self,
         msg: &jetstream::Message,
-        env: &Envelope,
+        env: &Arc<Envelope>,
         msg_type: &str,
         inbox_key: &str,
-        input: &(dyn std::any::Any + Send + Sync),
+        input: &Arc<dyn std::any::Any + Send + Sync>,
     ) -> Attempt {
         let rt = &self.rt;
-        let reply = match self.component.plan(rt.store.reader(), input) {
+        let reply = match self.component.plan(rt.store.reader(), input.as_ref()) {
             Ok(None) => None,
             Ok(Some(call)) => {
                 // A duplicate must not call the external system again (the transaction's
@@ -624,34 +625,51 @@ impl PullLoop {
             Err(e) => return classify(e),
         };
         let now = envelope::now_ms();
-        let hctx = HandleCtx {
-            envelope: env,
-            now_ms: now,
-            external: reply.as_ref(),
+        let decide: Decide = {
+            let (component, env, input) = (self.component.clone(), env.clone(), input.clone());
+            let (context, scope) = (rt.context, self.durable.clone());
+            Box::new(move |tx| {
+                let hctx = HandleCtx {
+                    envelope: &env,
+                    now_ms: now,
+                    external: reply.as_ref(),
+                };
+                let out = component
+                    .handle(tx, input.as_ref(), &hctx)
+                    .map_err(split_tx)?;
+                Ok(to_outbox(context, &scope, &env, out, now))
+            })
         };
-        let result = rt.store.commit(inbox_key, now, |tx| {
-            let out = self.component.handle(tx, input, &hctx).map_err(split_tx)?;
-            Ok(to_outbox(rt.context, &self.durable, env, out, now))
-        });
+        // The after_commit fault point runs where the group commit answers (see
+        // `AfterDurable`): an injected crash there leaves durable outbox entries for the
+        // next start-up scan; any other fault comes back here and skips the ack (the
+        // redelivery is absorbed by the inbox).
+        let from_memory = rt.cfg.danger.disable_group_commit;
+        let fired = Arc::new(std::sync::OnceLock::new());
+        let after = rt
+            .faults
+            .armed()
+            .then(|| self.after_commit(msg, msg_type, from_memory, fired.clone()));
+        // Durable, and its outbox keys with the relay, when it returns (unless the group
+        // commit is switched off).
+        let result = rt
+            .commit
+            .commit(inbox_key.to_string(), now, decide, after)
+            .await;
         match result {
             Ok(Committed::Written { outbox_keys }) => {
-                let from_memory = rt.cfg.danger.disable_group_commit;
                 if from_memory {
                     // Chaos-suite switch: ack what is only in memory (sled writes it out
-                    // within a second). The server confirms the ack first, so a crash
-                    // injected below falls in the window the group commit closes: acked,
-                    // never redelivered, never on disk, its outbox entries gone with it.
+                    // within a second), then hand the keys over.
                     if let Err(e) = msg.double_ack().await {
                         tracing::warn!(consumer = %self.durable, error = %e, "ack failed");
                     }
-                } else if let Err(e) = rt.commit.durable().await {
-                    return Attempt::StoreBroken(e.to_string());
+                    rt.relay.durable(outbox_keys);
                 }
-                // An injected crash here leaves durable outbox entries for the next start-up
-                // scan; any other fault hands them over and skips the ack (the redelivery is
-                // absorbed by the inbox).
-                let fault = self.inject(FaultPoint::AfterCommit, msg, msg_type).await;
-                rt.relay.durable(outbox_keys);
+                let fault = match fired.get() {
+                    Some(rule) => self.apply(rule, FaultPoint::AfterCommit, msg_type).await,
+                    None => None,
+                };
                 match fault {
                     Some(a) => a,
                     None if from_memory => Attempt::Done("acked"),
@@ -662,6 +680,38 @@ impl PullLoop {
             Err(CommitError::Handler(e)) => classify(e),
             Err(CommitError::Store(e)) => Attempt::StoreBroken(format!("store: {e}")),
         }
+    }
+
+    /// The `after_commit` fault point, run by the group commit once the message's
+    /// transaction is durable (before its keys reach the relay): a crash aborts there; any
+    /// other rule that fires is left in `fired` for the attempt to apply. With `[danger]
+    /// disable_group_commit` it runs right after the transaction, and a crash first acks
+    /// the message (the server confirms it): acked, never redelivered, never on disk, its
+    /// outbox entries gone with it, which is the window the group commit closes. The
+    /// commit thread waits for that ack, so no later transaction writes this one out first.
+    fn after_commit(
+        &self,
+        msg: &jetstream::Message,
+        msg_type: &str,
+        from_memory: bool,
+        fired: Arc<std::sync::OnceLock<FaultRule>>,
+    ) -> AfterDurable {
+        let (faults, context) = (self.rt.faults.clone(), self.rt.context);
+        let (msg_type, payload) = (msg_type.to_string(), msg.payload.clone());
+        let ack_first = from_memory.then(|| (msg.clone(), tokio::runtime::Handle::current()));
+        Box::new(move || {
+            let point = FaultPoint::AfterCommit;
+            let Some(rule) = faults.fire(point, context, &msg_type, &payload) else {
+                return;
+            };
+            if rule.action == FaultAction::Crash {
+                if let Some((msg, runtime)) = ack_first {
+                    let _ = runtime.block_on(msg.double_ack());
+                }
+                crash(point, &msg_type);
+            }
+            let _ = fired.set(rule);
+        })
     }
 
     /// Applies an injected fault, if a rule fires. `Some` ends the attempt.
@@ -675,6 +725,11 @@ impl PullLoop {
             .rt
             .faults
             .fire(point, self.rt.context, msg_type, &msg.payload)?;
+        self.apply(&rule, point, msg_type).await
+    }
+
+    /// Applies a fault rule that fired at `point`. `Some` ends the attempt.
+    async fn apply(&self, rule: &FaultRule, point: FaultPoint, msg_type: &str) -> Option<Attempt> {
         match rule.action {
             FaultAction::Panic => panic!("injected fault at {} for {msg_type}", point.label()),
             FaultAction::Crash => crash(point, msg_type),

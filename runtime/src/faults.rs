@@ -277,6 +277,11 @@ impl Faults {
             .collect()
     }
 
+    /// True while any rule is installed (a cheap check before preparing a [`Faults::fire`]).
+    pub fn armed(&self) -> bool {
+        self.any.load(Ordering::Relaxed)
+    }
+
     /// The fault to apply at `point` for a message of `msg_type` in `context`, if a rule
     /// fires.
     pub fn fire(

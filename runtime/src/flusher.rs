@@ -1,12 +1,23 @@
-//! Group commit: one thread per store makes committed transactions durable for many waiters.
+//! Group commit: one thread per store runs the transactions of many handlers as one, and
+//! one thread makes them durable for many waiters.
 //!
-//! sled 0.34.7 deadlocks when `flush_async` is called concurrently (sled issue 1308) and its
-//! flush ends in `sync_file_range`, which does not persist file metadata. So exactly one
-//! thread flushes, then `fsync`s the database file itself, and answers every waiter whose
-//! request arrived before that flush began.
+//! Two stages, each one thread, so the next batch's transaction runs while the last one is
+//! flushed:
+//! - `commit-<context>` takes every message waiting to commit (up to [`MAX_BATCH`]) and runs
+//!   them in one sled transaction ([`Store::commit_batch`]), then passes the results on.
+//!   sled 0.34 seals an I/O buffer for every multi-tree transaction, written and
+//!   `sync_file_range`d by its I/O threads, so the number of transactions, not of flushes,
+//!   set the node's I/O cost (bench/PROFILE.md).
+//! - `flusher-<context>` takes every batch and waiter already queued, flushes once, `fsync`s
+//!   the database file, hands the batches' outbox keys to the relay and answers them all.
+//!   sled 0.34.7 deadlocks when `flush_async` is called concurrently (sled issue 1308) and
+//!   its flush ends in `sync_file_range`, which does not persist file metadata; so exactly
+//!   one thread flushes, then `fsync`s the file itself.
 //!
 //! Architecture invariant: a message is acked, and its outbox entries are published, only
-//! after `GroupCommit::durable` returned `Ok` for a request made after its transaction.
+//! after the flush that followed its transaction succeeded. Outbox keys whose flush failed
+//! are handed over after the next successful one (the caller, answered with the error,
+//! may be gone: a handler timeout, a nak).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -16,15 +27,56 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use crate::component::HandleError;
 use crate::metrics;
-use crate::store::Store;
+use crate::outbox::Relay;
+use crate::store::{BatchItem, CommitError, Committed, DecideError, ItemResult, OutboxEntry};
+use crate::store::{StateTx, Store, StoreError};
 
+/// Messages run in one transaction at most (a transaction holds sled's global write lock).
+pub const MAX_BATCH: usize = 128;
+
+/// A handler's decision, run on the commit thread (possibly more than once).
+pub type Decide =
+    Box<dyn Fn(&dyn StateTx) -> Result<Vec<OutboxEntry>, DecideError<HandleError>> + Send>;
+
+/// Runs on the flusher thread once a message's transaction is durable, before its outbox
+/// keys go to the relay and before it is answered (the `after_commit` fault point: a crash
+/// injected there lands exactly in that window). With `durable: false` it runs on the commit
+/// thread right after the transaction, before the next one.
+pub type AfterDurable = Box<dyn FnOnce() + Send>;
+
+type Outcome = ItemResult<HandleError>;
 type Waiter = oneshot::Sender<Result<(), String>>;
 
-/// Handle to a store's flusher thread; cheap to clone.
+struct Job {
+    inbox_key: String,
+    now_ms: u64,
+    decide: Decide,
+    after: Option<AfterDurable>,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// A committed message on its way to the flusher.
+struct Answer {
+    reply: oneshot::Sender<Outcome>,
+    outcome: Outcome,
+    after: Option<AfterDurable>,
+}
+
+/// What the flusher makes durable.
+enum Request {
+    /// Someone waits for everything committed so far.
+    Wait(Waiter),
+    /// A committed batch: answer it, and hand its outbox keys over, once durable.
+    Batch(Vec<Answer>),
+}
+
+/// Handle to a store's commit and flusher threads; cheap to clone.
 #[derive(Clone)]
 pub struct GroupCommit {
-    tx: mpsc::Sender<Waiter>,
+    jobs: mpsc::Sender<Job>,
+    flush: mpsc::Sender<Request>,
 }
 
 /// The flush could not be made durable; the message must not be acked.
@@ -33,29 +85,69 @@ pub struct GroupCommit {
 pub struct FlushError(pub String);
 
 impl GroupCommit {
-    /// Starts the flusher thread for `store`, whose files live in `dir`.
-    /// `failed` is set while the last flush failed (readiness reads it).
+    /// Starts the commit and flusher threads for `store`, whose files live in `dir`.
+    /// `failed` is set while the last flush failed (readiness reads it). Durable outbox
+    /// keys go to `relay`. With `durable: false` (the chaos suite's `[danger]
+    /// disable_group_commit`) a commit is answered right after its transaction, not flushed,
+    /// and its keys are left to the caller.
     pub fn start(
         store: &Store,
         dir: &Path,
         context: &str,
         failed: Arc<AtomicBool>,
+        relay: Relay,
+        durable: bool,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<Waiter>();
+        let (flush, flush_rx) = mpsc::channel::<Request>();
+        let (jobs, jobs_rx) = mpsc::channel::<Job>();
         let db = store.db().clone();
         let db_file: PathBuf = dir.join("db");
-        let context = context.to_string();
+        let name = context.to_string();
         std::thread::Builder::new()
             .name(format!("flusher-{context}"))
-            .spawn(move || run(db, db_file, rx, context, failed))?;
-        Ok(GroupCommit { tx })
+            .spawn(move || run_flusher(db, db_file, flush_rx, name, failed, relay))?;
+        let (store, name, to_flusher) = (store.clone(), context.to_string(), flush.clone());
+        let to_flusher = durable.then_some(to_flusher);
+        std::thread::Builder::new()
+            .name(format!("commit-{context}"))
+            .spawn(move || run_commits(store, jobs_rx, name, to_flusher))?;
+        Ok(GroupCommit { jobs, flush })
+    }
+
+    /// Runs `decide` for the message `inbox_key` in the next batch transaction (see
+    /// [`Store::commit_batch`]) and returns once that is durable and its outbox keys are
+    /// with the relay; `after` runs in between if it was written (see [`AfterDurable`]).
+    /// With `durable: false`: returns once committed and the caller hands the keys over.
+    /// A panic in `decide` is resumed here, in the caller.
+    pub async fn commit(
+        &self,
+        inbox_key: String,
+        now_ms: u64,
+        decide: Decide,
+        after: Option<AfterDurable>,
+    ) -> Result<Committed, CommitError<HandleError>> {
+        let (reply, rx) = oneshot::channel();
+        let stopped = || CommitError::Store(StoreError::Failed("commit thread stopped".into()));
+        let job = Job {
+            inbox_key,
+            now_ms,
+            decide,
+            after,
+            reply,
+        };
+        self.jobs.send(job).map_err(|_| stopped())?;
+        match rx.await {
+            Ok(Ok(result)) => result,
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(_) => Err(stopped()),
+        }
     }
 
     /// Resolves once everything committed before this call is on disk.
     pub async fn durable(&self) -> Result<(), FlushError> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(tx)
+        self.flush
+            .send(Request::Wait(tx))
             .map_err(|_| FlushError("flusher stopped".into()))?;
         rx.await
             .map_err(|_| FlushError("flusher stopped".into()))?
@@ -63,35 +155,146 @@ impl GroupCommit {
     }
 }
 
-fn run(
+fn run_commits(
+    store: Store,
+    rx: mpsc::Receiver<Job>,
+    context: String,
+    flusher: Option<mpsc::Sender<Request>>,
+) {
+    // Blocks for the first job, then takes every job already queued: one transaction.
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let items: Vec<BatchItem<'_, HandleError>> = jobs
+            .iter()
+            .map(|j| BatchItem {
+                inbox_key: &j.inbox_key,
+                now_ms: j.now_ms,
+                decide: &*j.decide,
+            })
+            .collect();
+        let results = store.commit_batch(&items);
+        drop(items);
+        metrics::STORE_TX_BATCH_SIZE
+            .with_label_values(&[&context])
+            .observe(jobs.len() as f64);
+        let answers: Vec<Answer> = jobs
+            .into_iter()
+            .zip(results)
+            .map(|(j, outcome)| Answer {
+                reply: j.reply,
+                outcome,
+                after: j.after,
+            })
+            .collect();
+        let answers: Vec<(oneshot::Sender<Outcome>, Outcome)> = match &flusher {
+            Some(flusher) => match flusher.send(Request::Batch(answers)) {
+                Ok(()) => continue,
+                Err(mpsc::SendError(Request::Batch(answers))) => answers
+                    .into_iter()
+                    .map(|a| {
+                        let stopped = StoreError::Failed("flusher stopped".into());
+                        (a.reply, Ok(Err(CommitError::Store(stopped))))
+                    })
+                    .collect(),
+                Err(_) => unreachable!("sent a batch"),
+            },
+            None => answers
+                .into_iter()
+                .map(|a| {
+                    if let (Some(after), Ok(Ok(Committed::Written { .. }))) = (a.after, &a.outcome)
+                    {
+                        after();
+                    }
+                    (a.reply, a.outcome)
+                })
+                .collect(),
+        };
+        for (reply, outcome) in answers {
+            let _ = reply.send(outcome);
+        }
+    }
+}
+
+fn run_flusher(
     db: sled::Db,
     db_file: PathBuf,
-    rx: mpsc::Receiver<Waiter>,
+    rx: mpsc::Receiver<Request>,
     context: String,
     failed: Arc<AtomicBool>,
+    relay: Relay,
 ) {
-    // Blocks for the first waiter, then takes every waiter already queued: they all share
-    // the one flush that starts after their requests.
+    // Outbox keys committed but not yet handed over: their flush failed.
+    let mut unrelayed: Vec<u64> = Vec::new();
+    // Blocks for the first request, then takes every request already queued: they all share
+    // the one flush that starts after them.
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
-        while let Ok(w) = rx.try_recv() {
-            batch.push(w);
+        while let Ok(r) = rx.try_recv() {
+            batch.push(r);
         }
         let started = Instant::now();
         let result = flush_and_sync(&db, &db_file);
         metrics::STORE_COMMIT_SECONDS
             .with_label_values(&[&context])
             .observe(started.elapsed().as_secs_f64());
+        let served: usize = batch
+            .iter()
+            .map(|r| match r {
+                Request::Wait(_) => 1,
+                Request::Batch(b) => b.len(),
+            })
+            .sum();
         metrics::STORE_GROUP_COMMIT_SIZE
             .with_label_values(&[&context])
-            .observe(batch.len() as f64);
+            .observe(served as f64);
         failed.store(result.is_err(), Ordering::SeqCst);
         if let Err(e) = &result {
             tracing::error!(context = %context, error = %e, "store flush failed");
         }
-        for w in batch {
-            let _ = w.send(result.clone());
+        for r in &mut batch {
+            if let Request::Batch(answers) = r {
+                for a in answers {
+                    if let Ok(Ok(Committed::Written { outbox_keys })) = &a.outcome {
+                        unrelayed.extend(outbox_keys);
+                        if let (Some(after), Ok(())) = (a.after.take(), &result) {
+                            after();
+                        }
+                    }
+                }
+            }
         }
+        if result.is_ok() {
+            relay.durable(std::mem::take(&mut unrelayed));
+        }
+        for r in batch {
+            match r {
+                Request::Wait(w) => {
+                    let _ = w.send(result.clone());
+                }
+                Request::Batch(answers) => {
+                    for a in answers {
+                        let _ = a.reply.send(after_flush(a.outcome, &result));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A committed message whose flush failed must not be acked: its result becomes the error.
+/// (A handler's error or panic stands: it wrote nothing.)
+fn after_flush(outcome: Outcome, flush: &Result<(), String>) -> Outcome {
+    match (outcome, flush) {
+        (Ok(Ok(_)), Err(e)) => Ok(Err(CommitError::Store(StoreError::Failed(format!(
+            "store flush failed: {e}"
+        ))))),
+        (outcome, _) => outcome,
     }
 }
 
@@ -105,26 +308,74 @@ fn flush_and_sync(db: &sled::Db, db_file: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::Envelope;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn many_concurrent_waiters_all_complete() {
+    async fn concurrent_commits_and_waiters_complete_and_keys_reach_the_relay() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
-        let gc = GroupCommit::start(&store, dir.path(), "test", Default::default()).unwrap();
+        let (relay, mut handed) = Relay::detached();
+        let gc = GroupCommit::start(&store, dir.path(), "test", Default::default(), relay, true)
+            .unwrap();
         let mut tasks = Vec::new();
         for i in 0..200u32 {
-            let store = store.clone();
             let gc = gc.clone();
             tasks.push(tokio::spawn(async move {
-                store
-                    .commit::<String, _>(&format!("c/{i}"), 1, |_| Ok(vec![]))
-                    .unwrap();
-                gc.durable().await
+                let decide: Decide = Box::new(move |_| {
+                    Ok(vec![OutboxEntry {
+                        subject: "choreo.t.evt.X".into(),
+                        envelope: Envelope::first(format!("id{i}"), "X", "t", 1),
+                        payload: "{}".into(),
+                        amount_cents: 0,
+                    }])
+                });
+                let r = gc.commit(format!("c/{i}"), 1, decide, None).await.unwrap();
+                gc.durable().await.unwrap();
+                r
             }));
         }
+        let mut written = Vec::new();
         for t in tasks {
-            t.await.unwrap().unwrap();
+            match t.await.unwrap() {
+                Committed::Written { outbox_keys } => written.extend(outbox_keys),
+                Committed::Duplicate => panic!("not a duplicate"),
+            }
         }
         assert_eq!(store.inbox_len(), 200);
+        assert_eq!(written.len(), 200);
+        // Every key was handed to the relay before its commit was answered.
+        let mut relayed = Vec::new();
+        while let Ok(keys) = handed.try_recv() {
+            relayed.extend(keys);
+        }
+        relayed.sort_unstable();
+        written.sort_unstable();
+        assert_eq!(relayed, written);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_panics_in_its_caller_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let (relay, _handed) = Relay::detached();
+        let gc = GroupCommit::start(&store, dir.path(), "test", Default::default(), relay, true)
+            .unwrap();
+        let boom: Decide = Box::new(|_| panic!("boom"));
+        let caught = tokio::spawn({
+            let gc = gc.clone();
+            async move { gc.commit("c/boom".into(), 1, boom, None).await }
+        })
+        .await;
+        assert!(caught.unwrap_err().is_panic());
+        // The commit thread survived it.
+        let ok: Decide = Box::new(|_| Ok(vec![]));
+        let r = gc.commit("c/ok".into(), 1, ok, None).await.unwrap();
+        assert_eq!(
+            r,
+            Committed::Written {
+                outbox_keys: vec![]
+            }
+        );
+        assert!(!store.seen("c/boom").unwrap());
     }
 }

@@ -131,11 +131,21 @@ pub static STORE_COMMIT_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
     )
 });
 
-/// Waiters served by one group-commit flush.
+/// Messages run in one store transaction by the commit thread.
+pub static STORE_TX_BATCH_SIZE: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "choreo_store_transaction_batch_size",
+        "Messages committed in one store transaction.",
+        &["context"],
+        vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
+    )
+});
+
+/// Messages and waiters served by one group-commit flush.
 pub static STORE_GROUP_COMMIT_SIZE: LazyLock<HistogramVec> = LazyLock::new(|| {
     histogram(
         "choreo_store_group_commit_size",
-        "Waiters made durable by one flush.",
+        "Messages and waiters made durable by one flush.",
         &["context"],
         vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
     )
@@ -387,6 +397,7 @@ pub fn init() {
     LazyLock::force(&OUTBOX_PUBLISH_SECONDS);
     LazyLock::force(&STORE_COMMIT_SECONDS);
     LazyLock::force(&STORE_GROUP_COMMIT_SIZE);
+    LazyLock::force(&STORE_TX_BATCH_SIZE);
     LazyLock::force(&EXTERNAL_SECONDS);
     LazyLock::force(&FAULTS_INJECTED);
     LazyLock::force(&BREAKER_STATE);

@@ -115,10 +115,6 @@ pub async fn run(
                 source,
             },
         )?;
-        let failed = health.store_flag();
-        let commit = GroupCommit::start(&store, &dir, c.name(), failed.clone())
-            .map_err(|e| NodeError::Other(e.to_string()))?;
-        watched.push((c.name(), dir.clone(), commit.clone(), failed));
         let (relay, relay_task) = Relay::start(
             c.name(),
             store.clone(),
@@ -128,6 +124,17 @@ pub async fn run(
             stop_rx.clone(),
         );
         relays.push(relay_task);
+        let failed = health.store_flag();
+        let commit = GroupCommit::start(
+            &store,
+            &dir,
+            c.name(),
+            failed.clone(),
+            relay.clone(),
+            !cfg.danger.disable_group_commit,
+        )
+        .map_err(|e| NodeError::Other(e.to_string()))?;
+        watched.push((c.name(), dir.clone(), commit.clone(), failed));
         commits.push(commit.clone());
         let rt = Arc::new(ContextRuntime {
             context: c.name(),

@@ -52,6 +52,13 @@ impl Relay {
         (Relay { tx }, handle)
     }
 
+    /// A handle whose keys go to the returned receiver instead of a relay task (tests).
+    #[cfg(test)]
+    pub(crate) fn detached() -> (Relay, mpsc::UnboundedReceiver<Vec<u64>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Relay { tx }, rx)
+    }
+
     /// Hands over keys whose transaction is durable.
     pub fn durable(&self, keys: Vec<u64>) {
         if !keys.is_empty() {

@@ -91,9 +91,12 @@ async fn fire_one(rt: &ContextRuntime, sagas: &[Arc<dyn DynSaga>], key: &str) {
     let mut cause = Envelope::first(cause_id.clone(), "DeadlineReached", rt.context, now_ms());
     cause.correlation_id = due.id.clone();
     let result = rt
-        .commit_local(&inbox_key, &cause, saga.name(), |tx| {
-            tx.remove(&due.key)?;
-            saga.fire(tx, &due.id, &due.name, &cause_id, now_ms())
+        .commit_local(&inbox_key, &cause, saga.name(), {
+            let (saga, due, cause_id) = (saga.clone(), due.clone(), cause_id.clone());
+            move |tx| {
+                tx.remove(&due.key)?;
+                saga.fire(tx, &due.id, &due.name, &cause_id, now_ms())
+            }
         })
         .await;
     match result {
@@ -186,7 +189,7 @@ pub async fn serve(
             .unwrap_or("")
             .to_string();
         let body = match sagas.iter().find(|s| s.name() == name) {
-            Some(saga) => answer(&rt, saga.as_ref(), &op, &req.payload).await,
+            Some(saga) => answer(&rt, saga, &op, &req.payload).await,
             None => Err(format!("saga {name} is not hosted here")),
         };
         let body = match body {
@@ -199,7 +202,7 @@ pub async fn serve(
 
 async fn answer(
     rt: &ContextRuntime,
-    saga: &dyn DynSaga,
+    saga: &Arc<dyn DynSaga>,
     op: &str,
     payload: &[u8],
 ) -> Result<serde_json::Value, String> {
@@ -248,8 +251,9 @@ async fn answer(
             let cause_id = derived_id(&inbox_key);
             let mut cause = Envelope::first(cause_id.clone(), "OperatorRetry", rt.context, now);
             cause.correlation_id = id.clone();
-            rt.commit_local(&inbox_key, &cause, saga.name(), |tx| {
-                saga.retry(tx, &id, &cause_id, now_ms())
+            rt.commit_local(&inbox_key, &cause, saga.name(), {
+                let (saga, id, cause_id) = (saga.clone(), id.clone(), cause_id.clone());
+                move |tx| saga.retry(tx, &id, &cause_id, now_ms())
             })
             .await
             .map_err(|e| e.to_string())?;

@@ -8,7 +8,8 @@
 //! instance from one state's count to another's.
 //!
 //! A transition is noted ([`note`]) inside its transaction, on the thread that runs it; the
-//! store discards the notes when a run of the closure starts over or fails ([`begin`]) and
+//! store discards the notes when a run of the closure starts over or fails ([`begin`]), or
+//! those of one message of a batch whose handler failed ([`mark`], [`discard_since`]), and
 //! applies them once the transaction committed ([`committed`]). A count may therefore
 //! include a transition whose flush is still in progress; a failed flush stops the node.
 //!
@@ -54,6 +55,16 @@ thread_local! {
 /// A transaction run starts (or ended without committing): forget what it noted.
 pub(crate) fn begin() {
     NOTED.with(|n| n.borrow_mut().clear());
+}
+
+/// How many transitions this thread has noted so far in the current run (see [`discard_since`]).
+pub(crate) fn mark() -> usize {
+    NOTED.with(|n| n.borrow().len())
+}
+
+/// One message of a batch transaction failed: forget what it noted since `mark`.
+pub(crate) fn discard_since(mark: usize) {
+    NOTED.with(|n| n.borrow_mut().truncate(mark));
 }
 
 /// Notes a transition made by the transaction running on this thread.
