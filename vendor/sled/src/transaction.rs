@@ -287,6 +287,33 @@ impl TransactionalTree {
         old
     }
 
+    /// Set a key to a new value without reading the value it replaces
+    /// (choreo patch: `insert` reads it only to return it).
+    pub fn insert_blind<K, V>(
+        &self,
+        key: K,
+        value: V,
+    ) -> UnabortableTransactionResult<()>
+    where
+        K: AsRef<[u8]> + Into<IVec>,
+        V: Into<IVec>,
+    {
+        let mut writes = self.writes.borrow_mut();
+        let _last_write = writes.insert(key.into(), Some(value.into()));
+        Ok(())
+    }
+
+    /// Remove a key without reading its value (choreo patch: `remove`
+    /// reads it only to return it).
+    pub fn remove_blind<K>(&self, key: K) -> UnabortableTransactionResult<()>
+    where
+        K: AsRef<[u8]> + Into<IVec>,
+    {
+        let mut writes = self.writes.borrow_mut();
+        let _last_write = writes.insert(key.into(), None);
+        Ok(())
+    }
+
     /// Get the value associated with a key
     pub fn get<K: AsRef<[u8]>>(
         &self,
