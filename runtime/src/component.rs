@@ -204,7 +204,8 @@ pub trait Component: Send + Sync + 'static {
     ) -> Result<Vec<Outgoing>, HandleError>;
 }
 
-/// Object-safe form of [`Component`] used by the runtime (inputs boxed as `Any`).
+/// Object-safe form of [`Component`] used by the runtime (inputs shared as `Any`: the
+/// commit thread runs `handle` on them).
 pub trait DynComponent: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn subscriptions(&self) -> Vec<Subscription>;
@@ -212,7 +213,7 @@ pub trait DynComponent: Send + Sync + 'static {
         &self,
         msg_type: &str,
         payload: &[u8],
-    ) -> Result<Box<dyn Any + Send + Sync>, DecodeError>;
+    ) -> Result<Arc<dyn Any + Send + Sync>, DecodeError>;
     fn plan(
         &self,
         state: &dyn StateRead,
@@ -237,8 +238,8 @@ impl<C: Component> DynComponent for C {
         &self,
         msg_type: &str,
         payload: &[u8],
-    ) -> Result<Box<dyn Any + Send + Sync>, DecodeError> {
-        Ok(Box::new(Component::decode(self, msg_type, payload)?))
+    ) -> Result<Arc<dyn Any + Send + Sync>, DecodeError> {
+        Ok(Arc::new(Component::decode(self, msg_type, payload)?))
     }
     fn plan(
         &self,

@@ -527,16 +527,15 @@ impl PullLoop {
             return ("unknown", self.dead_letter(msg, "malformed", &reason).await);
         }
         let inbox_key = format!("{}/{}", self.durable, env.id);
-        let input: Arc<dyn std::any::Any + Send + Sync> =
-            match self.component.decode(msg_type, &msg.payload) {
-                Ok(i) => Arc::from(i),
-                Err(e) => {
-                    return (
-                        msg_type,
-                        self.dead_letter(msg, "malformed", &e.to_string()).await,
-                    )
-                }
-            };
+        let input = match self.component.decode(msg_type, &msg.payload) {
+            Ok(i) => i,
+            Err(e) => {
+                return (
+                    msg_type,
+                    self.dead_letter(msg, "malformed", &e.to_string()).await,
+                )
+            }
+        };
         let mut immediate = 0;
         loop {
             let attempt = match self.inject(FaultPoint::Handler, msg, msg_type).await {
@@ -645,11 +644,13 @@ impl PullLoop {
         // next start-up scan; any other fault comes back here and skips the ack (the
         // redelivery is absorbed by the inbox).
         let from_memory = rt.cfg.danger.disable_group_commit;
-        let fired = Arc::new(std::sync::OnceLock::new());
-        let after = rt
+        let fired = rt
             .faults
             .armed()
-            .then(|| self.after_commit(msg, msg_type, from_memory, fired.clone()));
+            .then(|| Arc::new(std::sync::OnceLock::new()));
+        let after = fired
+            .as_ref()
+            .map(|f| self.after_commit(msg, msg_type, from_memory, f.clone()));
         // Durable, and its outbox keys with the relay, when it returns (unless the group
         // commit is switched off).
         let result = rt
@@ -666,7 +667,7 @@ impl PullLoop {
                     }
                     rt.relay.durable(outbox_keys);
                 }
-                let fault = match fired.get() {
+                let fault = match fired.as_ref().and_then(|f| f.get()) {
                     Some(rule) => self.apply(rule, FaultPoint::AfterCommit, msg_type).await,
                     None => None,
                 };
@@ -675,6 +676,11 @@ impl PullLoop {
                     None if from_memory => Attempt::Done("acked"),
                     None => Attempt::Done(self.ack(msg, "acked").await),
                 }
+            }
+            // With the group commit on, the answer came after a flush that followed this
+            // transaction, so the first delivery's commit is durable too.
+            Ok(Committed::Duplicate) if !from_memory => {
+                Attempt::Done(self.ack(msg, "duplicate").await)
             }
             Ok(Committed::Duplicate) => Attempt::Done(self.ack_durable(msg, "duplicate").await),
             Err(CommitError::Handler(e)) => classify(e),

@@ -64,6 +64,16 @@ struct Answer {
     after: Option<AfterDurable>,
 }
 
+impl Answer {
+    /// Runs the message's [`AfterDurable`], if it was written.
+    fn run_after(&mut self) {
+        if let (Some(after), Ok(Ok(Committed::Written { .. }))) = (self.after.take(), &self.outcome)
+        {
+            after();
+        }
+    }
+}
+
 /// What the flusher makes durable.
 enum Request {
     /// Someone waits for everything committed so far.
@@ -206,11 +216,8 @@ fn run_commits(
             },
             None => answers
                 .into_iter()
-                .map(|a| {
-                    if let (Some(after), Ok(Ok(Committed::Written { .. }))) = (a.after, &a.outcome)
-                    {
-                        after();
-                    }
+                .map(|mut a| {
+                    a.run_after();
                     (a.reply, a.outcome)
                 })
                 .collect(),
@@ -262,9 +269,9 @@ fn run_flusher(
                 for a in answers {
                     if let Ok(Ok(Committed::Written { outbox_keys })) = &a.outcome {
                         unrelayed.extend(outbox_keys);
-                        if let (Some(after), Ok(())) = (a.after.take(), &result) {
-                            after();
-                        }
+                    }
+                    if result.is_ok() {
+                        a.run_after();
                     }
                 }
             }

@@ -567,6 +567,13 @@ mod tests {
         }
     }
 
+    /// Counts one more under "n" and publishes `entry(n)`.
+    fn bump(tx: &dyn StateTx) -> Result<Vec<OutboxEntry>, DecideError<String>> {
+        let n: u32 = load(tx, "n").map_err(state_err)?.unwrap_or(0);
+        save(tx, "n", &(n + 1)).map_err(state_err)?;
+        Ok(vec![entry(n)])
+    }
+
     #[test]
     fn commit_writes_state_outbox_and_inbox_together() {
         let dir = tempfile::tempdir().unwrap();
@@ -591,11 +598,6 @@ mod tests {
     fn duplicate_is_not_applied_twice() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
-        let bump = |tx: &dyn StateTx| -> Result<Vec<OutboxEntry>, DecideError<String>> {
-            let n: u64 = load(tx, "n").map_err(state_err)?.unwrap_or(0);
-            save(tx, "n", &(n + 1)).map_err(state_err)?;
-            Ok(vec![entry(0)])
-        };
         assert!(matches!(
             store.commit("c/m", 1, bump),
             Ok(Committed::Written { .. })
@@ -604,7 +606,7 @@ mod tests {
             store.commit("c/m", 2, bump),
             Ok(Committed::Duplicate)
         ));
-        assert_eq!(read::<u64>(store.reader(), "n").unwrap(), Some(1));
+        assert_eq!(read::<u32>(store.reader(), "n").unwrap(), Some(1));
         assert_eq!(store.outbox_len(), 1);
     }
 
@@ -612,11 +614,6 @@ mod tests {
     fn batch_items_see_earlier_items_and_fail_alone() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
-        let bump = |tx: &dyn StateTx| -> Result<Vec<OutboxEntry>, DecideError<String>> {
-            let n: u32 = load(tx, "n").map_err(state_err)?.unwrap_or(0);
-            save(tx, "n", &(n + 1)).map_err(state_err)?;
-            Ok(vec![entry(n)])
-        };
         let fail = |tx: &dyn StateTx| -> Result<Vec<OutboxEntry>, DecideError<String>> {
             tx.put("n", b"99")?;
             Err(DecideError::Handler("no".into()))
