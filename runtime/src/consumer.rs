@@ -83,11 +83,11 @@ impl ContextRuntime {
             .commit(inbox_key.to_string(), now, decide, None)
             .await
         {
-            Ok(Committed::Written { outbox_keys }) => {
-                if self.cfg.danger.disable_group_commit {
-                    self.relay.durable(outbox_keys.clone());
-                }
-                Ok(Committed::Written { outbox_keys })
+            Ok(Committed::Written { outbox }) => {
+                // Empty unless the group commit is switched off: then the entries come back
+                // here and go to the relay from memory.
+                self.relay.durable(outbox);
+                Ok(Committed::Written { outbox: Vec::new() })
             }
             Ok(Committed::Duplicate) => Ok(Committed::Duplicate),
             Err(CommitError::Handler(e)) => Err(LocalError::Handler(e)),
@@ -651,21 +651,21 @@ impl PullLoop {
         let after = fired
             .as_ref()
             .map(|f| self.after_commit(msg, msg_type, from_memory, f.clone()));
-        // Durable, and its outbox keys with the relay, when it returns (unless the group
+        // Durable, and its outbox entries with the relay, when it returns (unless the group
         // commit is switched off).
         let result = rt
             .commit
             .commit(inbox_key.to_string(), now, decide, after)
             .await;
         match result {
-            Ok(Committed::Written { outbox_keys }) => {
+            Ok(Committed::Written { outbox }) => {
                 if from_memory {
                     // Chaos-suite switch: ack what is only in memory (sled writes it out
-                    // within a second), then hand the keys over.
+                    // within a second), then hand the entries over.
                     if let Err(e) = msg.double_ack().await {
                         tracing::warn!(consumer = %self.durable, error = %e, "ack failed");
                     }
-                    rt.relay.durable(outbox_keys);
+                    rt.relay.durable(outbox);
                 }
                 let fault = match fired.as_ref().and_then(|f| f.get()) {
                     Some(rule) => self.apply(rule, FaultPoint::AfterCommit, msg_type).await,
@@ -689,7 +689,7 @@ impl PullLoop {
     }
 
     /// The `after_commit` fault point, run by the group commit once the message's
-    /// transaction is durable (before its keys reach the relay): a crash aborts there; any
+    /// transaction is durable (before its entries reach the relay): a crash aborts there; any
     /// other rule that fires is left in `fired` for the attempt to apply. With `[danger]
     /// disable_group_commit` it runs right after the transaction, and a crash first acks
     /// the message (the server confirms it): acked, never redelivered, never on disk, its

@@ -9,13 +9,14 @@
 //!   `sync_file_range`d by its I/O threads, so the number of transactions, not of flushes,
 //!   set the node's I/O cost (bench/PROFILE.md).
 //! - `flusher-<context>` takes every batch and waiter already queued, flushes once, `fsync`s
-//!   the database file, hands the batches' outbox keys to the relay and answers them all.
+//!   the database file, hands the batches' outbox entries to the relay (in memory, with
+//!   their keys) and answers them all.
 //!   sled 0.34.7 deadlocks when `flush_async` is called concurrently (sled issue 1308) and
 //!   its flush ends in `sync_file_range`, which does not persist file metadata; so exactly
 //!   one thread flushes, then `fsync`s the file itself.
 //!
 //! Architecture invariant: a message is acked, and its outbox entries are published, only
-//! after the flush that followed its transaction succeeded. Outbox keys whose flush failed
+//! after the flush that followed its transaction succeeded. Outbox entries whose flush failed
 //! are handed over after the next successful one (the caller, answered with the error,
 //! may be gone: a handler timeout, a nak).
 
@@ -41,7 +42,7 @@ pub type Decide =
     Box<dyn Fn(&dyn StateTx) -> Result<Vec<OutboxEntry>, DecideError<HandleError>> + Send>;
 
 /// Runs on the flusher thread once a message's transaction is durable, before its outbox
-/// keys go to the relay and before it is answered (the `after_commit` fault point: a crash
+/// entries go to the relay and before it is answered (the `after_commit` fault point: a crash
 /// injected there lands exactly in that window). With `durable: false` it runs on the commit
 /// thread right after the transaction, before the next one.
 pub type AfterDurable = Box<dyn FnOnce() + Send>;
@@ -78,7 +79,7 @@ impl Answer {
 enum Request {
     /// Someone waits for everything committed so far.
     Wait(Waiter),
-    /// A committed batch: answer it, and hand its outbox keys over, once durable.
+    /// A committed batch: answer it, and hand its outbox entries over, once durable.
     Batch(Vec<Answer>),
 }
 
@@ -97,9 +98,9 @@ pub struct FlushError(pub String);
 impl GroupCommit {
     /// Starts the commit and flusher threads for `store`, whose files live in `dir`.
     /// `failed` is set while the last flush failed (readiness reads it). Durable outbox
-    /// keys go to `relay`. With `durable: false` (the chaos suite's `[danger]
+    /// entries go to `relay`. With `durable: false` (the chaos suite's `[danger]
     /// disable_group_commit`) a commit is answered right after its transaction, not flushed,
-    /// and its keys are left to the caller.
+    /// and its entries are left to the caller (in the answer).
     pub fn start(
         store: &Store,
         dir: &Path,
@@ -125,9 +126,9 @@ impl GroupCommit {
     }
 
     /// Runs `decide` for the message `inbox_key` in the next batch transaction (see
-    /// [`Store::commit_batch`]) and returns once that is durable and its outbox keys are
+    /// [`Store::commit_batch`]) and returns once that is durable and its outbox entries are
     /// with the relay; `after` runs in between if it was written (see [`AfterDurable`]).
-    /// With `durable: false`: returns once committed and the caller hands the keys over.
+    /// With `durable: false`: returns once committed and the caller hands the entries over.
     /// A panic in `decide` is resumed here, in the caller.
     pub async fn commit(
         &self,
@@ -236,8 +237,8 @@ fn run_flusher(
     failed: Arc<AtomicBool>,
     relay: Relay,
 ) {
-    // Outbox keys committed but not yet handed over: their flush failed.
-    let mut unrelayed: Vec<u64> = Vec::new();
+    // Outbox entries committed but not yet handed over: their flush failed.
+    let mut unrelayed: Vec<(u64, OutboxEntry)> = Vec::new();
     // Blocks for the first request, then takes every request already queued: they all share
     // the one flush that starts after them.
     while let Ok(first) = rx.recv() {
@@ -267,8 +268,10 @@ fn run_flusher(
         for r in &mut batch {
             if let Request::Batch(answers) = r {
                 for a in answers {
-                    if let Ok(Ok(Committed::Written { outbox_keys })) = &a.outcome {
-                        unrelayed.extend(outbox_keys);
+                    // The relay gets the entries themselves (no read back from the
+                    // store); the caller's answer keeps `Written` without them.
+                    if let Ok(Ok(Committed::Written { outbox })) = &mut a.outcome {
+                        unrelayed.append(outbox);
                     }
                     if result.is_ok() {
                         a.run_after();
@@ -341,23 +344,22 @@ mod tests {
                 r
             }));
         }
-        let mut written = Vec::new();
         for t in tasks {
             match t.await.unwrap() {
-                Committed::Written { outbox_keys } => written.extend(outbox_keys),
+                // The entries went to the relay, not back to the caller.
+                Committed::Written { outbox } => assert!(outbox.is_empty()),
                 Committed::Duplicate => panic!("not a duplicate"),
             }
         }
         assert_eq!(store.inbox_len(), 200);
-        assert_eq!(written.len(), 200);
-        // Every key was handed to the relay before its commit was answered.
+        // Every entry was handed to the relay, with its key, before its commit was answered.
         let mut relayed = Vec::new();
-        while let Ok(keys) = handed.try_recv() {
-            relayed.extend(keys);
+        while let Ok(entries) = handed.try_recv() {
+            relayed.extend(entries);
         }
-        relayed.sort_unstable();
-        written.sort_unstable();
-        assert_eq!(relayed, written);
+        relayed.sort_by_key(|(k, _)| *k);
+        assert_eq!(relayed.len(), 200);
+        assert_eq!(relayed, store.outbox_pending().unwrap());
     }
 
     #[tokio::test]
@@ -377,12 +379,7 @@ mod tests {
         // The commit thread survived it.
         let ok: Decide = Box::new(|_| Ok(vec![]));
         let r = gc.commit("c/ok".into(), 1, ok, None).await.unwrap();
-        assert_eq!(
-            r,
-            Committed::Written {
-                outbox_keys: vec![]
-            }
-        );
+        assert_eq!(r, Committed::Written { outbox: vec![] });
         assert!(!store.seen("c/boom").unwrap());
     }
 }

@@ -97,7 +97,7 @@ pub static ACTOR_RESTARTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static OUTBOX_DEPTH: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauge(
         "choreo_outbox_depth",
-        "Outbox entries committed and not yet acknowledged by JetStream.",
+        "Outbox entries durable and not yet acknowledged by JetStream (held by the relay).",
         &["context"],
     )
 });

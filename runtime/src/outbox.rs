@@ -1,13 +1,16 @@
 //! The outbox relay: publishes committed outbox entries to JetStream, then deletes them.
 //!
 //! Entries reach the relay two ways: a scan at start-up (everything left by a previous run)
-//! and a notification from a handler after its transaction was made durable. Entries that
-//! are committed but not yet durable are never published, so no event leaves the node
-//! without a durable state change behind it. Each batch is published pipelined (all sends,
-//! then all acks); an entry is deleted only after its publish ack. A failed publish is
-//! retried with back-off; `Nats-Msg-Id` makes a repeated publish a duplicate the server drops.
+//! and a hand-over, in memory with their keys, once the transaction that wrote them is
+//! durable (the group commit's flusher; a handler with the group commit switched off). The
+//! relay reads entries back from the store only past [`MAX_HELD`]. Entries that are
+//! committed but not yet durable are never published, so no event leaves the node without a
+//! durable state change behind it. Each batch is published pipelined (all sends, then all
+//! acks); an entry is deleted only after its publish ack. A failed publish is retried with
+//! back-off; `Nats-Msg-Id` makes a repeated publish a duplicate the server drops.
 
-use std::collections::BTreeSet;
+use std::borrow::Cow;
+use std::collections::{btree_map, BTreeMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,15 +21,23 @@ use tokio::sync::{mpsc, watch};
 use crate::bus::Bus;
 use crate::faults::{FaultAction, FaultPoint, Faults};
 use crate::metrics;
-use crate::store::Store;
+use crate::store::{OutboxEntry, Store};
 
 /// Entries published per round trip.
 const BATCH: usize = 256;
 
-/// Handle used by handlers to hand over durable outbox keys.
+/// Entries the relay holds in memory at most. Past that (a long publish outage while
+/// handlers still commit) it keeps only the keys and reads those entries back from the store
+/// when their turn comes, so an outage does not grow the heap by whole entries.
+const MAX_HELD: usize = 4096;
+
+/// Durable outbox entries with their keys, as handed to the relay.
+pub type Durable = Vec<(u64, OutboxEntry)>;
+
+/// Handle used to hand over durable outbox entries.
 #[derive(Clone)]
 pub struct Relay {
-    tx: mpsc::UnboundedSender<Vec<u64>>,
+    tx: mpsc::UnboundedSender<Durable>,
 }
 
 impl Relay {
@@ -52,19 +63,46 @@ impl Relay {
         (Relay { tx }, handle)
     }
 
-    /// A handle whose keys go to the returned receiver instead of a relay task (tests).
+    /// A handle whose entries go to the returned receiver instead of a relay task (tests).
     #[cfg(test)]
-    pub(crate) fn detached() -> (Relay, mpsc::UnboundedReceiver<Vec<u64>>) {
+    pub(crate) fn detached() -> (Relay, mpsc::UnboundedReceiver<Durable>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (Relay { tx }, rx)
     }
 
-    /// Hands over keys whose transaction is durable.
-    pub fn durable(&self, keys: Vec<u64>) {
-        if !keys.is_empty() {
+    /// Hands over entries whose transaction is durable.
+    pub fn durable(&self, entries: Durable) {
+        if !entries.is_empty() {
             // The receiver lives as long as the node; if it is gone the entries stay in the
             // store and are published by the next start-up scan.
-            let _ = self.tx.send(keys);
+            let _ = self.tx.send(entries);
+        }
+    }
+}
+
+/// Entries waiting to be published, by key: publishing follows commit order, and an entry
+/// handed over twice (by the start-up scan and by the flusher) is one entry. `None`: only the
+/// key is held (see [`MAX_HELD`]).
+#[derive(Default)]
+struct Pending {
+    entries: BTreeMap<u64, Option<OutboxEntry>>,
+    held: usize,
+}
+
+impl Pending {
+    fn add(&mut self, entries: Durable) {
+        for (key, entry) in entries {
+            if let btree_map::Entry::Vacant(slot) = self.entries.entry(key) {
+                let hold = self.held < MAX_HELD;
+                self.held += usize::from(hold);
+                slot.insert(hold.then_some(entry));
+            }
+        }
+    }
+
+    fn remove(&mut self, key: u64) {
+        if let Some(Some(_)) = self.entries.remove(&key) {
+            self.held -= 1;
         }
     }
 }
@@ -80,11 +118,11 @@ struct Out {
 async fn run(
     out: Out,
     resume: bool,
-    mut rx: mpsc::UnboundedReceiver<Vec<u64>>,
+    mut rx: mpsc::UnboundedReceiver<Durable>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (context, store) = (out.context, &out.store);
-    let mut pending: BTreeSet<u64> = BTreeSet::new();
+    let mut pending = Pending::default();
     match store.outbox_pending() {
         Ok(entries) if !resume => {
             tracing::error!(
@@ -100,33 +138,38 @@ async fn run(
             if !entries.is_empty() {
                 tracing::info!(context, entries = entries.len(), "outbox: resuming");
             }
-            pending.extend(entries.into_iter().map(|(k, _)| k));
+            pending.add(entries);
         }
         Err(e) => tracing::error!(context, error = %e, "outbox: start-up scan failed"),
     }
     let mut backoff = Duration::from_millis(50);
     let mut stopping = false;
     loop {
-        if pending.is_empty() {
+        if pending.entries.is_empty() {
             if stopping {
                 return;
             }
             tokio::select! {
-                keys = rx.recv() => match keys {
-                    Some(keys) => pending.extend(keys),
+                entries = rx.recv() => match entries {
+                    Some(entries) => pending.add(entries),
                     None => return,
                 },
                 _ = shutdown.changed() => { stopping = true; }
             }
         }
-        while let Ok(keys) = rx.try_recv() {
-            pending.extend(keys);
+        while let Ok(entries) = rx.try_recv() {
+            pending.add(entries);
         }
-        let batch: Vec<u64> = pending.iter().take(BATCH).copied().collect();
+        let batch: Vec<(u64, Option<&OutboxEntry>)> = pending
+            .entries
+            .iter()
+            .take(BATCH)
+            .map(|(k, e)| (*k, e.as_ref()))
+            .collect();
         match publish_batch(&out, &batch).await {
             Ok(done) => {
                 for k in done {
-                    pending.remove(&k);
+                    pending.remove(k);
                 }
                 backoff = Duration::from_millis(50);
             }
@@ -145,12 +188,16 @@ async fn run(
         }
         metrics::OUTBOX_DEPTH
             .with_label_values(&[context])
-            .set(store.outbox_len() as i64);
+            .set(pending.entries.len() as i64);
     }
 }
 
-/// Publishes a batch pipelined; returns the keys that are done (acked, or already gone).
-async fn publish_batch(out: &Out, keys: &[u64]) -> Result<Vec<u64>, String> {
+/// Publishes a batch pipelined; returns the keys that are done (acked, or already gone from
+/// the store when read back).
+async fn publish_batch(
+    out: &Out,
+    batch: &[(u64, Option<&OutboxEntry>)],
+) -> Result<Vec<u64>, String> {
     let Out {
         context,
         store,
@@ -160,16 +207,19 @@ async fn publish_batch(out: &Out, keys: &[u64]) -> Result<Vec<u64>, String> {
     let context: &str = context;
     let started = Instant::now();
     let mut acks_lost = 0usize;
-    let mut done = Vec::with_capacity(keys.len());
-    let mut sends = Vec::with_capacity(keys.len());
-    for &k in keys {
-        let entry = match store.outbox_get(k) {
-            Ok(Some(e)) => e,
-            Ok(None) => {
-                done.push(k);
-                continue;
-            }
-            Err(e) => return Err(e.to_string()),
+    let mut done = Vec::with_capacity(batch.len());
+    let mut sends = Vec::with_capacity(batch.len());
+    for &(k, held) in batch {
+        let entry = match held {
+            Some(e) => Cow::Borrowed(e),
+            None => match store.outbox_get(k) {
+                Ok(Some(e)) => Cow::Owned(e),
+                Ok(None) => {
+                    done.push(k);
+                    continue;
+                }
+                Err(e) => return Err(e.to_string()),
+            },
         };
         let (entry_type, entry_amount) = (entry.envelope.msg_type.clone(), entry.amount_cents);
         let fault = faults.fire(
@@ -196,7 +246,7 @@ async fn publish_batch(out: &Out, keys: &[u64]) -> Result<Vec<u64>, String> {
             .publish_with_headers(
                 entry.subject.clone(),
                 entry.envelope.to_headers(),
-                Bytes::from(entry.payload.into_bytes()),
+                Bytes::copy_from_slice(entry.payload.as_bytes()),
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -252,5 +302,40 @@ async fn publish_batch(out: &Out, keys: &[u64]) -> Result<Vec<u64>, String> {
         Some(e) if done.is_empty() => Err(e),
         None if done.is_empty() && acks_lost > 0 => Err(format!("{acks_lost} publish acks lost")),
         _ => Ok(done),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Envelope;
+
+    fn entry(n: u64) -> OutboxEntry {
+        OutboxEntry {
+            subject: "choreo.t.evt.X".into(),
+            envelope: Envelope::first(format!("id{n}"), "X", "t", 1),
+            payload: "{}".into(),
+            amount_cents: 0,
+        }
+    }
+
+    #[test]
+    fn pending_holds_entries_up_to_the_limit_then_keys_only() {
+        let mut p = Pending::default();
+        p.add((0..MAX_HELD as u64 + 10).map(|k| (k, entry(k))).collect());
+        assert_eq!(p.entries.len(), MAX_HELD + 10);
+        assert_eq!(p.held, MAX_HELD);
+        assert!(p.entries[&(MAX_HELD as u64 - 1)].is_some());
+        assert!(p.entries[&(MAX_HELD as u64)].is_none());
+        // The same key handed over twice is one entry, counted once.
+        p.add(vec![(0, entry(0))]);
+        assert_eq!((p.entries.len(), p.held), (MAX_HELD + 10, MAX_HELD));
+        // Publishing held entries frees room; a key-only entry leaves the count alone.
+        p.remove(0);
+        p.remove(MAX_HELD as u64 + 1);
+        assert_eq!((p.entries.len(), p.held), (MAX_HELD + 8, MAX_HELD - 1));
+        p.add(vec![(1_000_000, entry(1))]);
+        assert!(p.entries[&1_000_000].is_some());
+        assert_eq!(p.held, MAX_HELD);
     }
 }

@@ -65,7 +65,7 @@ pub trait StateRead {
 }
 
 /// A message to publish once the transaction that produced it is durable.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxEntry {
     pub subject: String,
     pub envelope: Envelope,
@@ -79,8 +79,10 @@ pub struct OutboxEntry {
 /// What a commit did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Committed {
-    /// State, outbox and inbox mark written; these outbox keys await publication.
-    Written { outbox_keys: Vec<u64> },
+    /// State, outbox and inbox mark written; these outbox entries (with their keys) await
+    /// publication. The group commit hands them to the relay in memory, so the answer it
+    /// gives the caller has them taken out.
+    Written { outbox: Vec<(u64, OutboxEntry)> },
     /// The inbox already held the mark: nothing was written.
     Duplicate,
 }
@@ -258,15 +260,15 @@ impl Store {
                         None => state.remove_blind(key)?,
                     };
                 }
-                let mut keys = Vec::with_capacity(entries.len());
-                for value in values {
+                let mut written = Vec::with_capacity(entries.len());
+                for (entry, value) in entries.into_iter().zip(values) {
                     let key = outbox.generate_id()?;
                     outbox.insert_blind(&key.to_be_bytes(), value)?;
-                    keys.push(key);
+                    written.push((key, entry));
                 }
                 inbox.insert_blind(item.inbox_key.as_bytes(), &item.now_ms.to_be_bytes())?;
                 inbox_ts.insert_blind(inbox_ts_key(item.now_ms, item.inbox_key), &[])?;
-                results.push(Ok(Ok(Committed::Written { outbox_keys: keys })));
+                results.push(Ok(Ok(Committed::Written { outbox: written })));
             }
             Ok::<_, ConflictableTransactionError<()>>(results)
         });
@@ -299,7 +301,7 @@ impl Store {
         Ok(out)
     }
 
-    /// One outbox entry, if still pending.
+    /// One outbox entry, if still pending (the relay reads back entries it did not hold).
     pub fn outbox_get(&self, key: u64) -> Result<Option<OutboxEntry>, StoreError> {
         let k = key.to_be_bytes();
         self.outbox
@@ -584,14 +586,16 @@ mod tests {
                 Ok(vec![entry(1), entry(2)])
             })
             .unwrap();
-        let Committed::Written { outbox_keys } = r else {
+        let Committed::Written { outbox } = r else {
             panic!("not written")
         };
-        assert_eq!(outbox_keys.len(), 2);
-        assert!(outbox_keys[0] < outbox_keys[1]);
+        assert_eq!(outbox.len(), 2);
+        assert!(outbox[0].0 < outbox[1].0);
         assert_eq!(store.get("k").unwrap().unwrap(), b"v");
         assert!(store.seen("c/m1").unwrap());
-        assert_eq!(store.outbox_pending().unwrap().len(), 2);
+        // What the commit returned is what it stored.
+        assert_eq!(store.outbox_pending().unwrap(), outbox);
+        assert_eq!(outbox[1].1, entry(2));
     }
 
     #[test]
@@ -637,8 +641,8 @@ mod tests {
         let shown: Vec<String> = results
             .into_iter()
             .map(|r| match r {
-                Ok(Ok(Committed::Written { outbox_keys })) => {
-                    format!("written {}", outbox_keys.len())
+                Ok(Ok(Committed::Written { outbox })) => {
+                    format!("written {}", outbox.len())
                 }
                 Ok(Ok(Committed::Duplicate)) => "duplicate".into(),
                 Ok(Err(CommitError::Handler(e))) => format!("handler {e}"),

@@ -1,0 +1,39 @@
+#!/usr/bin/env python3
+"""Means and standard deviations of interleaved `choreo bench` runs, per binary.
+
+usage: python3 bench/ab/stat.py 'bench/ab/relay-in-memory/*.json'
+
+Files are named `<anything>-<binary>.json` (the last `-`-separated part names the binary).
+CPU per order is per node: its CPU seconds in the phase over the orders that ended in it.
+"""
+import collections
+import glob
+import json
+import statistics
+import sys
+
+NODES = ("orders", "nats-server", "payments", "inventory", "shipping")
+rows = collections.defaultdict(lambda: collections.defaultdict(list))
+for path in sorted(glob.glob(sys.argv[1])):
+    binary = path.rsplit("-", 1)[1][: -len(".json")]
+    for p in json.load(open(path))["phases"]:
+        ended = max(p["completed"] + p["cancelled"], 1)
+        row, ph = rows[binary], p["phase"]
+        row[f"{ph} orders/s"].append(p["completed_per_second"])
+        row[f"{ph} cpu ms/order"].append(1000 * p["cpu_seconds_per_order"])
+        for node in NODES:
+            row[f"{ph} {node} ms/order"].append(1000 * p["cpu_seconds"][node] / ended)
+        row[f"{ph} p99 ms"].append(p["latency_ms"]["p99"])
+        if ph == "max":
+            row["max: orders RSS MiB"].append(p["peak_rss_mib"]["orders"])
+if not rows:
+    sys.exit(f"no files match {sys.argv[1]}")
+binaries = list(rows)
+print(f"{'metric':30}" + "".join(f"{b:>20}" for b in binaries))
+for key in rows[binaries[0]]:
+    cells = []
+    for b in binaries:
+        v = rows[b][key]
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        cells.append(f"{statistics.mean(v):11.2f} ±{sd:6.2f} ")
+    print(f"{key:30}" + "".join(cells))
