@@ -472,8 +472,12 @@ fn init_tracing(default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("CHOREO_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let json = std::env::var("CHOREO_LOG_FORMAT").is_ok_and(|v| v == "json");
+    // Colours only on a terminal: nodes started by `demo`/`bench`/the tests log to files,
+    // where escape codes are noise (and formatting them cost ~1% of a busy node).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if json {
         b.json().init();
