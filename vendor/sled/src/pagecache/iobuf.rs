@@ -35,8 +35,22 @@ unsafe impl Send for AlignedBuf {}
 #[allow(unsafe_code)]
 unsafe impl Sync for AlignedBuf {}
 
+// Patch (choreo, see vendor/sled/PATCHES.md): a segment buffer is allocated for every
+// segment the log starts and freed once written. Freed buffers (address, length) are kept
+// here, up to `POOLED_BUFS`, and handed out again instead of allocating a fresh one.
+const POOLED_BUFS: usize = 8;
+static FREE_BUFS: std::sync::Mutex<Vec<(usize, usize)>> =
+    std::sync::Mutex::new(Vec::new());
+
 impl AlignedBuf {
     fn new(len: usize) -> AlignedBuf {
+        if let Ok(mut free) = FREE_BUFS.lock() {
+            if let Some(i) = free.iter().position(|&(_, l)| l == len) {
+                let (ptr, _) = free.swap_remove(i);
+                return AlignedBuf(ptr as *mut u8, len);
+            }
+        }
+
         let layout = Layout::from_size_align(len, 8192).unwrap();
         let ptr = unsafe { alloc(layout) };
 
@@ -48,6 +62,12 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if let Ok(mut free) = FREE_BUFS.lock() {
+            if free.len() < POOLED_BUFS {
+                free.push((self.0 as usize, self.1));
+                return;
+            }
+        }
         let layout = Layout::from_size_align(self.1, 8192).unwrap();
         unsafe {
             dealloc(self.0, layout);
