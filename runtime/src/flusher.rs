@@ -31,7 +31,8 @@ use tokio::sync::oneshot;
 use crate::component::HandleError;
 use crate::metrics;
 use crate::outbox::Relay;
-use crate::store::{BatchItem, CommitError, Committed, DecideError, ItemResult, OutboxEntry};
+use crate::store::OutboxEntry;
+use crate::store::{BatchItem, CommitError, Committed, DecideError, ItemResult, KeyedEntries};
 use crate::store::{StateTx, Store, StoreError};
 
 /// Messages run in one transaction at most (a transaction holds sled's global write lock).
@@ -238,7 +239,7 @@ fn run_flusher(
     relay: Relay,
 ) {
     // Outbox entries committed but not yet handed over: their flush failed.
-    let mut unrelayed: Vec<(u64, OutboxEntry)> = Vec::new();
+    let mut unrelayed: KeyedEntries = Vec::new();
     // Blocks for the first request, then takes every request already queued: they all share
     // the one flush that starts after them.
     while let Ok(first) = rx.recv() {
@@ -318,7 +319,7 @@ fn flush_and_sync(db: &sled::Db, db_file: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::Envelope;
+    use crate::store::test_entry;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_commits_and_waiters_complete_and_keys_reach_the_relay() {
@@ -331,14 +332,7 @@ mod tests {
         for i in 0..200u32 {
             let gc = gc.clone();
             tasks.push(tokio::spawn(async move {
-                let decide: Decide = Box::new(move |_| {
-                    Ok(vec![OutboxEntry {
-                        subject: "choreo.t.evt.X".into(),
-                        envelope: Envelope::first(format!("id{i}"), "X", "t", 1),
-                        payload: "{}".into(),
-                        amount_cents: 0,
-                    }])
-                });
+                let decide: Decide = Box::new(move |_| Ok(vec![test_entry(i)]));
                 let r = gc.commit(format!("c/{i}"), 1, decide, None).await.unwrap();
                 gc.durable().await.unwrap();
                 r

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use crate::bus::Bus;
 use crate::faults::{FaultAction, FaultPoint, Faults};
 use crate::metrics;
-use crate::store::{OutboxEntry, Store};
+use crate::store::{KeyedEntries, OutboxEntry, Store};
 
 /// Entries published per round trip.
 const BATCH: usize = 256;
@@ -31,13 +31,10 @@ const BATCH: usize = 256;
 /// when their turn comes, so an outage does not grow the heap by whole entries.
 const MAX_HELD: usize = 4096;
 
-/// Durable outbox entries with their keys, as handed to the relay.
-pub type Durable = Vec<(u64, OutboxEntry)>;
-
 /// Handle used to hand over durable outbox entries.
 #[derive(Clone)]
 pub struct Relay {
-    tx: mpsc::UnboundedSender<Durable>,
+    tx: mpsc::UnboundedSender<KeyedEntries>,
 }
 
 impl Relay {
@@ -65,13 +62,13 @@ impl Relay {
 
     /// A handle whose entries go to the returned receiver instead of a relay task (tests).
     #[cfg(test)]
-    pub(crate) fn detached() -> (Relay, mpsc::UnboundedReceiver<Durable>) {
+    pub(crate) fn detached() -> (Relay, mpsc::UnboundedReceiver<KeyedEntries>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (Relay { tx }, rx)
     }
 
     /// Hands over entries whose transaction is durable.
-    pub fn durable(&self, entries: Durable) {
+    pub fn durable(&self, entries: KeyedEntries) {
         if !entries.is_empty() {
             // The receiver lives as long as the node; if it is gone the entries stay in the
             // store and are published by the next start-up scan.
@@ -90,7 +87,7 @@ struct Pending {
 }
 
 impl Pending {
-    fn add(&mut self, entries: Durable) {
+    fn add(&mut self, entries: KeyedEntries) {
         for (key, entry) in entries {
             if let btree_map::Entry::Vacant(slot) = self.entries.entry(key) {
                 let hold = self.held < MAX_HELD;
@@ -118,7 +115,7 @@ struct Out {
 async fn run(
     out: Out,
     resume: bool,
-    mut rx: mpsc::UnboundedReceiver<Durable>,
+    mut rx: mpsc::UnboundedReceiver<KeyedEntries>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (context, store) = (out.context, &out.store);
@@ -308,33 +305,28 @@ async fn publish_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::Envelope;
-
-    fn entry(n: u64) -> OutboxEntry {
-        OutboxEntry {
-            subject: "choreo.t.evt.X".into(),
-            envelope: Envelope::first(format!("id{n}"), "X", "t", 1),
-            payload: "{}".into(),
-            amount_cents: 0,
-        }
-    }
+    use crate::store::test_entry;
 
     #[test]
     fn pending_holds_entries_up_to_the_limit_then_keys_only() {
         let mut p = Pending::default();
-        p.add((0..MAX_HELD as u64 + 10).map(|k| (k, entry(k))).collect());
+        p.add(
+            (0..MAX_HELD as u64 + 10)
+                .map(|k| (k, test_entry(k as u32)))
+                .collect(),
+        );
         assert_eq!(p.entries.len(), MAX_HELD + 10);
         assert_eq!(p.held, MAX_HELD);
         assert!(p.entries[&(MAX_HELD as u64 - 1)].is_some());
         assert!(p.entries[&(MAX_HELD as u64)].is_none());
         // The same key handed over twice is one entry, counted once.
-        p.add(vec![(0, entry(0))]);
+        p.add(vec![(0, test_entry(0))]);
         assert_eq!((p.entries.len(), p.held), (MAX_HELD + 10, MAX_HELD));
         // Publishing held entries frees room; a key-only entry leaves the count alone.
         p.remove(0);
         p.remove(MAX_HELD as u64 + 1);
         assert_eq!((p.entries.len(), p.held), (MAX_HELD + 8, MAX_HELD - 1));
-        p.add(vec![(1_000_000, entry(1))]);
+        p.add(vec![(1_000_000, test_entry(1))]);
         assert!(p.entries[&1_000_000].is_some());
         assert_eq!(p.held, MAX_HELD);
     }

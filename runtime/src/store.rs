@@ -76,13 +76,28 @@ pub struct OutboxEntry {
     pub amount_cents: u64,
 }
 
+/// Outbox entries with their keys: what a commit wrote, what the relay is handed, what the
+/// start-up scan finds.
+pub type KeyedEntries = Vec<(u64, OutboxEntry)>;
+
+/// An outbox entry for tests: message `id<n>` of type `X`.
+#[cfg(test)]
+pub(crate) fn test_entry(n: u32) -> OutboxEntry {
+    OutboxEntry {
+        subject: "choreo.t.evt.X".into(),
+        envelope: Envelope::first(format!("id{n}"), "X", "t", 1),
+        payload: format!("{{\"n\":{n}}}"),
+        amount_cents: 0,
+    }
+}
+
 /// What a commit did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Committed {
     /// State, outbox and inbox mark written; these outbox entries (with their keys) await
     /// publication. The group commit hands them to the relay in memory, so the answer it
     /// gives the caller has them taken out.
-    Written { outbox: Vec<(u64, OutboxEntry)> },
+    Written { outbox: KeyedEntries },
     /// The inbox already held the mark: nothing was written.
     Duplicate,
 }
@@ -292,7 +307,7 @@ impl Store {
     }
 
     /// Outbox entries with their keys, oldest first (used at start-up to resume).
-    pub fn outbox_pending(&self) -> Result<Vec<(u64, OutboxEntry)>, StoreError> {
+    pub fn outbox_pending(&self) -> Result<KeyedEntries, StoreError> {
         let mut out = Vec::new();
         for kv in self.outbox.iter() {
             let (k, v) = kv?;
@@ -553,15 +568,6 @@ impl From<TxError> for StateError {
 mod tests {
     use super::*;
 
-    fn entry(n: u32) -> OutboxEntry {
-        OutboxEntry {
-            subject: "choreo.t.evt.X".into(),
-            envelope: Envelope::first(format!("id{n}"), "X", "t", 1),
-            payload: format!("{{\"n\":{n}}}"),
-            amount_cents: 0,
-        }
-    }
-
     fn state_err(e: StateError) -> DecideError<String> {
         match e {
             StateError::Tx(t) => DecideError::Tx(t),
@@ -569,11 +575,11 @@ mod tests {
         }
     }
 
-    /// Counts one more under "n" and publishes `entry(n)`.
+    /// Counts one more under "n" and publishes `test_entry(n)`.
     fn bump(tx: &dyn StateTx) -> Result<Vec<OutboxEntry>, DecideError<String>> {
         let n: u32 = load(tx, "n").map_err(state_err)?.unwrap_or(0);
         save(tx, "n", &(n + 1)).map_err(state_err)?;
-        Ok(vec![entry(n)])
+        Ok(vec![test_entry(n)])
     }
 
     #[test]
@@ -583,7 +589,7 @@ mod tests {
         let r = store
             .commit::<String, _>("c/m1", 10, |tx| {
                 tx.put("k", b"v")?;
-                Ok(vec![entry(1), entry(2)])
+                Ok(vec![test_entry(1), test_entry(2)])
             })
             .unwrap();
         let Committed::Written { outbox } = r else {
@@ -595,7 +601,7 @@ mod tests {
         assert!(store.seen("c/m1").unwrap());
         // What the commit returned is what it stored.
         assert_eq!(store.outbox_pending().unwrap(), outbox);
-        assert_eq!(outbox[1].1, entry(2));
+        assert_eq!(outbox[1].1, test_entry(2));
     }
 
     #[test]
@@ -668,7 +674,7 @@ mod tests {
             .into_iter()
             .map(|(_, e)| e)
             .collect();
-        assert_eq!(pending, vec![entry(0), entry(1)]);
+        assert_eq!(pending, vec![test_entry(0), test_entry(1)]);
         assert!(store.seen("c/a").unwrap() && store.seen("c/d").unwrap());
         assert!(!store.seen("c/b").unwrap() && !store.seen("c/c").unwrap());
     }
@@ -719,14 +725,14 @@ mod tests {
         {
             let store = Store::open(dir.path(), 1 << 20).unwrap();
             store
-                .commit::<String, _>("c/m", 1, |_| Ok(vec![entry(7)]))
+                .commit::<String, _>("c/m", 1, |_| Ok(vec![test_entry(7)]))
                 .unwrap();
             store.db().flush().unwrap();
         }
         let store = Store::open(dir.path(), 1 << 20).unwrap();
         let pending = store.outbox_pending().unwrap();
         assert_eq!(pending.len(), 1);
-        assert_eq!(pending[0].1, entry(7));
+        assert_eq!(pending[0].1, test_entry(7));
         assert!(store.seen("c/m").unwrap());
     }
 }
