@@ -150,9 +150,11 @@ impl Default for SupervisionConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
-    /// How long an inbox mark is kept; a duplicate older than this is processed again.
+    /// How long an inbox mark is kept at least (at most twice this: marks expire a
+    /// generation at a time, see `Store::rotate_inbox`); a duplicate older than this is
+    /// processed again.
     pub inbox_retention_ms: u64,
-    /// How often expired inbox marks are removed.
+    /// How often the node checks whether the inbox generation is due to rotate.
     pub inbox_prune_interval_ms: u64,
     /// sled page cache size in bytes.
     pub cache_capacity_bytes: u64,

@@ -175,7 +175,7 @@ pub async fn run(
             c.clone(),
             store.clone(),
         )));
-        services.push(tokio::spawn(prune_inbox(c.name(), store, cfg.clone())));
+        services.push(tokio::spawn(rotate_inbox(c.name(), store, cfg.clone())));
         let sagas = c.sagas();
         if !sagas.is_empty() {
             timers.push(tokio::spawn(saga_service::run_deadlines(
@@ -391,15 +391,23 @@ fn restart_in_place() -> ! {
     std::process::exit(70);
 }
 
-async fn prune_inbox(context: &'static str, store: Store, cfg: Arc<NodeConfig>) {
+async fn rotate_inbox(context: &'static str, store: Store, cfg: Arc<NodeConfig>) {
     let every = Duration::from_millis(cfg.store.inbox_prune_interval_ms.max(1000));
     loop {
         tokio::time::sleep(every).await;
-        let cutoff = now_ms().saturating_sub(cfg.store.inbox_retention_ms);
-        match store.prune_inbox(cutoff) {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(context, removed = n, "inbox pruned"),
-            Err(e) => tracing::warn!(context, error = %e, "inbox prune failed"),
+        let (store, retention) = (store.clone(), cfg.store.inbox_retention_ms);
+        // Dropping a generation walks its pages: off the async workers.
+        let rotated =
+            tokio::task::spawn_blocking(move || store.rotate_inbox(now_ms(), retention)).await;
+        match rotated {
+            Ok(Ok(false)) => {}
+            Ok(Ok(true)) => tracing::info!(
+                context,
+                retention_ms = retention,
+                "inbox rotated: a new generation started, marks older than one retention period dropped"
+            ),
+            Ok(Err(e)) => tracing::warn!(context, error = %e, "inbox rotation failed"),
+            Err(e) => tracing::warn!(context, error = %e, "inbox rotation panicked"),
         }
     }
 }

@@ -1,10 +1,12 @@
 //! The context's local store: sled 0.34 behind a small trait.
 //!
-//! One sled database per context with four trees:
-//! - `state`:    the context's own data (keys namespaced by the domain, e.g. `order/<id>`);
-//! - `outbox`:   messages to publish, keyed by a monotonic id (big-endian u64);
-//! - `inbox`:    `<consumer>/<message id>` of every message already processed;
-//! - `inbox_ts`: the same marks ordered by time, for bounded retention.
+//! One sled database per context with these trees:
+//! - `state`:  the context's own data (keys namespaced by the domain, e.g. `order/<id>`);
+//! - `outbox`: messages to publish, keyed by a monotonic id (big-endian u64);
+//! - `inbox-<start ms>`: `<consumer>/<message id>` of every message processed since that
+//!   generation started; the newest one is written, the one before it is still read, older
+//!   ones are dropped (see [`Store::rotate_inbox`]);
+//! - `failures`, `dead_letters`: failed-delivery counts and local dead-letter records.
 //!
 //! Architecture invariant: one sled transaction writes the state change, the outbox entries
 //! and the inbox mark together, so a message's effect and the events it causes are all or
@@ -12,6 +14,7 @@
 
 use std::cell::RefCell;
 use std::path::Path;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -144,8 +147,7 @@ pub struct Store {
     db: sled::Db,
     state: sled::Tree,
     outbox: sled::Tree,
-    inbox: sled::Tree,
-    inbox_ts: sled::Tree,
+    inbox: Arc<RwLock<Inbox>>,
     failures: sled::Tree,
     dead_letters: sled::Tree,
 }
@@ -175,8 +177,7 @@ impl Store {
             dedupe: !danger.disable_inbox,
             state: db.open_tree("state")?,
             outbox: db.open_tree("outbox")?,
-            inbox: db.open_tree("inbox")?,
-            inbox_ts: db.open_tree("inbox_ts")?,
+            inbox: Arc::new(RwLock::new(Inbox::open(&db, crate::envelope::now_ms())?)),
             failures: db.open_tree("failures")?,
             dead_letters: db.open_tree("dead_letters")?,
             db,
@@ -190,7 +191,15 @@ impl Store {
     /// True if the inbox already holds this mark (a cheap pre-check before external calls;
     /// the authoritative check is inside [`Store::commit`]).
     pub fn seen(&self, inbox_key: &str) -> Result<bool, StoreError> {
-        Ok(self.dedupe && self.inbox.contains_key(inbox_key)?)
+        if !self.dedupe {
+            return Ok(false);
+        }
+        let inbox = self.inbox();
+        Ok(inbox.current.contains_key(inbox_key)? || inbox.in_previous(inbox_key)?)
+    }
+
+    fn inbox(&self) -> RwLockReadGuard<'_, Inbox> {
+        self.inbox.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `decide` in one transaction with the inbox check and mark, then appends the
@@ -226,12 +235,25 @@ impl Store {
     /// transaction (`PageCache::pin_log`), so each transaction costs at least one buffer
     /// write and `sync_file_range` on sled's I/O threads, whatever the group commit does.
     pub fn commit_batch<E>(&self, items: &[BatchItem<'_, E>]) -> Vec<ItemResult<E>> {
-        let trees = (&self.state, &self.outbox, &self.inbox, &self.inbox_ts);
-        let result = trees.transaction(|(state, outbox, inbox, inbox_ts)| {
+        // Held for the whole batch: a rotation waits for it, so the marks it writes land in
+        // a generation that is still read afterwards.
+        let generations = self.inbox();
+        // The previous generation is read only, so it is read before the transaction (a
+        // plain read inside a transaction would wait for the transaction's own lock).
+        let seen_before = items
+            .iter()
+            .map(|item| Ok(self.dedupe && generations.in_previous(item.inbox_key)?))
+            .collect::<Result<Vec<bool>, sled::Error>>();
+        let seen_before = match seen_before {
+            Ok(seen) => seen,
+            Err(e) => return failed(items, &e.to_string()),
+        };
+        let trees = (&self.state, &self.outbox, &generations.current);
+        let result = trees.transaction(|(state, outbox, inbox)| {
             crate::saga_stats::begin();
             let mut results = Vec::with_capacity(items.len());
-            for item in items {
-                if self.dedupe && inbox.get(item.inbox_key)?.is_some() {
+            for (item, seen_before) in items.iter().zip(&seen_before) {
+                if *seen_before || (self.dedupe && inbox.get(item.inbox_key)?.is_some()) {
                     results.push(Ok(Ok(Committed::Duplicate)));
                     continue;
                 }
@@ -282,7 +304,6 @@ impl Store {
                     written.push((key, entry));
                 }
                 inbox.insert_blind(item.inbox_key.as_bytes(), &item.now_ms.to_be_bytes())?;
-                inbox_ts.insert_blind(inbox_ts_key(item.now_ms, item.inbox_key), &[])?;
                 results.push(Ok(Ok(Committed::Written { outbox: written })));
             }
             Ok::<_, ConflictableTransactionError<()>>(results)
@@ -298,10 +319,7 @@ impl Store {
                     TransactionError::Storage(e) => e.to_string(),
                     TransactionError::Abort(()) => "transaction aborted".to_string(),
                 };
-                items
-                    .iter()
-                    .map(|_| Ok(Err(CommitError::Store(StoreError::Failed(message.clone())))))
-                    .collect()
+                failed(items, &message)
             }
         }
     }
@@ -336,22 +354,34 @@ impl Store {
         self.outbox.len()
     }
 
+    /// Inbox marks held, both generations (walks them: tests and tools only).
     pub fn inbox_len(&self) -> usize {
-        self.inbox.len()
+        let inbox = self.inbox();
+        inbox.current.len() + inbox.previous.as_ref().map_or(0, sled::Tree::len)
     }
 
-    /// Removes inbox marks written before `cutoff_ms`; returns how many.
-    pub fn prune_inbox(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
-        let mut n = 0;
-        for kv in self.inbox_ts.range(..cutoff_ms.to_be_bytes().to_vec()) {
-            let (k, _) = kv?;
-            if let Ok(mark) = std::str::from_utf8(&k[8..]) {
-                self.inbox.remove(mark)?;
+    /// Bounded retention of the inbox: once the current generation is `retention_ms` old, a
+    /// new one starts and the one before the current is dropped whole. A mark is so kept
+    /// between one and two retention periods, at the cost of one more lookup per message (in
+    /// the previous generation) instead of a time-index key per mark and two removals per
+    /// expired mark. Returns whether it rotated.
+    pub fn rotate_inbox(&self, now_ms: u64, retention_ms: u64) -> Result<bool, StoreError> {
+        let dropped = {
+            let mut inbox = self.inbox.write().unwrap_or_else(|e| e.into_inner());
+            if now_ms < inbox.started_ms.saturating_add(retention_ms.max(1)) {
+                return Ok(false);
             }
-            self.inbox_ts.remove(k)?;
-            n += 1;
+            let next = self.db.open_tree(Inbox::tree_name(now_ms))?;
+            let before = std::mem::replace(&mut inbox.current, next);
+            inbox.started_ms = now_ms;
+            inbox.previous.replace(before)
+        };
+        // Nobody else holds the dropped generation's handle: every reader goes through the
+        // lock, and the commit thread holds it for a whole batch.
+        if let Some(tree) = dropped {
+            self.db.drop_tree(tree.name())?;
         }
-        Ok(n)
+        Ok(true)
     }
 
     /// State keys in `[from, to)`, at most `limit`, in key order.
@@ -488,10 +518,82 @@ impl Overlay<'_> {
     }
 }
 
-fn inbox_ts_key(ms: u64, mark: &str) -> Vec<u8> {
-    let mut k = ms.to_be_bytes().to_vec();
-    k.extend_from_slice(mark.as_bytes());
-    k
+/// Every item of a batch failed with the store's error.
+fn failed<E>(items: &[BatchItem<'_, E>], message: &str) -> Vec<ItemResult<E>> {
+    items
+        .iter()
+        .map(|_| {
+            Ok(Err(CommitError::Store(StoreError::Failed(
+                message.to_string(),
+            ))))
+        })
+        .collect()
+}
+
+/// The inbox's generations (see [`Store::rotate_inbox`]).
+struct Inbox {
+    /// Where marks are written.
+    current: sled::Tree,
+    /// When `current` started, ms since the epoch (also in its tree name).
+    started_ms: u64,
+    /// The generation before `current`: read, never written.
+    previous: Option<sled::Tree>,
+}
+
+impl Inbox {
+    const PREFIX: &'static str = "inbox-";
+
+    fn tree_name(started_ms: u64) -> String {
+        // Zero-padded, so that names sort by start.
+        format!("{}{started_ms:020}", Self::PREFIX)
+    }
+
+    /// The newest two generations, or a first one starting at `now_ms`. Older generations
+    /// (a rotation cut short by a crash) are dropped. A store written before generations
+    /// existed has one `inbox` tree and a time index `inbox_ts`: the marks become the
+    /// previous generation, the index is dropped.
+    fn open(db: &sled::Db, now_ms: u64) -> Result<Self, StoreError> {
+        let names = db.tree_names();
+        let mut generations: Vec<(u64, sled::IVec)> = names
+            .iter()
+            .filter_map(|n| {
+                let started = std::str::from_utf8(n).ok()?.strip_prefix(Self::PREFIX)?;
+                Some((started.parse().ok()?, n.clone()))
+            })
+            .collect();
+        generations.sort();
+        let has = |name: &str| names.iter().any(|n| n == name.as_bytes());
+        if has("inbox_ts") {
+            db.drop_tree("inbox_ts")?;
+        }
+        let (started_ms, current) = match generations.pop() {
+            Some((started, name)) => (started, db.open_tree(name)?),
+            None => (now_ms, db.open_tree(Self::tree_name(now_ms))?),
+        };
+        let previous = match generations.pop() {
+            Some((_, name)) => Some(db.open_tree(name)?),
+            None if has("inbox") => Some(db.open_tree("inbox")?),
+            None => None,
+        };
+        for (_, name) in generations {
+            db.drop_tree(name)?;
+        }
+        if has("inbox") && previous.as_ref().is_some_and(|p| &*p.name() != b"inbox") {
+            db.drop_tree("inbox")?;
+        }
+        Ok(Inbox {
+            current,
+            started_ms,
+            previous,
+        })
+    }
+
+    fn in_previous(&self, mark: &str) -> Result<bool, sled::Error> {
+        match &self.previous {
+            Some(tree) => tree.contains_key(mark),
+            None => Ok(false),
+        }
+    }
 }
 
 fn decode_key(k: &[u8]) -> u64 {
@@ -694,18 +796,69 @@ mod tests {
     }
 
     #[test]
-    fn inbox_retention_prunes_old_marks_only() {
+    fn inbox_marks_last_one_to_two_retention_periods() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
-        store
-            .commit::<String, _>("c/old", 100, |_| Ok(vec![]))
-            .unwrap();
-        store
-            .commit::<String, _>("c/new", 900, |_| Ok(vec![]))
-            .unwrap();
-        assert_eq!(store.prune_inbox(500).unwrap(), 1);
+        let now = crate::envelope::now_ms();
+        let day = 86_400_000;
+        store.commit::<String, _>("c/old", 1, bump).unwrap();
+        assert!(
+            !store.rotate_inbox(now + day / 2, day).unwrap(),
+            "too early"
+        );
+        assert!(store.rotate_inbox(now + day, day).unwrap());
+        // The previous generation is still read, by the pre-check and by the transaction.
+        assert!(store.seen("c/old").unwrap());
+        assert_eq!(
+            store.commit("c/old", 2, bump).unwrap(),
+            Committed::Duplicate
+        );
+        store.commit::<String, _>("c/new", 3, bump).unwrap();
+        assert_eq!(store.inbox_len(), 2);
+        assert!(store.rotate_inbox(now + 2 * day, day).unwrap());
         assert!(!store.seen("c/old").unwrap());
         assert!(store.seen("c/new").unwrap());
+        assert_eq!(store.inbox_len(), 1);
+        // Only the two newest generations are left, and they survive a restart.
+        store.db().flush().unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let generations = store
+            .db()
+            .tree_names()
+            .iter()
+            .filter(|n| n.starts_with(Inbox::PREFIX.as_bytes()))
+            .count();
+        assert_eq!(generations, 2);
+        assert!(store.seen("c/new").unwrap() && !store.seen("c/old").unwrap());
+        assert_eq!(read::<u32>(store.reader(), "n").unwrap(), Some(2));
+    }
+
+    #[test]
+    fn marks_from_before_generations_are_kept_one_period() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The layout before generations: one `inbox` tree and its time index.
+            let db = sled::open(dir.path()).unwrap();
+            db.open_tree("inbox")
+                .unwrap()
+                .insert("c/m", &[0u8; 8])
+                .unwrap();
+            db.open_tree("inbox_ts").unwrap().insert("x", &[]).unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        assert!(store.seen("c/m").unwrap());
+        let has = |name: &str| store.db().tree_names().iter().any(|n| n == name.as_bytes());
+        assert!(!has("inbox_ts"));
+        // They are the previous generation: gone with the first rotation, one retention
+        // period after the upgrade.
+        let now = crate::envelope::now_ms();
+        assert!(!store.rotate_inbox(now + 500, 1000).unwrap());
+        assert!(store.seen("c/m").unwrap());
+        assert!(store.rotate_inbox(now + 1000, 1000).unwrap());
+        assert!(!store.seen("c/m").unwrap());
+        assert!(!has("inbox"));
     }
 
     #[test]
