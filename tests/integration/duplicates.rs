@@ -76,6 +76,60 @@ async fn same_command_after_the_window_is_absorbed_by_the_inbox() {
     assert_eq!(harness::sku(&t.bus, "dup-b").await.0, 5, "stock added once");
 }
 
+/// Inbox marks expire a generation at a time: a duplicate is still absorbed after one
+/// rotation (its mark is then in the previous generation, which is still read), and applied
+/// again after the second (that generation is dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_marks_expire_a_generation_at_a_time() {
+    let extra = format!(
+        "{SHORT_WINDOW}[store]\ninbox_retention_ms = 4000\ninbox_prune_interval_ms = 1000\n"
+    );
+    let mut t = harness::start(&["inventory"], false, &extra).await;
+    let log = t.shop.logs().join("inventory.log");
+    let rotations = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("inbox rotated")
+            .count()
+    };
+    let (env, body) = add_stock("dup-r", 3);
+    let subject = subjects::command("inventory", "AddStock");
+    t.bus.publish(&subject, &env, body.clone()).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            harness::sku(&t.bus, "dup-r").await.0 == 3
+        })
+        .await
+    );
+    // Past JetStream's duplicate window, and past the next rotation.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = rotations();
+    assert!(
+        eventually(Duration::from_secs(15), || async { rotations() > before }).await,
+        "the inbox rotates"
+    );
+    let rotated = rotations();
+    assert!(!t.bus.publish(&subject, &env, body.clone()).await.unwrap());
+    let addr = t.shop.node("inventory").unwrap().metrics_addr.clone();
+    let absorbed = || harness::metric(&addr, "choreo_messages_total", &[("outcome", "duplicate")]);
+    assert!(
+        eventually(Duration::from_secs(10), || async { absorbed() >= 1.0 }).await,
+        "absorbed by the previous generation"
+    );
+    assert_eq!(harness::sku(&t.bus, "dup-r").await.0, 3);
+    assert_eq!(rotations(), rotated, "no second rotation in between");
+    // One more rotation drops the generation that held the mark.
+    assert!(eventually(Duration::from_secs(15), || async { rotations() > rotated }).await);
+    assert!(!t.bus.publish(&subject, &env, body).await.unwrap());
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            harness::sku(&t.bus, "dup-r").await.0 == 6
+        })
+        .await,
+        "past two retention periods the same message is applied again"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_event_twice_changes_state_once() {
     let mut t = harness::start(&["inventory", "payments"], true, SHORT_WINDOW).await;
