@@ -156,7 +156,7 @@ pub struct StoreConfig {
     pub inbox_retention_ms: u64,
     /// How often the node checks whether the inbox generation is due to rotate.
     pub inbox_prune_interval_ms: u64,
-    /// sled page cache size in bytes.
+    /// sled page cache size in bytes (sled keeps about twice this resident).
     pub cache_capacity_bytes: u64,
 }
 
@@ -210,7 +210,7 @@ impl Default for StoreConfig {
         StoreConfig {
             inbox_retention_ms: 7 * 24 * 3600 * 1000,
             inbox_prune_interval_ms: 60_000,
-            cache_capacity_bytes: 16 * 1024 * 1024,
+            cache_capacity_bytes: 8 * 1024 * 1024,
         }
     }
 }
