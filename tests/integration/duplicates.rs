@@ -22,6 +22,21 @@ fn add_stock(sku: &str, qty: u64) -> (Envelope, Bytes) {
     )
 }
 
+/// True once the sku's stock (first of [`harness::sku`]) is `qty`, within 10 s.
+async fn stock_becomes(t: &harness::TestShop, sku: &str, qty: u64) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        harness::sku(&t.bus, sku).await.0 == qty
+    })
+    .await
+}
+
+/// True once the context's node has counted a message absorbed as a duplicate, within 10 s.
+async fn duplicate_absorbed(t: &mut harness::TestShop, context: &str) -> bool {
+    let addr = t.shop.node(context).unwrap().metrics_addr.clone();
+    let absorbed = || harness::metric(&addr, "choreo_messages_total", &[("outcome", "duplicate")]);
+    eventually(Duration::from_secs(10), || async { absorbed() >= 1.0 }).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_command_twice_inside_the_window_changes_state_once() {
     let t = harness::start(&["inventory"], false, "").await;
@@ -35,21 +50,11 @@ async fn same_command_twice_inside_the_window_changes_state_once() {
         t.bus.publish(&subject, &env, body).await.unwrap(),
         "JetStream reports the repeat as a duplicate"
     );
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            harness::sku(&t.bus, "dup-a").await.0 == 7
-        })
-        .await
-    );
+    assert!(stock_becomes(&t, "dup-a", 7).await);
     // A later, different command is applied: the node is still consuming.
     let (env2, body2) = add_stock("dup-a", 1);
     t.bus.publish(&subject, &env2, body2).await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            harness::sku(&t.bus, "dup-a").await.0 == 8
-        })
-        .await
-    );
+    assert!(stock_becomes(&t, "dup-a", 8).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,19 +63,12 @@ async fn same_command_after_the_window_is_absorbed_by_the_inbox() {
     let (env, body) = add_stock("dup-b", 5);
     let subject = subjects::command("inventory", "AddStock");
     t.bus.publish(&subject, &env, body.clone()).await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            harness::sku(&t.bus, "dup-b").await.0 == 5
-        })
-        .await
-    );
+    assert!(stock_becomes(&t, "dup-b", 5).await);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let dup = t.bus.publish(&subject, &env, body).await.unwrap();
     assert!(!dup, "past the window JetStream stores the message again");
-    let addr = t.shop.node("inventory").unwrap().metrics_addr.clone();
-    let absorbed = || harness::metric(&addr, "choreo_messages_total", &[("outcome", "duplicate")]);
     assert!(
-        eventually(Duration::from_secs(10), || async { absorbed() >= 1.0 }).await,
+        duplicate_absorbed(&mut t, "inventory").await,
         "the inbox absorbed it"
     );
     assert_eq!(harness::sku(&t.bus, "dup-b").await.0, 5, "stock added once");
@@ -95,12 +93,7 @@ async fn inbox_marks_expire_a_generation_at_a_time() {
     let (env, body) = add_stock("dup-r", 3);
     let subject = subjects::command("inventory", "AddStock");
     t.bus.publish(&subject, &env, body.clone()).await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            harness::sku(&t.bus, "dup-r").await.0 == 3
-        })
-        .await
-    );
+    assert!(stock_becomes(&t, "dup-r", 3).await);
     // Past JetStream's duplicate window, and past the next rotation.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let before = rotations();
@@ -110,10 +103,8 @@ async fn inbox_marks_expire_a_generation_at_a_time() {
     );
     let rotated = rotations();
     assert!(!t.bus.publish(&subject, &env, body.clone()).await.unwrap());
-    let addr = t.shop.node("inventory").unwrap().metrics_addr.clone();
-    let absorbed = || harness::metric(&addr, "choreo_messages_total", &[("outcome", "duplicate")]);
     assert!(
-        eventually(Duration::from_secs(10), || async { absorbed() >= 1.0 }).await,
+        duplicate_absorbed(&mut t, "inventory").await,
         "absorbed by the previous generation"
     );
     assert_eq!(harness::sku(&t.bus, "dup-r").await.0, 3);
@@ -122,10 +113,7 @@ async fn inbox_marks_expire_a_generation_at_a_time() {
     assert!(eventually(Duration::from_secs(15), || async { rotations() > rotated }).await);
     assert!(!t.bus.publish(&subject, &env, body).await.unwrap());
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            harness::sku(&t.bus, "dup-r").await.0 == 6
-        })
-        .await,
+        stock_becomes(&t, "dup-r", 6).await,
         "past two retention periods the same message is applied again"
     );
 }
