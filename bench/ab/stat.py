@@ -23,6 +23,7 @@ for path in sorted(glob.glob(sys.argv[1])):
         row[f"{ph} cpu ms/order"].append(1000 * p["cpu_seconds_per_order"])
         for node in NODES:
             row[f"{ph} {node} ms/order"].append(1000 * p["cpu_seconds"][node] / ended)
+        row[f"{ph} p50 ms"].append(p["latency_ms"]["p50"])
         row[f"{ph} p99 ms"].append(p["latency_ms"]["p99"])
         if ph == "max":
             row["max: orders RSS MiB"].append(p["peak_rss_mib"]["orders"])
