@@ -239,7 +239,11 @@ const NS: uuid::Uuid = uuid::Uuid::from_u128(0x6368_6f72_656f_4000_8000_0000_000
 
 /// A deterministic id derived from a name (UUID v5 in a Choreo namespace).
 pub fn derived_id(name: &str) -> String {
-    uuid::Uuid::new_v5(&NS, name.as_bytes()).to_string()
+    named(name).to_string()
+}
+
+fn named(name: &str) -> uuid::Uuid {
+    uuid::Uuid::new_v5(&NS, name.as_bytes())
 }
 
 /// A deterministic id for a message caused by `cause_id`: the v5 hash of `name`, with its
@@ -248,7 +252,7 @@ pub fn derived_id(name: &str) -> String {
 /// the chain, so a whole workflow's ids sort by when it began. A cause id that is not a UUID
 /// (any producer may choose its own) gives the plain v5 id.
 pub fn derived_id_after(cause_id: &str, name: &str) -> String {
-    let hashed = uuid::Uuid::new_v5(&NS, name.as_bytes());
+    let hashed = named(name);
     let Ok(cause) = uuid::Uuid::parse_str(cause_id) else {
         return hashed.to_string();
     };
