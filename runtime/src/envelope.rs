@@ -357,6 +357,8 @@ mod tests {
             assert!(id < &later.id, "{id} sorts before the later chain");
             assert_eq!(uuid::Uuid::parse_str(id).unwrap().get_version_num(), 8);
         }
+        // A cause id that is not a UUID gives the plain v5 id of the same name.
+        assert_eq!(derived_id_after("m1", "s/m1/0"), derived_id("s/m1/0"));
     }
 
     #[test]
