@@ -2,7 +2,8 @@
 //! latency and no failures. For each nats-server sync setting it drives orders (a) as fast as
 //! the system completes them and (b) at fixed rates, and reports completed orders per
 //! second, end-to-end latency (PlaceOrder published to terminal event observed), CPU seconds
-//! per order and resident memory of every process. Writes JSON and compares with a baseline.
+//! per order and resident memory of every process, and for the fixed-rate phases the latency
+//! stage by stage ([`crate::stages`]). Writes JSON and compares with a baseline.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::load::{self, LoadConfig};
 use crate::shop::{Shop, ShopOptions};
+use crate::stages::{self, Stages};
 
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -45,6 +47,9 @@ pub struct Phase {
     pub cpu_seconds: BTreeMap<String, f64>,
     /// Peak resident memory so far (VmHWM), MiB.
     pub peak_rss_mib: BTreeMap<String, f64>,
+    /// Fixed-rate phases: where the time went, stage by stage (see [`crate::stages`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Stages>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -207,6 +212,7 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
                 .iter()
                 .map(|(_, pid)| cpu_seconds(*pid, tck))
                 .collect();
+            let marks = stages::mark(&bus).await?;
             let r = load::run(&bus, &load_config(rate, seconds, concurrency), |_| {}).await?;
             let cpu: BTreeMap<String, f64> = procs
                 .iter()
@@ -236,6 +242,17 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
                     .iter()
                     .map(|(n, pid)| (n.clone(), status_mib(*pid, "VmHWM:")))
                     .collect(),
+                stages: None,
+            };
+            // Read back after the CPU and memory are taken: the reading is the bench's work.
+            let phase = Phase {
+                stages: if rate > 0.0 {
+                    let stored = stages::read_since(&bus, &marks).await?;
+                    Some(stages::analyze(&stored, "PlaceOrder", TERMINAL))
+                } else {
+                    None
+                },
+                ..phase
             };
             progress(&phase_line(&phase));
             report.phases.push(phase);
@@ -244,6 +261,9 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
     }
     Ok(report)
 }
+
+/// An order's terminal events.
+const TERMINAL: &[&str] = &["OrderCompleted", "OrderCancelled"];
 
 fn phase_line(p: &Phase) -> String {
     format!(
@@ -299,10 +319,43 @@ pub fn print(report: &Report) {
             last.sync, last.peak_rss_mib
         );
     }
+    for p in &report.phases {
+        if let Some(st) = &p.stages {
+            print_stages(p, st);
+        }
+    }
     for c in &report.comparison {
         println!(
             "vs baseline {:<9} sync={:<7} throughput x{:.2} ({:.1}/s before), p99 x{:.2} ({:.1} ms before)",
             c.phase, c.sync, c.throughput_ratio, c.baseline_completed_per_second, c.p99_ratio, c.baseline_p99_ms
         );
     }
+}
+
+/// A phase's stages: the message types in the order of their "to stream" median, and what
+/// held up its slowest orders.
+fn print_stages(p: &Phase, st: &Stages) {
+    println!(
+        "stages, {} sync={} (ms; to stream = decided -> stored, from cause = cause stored -> decided):",
+        p.phase, p.sync
+    );
+    let mut rows: Vec<&stages::Stage> = st.stages.iter().filter(|s| s.messages > 1).collect();
+    rows.sort_by(|a, b| b.to_stream_ms.p99.total_cmp(&a.to_stream_ms.p99));
+    for s in rows {
+        let from = s.from_cause_ms.as_ref().map_or("-".to_string(), |f| {
+            format!("p50 {:>5.1} p99 {:>5.1}", f.p50, f.p99)
+        });
+        println!(
+            "  {:<10} {:<20} {:>6}  to stream p50 {:>5.1} p99 {:>5.1}   from cause {from}",
+            s.source, s.msg_type, s.messages, s.to_stream_ms.p50, s.to_stream_ms.p99
+        );
+    }
+    let mut slow: Vec<(&String, &usize)> = st.slowest_by_stage.iter().collect();
+    slow.sort_by(|a, b| b.1.cmp(a.1));
+    let slow: Vec<String> = slow.iter().map(|(k, n)| format!("{k} ({n})")).collect();
+    println!(
+        "  longest stage of the slowest {} orders: {}",
+        st.slowest_orders,
+        slow.join(", ")
+    );
 }

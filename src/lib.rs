@@ -11,6 +11,7 @@ pub mod procs;
 pub mod saga_cli;
 pub mod shop;
 pub mod sim;
+pub mod stages;
 pub mod verify;
 
 /// Resolves on SIGINT or SIGTERM.

@@ -61,7 +61,8 @@ enum Cmd {
         #[command(subcommand)]
         command: DlqCmd,
     },
-    /// Benchmark the whole shop: max throughput and fixed rates, latency, CPU, memory.
+    /// Benchmark the whole shop: max throughput and fixed rates, latency (end to end and by
+    /// stage), CPU, memory.
     Bench(BenchArgs),
     /// Fault injection in running nodes (their config must set `[faults] enabled = true`).
     Chaos {

@@ -2,6 +2,7 @@
 //! files. Each test starts its own server on a free port.
 
 mod bad_input;
+mod bench;
 mod cli;
 mod crash;
 mod duplicates;

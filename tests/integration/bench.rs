@@ -1,0 +1,75 @@
+//! `choreo bench` end to end, kept short: the whole shop in separate processes, one short
+//! phase of each kind, the JSON report read back. (Its numbers are measured, not asserted:
+//! performance targets live in the benchmark itself.)
+
+use std::process::Command;
+
+use choreo::bench::Report;
+
+#[test]
+fn bench_reports_every_phase_and_the_stages_of_the_fixed_rate_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report.json");
+    let run = Command::new(env!("CARGO_BIN_EXE_choreo"))
+        .args(["bench", "--dir"])
+        .arg(dir.path().join("work"))
+        .args(["--max-seconds", "2", "--concurrency", "32", "--rates", "40"])
+        .args(["--rate-seconds", "3", "--sync", "default", "--out"])
+        .arg(&out)
+        .output()
+        .expect("run choreo bench");
+    let text =
+        String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{text}");
+    assert!(text.contains("stages, rate-40 sync=default"), "{text}");
+
+    let report: Report = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let names: Vec<&str> = report.phases.iter().map(|p| p.phase.as_str()).collect();
+    assert_eq!(names, ["max", "rate-40"]);
+    for p in &report.phases {
+        assert!(p.placed > 0, "{}: nothing placed", p.phase);
+        assert_eq!(p.unfinished, 0, "{}", p.phase);
+        assert_eq!(p.completed + p.cancelled, p.placed, "{}", p.phase);
+        assert!(
+            p.cpu_seconds["orders"] > 0.0,
+            "{}: {:?}",
+            p.phase,
+            p.cpu_seconds
+        );
+    }
+    assert!(
+        report.phases[0].stages.is_none(),
+        "the max phase has no stages"
+    );
+
+    let rate = &report.phases[1];
+    let stages = rate
+        .stages
+        .as_ref()
+        .expect("stages of the fixed-rate phase");
+    let stage = |source: &str, t: &str| {
+        stages
+            .stages
+            .iter()
+            .find(|s| s.source == source && s.msg_type == t)
+            .unwrap_or_else(|| panic!("no stage {source} {t}: {stages:?}"))
+    };
+    // Every order's messages were read back: one OrderPlaced and one terminal event each.
+    assert_eq!(stage("orders", "OrderPlaced").messages, rate.placed);
+    assert_eq!(stage("orders", "OrderCompleted").messages, rate.completed);
+    for s in &stages.stages {
+        assert!(s.to_stream_ms.p50 >= 0.0, "{s:?}");
+        assert!(s.to_stream_ms.p99 >= s.to_stream_ms.p50, "{s:?}");
+    }
+    // A handler's event has a cause in the phase; the client's PlaceOrder does not.
+    assert!(stage("payments", "PaymentAuthorized")
+        .from_cause_ms
+        .is_some());
+    assert!(stage("client", "PlaceOrder").from_cause_ms.is_none());
+    // The slowest 1% of the orders, each blamed on one stage.
+    assert_eq!(stages.slowest_orders, rate.placed.div_ceil(100));
+    assert_eq!(
+        stages.slowest_by_stage.values().sum::<usize>(),
+        stages.slowest_orders
+    );
+}
