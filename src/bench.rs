@@ -332,21 +332,26 @@ pub fn print(report: &Report) {
     }
 }
 
-/// A phase's stages: the message types in the order of their "to stream" median, and what
-/// held up its slowest orders.
+/// A phase's stages: the message types of its orders (at least one per ten orders; the
+/// customers and stock a phase sets up are left out), slowest "to stream" first, and what
+/// held up its slowest orders. Whole milliseconds, as measured.
 fn print_stages(p: &Phase, st: &Stages) {
     println!(
         "stages, {} sync={} (ms; to stream = decided -> stored, from cause = cause stored -> decided):",
         p.phase, p.sync
     );
-    let mut rows: Vec<&stages::Stage> = st.stages.iter().filter(|s| s.messages > 1).collect();
+    let mut rows: Vec<&stages::Stage> = st
+        .stages
+        .iter()
+        .filter(|s| s.messages * 10 >= p.placed)
+        .collect();
     rows.sort_by(|a, b| b.to_stream_ms.p99.total_cmp(&a.to_stream_ms.p99));
     for s in rows {
         let from = s.from_cause_ms.as_ref().map_or("-".to_string(), |f| {
-            format!("p50 {:>5.1} p99 {:>5.1}", f.p50, f.p99)
+            format!("p50 {:>3.0} p99 {:>3.0}", f.p50, f.p99)
         });
         println!(
-            "  {:<10} {:<20} {:>6}  to stream p50 {:>5.1} p99 {:>5.1}   from cause {from}",
+            "  {:<10} {:<20} {:>6}  to stream p50 {:>3.0} p99 {:>3.0}   from cause {from}",
             s.source, s.msg_type, s.messages, s.to_stream_ms.p50, s.to_stream_ms.p99
         );
     }
