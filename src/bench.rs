@@ -212,7 +212,12 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
                 .iter()
                 .map(|(_, pid)| cpu_seconds(*pid, tck))
                 .collect();
-            let marks = stages::mark(&bus).await?;
+            // The fixed-rate phases get their stages: where each stream stood before.
+            let marks = if rate > 0.0 {
+                Some(stages::mark(&bus).await?)
+            } else {
+                None
+            };
             let r = load::run(&bus, &load_config(rate, seconds, concurrency), |_| {}).await?;
             let cpu: BTreeMap<String, f64> = procs
                 .iter()
@@ -225,6 +230,18 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
                 })
                 .collect();
             let terminal = (r.completed + r.cancelled).max(1);
+            let peak_rss_mib = procs
+                .iter()
+                .map(|(n, pid)| (n.clone(), status_mib(*pid, "VmHWM:")))
+                .collect();
+            // Read back after the CPU and memory are taken: the reading is the bench's work.
+            let stages = match &marks {
+                Some(marks) => {
+                    let stored = stages::read_since(&bus, marks).await?;
+                    Some(stages::analyze(&stored, "PlaceOrder", TERMINAL))
+                }
+                None => None,
+            };
             let phase = Phase {
                 phase: name,
                 sync: sync_name.into(),
@@ -238,21 +255,8 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
                 latency_ms: r.latency_ms,
                 cpu_seconds_per_order: cpu.values().sum::<f64>() / terminal as f64,
                 cpu_seconds: cpu,
-                peak_rss_mib: procs
-                    .iter()
-                    .map(|(n, pid)| (n.clone(), status_mib(*pid, "VmHWM:")))
-                    .collect(),
-                stages: None,
-            };
-            // Read back after the CPU and memory are taken: the reading is the bench's work.
-            let phase = Phase {
-                stages: if rate > 0.0 {
-                    let stored = stages::read_since(&bus, &marks).await?;
-                    Some(stages::analyze(&stored, "PlaceOrder", TERMINAL))
-                } else {
-                    None
-                },
-                ..phase
+                peak_rss_mib,
+                stages,
             };
             progress(&phase_line(&phase));
             report.phases.push(phase);

@@ -137,10 +137,9 @@ pub async fn read_since(bus: &Bus, marks: &BTreeMap<String, u64>) -> anyhow::Res
 fn spread(mut v: Vec<f64>) -> Spread {
     v.sort_by(f64::total_cmp);
     let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
-    let round = |x: f64| (x * 10.0).round() / 10.0;
     Spread {
-        p50: round(at(0.50)),
-        p99: round(at(0.99)),
+        p50: at(0.50),
+        p99: at(0.99),
     }
 }
 
