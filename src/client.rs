@@ -17,6 +17,21 @@ pub async fn connect(url: &str, wait: Duration) -> anyhow::Result<Bus> {
     Ok(Bus::connect(url, "choreo-client", wait).await?)
 }
 
+/// A stream and its last sequence now (what is stored later comes after it).
+pub async fn stream_tip(
+    bus: &Bus,
+    name: &str,
+) -> anyhow::Result<(async_nats::jetstream::stream::Stream, u64)> {
+    let mut stream = bus.js.get_stream(name).await.context(name.to_string())?;
+    let last = stream
+        .info()
+        .await
+        .context(name.to_string())?
+        .state
+        .last_sequence;
+    Ok((stream, last))
+}
+
 /// Publishes a command to `context` with a fresh envelope; waits for JetStream's ack.
 pub async fn send_command<M: Message>(
     bus: &Bus,

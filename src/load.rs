@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use async_nats::jetstream::consumer;
 use futures::StreamExt;
 use orders::{LineItem, PlaceOrder};
@@ -200,16 +199,9 @@ pub async fn run(
 
     // Terminal events, observed from before the first order.
     let (tx, mut rx) = mpsc::unbounded_channel::<(String, bool, Instant)>();
-    let first = bus
-        .js
-        .get_stream(subjects::stream(orders::CONTEXT))
-        .await
-        .context("orders stream")?
-        .info()
-        .await
-        .context("orders stream")?
-        .state
-        .last_sequence
+    let first = client::stream_tip(bus, &subjects::stream(orders::CONTEXT))
+        .await?
+        .1
         + 1;
     let collector = tokio::spawn(watch_terminal(bus.clone(), first, tx));
 
@@ -291,13 +283,7 @@ pub async fn run(
 
     let mut latencies: Vec<f64> = outcome.values().map(|(_, ms)| *ms).collect();
     latencies.sort_by(f64::total_cmp);
-    let pct = |q: f64| -> f64 {
-        if latencies.is_empty() {
-            0.0
-        } else {
-            latencies[((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1]
-        }
-    };
+    let pct = |q: f64| quantile(&latencies, q);
     let unix_ms = |t: Instant| {
         let ago = Instant::now().saturating_duration_since(t);
         runtime::envelope::now_ms().saturating_sub(ago.as_millis() as u64)
@@ -414,6 +400,14 @@ async fn watch_terminal(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// The `q` quantile (nearest rank) of `sorted`, ascending; 0 when empty.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
 fn pick_kind(rng: &mut fastrand::Rng, cfg: &LoadConfig) -> Kind {

@@ -17,6 +17,8 @@ use anyhow::Context;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use crate::client::stream_tip;
+use crate::load::quantile;
 use async_nats::jetstream::consumer;
 use runtime::bus::Bus;
 use runtime::envelope::Envelope;
@@ -67,13 +69,7 @@ pub async fn mark(bus: &Bus) -> anyhow::Result<BTreeMap<String, u64>> {
     let mut marks = BTreeMap::new();
     for ctx in crate::contexts::KNOWN {
         let name = subjects::stream(ctx);
-        let mut stream = bus.js.get_stream(&name).await.context(name.clone())?;
-        let last = stream
-            .info()
-            .await
-            .context(name.clone())?
-            .state
-            .last_sequence;
+        let (_, last) = stream_tip(bus, &name).await?;
         marks.insert(name, last);
     }
     Ok(marks)
@@ -84,13 +80,7 @@ pub async fn mark(bus: &Bus) -> anyhow::Result<BTreeMap<String, u64>> {
 pub async fn read_since(bus: &Bus, marks: &BTreeMap<String, u64>) -> anyhow::Result<Vec<Stored>> {
     let mut out = Vec::new();
     for (name, &from) in marks {
-        let mut stream = bus.js.get_stream(name).await.context(name.clone())?;
-        let last = stream
-            .info()
-            .await
-            .context(name.clone())?
-            .state
-            .last_sequence;
+        let (stream, last) = stream_tip(bus, name).await?;
         if last <= from {
             continue;
         }
@@ -136,10 +126,9 @@ pub async fn read_since(bus: &Bus, marks: &BTreeMap<String, u64>) -> anyhow::Res
 
 fn spread(mut v: Vec<f64>) -> Spread {
     v.sort_by(f64::total_cmp);
-    let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1];
     Spread {
-        p50: at(0.50),
-        p99: at(0.99),
+        p50: quantile(&v, 0.50),
+        p99: quantile(&v, 0.99),
     }
 }
 
