@@ -6,8 +6,9 @@
 //! - `commit-<context>` takes every message waiting to commit (up to [`MAX_BATCH`]) and runs
 //!   them in one sled transaction ([`Store::commit_batch`]), then passes the results on.
 //!   sled 0.34 seals an I/O buffer for every multi-tree transaction, written and
-//!   `sync_file_range`d by its I/O threads, so the number of transactions, not of flushes,
-//!   set the node's I/O cost (bench/PROFILE.md).
+//!   `sync_file_range`d by its I/O threads (the buffer a flush seals is written by the
+//!   flusher itself: vendored sled patch 5), so the number of transactions, not of
+//!   flushes, set the node's I/O cost (bench/PROFILE.md).
 //! - `flusher-<context>` takes every batch and waiter already queued, flushes once, `fsync`s
 //!   the database file, hands the batches' outbox entries to the relay (in memory, with
 //!   their keys) and answers them all.
@@ -113,7 +114,13 @@ impl GroupCommit {
         let (flush, flush_rx) = mpsc::channel::<Request>();
         let (jobs, jobs_rx) = mpsc::channel::<Job>();
         let db = store.db().clone();
-        let db_file: PathBuf = dir.join("db");
+        // Opened once: a kept descriptor also reports every write-back error since it was
+        // opened, where one opened per fsync would not see an error from before its open.
+        let path: PathBuf = dir.join("db");
+        let db_file = DbFile {
+            file: File::open(&path)?,
+            path,
+        };
         let name = context.to_string();
         std::thread::Builder::new()
             .name(format!("flusher-{context}"))
@@ -230,9 +237,15 @@ fn run_commits(
     }
 }
 
+/// The store's database file, kept open for its `fsync`s.
+struct DbFile {
+    file: File,
+    path: PathBuf,
+}
+
 fn run_flusher(
     db: sled::Db,
-    db_file: PathBuf,
+    db_file: DbFile,
     rx: mpsc::Receiver<Request>,
     context: String,
     failed: Arc<AtomicBool>,
@@ -309,11 +322,12 @@ fn after_flush(outcome: Outcome, flush: &Result<(), String>) -> Outcome {
     }
 }
 
-fn flush_and_sync(db: &sled::Db, db_file: &Path) -> Result<(), String> {
+fn flush_and_sync(db: &sled::Db, db_file: &DbFile) -> Result<(), String> {
     db.flush().map_err(|e| e.to_string())?;
-    File::open(db_file)
-        .and_then(|f| f.sync_data())
-        .map_err(|e| format!("fsync {}: {e}", db_file.display()))
+    db_file
+        .file
+        .sync_data()
+        .map_err(|e| format!("fsync {}: {e}", db_file.path.display()))
 }
 
 #[cfg(test)]
