@@ -317,10 +317,10 @@ pub fn print(report: &Report) {
     for (sync, rss) in &report.idle_rss_mib {
         println!("idle RSS MiB (sync={sync}): {rss:?}");
     }
-    if let Some(last) = report.phases.iter().rev().find(|p| p.phase == "max") {
+    for p in report.phases.iter().filter(|p| p.phase == "max") {
         println!(
             "peak RSS MiB (after the max phase, sync={}): {:?}",
-            last.sync, last.peak_rss_mib
+            p.sync, p.peak_rss_mib
         );
     }
     for p in &report.phases {
