@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use orders::PlaceOrder;
+use runtime::component::Message as _;
 use serde::{Deserialize, Serialize};
 
 use crate::load::{self, LoadConfig};
@@ -238,7 +240,7 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
             let stages = match &marks {
                 Some(marks) => {
                     let stored = stages::read_since(&bus, marks).await?;
-                    Some(stages::analyze(&stored, "PlaceOrder", TERMINAL))
+                    Some(stages::analyze(&stored, PlaceOrder::TYPE, &load::TERMINAL))
                 }
                 None => None,
             };
@@ -265,9 +267,6 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
     }
     Ok(report)
 }
-
-/// An order's terminal events.
-const TERMINAL: &[&str] = &["OrderCompleted", "OrderCancelled"];
 
 fn phase_line(p: &Phase) -> String {
     format!(

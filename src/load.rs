@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer;
 use futures::StreamExt;
-use orders::{LineItem, PlaceOrder};
+use orders::{LineItem, OrderCancelled, OrderCompleted, PlaceOrder};
 use runtime::bus::Bus;
+use runtime::component::Message as _;
 use runtime::subjects;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -348,10 +349,10 @@ async fn watch_terminal(
                 .await
                 .ok()?
                 .create_consumer(consumer::pull::OrderedConfig {
-                    filter_subjects: vec![
-                        subjects::event(orders::CONTEXT, "OrderCompleted"),
-                        subjects::event(orders::CONTEXT, "OrderCancelled"),
-                    ],
+                    filter_subjects: TERMINAL
+                        .iter()
+                        .map(|t| subjects::event(orders::CONTEXT, t))
+                        .collect(),
                     deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                         start_sequence: from,
                     },
@@ -382,7 +383,7 @@ async fn watch_terminal(
                 if let Ok(info) = m.info() {
                     from = info.stream_sequence + 1;
                 }
-                let completed = m.subject.ends_with("OrderCompleted");
+                let completed = m.subject.ends_with(OrderCompleted::TYPE);
                 if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
                     if let Some(id) = v["order_id"].as_str() {
                         if tx
@@ -401,6 +402,9 @@ async fn watch_terminal(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// An order's terminal events.
+pub const TERMINAL: [&str; 2] = [OrderCompleted::TYPE, OrderCancelled::TYPE];
 
 /// The `q` quantile (nearest rank) of `sorted`, ascending; 0 when empty.
 pub fn quantile(sorted: &[f64], q: f64) -> f64 {
