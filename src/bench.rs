@@ -340,7 +340,7 @@ pub fn print(report: &Report) {
 /// held up its slowest orders. Whole milliseconds, as measured.
 fn print_stages(p: &Phase, st: &Stages) {
     println!(
-        "stages, {} sync={} (ms; to stream = decided -> stored, from cause = cause stored -> decided):",
+        "stages, {} sync={} (ms; to stream = decided -> stored, from cause = cause stored -> decided, or cause decided -> decided when delivered in the node before its cause was stored):",
         p.phase, p.sync
     );
     let mut rows: Vec<&stages::Stage> = st
@@ -350,9 +350,12 @@ fn print_stages(p: &Phase, st: &Stages) {
         .collect();
     rows.sort_by(|a, b| b.to_stream_ms.p99.total_cmp(&a.to_stream_ms.p99));
     for s in rows {
-        let from = s.from_cause_ms.as_ref().map_or("-".to_string(), |f| {
+        let mut from = s.from_cause_ms.as_ref().map_or("-".to_string(), |f| {
             format!("p50 {:>3.0} p99 {:>3.0}", f.p50, f.p99)
         });
+        if s.in_node > 0 {
+            from += &format!("   in node {}", s.in_node);
+        }
         println!(
             "  {:<10} {:<20} {:>6}  to stream p50 {:>3.0} p99 {:>3.0}   from cause {from}",
             s.source, s.msg_type, s.messages, s.to_stream_ms.p50, s.to_stream_ms.p99

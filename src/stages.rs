@@ -10,6 +10,11 @@
 //! handler with its external calls). For the slowest orders it also names the one stage that
 //! took longest on their causal chain (terminal event back to `PlaceOrder`), so a tail can
 //! be told from a slow stage. `Occurred-At` has millisecond resolution; so do these figures.
+//!
+//! A message handed over in memory by same-node delivery (`runtime::local`) can be decided
+//! before its cause is stored: such a message is counted as `in_node`, its "from cause" is
+//! measured from the cause's decision instead, and on the causal chain the cause's way to
+//! its stream is off the path (the stage shows as "from X in node").
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -51,8 +56,12 @@ pub struct Stage {
     pub messages: usize,
     /// Decided (Occurred-At) → stored in its stream, ms.
     pub to_stream_ms: Spread,
-    /// Cause stored → this message decided, ms (messages whose cause is in the phase).
+    /// Cause stored → this message decided, ms (messages whose cause is in the phase); for
+    /// those decided before their cause was stored, cause decided → this one decided.
     pub from_cause_ms: Option<Spread>,
+    /// Messages decided before their cause was stored: delivered in the node.
+    #[serde(default)]
+    pub in_node: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -146,8 +155,17 @@ pub fn analyze(messages: &[Stored], start: &str, ends: &[&str]) -> Stages {
             .copied()
             .filter(|c| c.id != m.id)
     };
+    // Cause → effect: (ms, delivered in the node).
+    let step = |m: &Stored, c: &Stored| {
+        if occurred(m) < stored(c) {
+            (occurred(m) - occurred(c), true)
+        } else {
+            (occurred(m) - stored(c), false)
+        }
+    };
     let mut to_stream: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
     let mut from_cause: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
+    let mut in_node: BTreeMap<(&str, &str), usize> = BTreeMap::new();
     for m in messages {
         let key = (m.source.as_str(), m.msg_type.as_str());
         to_stream
@@ -155,10 +173,9 @@ pub fn analyze(messages: &[Stored], start: &str, ends: &[&str]) -> Stages {
             .or_default()
             .push((stored(m) - occurred(m)) as f64);
         if let Some(c) = cause_of(m) {
-            from_cause
-                .entry(key)
-                .or_default()
-                .push((occurred(m) - stored(c)) as f64);
+            let (took, local) = step(m, c);
+            from_cause.entry(key).or_default().push(took as f64);
+            *in_node.entry(key).or_default() += usize::from(local);
         }
     }
     let stages = to_stream
@@ -169,6 +186,7 @@ pub fn analyze(messages: &[Stored], start: &str, ends: &[&str]) -> Stages {
             messages: v.len(),
             to_stream_ms: spread(v),
             from_cause_ms: from_cause.remove(&(source, msg_type)).map(spread),
+            in_node: in_node.get(&(source, msg_type)).copied().unwrap_or(0),
         })
         .collect();
 
@@ -193,22 +211,30 @@ pub fn analyze(messages: &[Stored], start: &str, ends: &[&str]) -> Stages {
         let mut longest: Option<(i128, String)> = None;
         let mut m = *end;
         let mut steps = 0;
+        // The chain's end is stored; a cause its effect got in the node is not on the path
+        // to its stream.
+        let mut on_path = true;
         while let Some(c) = cause_of(m) {
+            let (took, local) = step(m, c);
+            let within = if local { " in node" } else { "" };
             let candidates = [
-                (
-                    stored(m) - occurred(m),
-                    format!("{} {} to stream", m.source, m.msg_type),
-                ),
-                (
-                    occurred(m) - stored(c),
-                    format!("{} {} from {}", m.source, m.msg_type, c.msg_type),
-                ),
+                on_path.then(|| {
+                    (
+                        stored(m) - occurred(m),
+                        format!("{} {} to stream", m.source, m.msg_type),
+                    )
+                }),
+                Some((
+                    took,
+                    format!("{} {} from {}{within}", m.source, m.msg_type, c.msg_type),
+                )),
             ];
-            for (took, stage) in candidates {
+            for (took, stage) in candidates.into_iter().flatten() {
                 if longest.as_ref().is_none_or(|(l, _)| took > *l) {
                     longest = Some((took, stage));
                 }
             }
+            on_path = !local;
             m = c;
             steps += 1;
             if steps > 1_000 {
@@ -323,6 +349,47 @@ mod tests {
         assert_eq!(
             s.slowest_by_stage,
             BTreeMap::from([("orders OrderPlaced to stream".to_string(), 2)])
+        );
+        assert_eq!(placed.in_node, 0);
+    }
+
+    #[test]
+    fn a_message_delivered_in_the_node_is_timed_from_its_cause_decision_off_the_stream_path() {
+        // OrderCompleted decided 1 ms after OrderPlaced was decided, before OrderPlaced was
+        // stored (same-node delivery); in three orders that handling took 30 ms, while
+        // OrderPlaced's way to its stream is slow (40 ms) in every order.
+        let messages: Vec<Stored> = (0..100)
+            .flat_map(|i| {
+                let mut o = order(i, 40);
+                let handling = if [3, 50, 99].contains(&i) { 30 } else { 1 };
+                o[2].occurred_ms = o[1].occurred_ms + handling;
+                o[2].stored_ns = (o[2].occurred_ms as i128 + 1) * 1_000_000;
+                o
+            })
+            .collect();
+        let s = analyze(&messages, "PlaceOrder", &["OrderCompleted"]);
+        let completed = s
+            .stages
+            .iter()
+            .find(|s| s.msg_type == "OrderCompleted")
+            .unwrap();
+        assert_eq!(completed.in_node, 100);
+        assert_eq!(
+            completed.from_cause_ms,
+            Some(Spread {
+                p50: 1.0,
+                p99: 30.0
+            })
+        );
+        // The slowest order (by stored end) is one of the three: its chain runs through the
+        // in-node handling, not through OrderPlaced's 42 ms to its stream.
+        assert_eq!(s.slowest_orders, 1);
+        assert_eq!(
+            s.slowest_by_stage,
+            BTreeMap::from([(
+                "orders OrderCompleted from OrderPlaced in node".to_string(),
+                1
+            )])
         );
     }
 }

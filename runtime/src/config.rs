@@ -111,6 +111,10 @@ pub struct ConsumerConfig {
     pub max_deliver: i64,
     /// Messages handled at once per consumer (bounded in-flight work).
     pub max_in_flight: usize,
+    /// Same-node delivery: a message this node sends to a consumer it hosts is handed to
+    /// that consumer in memory once durable, ahead of its JetStream copy (which is then
+    /// acked unhandled). Off: every message takes the round trip through JetStream.
+    pub local_delivery: bool,
 }
 
 /// Settings of one handler (component); missing ones take the node's.
@@ -201,6 +205,7 @@ impl Default for ConsumerConfig {
             ack_wait_ms: 30_000,
             max_deliver: 10_000,
             max_in_flight: 64,
+            local_delivery: true,
         }
     }
 }

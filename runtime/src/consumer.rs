@@ -38,6 +38,7 @@ use crate::envelope::{self, Envelope};
 use crate::external;
 use crate::faults::{FaultAction, FaultPoint, FaultRule, Faults};
 use crate::flusher::{AfterDurable, Decide, GroupCommit};
+use crate::local::Handled;
 use crate::metrics::{self, Health};
 use crate::outbox::Relay;
 use crate::resilience::breaker::Breakers;
@@ -149,6 +150,30 @@ pub(crate) fn to_outbox(
         .collect()
 }
 
+/// The transaction step of handling a decoded message: the component's decision (with the
+/// external system's reply, if it asked for a call) as outbox entries.
+pub(crate) fn handler_decide(
+    context: &'static str,
+    component: Arc<dyn DynComponent>,
+    scope: Arc<str>,
+    env: Arc<Envelope>,
+    input: Arc<dyn std::any::Any + Send + Sync>,
+    reply: Option<serde_json::Value>,
+    now: u64,
+) -> Decide {
+    Box::new(move |tx| {
+        let hctx = HandleCtx {
+            envelope: &env,
+            now_ms: now,
+            external: reply.as_ref(),
+        };
+        let out = component
+            .handle(tx, input.as_ref(), &hctx)
+            .map_err(split_tx)?;
+        Ok(to_outbox(context, &scope, &env, out, now))
+    })
+}
+
 /// One durable consumer: a component's subscription to one source.
 pub struct ConsumerActor {
     rt: Arc<ContextRuntime>,
@@ -166,6 +191,8 @@ pub struct ConsumerActor {
     /// same subscription (dropping it would strand prefetched and redelivered messages in
     /// its open pull requests until `ack_wait`).
     stream: Slot,
+    /// Messages this consumer handled in memory (see `local`): their JetStream copy is acked.
+    handled: Arc<Handled>,
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<jetstream::consumer::pull::Stream>>>;
@@ -176,6 +203,7 @@ impl ConsumerActor {
         component: Arc<dyn DynComponent>,
         sub: Subscription,
         node_shutdown: watch::Receiver<bool>,
+        handled: Arc<Handled>,
     ) -> Self {
         let durable = durable_name(rt.context, component.name(), &sub);
         ConsumerActor {
@@ -189,6 +217,7 @@ impl ConsumerActor {
             restarts: VecDeque::new(),
             given_up: false,
             stream: Arc::new(tokio::sync::Mutex::new(None)),
+            handled,
         }
     }
 
@@ -203,6 +232,7 @@ impl ConsumerActor {
             durable: self.durable.clone(),
             actor: ctx.address(),
             stream: self.stream.clone(),
+            handled: self.handled.clone(),
         };
         let mut shutdown = self.node_shutdown.clone();
         self.run = Some(tokio::spawn(async move {
@@ -317,6 +347,7 @@ struct PullLoop {
     durable: Arc<str>,
     actor: Addr<ConsumerActor>,
     stream: Slot,
+    handled: Arc<Handled>,
 }
 
 /// The result of one attempt at handling a decoded message.
@@ -527,6 +558,10 @@ impl PullLoop {
             return ("unknown", self.dead_letter(msg, "malformed", &reason).await);
         }
         let inbox_key = format!("{}/{}", self.durable, env.id);
+        if self.handled.take(&inbox_key) {
+            // Handled in memory when its sender committed it in this node, and durable.
+            return (msg_type, self.ack(msg, "handled_in_node").await);
+        }
         let input = match self.component.decode(msg_type, &msg.payload) {
             Ok(i) => i,
             Err(e) => {
@@ -624,21 +659,15 @@ impl PullLoop {
             Err(e) => return classify(e),
         };
         let now = envelope::now_ms();
-        let decide: Decide = {
-            let (component, env, input) = (self.component.clone(), env.clone(), input.clone());
-            let (context, scope) = (rt.context, self.durable.clone());
-            Box::new(move |tx| {
-                let hctx = HandleCtx {
-                    envelope: &env,
-                    now_ms: now,
-                    external: reply.as_ref(),
-                };
-                let out = component
-                    .handle(tx, input.as_ref(), &hctx)
-                    .map_err(split_tx)?;
-                Ok(to_outbox(context, &scope, &env, out, now))
-            })
-        };
+        let decide = handler_decide(
+            rt.context,
+            self.component.clone(),
+            self.durable.clone(),
+            env.clone(),
+            input.clone(),
+            reply,
+            now,
+        );
         // The after_commit fault point runs where the group commit answers (see
         // `AfterDurable`): an injected crash there leaves durable outbox entries for the
         // next start-up scan; any other fault comes back here and skips the ack (the
@@ -680,6 +709,8 @@ impl PullLoop {
             // With the group commit on, the answer came after a flush that followed this
             // transaction, so the first delivery's commit is durable too.
             Ok(Committed::Duplicate) if !from_memory => {
+                // A copy that lost the race to its in-memory handling (see `local`).
+                self.handled.take(inbox_key);
                 Attempt::Done(self.ack(msg, "duplicate").await)
             }
             Ok(Committed::Duplicate) => Attempt::Done(self.ack_durable(msg, "duplicate").await),

@@ -14,6 +14,7 @@ pub mod envelope;
 pub mod external;
 pub mod faults;
 pub mod flusher;
+pub mod local;
 pub mod metrics;
 pub mod node;
 pub mod outbox;

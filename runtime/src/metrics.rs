@@ -46,11 +46,22 @@ fn latency_buckets() -> Vec<f64> {
 }
 
 /// Messages taken from a consumer, by what became of them.
-/// outcome: acked | duplicate | retried | delayed | dead_lettered.
+/// outcome: acked | duplicate | handled_in_node | retried | delayed | dead_lettered.
 pub static MESSAGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
         "choreo_messages_total",
-                "Messages delivered to a consumer, by outcome (acked, duplicate, retried, delayed by an open breaker, dead_lettered).",
+        "Messages delivered to a consumer, by outcome (acked, duplicate, handled_in_node: already handled by same-node delivery, retried, delayed by an open breaker, dead_lettered).",
+        &["context", "consumer", "outcome"],
+    )
+});
+
+/// Same-node deliveries (see `local`), by what became of them.
+/// outcome: handled | duplicate | skipped | failed | panicked | timed_out (all but handled
+/// leave the message to its JetStream copy).
+pub static LOCAL_DELIVERIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_local_deliveries_total",
+        "Messages handed in memory to a consumer in the same node once durable, by outcome (handled; duplicate, skipped, failed, panicked, timed_out: left to the JetStream copy).",
         &["context", "consumer", "outcome"],
     )
 });
@@ -403,6 +414,7 @@ pub fn init() {
     LazyLock::force(&BREAKER_STATE);
     LazyLock::force(&BREAKER_TRANSITIONS);
     LazyLock::force(&BULKHEAD_IN_USE);
+    LazyLock::force(&LOCAL_DELIVERIES);
     LazyLock::force(&SUPERVISOR_GIVEN_UP);
     LazyLock::force(&CONSUMER_PENDING);
     LazyLock::force(&CONSUMER_ACK_PENDING);

@@ -28,6 +28,7 @@ use crate::consumer::{ConsumerActor, ContextRuntime, TakeRun};
 use crate::envelope::now_ms;
 use crate::faults::{self, Faults};
 use crate::flusher::GroupCommit;
+use crate::local::{Handled, LocalConsumer, LocalRoutes};
 use crate::metrics::{self, Health};
 use crate::outbox::Relay;
 use crate::resilience::breaker::Breakers;
@@ -78,6 +79,7 @@ pub async fn run(
     )
     .await?;
     bus.ensure_dlq_stream(&cfg).await?;
+
     let mut streams = BTreeSet::new();
     for c in &contexts {
         streams.insert(c.name());
@@ -107,6 +109,10 @@ pub async fn run(
     let mut commits = Vec::new();
     let mut timers = Vec::new();
     let mut consumers = Vec::new();
+    // Same-node delivery (see `local`): off with a `[danger]` switch, so that each switch
+    // shows only what it removes.
+    let local = (cfg.consumer.local_delivery && !cfg.danger.any()).then(LocalRoutes::new);
+    let mut locals = Vec::new();
     for c in &contexts {
         let dir = cfg.data_dir.join(c.name());
         let store = Store::open_with(&dir, cfg.store.cache_capacity_bytes, &cfg.danger).map_err(
@@ -121,6 +127,7 @@ pub async fn run(
             bus.clone(),
             faults.clone(),
             !cfg.danger.disable_outbox,
+            local.clone(),
             stop_rx.clone(),
         );
         relays.push(relay_task);
@@ -159,14 +166,21 @@ pub async fn run(
         }
         for comp in c.components() {
             for sub in comp.subscriptions() {
-                consumers.push((
-                    c.name(),
-                    subjects::stream(sub.source),
-                    crate::consumer::durable_name(c.name(), comp.name(), &sub),
-                ));
+                let durable = crate::consumer::durable_name(c.name(), comp.name(), &sub);
+                let handled = Arc::new(Handled::default());
+                if local.is_some() {
+                    locals.push(Arc::new(LocalConsumer::new(
+                        rt.clone(),
+                        comp.clone(),
+                        Arc::new(sub.clone()),
+                        durable.as_str().into(),
+                        handled.clone(),
+                    )));
+                }
+                consumers.push((c.name(), subjects::stream(sub.source), durable));
                 let (rt, comp, stop) = (rt.clone(), comp.clone(), stop_rx.clone());
                 actors.push(Supervisor::start(move |_| {
-                    ConsumerActor::new(rt, comp, sub, stop)
+                    ConsumerActor::new(rt, comp, sub, stop, handled)
                 }));
             }
         }
@@ -190,6 +204,9 @@ pub async fn run(
                 sagas,
             )));
         }
+    }
+    if let Some(local) = &local {
+        local.install(locals);
     }
     services.push(tokio::spawn(poll_consumers(bus.clone(), consumers)));
     services.push(tokio::spawn(faults::serve(

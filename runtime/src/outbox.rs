@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::bus::Bus;
 use crate::faults::{FaultAction, FaultPoint, Faults};
+use crate::local::LocalRoutes;
 use crate::metrics;
 use crate::store::{KeyedEntries, OutboxEntry, Store};
 
@@ -35,18 +36,22 @@ const MAX_HELD: usize = 4096;
 #[derive(Clone)]
 pub struct Relay {
     tx: mpsc::UnboundedSender<KeyedEntries>,
+    /// Same-node delivery of what the node's own consumers subscribe to (`None`: off).
+    local: Option<Arc<LocalRoutes>>,
 }
 
 impl Relay {
     /// Starts the relay task for one context; it runs until `shutdown` turns true and every
     /// handed-over entry is published (or the bus is gone). `resume: false` is the chaos
     /// suite's "no outbox" switch: entries left by a previous run are deleted, not published.
+    /// With `local`, handed-over entries also go to the consumers the node hosts for them.
     pub fn start(
         context: &'static str,
         store: Store,
         bus: Bus,
         faults: Arc<Faults>,
         resume: bool,
+        local: Option<Arc<LocalRoutes>>,
         shutdown: watch::Receiver<bool>,
     ) -> (Relay, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -57,19 +62,23 @@ impl Relay {
             faults,
         };
         let handle = tokio::spawn(run(out, resume, rx, shutdown));
-        (Relay { tx }, handle)
+        (Relay { tx, local }, handle)
     }
 
     /// A handle whose entries go to the returned receiver instead of a relay task (tests).
     #[cfg(test)]
     pub(crate) fn detached() -> (Relay, mpsc::UnboundedReceiver<KeyedEntries>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Relay { tx }, rx)
+        (Relay { tx, local: None }, rx)
     }
 
-    /// Hands over entries whose transaction is durable.
+    /// Hands over entries whose transaction is durable (and those the node's own consumers
+    /// subscribe to to them, in memory).
     pub fn durable(&self, entries: KeyedEntries) {
         if !entries.is_empty() {
+            if let Some(local) = &self.local {
+                local.dispatch(&entries);
+            }
             // The receiver lives as long as the node; if it is gone the entries stay in the
             // store and are published by the next start-up scan.
             let _ = self.tx.send(entries);

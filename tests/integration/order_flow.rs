@@ -24,7 +24,7 @@ pub(crate) fn mix(orders: usize, rate: f64) -> LoadConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_orders_end_completed_or_cancelled_with_effects_once() {
-    let t = harness::start(choreo::contexts::KNOWN, true, "").await;
+    let mut t = harness::start(choreo::contexts::KNOWN, true, "").await;
     let report = load::run(&t.bus, &mix(200, 0.0), |_| {})
         .await
         .expect("load runs");
@@ -58,13 +58,66 @@ async fn two_hundred_orders_end_completed_or_cancelled_with_effects_once() {
         assert_eq!(v.checks[name].checked, 200, "{name} checked every order");
     }
     assert_eq!(v.violations(), 0, "invariants hold: {:#?}", v.checks);
+
+    // Same-node delivery: the saga's CompleteOrder (and OrderPlaced, ConfirmOrder) reached
+    // the orders node's own consumers in memory, and their JetStream copies were acked
+    // unhandled; the invariants above held with it.
+    let orders = t.shop.node("orders").unwrap().metrics_addr.clone();
+    let local = |outcome| {
+        harness::metric(
+            &orders,
+            "choreo_local_deliveries_total",
+            &[("outcome", outcome)],
+        )
+    };
+    assert!(local("handled") > 0.0, "messages handled in the node");
+    let copies = harness::metric(
+        &orders,
+        "choreo_messages_total",
+        &[("outcome", "handled_in_node")],
+    );
+    assert!(
+        copies > 0.0 && copies <= local("handled"),
+        "{copies} copies acked unhandled"
+    );
     t.shop.stop().expect("every node stops cleanly on SIGTERM");
+}
+
+/// `[consumer] local_delivery = false`: every message takes the round trip through
+/// JetStream, and the orders end the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_same_node_delivery_every_message_goes_through_jetstream() {
+    let config =
+        harness::TEST_CONFIG.replace("[consumer]\n", "[consumer]\nlocal_delivery = false\n");
+    let mut t = harness::start_config(choreo::contexts::KNOWN, true, &config).await;
+    let report = load::run(&t.bus, &mix(30, 0.0), |_| {})
+        .await
+        .expect("load runs");
+    assert_eq!(report.unfinished, 0);
+    assert!(report.ok(), "{:?}", report.unexpected);
+    let v = verify::run(&t.bus, Some(&report.run_id)).await.unwrap();
+    assert_eq!(v.violations(), 0, "{:#?}", v.checks);
+    let orders = t.shop.node("orders").unwrap().metrics_addr.clone();
+    assert_eq!(
+        harness::metric(&orders, "choreo_local_deliveries_total", &[]),
+        0.0
+    );
+    assert_eq!(
+        harness::metric(
+            &orders,
+            "choreo_messages_total",
+            &[("outcome", "handled_in_node")]
+        ),
+        0.0
+    );
+    assert!(harness::metric(&orders, "choreo_messages_total", &[("outcome", "acked")]) > 0.0);
+    t.shop.stop().unwrap();
 }
 
 /// Logical boundaries are not physical ones: all five contexts in one node process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_contexts_in_one_process() {
-    let t = harness::start(&["all"], true, "").await;
+    let mut t = harness::start(&["all"], true, "").await;
     let report = load::run(&t.bus, &mix(40, 0.0), |_| {})
         .await
         .expect("load runs");
@@ -72,6 +125,16 @@ async fn all_contexts_in_one_process() {
     assert!(report.ok(), "{:?}", report.unexpected);
     let v = verify::run(&t.bus, Some(&report.run_id)).await.unwrap();
     assert_eq!(v.violations(), 0, "{:#?}", v.checks);
+    // Same-node delivery crosses contexts in one process: the saga's commands to inventory
+    // (reserve, commit, release) reach its consumer in memory.
+    let node = t.shop.node("all").unwrap().metrics_addr.clone();
+    assert!(
+        harness::metric(
+            &node,
+            "choreo_local_deliveries_total",
+            &[("context", "inventory"), ("outcome", "handled")]
+        ) > 0.0
+    );
 
     // The orders read model, through the CLI.
     let (id, _) = &report.orders[0];
