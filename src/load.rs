@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer;
-use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use orders::{LineItem, OrderCancelled, OrderCompleted, PlaceOrder};
 use runtime::bus::Bus;
 use runtime::component::Message as _;
@@ -219,6 +220,10 @@ pub async fn run(
         None
     };
     let mut next_at = start;
+    // Orders are placed without waiting for the previous one's publish ack (the acks are
+    // awaited here, side by side), so the pace is the rate's, or the in-flight limit's, not
+    // the round trip of one publish.
+    let mut sending = FuturesUnordered::new();
     let record = |id: String,
                   completed: bool,
                   at: Instant,
@@ -239,6 +244,9 @@ pub async fn run(
     let placing =
         |placed: usize| placed < cfg.orders && cfg.max_duration.is_none_or(|d| start.elapsed() < d);
     while placing(p.placed) || outcome.len() < p.placed {
+        while let Some(Some(sent)) = sending.next().now_or_never() {
+            sent?;
+        }
         while let Ok((id, completed, at)) = rx.try_recv() {
             record(id, completed, at, &placed_at, &mut outcome, &mut p);
             last_progress = Instant::now();
@@ -251,7 +259,12 @@ pub async fn run(
             let order_id = format!("{run_id}-o{i}");
             let cmd = make_order(&mut rng, &order_id, kind, &customers, &run_id);
             placed_at.insert(order_id.clone(), (Instant::now(), kind));
-            client::send_retrying(bus, orders::CONTEXT, &cmd, &order_id, cfg.timeout).await?;
+            let correlation = order_id.clone();
+            sending.push(async move {
+                client::send_retrying(bus, orders::CONTEXT, &cmd, &correlation, cfg.timeout)
+                    .await
+                    .map(drop)
+            });
             order_list.push((order_id, kind));
             p.placed += 1;
             last_progress = Instant::now();
@@ -273,9 +286,13 @@ pub async fn run(
             }
             _ => Duration::from_millis(200),
         };
-        if let Ok(Some((id, completed, at))) = tokio::time::timeout(wait, rx.recv()).await {
-            record(id, completed, at, &placed_at, &mut outcome, &mut p);
-            last_progress = Instant::now();
+        tokio::select! {
+            r = rx.recv() => if let Some((id, completed, at)) = r {
+                record(id, completed, at, &placed_at, &mut outcome, &mut p);
+                last_progress = Instant::now();
+            },
+            Some(sent) = sending.next(), if !sending.is_empty() => sent?,
+            _ = tokio::time::sleep(wait) => {}
         }
     }
     progress(p);
