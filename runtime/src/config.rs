@@ -89,7 +89,10 @@ pub struct StreamConfig {
     /// Stream size limit in bytes (oldest removed first).
     pub max_bytes: i64,
     /// JetStream deduplication window for `Nats-Msg-Id`. Longer than the outbox relay's
-    /// longest retry so that a re-publish after a crash is dropped by the server.
+    /// longest retry back-off (2 s) and a client's publish retries, so a repeated publish is
+    /// dropped by the server; a re-publish after a longer outage or restart is absorbed by
+    /// the consumers' inbox. The server holds every id of the window in memory (about 150
+    /// bytes each: at 7,000 messages a second, 30 s is 210,000 ids, 10 min 4.2 million).
     pub duplicate_window_ms: u64,
     /// Largest message the stream stores (bigger than `max_message_bytes`, so oversized
     /// input reaches a handler and is dead-lettered with a reason instead of vanishing).
@@ -192,7 +195,7 @@ impl Default for StreamConfig {
         StreamConfig {
             max_age_ms: 7 * 24 * 3600 * 1000,
             max_bytes: 256 << 20,
-            duplicate_window_ms: 10 * 60 * 1000,
+            duplicate_window_ms: 30 * 1000,
             max_message_size: 1024 * 1024 - 4096,
             file_storage: true,
         }
