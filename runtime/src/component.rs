@@ -75,6 +75,11 @@ impl Subscription {
             types: types.to_vec(),
         }
     }
+
+    /// The declared type named `msg_type`, if this subscription has it.
+    pub fn declared(&self, msg_type: &str) -> Option<&'static str> {
+        self.types.iter().copied().find(|t| *t == msg_type)
+    }
 }
 
 /// A message a handler sends: it goes through the outbox.

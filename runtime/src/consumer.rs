@@ -248,6 +248,12 @@ impl ConsumerActor {
     }
 }
 
+/// The inbox mark of message `id` handled by consumer `durable` (both delivery paths, so
+/// that the inbox lets one of them commit).
+pub(crate) fn inbox_key(durable: &str, id: &str) -> String {
+    format!("{durable}/{id}")
+}
+
 /// Durable consumer name: `<context>_<component>_<source>_<kind>`.
 pub fn durable_name(context: &str, component: &str, sub: &Subscription) -> String {
     format!("{context}_{component}_{}_{}", sub.source, sub.kind.token())
@@ -543,7 +549,7 @@ impl PullLoop {
         msg: &jetstream::Message,
         env: Arc<Envelope>,
     ) -> (&'static str, &'static str) {
-        let Some(msg_type) = self.sub.types.iter().copied().find(|t| *t == env.msg_type) else {
+        let Some(msg_type) = self.sub.declared(&env.msg_type) else {
             let reason = format!("unknown message type {:?} on {}", env.msg_type, msg.subject);
             return (
                 "unknown",
@@ -557,7 +563,7 @@ impl PullLoop {
             );
             return ("unknown", self.dead_letter(msg, "malformed", &reason).await);
         }
-        let inbox_key = format!("{}/{}", self.durable, env.id);
+        let inbox_key = inbox_key(&self.durable, &env.id);
         if self.handled.take(&inbox_key) {
             // Handled in memory when its sender committed it in this node, and durable.
             return (msg_type, self.ack(msg, "handled_in_node").await);

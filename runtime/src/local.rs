@@ -23,7 +23,7 @@ use futures::FutureExt;
 use tokio::sync::Semaphore;
 
 use crate::component::{DynComponent, Kind, Subscription};
-use crate::consumer::{handler_decide, ContextRuntime};
+use crate::consumer::{handler_decide, inbox_key, ContextRuntime};
 use crate::envelope::{self, Envelope};
 use crate::metrics;
 use crate::store::{Committed, KeyedEntries};
@@ -186,7 +186,7 @@ impl LocalConsumer {
     }
 
     async fn attempt(&self, env: Arc<Envelope>, payload: String) -> &'static str {
-        let Some(msg_type) = self.sub.types.iter().copied().find(|t| *t == env.msg_type) else {
+        let Some(msg_type) = self.sub.declared(&env.msg_type) else {
             return "skipped";
         };
         let input: Arc<dyn Any + Send + Sync> =
@@ -199,7 +199,7 @@ impl LocalConsumer {
             Ok(None) => {}
             Ok(Some(_)) | Err(_) => return "skipped",
         }
-        let inbox_key = format!("{}/{}", self.durable, env.id);
+        let inbox_key = inbox_key(&self.durable, &env.id);
         let now = envelope::now_ms();
         let decide = handler_decide(
             self.rt.context,

@@ -72,8 +72,8 @@ impl Relay {
         (Relay { tx, local: None }, rx)
     }
 
-    /// Hands over entries whose transaction is durable (and those the node's own consumers
-    /// subscribe to to them, in memory).
+    /// Hands over entries whose transaction is durable; those a consumer of this node
+    /// subscribes to also go to it, in memory (see `local`).
     pub fn durable(&self, entries: KeyedEntries) {
         if !entries.is_empty() {
             if let Some(local) = &self.local {

@@ -22,6 +22,19 @@ pub(crate) fn mix(orders: usize, rate: f64) -> LoadConfig {
     }
 }
 
+/// Places `orders` of the mix as fast as they complete; every one ends as set up and
+/// `verify` finds no violation.
+async fn run_and_verify(t: &harness::TestShop, orders: usize) -> load::LoadReport {
+    let report = load::run(&t.bus, &mix(orders, 0.0), |_| {})
+        .await
+        .expect("load runs");
+    assert_eq!(report.unfinished, 0);
+    assert!(report.ok(), "{:?}", report.unexpected);
+    let v = verify::run(&t.bus, Some(&report.run_id)).await.unwrap();
+    assert_eq!(v.violations(), 0, "{:#?}", v.checks);
+    report
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_orders_end_completed_or_cancelled_with_effects_once() {
     let mut t = harness::start(choreo::contexts::KNOWN, true, "").await;
@@ -90,13 +103,7 @@ async fn without_same_node_delivery_every_message_goes_through_jetstream() {
     let config =
         harness::TEST_CONFIG.replace("[consumer]\n", "[consumer]\nlocal_delivery = false\n");
     let mut t = harness::start_config(choreo::contexts::KNOWN, true, &config).await;
-    let report = load::run(&t.bus, &mix(30, 0.0), |_| {})
-        .await
-        .expect("load runs");
-    assert_eq!(report.unfinished, 0);
-    assert!(report.ok(), "{:?}", report.unexpected);
-    let v = verify::run(&t.bus, Some(&report.run_id)).await.unwrap();
-    assert_eq!(v.violations(), 0, "{:#?}", v.checks);
+    run_and_verify(&t, 30).await;
     let orders = t.shop.node("orders").unwrap().metrics_addr.clone();
     assert_eq!(
         harness::metric(&orders, "choreo_local_deliveries_total", &[]),
@@ -118,13 +125,7 @@ async fn without_same_node_delivery_every_message_goes_through_jetstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_contexts_in_one_process() {
     let mut t = harness::start(&["all"], true, "").await;
-    let report = load::run(&t.bus, &mix(40, 0.0), |_| {})
-        .await
-        .expect("load runs");
-    assert_eq!(report.unfinished, 0);
-    assert!(report.ok(), "{:?}", report.unexpected);
-    let v = verify::run(&t.bus, Some(&report.run_id)).await.unwrap();
-    assert_eq!(v.violations(), 0, "{:#?}", v.checks);
+    let report = run_and_verify(&t, 40).await;
     // Same-node delivery crosses contexts in one process: the saga's commands to inventory
     // (reserve, commit, release) reach its consumer in memory.
     let node = t.shop.node("all").unwrap().metrics_addr.clone();
