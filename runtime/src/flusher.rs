@@ -25,7 +25,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -180,8 +180,19 @@ fn run_commits(
     context: String,
     flusher: Option<mpsc::Sender<Request>>,
 ) {
-    // Blocks for the first job, then takes every job already queued: one transaction.
-    while let Ok(first) = rx.recv() {
+    // Blocks for the first job, then takes every job already queued: one transaction. Once
+    // a batch is with the flusher, the outbox entries the relay has published meanwhile are
+    // removed (see `Store::outbox_published`); with no job for a while, they are removed
+    // then.
+    loop {
+        let first = match rx.recv_timeout(REMOVALS_AFTER) {
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                remove_published(&store, &context);
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -213,7 +224,10 @@ fn run_commits(
             .collect();
         let answers: Vec<(oneshot::Sender<Outcome>, Outcome)> = match &flusher {
             Some(flusher) => match flusher.send(Request::Batch(answers)) {
-                Ok(()) => continue,
+                Ok(()) => {
+                    remove_published(&store, &context);
+                    continue;
+                }
                 Err(mpsc::SendError(Request::Batch(answers))) => answers
                     .into_iter()
                     .map(|a| {
@@ -233,6 +247,20 @@ fn run_commits(
         };
         for (reply, outcome) in answers {
             let _ = reply.send(outcome);
+        }
+        remove_published(&store, &context);
+    }
+    remove_published(&store, &context);
+}
+
+/// How long published outbox entries wait for a batch before they are removed without one.
+const REMOVALS_AFTER: Duration = Duration::from_millis(50);
+
+fn remove_published(store: &Store, context: &str) {
+    if store.published_waiting() {
+        if let Err(e) = store.remove_published() {
+            // Kept for the next try; at worst published again after a restart (deduplicated).
+            tracing::warn!(context, error = %e, "outbox: removing published entries failed");
         }
     }
 }
@@ -389,5 +417,25 @@ mod tests {
         let r = gc.commit("c/ok".into(), 1, ok, None).await.unwrap();
         assert_eq!(r, Committed::Written { outbox: vec![] });
         assert!(!store.seen("c/boom").unwrap());
+    }
+
+    #[tokio::test]
+    async fn published_entries_are_removed_when_no_batch_comes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let (relay, mut handed) = Relay::detached();
+        let gc = GroupCommit::start(&store, dir.path(), "test", Default::default(), relay, true)
+            .unwrap();
+        let decide: Decide = Box::new(|_| Ok(vec![test_entry(1)]));
+        gc.commit("c/1".into(), 1, decide, None).await.unwrap();
+        let (key, _) = handed.try_recv().unwrap().remove(0);
+        store.outbox_published(key);
+        // No batch follows: the commit thread removes it after REMOVALS_AFTER.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.outbox_len() > 0 {
+            assert!(Instant::now() < deadline, "published entry not removed");
+            tokio::time::sleep(REMOVALS_AFTER / 5).await;
+        }
+        assert!(!store.published_waiting());
     }
 }

@@ -142,7 +142,7 @@ pub async fn run(
         )
         .map_err(|e| NodeError::Other(e.to_string()))?;
         watched.push((c.name(), dir.clone(), commit.clone(), failed));
-        commits.push(commit.clone());
+        commits.push((commit.clone(), store.clone()));
         let rt = Arc::new(ContextRuntime {
             context: c.name(),
             faults: faults.clone(),
@@ -243,8 +243,13 @@ pub async fn run(
             tracing::warn!("outbox not drained in 10 s; the rest is published at next start");
         }
     }
-    for c in commits {
-        let _ = c.durable().await;
+    for (commit, store) in commits {
+        // What the relay published last is removed now, not when the commit thread next
+        // looks (it may not, before the process exits).
+        if let Err(e) = store.remove_published() {
+            tracing::warn!(error = %e, "outbox: removing published entries failed");
+        }
+        let _ = commit.durable().await;
     }
     let _ = bus.client.drain().await;
     metrics_task.abort();

@@ -275,7 +275,7 @@ async fn publish_batch(
     for ((k, (msg_type, amount)), r) in sent.into_iter().zip(results) {
         match r {
             Ok(ack) => {
-                store.outbox_remove(k).map_err(|e| e.to_string())?;
+                store.outbox_published(k);
                 if !ack.duplicate {
                     metrics::PUBLISHED
                         .with_label_values(&[context, &msg_type])

@@ -14,7 +14,7 @@
 
 use std::cell::RefCell;
 use std::path::Path;
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -150,6 +150,9 @@ pub struct Store {
     inbox: Arc<RwLock<Inbox>>,
     failures: sled::Tree,
     dead_letters: sled::Tree,
+    /// Outbox keys published and acknowledged, not yet removed (see
+    /// [`Store::outbox_published`]).
+    published: Arc<Mutex<Vec<u64>>>,
 }
 
 impl Store {
@@ -180,6 +183,7 @@ impl Store {
             inbox: Arc::new(RwLock::new(Inbox::open(&db, crate::envelope::now_ms())?)),
             failures: db.open_tree("failures")?,
             dead_letters: db.open_tree("dead_letters")?,
+            published: Arc::default(),
             db,
         })
     }
@@ -343,11 +347,48 @@ impl Store {
             .transpose()
     }
 
-    /// Removes a published entry. Not flushed on its own: if the removal is lost in a crash
-    /// the entry is published again and deduplicated downstream.
+    /// Removes an entry now (start-up only: the chaos suite's "no outbox" switch).
     pub fn outbox_remove(&self, key: u64) -> Result<(), StoreError> {
         self.outbox.remove(key.to_be_bytes())?;
         Ok(())
+    }
+
+    /// Marks an entry published; the commit thread removes it (right after it hands its
+    /// next batch to the flusher, so the removals go into the log buffer that flush seals
+    /// and writes, or on its own when no batch comes). The relay then writes nothing to the
+    /// store: a write outside a transaction waits for sled's concurrency-control lock while
+    /// the commit thread holds it, blocking an async worker, and leaves a log buffer that
+    /// the next transaction seals and sled's I/O pool writes (sled 0.34 rolls the buffer at
+    /// every transaction's start); bench/PROFILE.md. Not flushed on its own: if a crash
+    /// loses the removal, the entry is published again at start-up and deduplicated
+    /// downstream.
+    pub fn outbox_published(&self, key: u64) {
+        self.published().push(key);
+    }
+
+    /// True while published entries wait for their removal.
+    pub fn published_waiting(&self) -> bool {
+        !self.published().is_empty()
+    }
+
+    /// Removes the published entries now (the commit thread, and the node at shutdown).
+    pub fn remove_published(&self) -> Result<(), StoreError> {
+        let keys = self.take_published();
+        for (i, key) in keys.iter().enumerate() {
+            if let Err(e) = self.outbox.remove(key.to_be_bytes()) {
+                self.published().extend(&keys[i..]);
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    fn published(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+        self.published.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take_published(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.published())
     }
 
     pub fn outbox_len(&self) -> usize {
@@ -719,6 +760,33 @@ mod tests {
             Ok(Committed::Duplicate)
         ));
         assert_eq!(read::<u32>(store.reader(), "n").unwrap(), Some(1));
+        assert_eq!(store.outbox_len(), 1);
+    }
+
+    #[test]
+    fn published_entries_stay_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let keys = |r| match r {
+            Ok(Committed::Written { outbox }) => outbox.into_iter().map(|(k, _)| k).collect(),
+            _ => panic!("not written"),
+        };
+        let first: Vec<u64> = keys(store.commit("c/1", 1, bump));
+        let second: Vec<u64> = keys(store.commit("c/2", 1, bump));
+        store.outbox_published(first[0]);
+        assert!(store.published_waiting());
+        // Marked, not removed: the relay writes nothing itself.
+        assert_eq!(store.outbox_len(), 2);
+        store.remove_published().unwrap();
+        assert!(!store.published_waiting());
+        let left: Vec<u64> = store
+            .outbox_pending()
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(left, second);
+        store.remove_published().unwrap();
         assert_eq!(store.outbox_len(), 1);
     }
 
