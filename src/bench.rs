@@ -52,6 +52,51 @@ pub struct Phase {
     /// Fixed-rate phases: where the time went, stage by stage (see [`crate::stages`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stages: Option<Stages>,
+    /// Latency of the orders placed in each second of the phase: whether the tail is spread
+    /// over the phase (queueing) or comes from a few seconds (a stall).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub by_second: Vec<Second>,
+}
+
+/// The orders placed in one second of a phase that reached a terminal state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Second {
+    /// Seconds since the phase's first order.
+    pub second: u64,
+    pub orders: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+/// [`Second`]s from (placed, ended) Unix ms of each order, in placing order.
+pub fn by_second(timeline: &[(u64, Option<u64>)]) -> Vec<Second> {
+    let Some(&(start, _)) = timeline.first() else {
+        return Vec::new();
+    };
+    let mut seconds: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+    for &(placed, ended) in timeline {
+        if let Some(ended) = ended {
+            let ms = ended.saturating_sub(placed) as f64;
+            seconds
+                .entry(placed.saturating_sub(start) / 1000)
+                .or_default()
+                .push(ms);
+        }
+    }
+    seconds
+        .into_iter()
+        .map(|(second, mut ms)| {
+            ms.sort_by(f64::total_cmp);
+            Second {
+                second,
+                orders: ms.len(),
+                p50_ms: load::quantile(&ms, 0.50),
+                p99_ms: load::quantile(&ms, 0.99),
+                max_ms: ms.last().copied().unwrap_or(0.0),
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -259,6 +304,7 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
                 cpu_seconds: cpu,
                 peak_rss_mib,
                 stages,
+                by_second: by_second(&r.timeline),
             };
             progress(&phase_line(&phase));
             report.phases.push(phase);
@@ -325,6 +371,7 @@ pub fn print(report: &Report) {
     for p in &report.phases {
         if let Some(st) = &p.stages {
             print_stages(p, st);
+            print_seconds(p);
         }
     }
     for c in &report.comparison {
@@ -333,6 +380,34 @@ pub fn print(report: &Report) {
             c.phase, c.sync, c.throughput_ratio, c.baseline_completed_per_second, c.p99_ratio, c.baseline_p99_ms
         );
     }
+}
+
+/// The spread of a phase's p99 over its seconds, and its worst seconds.
+fn print_seconds(p: &Phase) {
+    if p.by_second.is_empty() {
+        return;
+    }
+    let mut p99: Vec<f64> = p.by_second.iter().map(|s| s.p99_ms).collect();
+    p99.sort_by(f64::total_cmp);
+    let mut worst: Vec<&Second> = p.by_second.iter().collect();
+    worst.sort_by(|a, b| b.p99_ms.total_cmp(&a.p99_ms));
+    let worst: Vec<String> = worst
+        .iter()
+        .take(3)
+        .map(|s| {
+            format!(
+                "second {} {:.1} ms ({} orders)",
+                s.second, s.p99_ms, s.orders
+            )
+        })
+        .collect();
+    println!(
+        "  p99 of the orders placed in each second: min {:.1}, median {:.1}, max {:.1} ms; worst: {}",
+        p99[0],
+        load::quantile(&p99, 0.5),
+        p99[p99.len() - 1],
+        worst.join(", ")
+    );
 }
 
 /// A phase's stages: the message types of its orders (at least one per ten orders; the
@@ -369,4 +444,27 @@ fn print_stages(p: &Phase, st: &Stages) {
         st.slowest_orders,
         slow.join(", ")
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_split_orders_by_when_they_were_placed() {
+        // Placed at 0, 0.5 s, 1.2 s and 2.9 s (the last unfinished): two seconds with orders.
+        let t0 = 1_000_000;
+        let timeline = [
+            (t0, Some(t0 + 10)),
+            (t0 + 500, Some(t0 + 530)),
+            (t0 + 1200, Some(t0 + 1300)),
+            (t0 + 2900, None),
+        ];
+        let s = by_second(&timeline);
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].second, s[0].orders), (0, 2));
+        assert_eq!((s[0].p50_ms, s[0].p99_ms, s[0].max_ms), (10.0, 30.0, 30.0));
+        assert_eq!((s[1].second, s[1].orders, s[1].p99_ms), (1, 1, 100.0));
+        assert!(by_second(&[]).is_empty());
+    }
 }
