@@ -4,7 +4,9 @@
 //! Two stages, each one thread, so the next batch's transaction runs while the last one is
 //! flushed:
 //! - `commit-<context>` takes every message waiting to commit (up to [`MAX_BATCH`]) and runs
-//!   them in one sled transaction ([`Store::commit_batch`]), then passes the results on.
+//!   them in one sled transaction ([`Store::commit_batch`]), then passes the results on and
+//!   removes the outbox entries the relay has published meanwhile (they join the log buffer
+//!   the next flush writes; see [`Store::outbox_published`]).
 //!   sled 0.34 seals an I/O buffer for every multi-tree transaction, written and
 //!   `sync_file_range`d by its I/O threads (the buffer a flush seals is written by the
 //!   flusher itself: vendored sled patch 5), so the number of transactions, not of

@@ -1,4 +1,5 @@
-//! The outbox relay: publishes committed outbox entries to JetStream, then deletes them.
+//! The outbox relay: publishes committed outbox entries to JetStream, then marks them
+//! published for the commit thread to remove (`Store::outbox_published`).
 //!
 //! Entries reach the relay two ways: a scan at start-up (everything left by a previous run)
 //! and a hand-over, in memory with their keys, once the transaction that wrote them is
@@ -6,8 +7,9 @@
 //! relay reads entries back from the store only past [`MAX_HELD`]. Entries that are
 //! committed but not yet durable are never published, so no event leaves the node without a
 //! durable state change behind it. Each batch is published pipelined (all sends, then all
-//! acks); an entry is deleted only after its publish ack. A failed publish is retried with
-//! back-off; `Nats-Msg-Id` makes a repeated publish a duplicate the server drops.
+//! acks); an entry is marked published only after its publish ack. A failed publish is
+//! retried with back-off; `Nats-Msg-Id` makes a repeated publish a duplicate the server
+//! drops.
 
 use std::borrow::Cow;
 use std::collections::{btree_map, BTreeMap};

@@ -72,4 +72,23 @@ fn bench_reports_every_phase_and_the_stages_of_the_fixed_rate_one() {
         stages.slowest_by_stage.values().sum::<usize>(),
         stages.slowest_orders
     );
+    // Latency by second of placing: every order in one of the phase's seconds (3, or 4 if
+    // the last order was placed late).
+    assert!(
+        text.contains("p99 of the orders placed in each second"),
+        "{text}"
+    );
+    let seconds: Vec<u64> = rate.by_second.iter().map(|s| s.second).collect();
+    assert!(
+        seconds.starts_with(&[0, 1, 2]) && seconds.len() <= 4,
+        "{:?}",
+        rate.by_second
+    );
+    assert_eq!(
+        rate.by_second.iter().map(|s| s.orders).sum::<usize>(),
+        rate.completed + rate.cancelled
+    );
+    for s in &rate.by_second {
+        assert!(s.p50_ms <= s.p99_ms && s.p99_ms <= s.max_ms, "{s:?}");
+    }
 }
