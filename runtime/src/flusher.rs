@@ -186,11 +186,12 @@ fn run_commits(
     // a batch is with the flusher, the outbox entries the relay has published meanwhile are
     // removed (see `Store::outbox_published`); with no job for a while, they are removed
     // then.
+    let mut removals = Removals::default();
     loop {
         let first = match rx.recv_timeout(REMOVALS_AFTER) {
             Ok(job) => job,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                remove_published(&store, &context);
+                removals.run(&store, &context);
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -227,7 +228,7 @@ fn run_commits(
         let answers: Vec<(oneshot::Sender<Outcome>, Outcome)> = match &flusher {
             Some(flusher) => match flusher.send(Request::Batch(answers)) {
                 Ok(()) => {
-                    remove_published(&store, &context);
+                    removals.run(&store, &context);
                     continue;
                 }
                 Err(mpsc::SendError(Request::Batch(answers))) => answers
@@ -250,19 +251,39 @@ fn run_commits(
         for (reply, outcome) in answers {
             let _ = reply.send(outcome);
         }
-        remove_published(&store, &context);
+        removals.run(&store, &context);
     }
-    remove_published(&store, &context);
+    removals.run(&store, &context);
 }
 
 /// How long published outbox entries wait for a batch before they are removed without one.
 const REMOVALS_AFTER: Duration = Duration::from_millis(50);
 
-fn remove_published(store: &Store, context: &str) {
-    if store.published_waiting() {
-        if let Err(e) = store.remove_published() {
-            // Kept for the next try; at worst published again after a restart (deduplicated).
-            tracing::warn!(context, error = %e, "outbox: removing published entries failed");
+/// The commit thread's removals of published outbox entries; a failure is logged once, not
+/// at every try (every batch, or every [`REMOVALS_AFTER`], while the store is broken).
+#[derive(Default)]
+struct Removals {
+    failing: bool,
+}
+
+impl Removals {
+    fn run(&mut self, store: &Store, context: &str) {
+        if !store.published_waiting() {
+            return;
+        }
+        // Keys that fail stay for the next try; at worst their entries are published again
+        // after a restart (deduplicated downstream).
+        match store.remove_published() {
+            Err(e) if !self.failing => {
+                tracing::warn!(context, error = %e, "outbox: removing published entries failed");
+                self.failing = true;
+            }
+            Err(_) => {}
+            Ok(()) if self.failing => {
+                tracing::info!(context, "outbox: removing published entries again");
+                self.failing = false;
+            }
+            Ok(()) => {}
         }
     }
 }
