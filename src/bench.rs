@@ -88,12 +88,13 @@ pub fn by_second(timeline: &[(u64, Option<u64>)]) -> Vec<Second> {
         .into_iter()
         .map(|(second, mut ms)| {
             ms.sort_by(f64::total_cmp);
+            let latency = load::Latency::of(&ms);
             Second {
                 second,
                 orders: ms.len(),
-                p50_ms: load::quantile(&ms, 0.50),
-                p99_ms: load::quantile(&ms, 0.99),
-                max_ms: ms.last().copied().unwrap_or(0.0),
+                p50_ms: latency.p50,
+                p99_ms: latency.p99,
+                max_ms: latency.max,
             }
         })
         .collect()

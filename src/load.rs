@@ -96,6 +96,18 @@ pub struct Latency {
     pub max: f64,
 }
 
+impl Latency {
+    /// The quantiles of `ms`, sorted ascending (nearest rank; zeros when empty).
+    pub fn of(ms: &[f64]) -> Latency {
+        Latency {
+            p50: quantile(ms, 0.50),
+            p99: quantile(ms, 0.99),
+            p999: quantile(ms, 0.999),
+            max: ms.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
 impl LoadReport {
     /// Every order reached a terminal state, and the one it was set up for.
     pub fn ok(&self) -> bool {
@@ -301,7 +313,6 @@ pub async fn run(
 
     let mut latencies: Vec<f64> = outcome.values().map(|(_, ms)| *ms).collect();
     latencies.sort_by(f64::total_cmp);
-    let pct = |q: f64| quantile(&latencies, q);
     let unix_ms = |t: Instant| {
         let ago = Instant::now().saturating_duration_since(t);
         runtime::envelope::now_ms().saturating_sub(ago.as_millis() as u64)
@@ -341,12 +352,7 @@ pub async fn run(
         } else {
             0.0
         },
-        latency_ms: Latency {
-            p50: pct(0.50),
-            p99: pct(0.99),
-            p999: pct(0.999),
-            max: latencies.last().copied().unwrap_or(0.0),
-        },
+        latency_ms: Latency::of(&latencies),
         orders: order_list,
         timeline,
     })

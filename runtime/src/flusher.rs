@@ -386,13 +386,25 @@ mod tests {
     use super::*;
     use crate::store::test_entry;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_commits_and_waiters_complete_and_keys_reach_the_relay() {
+    /// A store in a fresh directory (kept alive by the caller) with its group commit, whose
+    /// relay hands the entries to the returned receiver.
+    fn start() -> (
+        tempfile::TempDir,
+        Store,
+        tokio::sync::mpsc::UnboundedReceiver<KeyedEntries>,
+        GroupCommit,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
-        let (relay, mut handed) = Relay::detached();
+        let (relay, handed) = Relay::detached();
         let gc = GroupCommit::start(&store, dir.path(), "test", Default::default(), relay, true)
             .unwrap();
+        (dir, store, handed, gc)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_commits_and_waiters_complete_and_keys_reach_the_relay() {
+        let (_dir, store, mut handed, gc) = start();
         let mut tasks = Vec::new();
         for i in 0..200u32 {
             let gc = gc.clone();
@@ -423,11 +435,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_handler_panics_in_its_caller_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
-        let (relay, _handed) = Relay::detached();
-        let gc = GroupCommit::start(&store, dir.path(), "test", Default::default(), relay, true)
-            .unwrap();
+        let (_dir, store, _handed, gc) = start();
         let boom: Decide = Box::new(|_| panic!("boom"));
         let caught = tokio::spawn({
             let gc = gc.clone();
@@ -444,11 +452,7 @@ mod tests {
 
     #[tokio::test]
     async fn published_entries_are_removed_when_no_batch_comes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
-        let (relay, mut handed) = Relay::detached();
-        let gc = GroupCommit::start(&store, dir.path(), "test", Default::default(), relay, true)
-            .unwrap();
+        let (_dir, store, mut handed, gc) = start();
         let decide: Decide = Box::new(|_| Ok(vec![test_entry(1)]));
         gc.commit("c/1".into(), 1, decide, None).await.unwrap();
         let (key, _) = handed.try_recv().unwrap().remove(0);
