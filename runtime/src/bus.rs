@@ -25,6 +25,21 @@ pub enum BusError {
     Publish { subject: String, message: String },
 }
 
+/// How long a node keeps trying to create its streams while JetStream does not answer.
+const STREAM_SETUP_WAIT: Duration = Duration::from_secs(60);
+/// The pause between two of those tries.
+const STREAM_RETRY_EVERY: Duration = Duration::from_millis(500);
+
+/// True when a stream request got no answer from JetStream (timed out, no responder, the
+/// request failed), as opposed to an answer refusing it.
+fn not_answered(e: &jetstream::context::CreateStreamError) -> bool {
+    use jetstream::context::CreateStreamErrorKind as K;
+    matches!(
+        e.kind(),
+        K::TimedOut | K::JetStreamUnavailable | K::Response
+    )
+}
+
 fn js_err(what: impl Into<String>, e: impl std::fmt::Display) -> BusError {
     BusError::JetStream {
         what: what.into(),
@@ -71,8 +86,9 @@ impl Bus {
         cfg: &NodeConfig,
     ) -> Result<(), BusError> {
         let s = &cfg.stream;
-        self.js
-            .get_or_create_stream(stream::Config {
+        self.ensure_stream(
+            format!("create stream for {context}"),
+            stream::Config {
                 name: subjects::stream(context),
                 subjects: subjects::stream_subjects(context),
                 max_age: Duration::from_millis(s.max_age_ms),
@@ -87,16 +103,16 @@ impl Bus {
                 discard: stream::DiscardPolicy::Old,
                 num_replicas: 1,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| js_err(format!("create stream for {context}"), e))?;
-        Ok(())
+            },
+        )
+        .await
     }
 
     /// Creates the dead-letter stream (or keeps the existing one).
     pub async fn ensure_dlq_stream(&self, cfg: &NodeConfig) -> Result<(), BusError> {
-        self.js
-            .get_or_create_stream(stream::Config {
+        self.ensure_stream(
+            "create dead-letter stream".to_string(),
+            stream::Config {
                 name: subjects::DLQ_STREAM.to_string(),
                 subjects: vec![subjects::DLQ_SUBJECTS.to_string()],
                 max_age: Duration::from_millis(cfg.stream.max_age_ms),
@@ -105,10 +121,28 @@ impl Bus {
                 storage: stream::StorageType::File,
                 num_replicas: 1,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| js_err("create dead-letter stream", e))?;
-        Ok(())
+            },
+        )
+        .await
+    }
+
+    /// Creates a stream, or keeps the existing one. While JetStream does not answer (a
+    /// server still starting, or recovering a large store after a restart, or too busy to
+    /// answer in time) it tries again every [`STREAM_RETRY_EVERY`] for up to
+    /// [`STREAM_SETUP_WAIT`]; a refusal by the server (a conflicting stream, no storage
+    /// left) fails at once with the server's reason.
+    async fn ensure_stream(&self, what: String, config: stream::Config) -> Result<(), BusError> {
+        let deadline = tokio::time::Instant::now() + STREAM_SETUP_WAIT;
+        loop {
+            match self.js.get_or_create_stream(config.clone()).await {
+                Ok(_) => return Ok(()),
+                Err(e) if not_answered(&e) && tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(stream = %config.name, error = %e, "JetStream did not answer; retrying");
+                    tokio::time::sleep(STREAM_RETRY_EVERY).await;
+                }
+                Err(e) => return Err(js_err(what, e)),
+            }
+        }
     }
 
     /// Creates (or binds to) the durable pull consumer for one subscription.

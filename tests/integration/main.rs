@@ -12,4 +12,5 @@ mod harness;
 mod observability;
 mod order_flow;
 mod sagas;
+mod startup;
 mod supervision;
