@@ -88,11 +88,13 @@ pub struct StreamConfig {
     pub max_age_ms: u64,
     /// Stream size limit in bytes (oldest removed first).
     pub max_bytes: i64,
-    /// JetStream deduplication window for `Nats-Msg-Id`. Longer than the outbox relay's
-    /// longest retry back-off (2 s) and a client's publish retries, so a repeated publish is
-    /// dropped by the server; a re-publish after a longer outage or restart is absorbed by
-    /// the consumers' inbox. The server holds every id of the window in memory (about 150
-    /// bytes each: at 7,000 messages a second, 30 s is 210,000 ids, 10 min 4.2 million).
+    /// JetStream deduplication window for `Nats-Msg-Id`. Longer than a publish retry takes
+    /// to come (a publish ack waits at most 5 s, then the outbox relay backs off 50 ms to
+    /// 2 s; a client retries every 250 ms), so a repeated publish is dropped by the server; a
+    /// re-publish after a longer outage or restart is absorbed by the consumers' inbox. The
+    /// server holds every id of the window in memory (about 150 bytes each: at 7,000
+    /// messages a second, 10 s is 70,000 ids, 10 min 4.2 million), and its garbage
+    /// collector marks them all on every cycle (bench/PROFILE.md).
     pub duplicate_window_ms: u64,
     /// Largest message the stream stores (bigger than `max_message_bytes`, so oversized
     /// input reaches a handler and is dead-lettered with a reason instead of vanishing).
@@ -195,7 +197,7 @@ impl Default for StreamConfig {
         StreamConfig {
             max_age_ms: 7 * 24 * 3600 * 1000,
             max_bytes: 256 << 20,
-            duplicate_window_ms: 30 * 1000,
+            duplicate_window_ms: 10 * 1000,
             max_message_size: 1024 * 1024 - 4096,
             file_storage: true,
         }
