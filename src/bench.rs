@@ -7,10 +7,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use orders::PlaceOrder;
 use runtime::component::Message as _;
+use runtime::config::NodeConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::load::{self, LoadConfig};
@@ -29,6 +30,8 @@ pub struct BenchConfig {
     pub rate_seconds: u64,
     /// nats-server `sync_interval: always` (true) or the default (false); one run each.
     pub sync_modes: Vec<bool>,
+    /// Let each fixed-rate phase start from a settled machine (see [`settle`]).
+    pub settle: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,6 +59,10 @@ pub struct Phase {
     /// over the phase (queueing) or comes from a few seconds (a stall).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub by_second: Vec<Second>,
+    /// Seconds waited before the phase for the previous one's effects to pass (see
+    /// [`settle`]); 0 without.
+    #[serde(default)]
+    pub settled_seconds: f64,
 }
 
 /// The orders placed in one second of a phase that reached a terminal state.
@@ -255,7 +262,12 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
                 .iter()
                 .map(|r| (format!("rate-{r}"), *r, cfg.rate_seconds, 4096)),
         );
+        let mut previous_end = None;
         for (name, rate, seconds, concurrency) in phases {
+            let settled_seconds = match previous_end {
+                Some(end) if cfg.settle => settle(end).await,
+                _ => 0.0,
+            };
             let before: Vec<f64> = procs
                 .iter()
                 .map(|(_, pid)| cpu_seconds(*pid, tck))
@@ -267,6 +279,7 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
                 None
             };
             let r = load::run(&bus, &load_config(rate, seconds, concurrency), |_| {}).await?;
+            previous_end = Some(Instant::now());
             let cpu: BTreeMap<String, f64> = procs
                 .iter()
                 .zip(before)
@@ -306,6 +319,7 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
                 peak_rss_mib,
                 stages,
                 by_second: by_second(&r.timeline),
+                settled_seconds,
             };
             progress(&phase_line(&phase));
             report.phases.push(phase);
@@ -313,6 +327,20 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
         shop.stop()?;
     }
     Ok(report)
+}
+
+/// Waits until the previous phase, which ended at `previous_end`, no longer weighs on the
+/// next: its message ids have left nats-server's duplicate window (expiring them takes the
+/// stream's lock) and the machine's dirty pages are written back (`sync`; the kernel would
+/// otherwise write the previous phase's data out during the next one). So each fixed-rate
+/// phase measures its own rate, not the end of an overload before it. Returns the seconds
+/// waited.
+async fn settle(previous_end: Instant) -> f64 {
+    let started = Instant::now();
+    let window = Duration::from_millis(NodeConfig::default().stream.duplicate_window_ms);
+    tokio::time::sleep(window.saturating_sub(previous_end.elapsed())).await;
+    let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
+    started.elapsed().as_secs_f64()
 }
 
 fn phase_line(p: &Phase) -> String {

@@ -183,6 +183,11 @@ struct BenchArgs {
     /// A previous report to compare with (ratios printed and stored).
     #[arg(long)]
     baseline: Option<PathBuf>,
+    /// Start each fixed-rate phase right after the previous one. By default it waits until
+    /// the previous phase's message ids have left nats-server's duplicate window and the
+    /// page cache is written back (`sync`), so each phase measures its own rate.
+    #[arg(long)]
+    no_settle: bool,
 }
 
 #[derive(Args, Clone, Default)]
@@ -597,6 +602,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 rates: a.rates,
                 rate_seconds: a.rate_seconds,
                 sync_modes,
+                settle: !a.no_settle,
             };
             tokio_rt()?.block_on(async {
                 let mut report = choreo::bench::run(&cfg, |line| println!("{line}")).await?;

@@ -41,6 +41,14 @@ fn bench_reports_every_phase_and_the_stages_of_the_fixed_rate_one() {
         report.phases[0].stages.is_none(),
         "the max phase has no stages"
     );
+    // The fixed-rate phase started once the max phase's message ids had left the 10 s
+    // duplicate window (the max phase has no read-back to wait through) and after a `sync`.
+    assert_eq!(report.phases[0].settled_seconds, 0.0);
+    assert!(
+        report.phases[1].settled_seconds >= 9.0,
+        "settled {} s",
+        report.phases[1].settled_seconds
+    );
 
     let rate = &report.phases[1];
     let stages = rate
