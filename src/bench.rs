@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use orders::PlaceOrder;
+use runtime::bus::Bus;
 use runtime::component::Message as _;
 use runtime::config::NodeConfig;
+use runtime::subjects;
 use serde::{Deserialize, Serialize};
 
 use crate::load::{self, LoadConfig};
@@ -262,10 +264,11 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
                 .iter()
                 .map(|r| (format!("rate-{r}"), *r, cfg.rate_seconds, 4096)),
         );
+        let window = duplicate_window(&bus).await;
         let mut previous_end = None;
         for (name, rate, seconds, concurrency) in phases {
             let settled_seconds = match previous_end {
-                Some(end) if cfg.settle => settle(end).await,
+                Some(end) if cfg.settle => settle(end, window).await,
                 _ => 0.0,
             };
             let before: Vec<f64> = procs
@@ -330,17 +333,25 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
 }
 
 /// Waits until the previous phase, which ended at `previous_end`, no longer weighs on the
-/// next: its message ids have left nats-server's duplicate window (expiring them takes the
+/// next: its message ids have left nats-server's duplicate `window` (expiring them takes the
 /// stream's lock) and the machine's dirty pages are written back (`sync`; the kernel would
 /// otherwise write the previous phase's data out during the next one). So each fixed-rate
 /// phase measures its own rate, not the end of an overload before it. Returns the seconds
 /// waited.
-async fn settle(previous_end: Instant) -> f64 {
+async fn settle(previous_end: Instant, window: Duration) -> f64 {
     let started = Instant::now();
-    let window = Duration::from_millis(NodeConfig::default().stream.duplicate_window_ms);
     tokio::time::sleep(window.saturating_sub(previous_end.elapsed())).await;
     let _ = tokio::task::spawn_blocking(nix::unistd::sync).await;
     started.elapsed().as_secs_f64()
+}
+
+/// The duplicate window the shop's streams were created with (the orders stream's; the
+/// nodes' default if it cannot be read).
+async fn duplicate_window(bus: &Bus) -> Duration {
+    match bus.js.get_stream(subjects::stream("orders")).await {
+        Ok(stream) => stream.cached_info().config.duplicate_window,
+        Err(_) => Duration::from_millis(NodeConfig::default().stream.duplicate_window_ms),
+    }
 }
 
 fn phase_line(p: &Phase) -> String {
