@@ -19,6 +19,7 @@ pub const MIN_NATS_SERVER: (u32, u32, u32) = (2, 12, 3);
 pub struct Proc {
     pub name: String,
     child: Child,
+    log: PathBuf,
 }
 
 impl Proc {
@@ -50,6 +51,7 @@ impl Proc {
         Ok(Proc {
             name: name.to_string(),
             child,
+            log: log.to_path_buf(),
         })
     }
 
@@ -60,6 +62,22 @@ impl Proc {
     /// True while the process has not exited.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits until something accepts connections on the loopback `port`, failing early if
+    /// the process exits.
+    pub fn wait_listening(&mut self, port: u16, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if !self.is_running() {
+                bail!("{} exited at start; see {}", self.name, self.log.display());
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("{} not listening on {port} after {timeout:?}", self.name)
     }
 
     /// Sends a signal (e.g. SIGSTOP, SIGCONT, SIGTERM).
@@ -246,23 +264,7 @@ impl NatsServer {
     }
 
     fn wait_listening(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if !self.proc.is_running() {
-                bail!(
-                    "nats-server exited at start; see {}",
-                    self.dir.join("nats-server.log").display()
-                );
-            }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!(
-            "nats-server not listening on {} after {timeout:?}",
-            self.port
-        )
+        self.proc.wait_listening(self.port, timeout)
     }
 
     /// `kill -9` the server, then starts it again on the same port and store.

@@ -2,21 +2,12 @@
 //! server still starting, or recovering a large store after a restart) keeps trying to
 //! create its streams and becomes ready once JetStream answers, instead of exiting.
 
-use std::net::TcpStream;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use choreo::procs::{find_nats_server, free_port, NatsServer, Proc};
 
 use crate::harness;
-
-fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "server not listening on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_waits_for_jetstream_to_answer_at_start() {
@@ -37,7 +28,7 @@ async fn a_node_waits_for_jetstream_to_answer_at_start() {
         &[],
     )
     .unwrap();
-    wait_listening(port);
+    bare.wait_listening(port, Duration::from_secs(15)).unwrap();
 
     let metrics = format!("127.0.0.1:{}", free_port());
     let log = dir.path().join("customers.log");
