@@ -465,4 +465,65 @@ mod tests {
         }
         assert!(!store.published_waiting());
     }
+
+    /// Copies the files of the store in `from` (sled's directory) to a fresh directory: what
+    /// a crash at this moment would leave, short of the page cache.
+    fn copy_files(from: &Path) -> tempfile::TempDir {
+        fn copy(from: &Path, to: &Path) {
+            std::fs::create_dir_all(to).unwrap();
+            for entry in std::fs::read_dir(from).unwrap() {
+                let entry = entry.unwrap();
+                let target = to.join(entry.file_name());
+                if entry.file_type().unwrap().is_dir() {
+                    copy(&entry.path(), &target);
+                } else {
+                    std::fs::copy(entry.path(), target).unwrap();
+                }
+            }
+        }
+        let to = tempfile::tempdir().unwrap();
+        copy(from, to.path());
+        to
+    }
+
+    /// A commit is answered only once its transaction is in the files, also while the commit
+    /// thread runs later transactions and the flusher flushes for them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answered_commit_is_in_the_files_while_others_commit() {
+        let (dir, _store, _handed, gc) = start();
+        let stop = Arc::new(AtomicBool::new(false));
+        let background = tokio::spawn({
+            let (gc, stop) = (gc.clone(), stop.clone());
+            async move {
+                let mut i = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let decide: Decide = Box::new(move |_| Ok(vec![test_entry(i)]));
+                    gc.commit(format!("bg/{i}"), 1, decide, None).await.unwrap();
+                    i += 1;
+                }
+                i
+            }
+        });
+        for i in 0..30u32 {
+            let decide: Decide = Box::new(move |_| Ok(vec![test_entry(1_000_000 + i)]));
+            gc.commit(format!("c/{i}"), 1, decide, None).await.unwrap();
+            let copy = copy_files(dir.path());
+            let reopened = Store::open(copy.path(), 1 << 20).unwrap();
+            assert!(
+                reopened.seen(&format!("c/{i}")).unwrap(),
+                "c/{i} not in the files"
+            );
+            let entry = test_entry(1_000_000 + i);
+            assert!(
+                reopened
+                    .outbox_pending()
+                    .unwrap()
+                    .iter()
+                    .any(|(_, e)| *e == entry),
+                "c/{i}'s outbox entry not in the files"
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(background.await.unwrap() > 0, "commits ran alongside");
+    }
 }
