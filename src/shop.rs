@@ -2,7 +2,7 @@
 //! the simulators. Used by `choreo demo` and by the black-box tests; every process is
 //! killed when the `Shop` drops.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -48,6 +48,45 @@ pub struct Node {
     pub context: String,
     pub proc: Proc,
     pub metrics_addr: String,
+}
+
+impl Node {
+    /// Starts `choreo node` for `ctx` against the server at `nats`, with its data under
+    /// `data`, its output in `log`, metrics on a free port and `--config` if given.
+    pub fn spawn(
+        ctx: &str,
+        nats: &str,
+        data: &Path,
+        log: &Path,
+        config: Option<&Path>,
+    ) -> anyhow::Result<Node> {
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
+        let data = data.display().to_string();
+        let mut args: Vec<String> = [
+            "node",
+            "--context",
+            ctx,
+            "--nats",
+            nats,
+            "--data",
+            &data,
+            "--metrics",
+            &metrics_addr,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(c) = config {
+            args.push("--config".into());
+            args.push(c.display().to_string());
+        }
+        let proc = Proc::spawn(ctx, &exe()?, &args, log, &[])?;
+        Ok(Node {
+            context: ctx.to_string(),
+            proc,
+            metrics_addr,
+        })
+    }
 }
 
 /// A running shop.
@@ -96,34 +135,15 @@ impl Shop {
     }
 
     fn spawn_node(&self, ctx: &str) -> anyhow::Result<Node> {
-        let metrics_addr = format!("127.0.0.1:{}", free_port());
-        let data = self.opts.dir.join("data").display().to_string();
         let nats = self.node_nats.get(ctx).unwrap_or(&self.nats.url);
-        let mut args: Vec<String> = [
-            "node",
-            "--context",
-            ctx,
-            "--nats",
-            nats,
-            "--data",
-            &data,
-            "--metrics",
-            &metrics_addr,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if let Some(c) = &self.opts.node_config {
-            args.push("--config".into());
-            args.push(c.display().to_string());
-        }
         let log = self.opts.dir.join("logs").join(format!("{ctx}.log"));
-        let proc = Proc::spawn(ctx, &exe()?, &args, &log, &[])?;
-        Ok(Node {
-            context: ctx.to_string(),
-            proc,
-            metrics_addr,
-        })
+        Node::spawn(
+            ctx,
+            nats,
+            &self.opts.dir.join("data"),
+            &log,
+            self.opts.node_config.as_deref(),
+        )
     }
 
     /// Waits until every started context answers, failing early if a node exited.

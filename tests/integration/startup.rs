@@ -2,10 +2,10 @@
 //! server still starting, or recovering a large store after a restart) keeps trying to
 //! create its streams and becomes ready once JetStream answers, instead of exiting.
 
-use std::path::Path;
 use std::time::Duration;
 
 use choreo::procs::{find_nats_server, free_port, NatsServer, Proc};
+use choreo::shop::Node;
 
 use crate::harness;
 
@@ -30,37 +30,15 @@ async fn a_node_waits_for_jetstream_to_answer_at_start() {
     .unwrap();
     bare.wait_listening(port, Duration::from_secs(15)).unwrap();
 
-    let metrics = format!("127.0.0.1:{}", free_port());
     let log = dir.path().join("customers.log");
-    let data = dir.path().join("data").display().to_string();
     let url = format!("nats://127.0.0.1:{port}");
-    let args: Vec<String> = [
-        "node",
-        "--context",
-        "customers",
-        "--nats",
-        &url,
-        "--data",
-        &data,
-        "--metrics",
-        &metrics,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut node = Proc::spawn(
-        "customers",
-        Path::new(env!("CARGO_BIN_EXE_choreo")),
-        &args,
-        &log,
-        &[],
-    )
-    .unwrap();
+    let mut node = Node::spawn("customers", &url, &dir.path().join("data"), &log, None).unwrap();
+    let metrics = node.metrics_addr.clone();
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let node_log = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        node.is_running(),
+        node.proc.is_running(),
         "the node exited while JetStream did not answer:\n{}",
         node_log()
     );
@@ -83,6 +61,6 @@ async fn a_node_waits_for_jetstream_to_answer_at_start() {
         "ready once JetStream answers:\n{}",
         node_log()
     );
-    assert!(node.is_running());
-    node.terminate(Duration::from_secs(10)).unwrap();
+    assert!(node.proc.is_running());
+    node.proc.terminate(Duration::from_secs(10)).unwrap();
 }
