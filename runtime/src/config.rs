@@ -120,6 +120,10 @@ pub struct ConsumerConfig {
     /// that consumer in memory once durable, ahead of its JetStream copy (which is then
     /// acked unhandled). Off: every message takes the round trip through JetStream.
     pub local_delivery: bool,
+    /// With same-node delivery: a message for a consumer of the sender's own context that
+    /// needs no external call is handled in the transaction that wrote it, not in one of its
+    /// own after the flush. Off: it is handled after the flush as above.
+    pub local_in_transaction: bool,
 }
 
 /// Settings of one handler (component); missing ones take the node's.
@@ -211,6 +215,7 @@ impl Default for ConsumerConfig {
             max_deliver: 10_000,
             max_in_flight: 64,
             local_delivery: true,
+            local_in_transaction: true,
         }
     }
 }

@@ -145,6 +145,7 @@ pub(crate) fn to_outbox(
                 envelope: Envelope::caused_by(cause, scope, i, o.msg_type, context, now),
                 payload: o.payload,
                 amount_cents: o.amount_cents,
+                handled_by: Vec::new(),
             }
         })
         .collect()

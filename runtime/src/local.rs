@@ -12,11 +12,18 @@
 //! in-memory handling cannot do the plain way (an external call, a handler error, a panic, a
 //! full bulkhead, an armed fault rule, a `[danger]` switch) it leaves to the JetStream copy,
 //! which has the retries, dead letters and fault points.
+//!
+//! In the sender's transaction: when the consumer belongs to the sender's own context (the
+//! same store), the message is handled inside the transaction that wrote it ([`Chain`]),
+//! as a batch item of its own (its inbox mark, its state changes, its outbox entries), not
+//! in a transaction of its own after the flush: one transaction and one flush fewer, and no
+//! wait for them. The same rules apply (no external call, no handler error or panic, no
+//! armed fault rule); what they exclude is left to the JetStream copy, and writes nothing.
 
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -26,7 +33,7 @@ use crate::component::{DynComponent, Kind, Subscription};
 use crate::consumer::{handler_decide, inbox_key, ContextRuntime};
 use crate::envelope::{self, Envelope};
 use crate::metrics;
-use crate::store::{Committed, KeyedEntries};
+use crate::store::{Chain, Committed, DecideError, KeyedEntries, Link, OutboxEntry, TxRead};
 use crate::subjects;
 
 /// Inbox keys held at most per consumer before the set is emptied (see [`Handled`]).
@@ -60,6 +67,15 @@ impl LocalRoutes {
         let _ = self.routes.set(routes);
     }
 
+    /// The consumers of `context` hosted here, as the chain its store runs in its
+    /// transactions (see [`crate::store::Store::link_with`]).
+    pub fn chain(self: &Arc<Self>, context: &'static str) -> Arc<dyn Chain> {
+        Arc::new(ContextChain {
+            routes: Arc::downgrade(self),
+            context,
+        })
+    }
+
     /// Hands the durable `entries` that a hosted consumer subscribes to over to it. Runs on
     /// the flusher thread: it only clones the matching entries and spawns their handling.
     pub fn dispatch(&self, entries: &KeyedEntries) {
@@ -75,6 +91,14 @@ impl LocalRoutes {
             };
             let env = Arc::new(entry.envelope.clone());
             for c in consumers {
+                if entry.handled_by.contains(&c.durable) {
+                    // Handled in the transaction that wrote it: its copy is acked unhandled.
+                    c.handled.insert(inbox_key(&c.durable, &env.id));
+                    metrics::LOCAL_DELIVERIES
+                        .with_label_values(&[c.rt.context, &c.durable, "in_transaction"])
+                        .inc();
+                    continue;
+                }
                 let Some(permit) = c.admit() else { continue };
                 let (c, env, payload) = (c.clone(), env.clone(), entry.payload.clone());
                 self.runtime.spawn(async move {
@@ -95,6 +119,29 @@ impl LocalRoutes {
                 });
             }
         }
+    }
+}
+
+/// One context's hosted consumers, run by its store inside the transaction that wrote an
+/// entry they subscribe to. Holds the routes weakly (the store outlives nothing by it).
+struct ContextChain {
+    routes: Weak<LocalRoutes>,
+    context: &'static str,
+}
+
+impl Chain for ContextChain {
+    fn links(&self, entry: &OutboxEntry, now_ms: u64) -> Vec<Link> {
+        let Some(routes) = self.routes.upgrade() else {
+            return Vec::new();
+        };
+        let Some(consumers) = routes.routes.get().and_then(|r| r.get(&entry.subject)) else {
+            return Vec::new();
+        };
+        consumers
+            .iter()
+            .filter(|c| c.rt.context == self.context)
+            .filter_map(|c| c.link(entry, now_ms))
+            .collect()
     }
 }
 
@@ -170,6 +217,47 @@ impl LocalConsumer {
             return None;
         }
         self.permits.clone().try_acquire_owned().ok()
+    }
+
+    /// Its handling of `entry` inside the transaction that wrote it, unless a fault rule is
+    /// armed or the entry does not decode. The plan runs inside too, on the transaction's
+    /// view: a call to an external system leaves the entry to its JetStream copy.
+    fn link(&self, entry: &OutboxEntry, now_ms: u64) -> Option<Link> {
+        if self.rt.faults.armed() {
+            return None;
+        }
+        let msg_type = self.sub.declared(&entry.envelope.msg_type)?;
+        let input = self
+            .component
+            .decode(msg_type, entry.payload.as_bytes())
+            .ok()?;
+        let (component, plan_input) = (self.component.clone(), input.clone());
+        let decide = handler_decide(
+            self.rt.context,
+            self.component.clone(),
+            self.durable.clone(),
+            Arc::new(entry.envelope.clone()),
+            input,
+            None,
+            now_ms,
+        );
+        Some(Link {
+            consumer: self.durable.clone(),
+            inbox_key: inbox_key(&self.durable, &entry.envelope.id),
+            decide: Box::new(move |tx| {
+                match component.plan(&TxRead(tx), plan_input.as_ref()) {
+                    Ok(None) => {}
+                    Ok(Some(call)) => {
+                        return Err(DecideError::Handler(format!("calls {}", call.system)))
+                    }
+                    Err(e) => return Err(DecideError::Handler(format!("plan: {e:?}"))),
+                }
+                decide(tx).map_err(|e| match e {
+                    DecideError::Tx(e) => DecideError::Tx(e),
+                    DecideError::Handler(e) => DecideError::Handler(format!("{e:?}")),
+                })
+            }),
+        })
     }
 
     /// Decode, plan, transaction, group commit. Returns the outcome label.

@@ -131,6 +131,9 @@ pub async fn run(
             stop_rx.clone(),
         );
         relays.push(relay_task);
+        if let (Some(local), true) = (&local, cfg.consumer.local_in_transaction) {
+            store.link_with(local.chain(c.name()));
+        }
         let failed = health.store_flag();
         let commit = GroupCommit::start(
             &store,

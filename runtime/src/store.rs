@@ -14,7 +14,7 @@
 
 use std::cell::RefCell;
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -77,6 +77,11 @@ pub struct OutboxEntry {
     /// Business amount carried (metrics only).
     #[serde(default)]
     pub amount_cents: u64,
+    /// This node's consumers (durable names) that handled the entry in the transaction that
+    /// wrote it (see [`Chain`]); not stored: after a restart its copy takes the usual path,
+    /// where their inbox marks absorb it.
+    #[serde(skip)]
+    pub handled_by: Vec<Arc<str>>,
 }
 
 /// Outbox entries with their keys: what a commit wrote, what the relay is handed, what the
@@ -91,6 +96,7 @@ pub(crate) fn test_entry(n: u32) -> OutboxEntry {
         envelope: Envelope::first(format!("id{n}"), "X", "t", 1),
         payload: format!("{{\"n\":{n}}}"),
         amount_cents: 0,
+        handled_by: Vec::new(),
     }
 }
 
@@ -129,6 +135,28 @@ pub struct BatchItem<'a, E> {
     pub decide: &'a DecideFn<'a, E>,
 }
 
+/// The consumers of a store that handle an outbox entry in the transaction that wrote it
+/// (same-node delivery in the sender's transaction, see `local`).
+pub trait Chain: Send + Sync {
+    /// The handlings of `entry`, decided at `now_ms`, to run in its transaction; none: the
+    /// entry takes the usual path.
+    fn links(&self, entry: &OutboxEntry, now_ms: u64) -> Vec<Link>;
+}
+
+/// One consumer's handling of an outbox entry inside the transaction that wrote it.
+pub struct Link {
+    /// The consumer's durable name (recorded in [`OutboxEntry::handled_by`]).
+    pub consumer: Arc<str>,
+    pub inbox_key: String,
+    /// The consumer's decision; a `Handler` error (the reason) leaves the entry to the usual
+    /// path, writing nothing.
+    pub decide: Box<DecideFn<'static, String>>,
+}
+
+/// Chained handlings per batch item at most, counting handlings of their own entries (a
+/// bound on a loop between two consumers).
+pub const MAX_LINKS: usize = 16;
+
 /// What one item of a batch came to; `Err` holds the payload of a panic in its handler.
 pub type ItemResult<E> = std::thread::Result<Result<Committed, CommitError<E>>>;
 
@@ -153,6 +181,8 @@ pub struct Store {
     /// Outbox keys published and acknowledged, not yet removed (see
     /// [`Store::outbox_published`]).
     published: Arc<Mutex<Vec<u64>>>,
+    /// Consumers that handle entries in the transaction that wrote them (see [`Chain`]).
+    chain: Arc<OnceLock<Arc<dyn Chain>>>,
 }
 
 impl Store {
@@ -184,8 +214,15 @@ impl Store {
             failures: db.open_tree("failures")?,
             dead_letters: db.open_tree("dead_letters")?,
             published: Arc::default(),
+            chain: Arc::default(),
             db,
         })
+    }
+
+    /// Lets `chain`'s consumers handle entries in the transaction that wrote them (once;
+    /// later calls are ignored). Without it every entry takes the usual path.
+    pub fn link_with(&self, chain: Arc<dyn Chain>) {
+        let _ = self.chain.set(chain);
     }
 
     pub(crate) fn db(&self) -> &sled::Db {
@@ -282,7 +319,7 @@ impl Store {
                         continue;
                     }
                 };
-                let values: Vec<Vec<u8>> = match entries.iter().map(serde_json::to_vec).collect() {
+                let values = match to_values(&entries) {
                     Ok(values) => values,
                     Err(e) => {
                         crate::saga_stats::discard_since(mark);
@@ -293,13 +330,17 @@ impl Store {
                         continue;
                     }
                 };
-                // Blind writes (vendored sled patch): `insert`/`remove` read the old value
-                // only to return it, a tree lookup per key (5% of the orders node).
-                for (key, value) in tx.writes.into_inner() {
-                    match value {
-                        Some(v) => state.insert_blind(key, v)?,
-                        None => state.remove_blind(key)?,
-                    };
+                apply(state, tx.writes.into_inner())?;
+                let (mut entries, mut values) = (entries, values);
+                if let Some(chain) = self.chain.get() {
+                    self.run_links(
+                        &**chain,
+                        state,
+                        inbox,
+                        item.now_ms,
+                        &mut entries,
+                        &mut values,
+                    )?;
                 }
                 let mut written = Vec::with_capacity(entries.len());
                 for (entry, value) in entries.into_iter().zip(values) {
@@ -326,6 +367,63 @@ impl Store {
                 failed(items, &message)
             }
         }
+    }
+
+    /// Runs the chained handlings of `entries` (and of the entries those write, up to
+    /// [`MAX_LINKS`]) in the current transaction, after the item's own writes: each as a
+    /// batch item of its own (overlay, inbox mark) whose entries are appended. A handling
+    /// that fails, panics or was already marked writes nothing, and its entry takes the
+    /// usual path.
+    fn run_links(
+        &self,
+        chain: &dyn Chain,
+        state: &TransactionalTree,
+        inbox: &TransactionalTree,
+        now_ms: u64,
+        entries: &mut Vec<OutboxEntry>,
+        values: &mut Vec<Vec<u8>>,
+    ) -> Result<(), UnabortableTransactionError> {
+        let (mut next, mut ran) = (0, 0);
+        while next < entries.len() && ran < MAX_LINKS {
+            for link in chain.links(&entries[next], now_ms) {
+                if ran == MAX_LINKS {
+                    break;
+                }
+                // A chained message is new (its id derives from its cause, committed in this
+                // transaction), so only the current generation is checked.
+                if self.dedupe && inbox.get(link.inbox_key.as_bytes())?.is_some() {
+                    continue;
+                }
+                ran += 1;
+                let mark = crate::saga_stats::mark();
+                let tx = Overlay {
+                    tree: state,
+                    writes: Default::default(),
+                };
+                let decided =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (link.decide)(&tx)));
+                let out = match decided {
+                    Ok(Ok(out)) => to_values(&out).ok().map(|v| (out, v)),
+                    Ok(Err(DecideError::Tx(e))) => return Err(e.0),
+                    Ok(Err(DecideError::Handler(reason))) => {
+                        tracing::debug!(consumer = %link.consumer, %reason, "left to its JetStream copy");
+                        None
+                    }
+                    Err(_) => None,
+                };
+                let Some((out, out_values)) = out else {
+                    crate::saga_stats::discard_since(mark);
+                    continue;
+                };
+                apply(state, tx.writes.into_inner())?;
+                inbox.insert_blind(link.inbox_key.as_bytes(), &now_ms.to_be_bytes())?;
+                entries[next].handled_by.push(link.consumer);
+                entries.extend(out);
+                values.extend(out_values);
+            }
+            next += 1;
+        }
+        Ok(())
     }
 
     /// Outbox entries with their keys, oldest first (used at start-up to resume).
@@ -556,6 +654,40 @@ impl Overlay<'_> {
             Some((_, v)) => *v = value,
             None => writes.push((key.as_bytes().to_vec(), value)),
         }
+    }
+}
+
+/// Writes an item's state changes into the transaction. Blind writes (vendored sled patch):
+/// `insert`/`remove` read the old value only to return it, a tree lookup per key (5% of the
+/// orders node).
+fn apply(state: &TransactionalTree, writes: Vec<Write>) -> Result<(), UnabortableTransactionError> {
+    for (key, value) in writes {
+        match value {
+            Some(v) => state.insert_blind(key, v)?,
+            None => state.remove_blind(key)?,
+        };
+    }
+    Ok(())
+}
+
+/// The entries as stored.
+fn to_values(entries: &[OutboxEntry]) -> Result<Vec<Vec<u8>>, serde_json::Error> {
+    entries.iter().map(serde_json::to_vec).collect()
+}
+
+/// Reads through a transaction, for a chained handling's `plan` (see [`Chain`]).
+pub struct TxRead<'a>(pub &'a dyn StateTx);
+
+impl StateRead for TxRead<'_> {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0
+            .get(key)
+            .map_err(|e| StoreError::Failed(e.to_string()))
+    }
+    fn scan_prefix(&self, _prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Err(StoreError::Failed(
+            "no prefix scans inside a transaction".into(),
+        ))
     }
 }
 
@@ -847,6 +979,137 @@ mod tests {
         assert_eq!(pending, vec![test_entry(0), test_entry(1)]);
         assert!(store.seen("c/a").unwrap() && store.seen("c/d").unwrap());
         assert!(!store.seen("c/b").unwrap() && !store.seen("c/c").unwrap());
+    }
+
+    /// Links `X` entries to consumer `c` (fails on n = 1, panics on n = 2, otherwise counts
+    /// under "c" and sends a `Y`) and, with `looping`, `Y` entries to consumer `l` (sends
+    /// another `Y`).
+    struct TestChain {
+        looping: bool,
+    }
+
+    fn entry(id: String, msg_type: &str, n: u32) -> OutboxEntry {
+        OutboxEntry {
+            subject: format!("choreo.t.evt.{msg_type}"),
+            envelope: Envelope::first(id, msg_type, "t", 1),
+            payload: format!("{{\"n\":{n}}}"),
+            amount_cents: 0,
+            handled_by: Vec::new(),
+        }
+    }
+
+    impl Chain for TestChain {
+        fn links(&self, e: &OutboxEntry, _now_ms: u64) -> Vec<Link> {
+            let n: u32 = serde_json::from_str::<serde_json::Value>(&e.payload).unwrap()["n"]
+                .as_u64()
+                .unwrap() as u32;
+            let id = e.envelope.id.clone();
+            let (consumer, decide): (&str, Box<DecideFn<'static, String>>) =
+                match e.envelope.msg_type.as_str() {
+                    "X" => (
+                        "c",
+                        Box::new(move |tx| {
+                            tx.put("junk", b"1")?;
+                            match n {
+                                1 => Err(DecideError::Handler("no".into())),
+                                2 => panic!("boom"),
+                                _ => {
+                                    tx.remove("junk")?;
+                                    let c: u32 = load(tx, "c").map_err(state_err)?.unwrap_or(0);
+                                    save(tx, "c", &(c + 1)).map_err(state_err)?;
+                                    Ok(vec![entry(format!("{id}-y"), "Y", n)])
+                                }
+                            }
+                        }),
+                    ),
+                    "Y" if self.looping => (
+                        "l",
+                        Box::new(move |_| Ok(vec![entry(format!("{id}-y"), "Y", n)])),
+                    ),
+                    _ => return Vec::new(),
+                };
+            vec![Link {
+                consumer: consumer.into(),
+                inbox_key: format!("{consumer}/{}", e.envelope.id),
+                decide,
+            }]
+        }
+    }
+
+    #[test]
+    fn chained_handlings_commit_with_their_cause_or_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        store.link_with(Arc::new(TestChain { looping: false }));
+        let sends = |n: u32| {
+            move |_: &dyn StateTx| -> Result<Vec<OutboxEntry>, DecideError<String>> {
+                Ok(vec![entry(format!("x{n}"), "X", n)])
+            }
+        };
+        let (zero, one, two) = (sends(0), sends(1), sends(2));
+        let item = |inbox_key, decide| BatchItem {
+            inbox_key,
+            now_ms: 1,
+            decide,
+        };
+        let results =
+            store.commit_batch(&[item("m/0", &zero), item("m/1", &one), item("m/2", &two)]);
+        let written: Vec<Vec<(String, Vec<Arc<str>>)>> = results
+            .into_iter()
+            .map(|r| match r {
+                Ok(Ok(Committed::Written { outbox })) => outbox
+                    .into_iter()
+                    .map(|(_, e)| (e.envelope.id, e.handled_by))
+                    .collect(),
+                other => panic!("not written: {:?}", other.map(|r| r.is_ok())),
+            })
+            .collect();
+        // x0 was handled by "c" in its transaction, and what that sent follows it; x1 (the
+        // handler failed) and x2 (it panicked) take the usual path.
+        assert_eq!(
+            written,
+            [
+                vec![("x0".into(), vec!["c".into()]), ("x0-y".into(), vec![])],
+                vec![("x1".into(), vec![])],
+                vec![("x2".into(), vec![])],
+            ]
+        );
+        assert_eq!(read::<u32>(store.reader(), "c").unwrap(), Some(1));
+        assert_eq!(
+            store.get("junk").unwrap(),
+            None,
+            "failed handlings wrote nothing"
+        );
+        assert!(store.seen("c/x0").unwrap());
+        assert!(!store.seen("c/x1").unwrap() && !store.seen("c/x2").unwrap());
+        // Stored as sent: the handled-by list is not part of the entry.
+        let stored = store.outbox_pending().unwrap();
+        assert_eq!(stored.len(), 4);
+        assert!(stored.iter().all(|(_, e)| e.handled_by.is_empty()));
+        // A handling of x0 (its copy) later is a duplicate.
+        assert!(matches!(
+            store.commit("c/x0", 2, bump),
+            Ok(Committed::Duplicate)
+        ));
+    }
+
+    #[test]
+    fn a_loop_of_chained_handlings_stops_at_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        store.link_with(Arc::new(TestChain { looping: true }));
+        let r = store.commit::<String, _>("m/0", 1, |_| Ok(vec![entry("y".into(), "Y", 0)]));
+        let Ok(Committed::Written { outbox }) = r else {
+            panic!("not written")
+        };
+        // The first entry and one more per handling; the last one is left unhandled.
+        assert_eq!(outbox.len(), 1 + MAX_LINKS);
+        let handled = outbox
+            .iter()
+            .filter(|(_, e)| !e.handled_by.is_empty())
+            .count();
+        assert_eq!(handled, MAX_LINKS);
+        assert!(outbox.last().unwrap().1.handled_by.is_empty());
     }
 
     #[test]

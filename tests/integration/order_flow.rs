@@ -72,28 +72,55 @@ async fn two_hundred_orders_end_completed_or_cancelled_with_effects_once() {
     }
     assert_eq!(v.violations(), 0, "invariants hold: {:#?}", v.checks);
 
-    // Same-node delivery: the saga's CompleteOrder (and OrderPlaced, ConfirmOrder) reached
-    // the orders node's own consumers in memory, and their JetStream copies were acked
-    // unhandled; the invariants above held with it.
+    // Same-node delivery in the sender's transaction: the saga's ConfirmOrder and
+    // CompleteOrder were handled by the orders aggregate, and OrderPlaced by the saga, in the
+    // transaction that wrote them, and their JetStream copies were acked unhandled; the
+    // invariants above held with it.
     let orders = t.shop.node("orders").unwrap().metrics_addr.clone();
-    let local = |outcome| {
-        harness::metric(
-            &orders,
-            "choreo_local_deliveries_total",
-            &[("outcome", outcome)],
-        )
-    };
-    assert!(local("handled") > 0.0, "messages handled in the node");
+    let in_tx = in_transaction(&orders);
+    assert!(
+        in_tx > 0.0,
+        "messages handled in their sender's transaction"
+    );
     let copies = harness::metric(
         &orders,
         "choreo_messages_total",
         &[("outcome", "handled_in_node")],
     );
     assert!(
-        copies > 0.0 && copies <= local("handled"),
+        copies > 0.0 && copies <= in_tx + local(&orders, "handled"),
         "{copies} copies acked unhandled"
     );
     t.shop.stop().expect("every node stops cleanly on SIGTERM");
+}
+
+fn local(node: &str, outcome: &str) -> f64 {
+    harness::metric(
+        node,
+        "choreo_local_deliveries_total",
+        &[("outcome", outcome)],
+    )
+}
+
+fn in_transaction(node: &str) -> f64 {
+    local(node, "in_transaction")
+}
+
+/// `[consumer] local_in_transaction = false`: same-node messages are handled in memory
+/// after the flush, each in a transaction of its own, and the orders end the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_node_messages_after_the_flush_when_not_in_the_transaction() {
+    let config =
+        harness::TEST_CONFIG.replace("[consumer]\n", "[consumer]\nlocal_in_transaction = false\n");
+    let mut t = harness::start_config(choreo::contexts::KNOWN, true, &config).await;
+    run_and_verify(&t, 30).await;
+    let orders = t.shop.node("orders").unwrap().metrics_addr.clone();
+    assert_eq!(in_transaction(&orders), 0.0);
+    assert!(
+        local(&orders, "handled") > 0.0,
+        "messages handled in the node"
+    );
+    t.shop.stop().unwrap();
 }
 
 /// `[consumer] local_delivery = false`: every message takes the round trip through
