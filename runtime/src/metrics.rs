@@ -56,12 +56,13 @@ pub static MESSAGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
 });
 
 /// Same-node deliveries (see `local`), by what became of them.
-/// outcome: handled | duplicate | skipped | failed | panicked | timed_out (all but handled
-/// leave the message to its JetStream copy).
+/// outcome: handled | in_transaction (handled in the transaction that wrote it) | duplicate
+/// | skipped | failed | panicked | timed_out (all but the first two leave the message to its
+/// JetStream copy).
 pub static LOCAL_DELIVERIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
         "choreo_local_deliveries_total",
-        "Messages handed in memory to a consumer in the same node once durable, by outcome (handled; duplicate, skipped, failed, panicked, timed_out: left to the JetStream copy).",
+        "Messages handed in memory to a consumer in the same node once durable, by outcome (handled, in_transaction: handled in the transaction that wrote it; duplicate, skipped, failed, panicked, timed_out: left to the JetStream copy).",
         &["context", "consumer", "outcome"],
     )
 });
