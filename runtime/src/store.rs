@@ -298,31 +298,17 @@ impl Store {
                     results.push(Ok(Ok(Committed::Duplicate)));
                     continue;
                 }
-                let mark = crate::saga_stats::mark();
-                let tx = Overlay {
-                    tree: state,
-                    writes: Default::default(),
-                };
-                let decided =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (item.decide)(&tx)));
-                let entries = match decided {
-                    Ok(Ok(entries)) => entries,
-                    Ok(Err(DecideError::Tx(e))) => return Err(e.0.into()),
-                    Ok(Err(DecideError::Handler(e))) => {
-                        crate::saga_stats::discard_since(mark);
+                let (mut entries, mut values) = match decide_in(state, item.decide)? {
+                    Decided::Applied(entries, values) => (entries, values),
+                    Decided::Handler(e) => {
                         results.push(Ok(Err(CommitError::Handler(e))));
                         continue;
                     }
-                    Err(panic) => {
-                        crate::saga_stats::discard_since(mark);
+                    Decided::Panicked(panic) => {
                         results.push(Err(panic));
                         continue;
                     }
-                };
-                let values = match to_values(&entries) {
-                    Ok(values) => values,
-                    Err(e) => {
-                        crate::saga_stats::discard_since(mark);
+                    Decided::Unserializable(e) => {
                         results.push(Ok(Err(CommitError::Store(StoreError::Corrupt {
                             key: "outbox".into(),
                             message: e.to_string(),
@@ -330,8 +316,6 @@ impl Store {
                         continue;
                     }
                 };
-                apply(state, tx.writes.into_inner())?;
-                let (mut entries, mut values) = (entries, values);
                 if let Some(chain) = self.chain.get() {
                     self.run_links(
                         &**chain,
@@ -395,27 +379,14 @@ impl Store {
                     continue;
                 }
                 ran += 1;
-                let mark = crate::saga_stats::mark();
-                let tx = Overlay {
-                    tree: state,
-                    writes: Default::default(),
-                };
-                let decided =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (link.decide)(&tx)));
-                let out = match decided {
-                    Ok(Ok(out)) => to_values(&out).ok().map(|v| (out, v)),
-                    Ok(Err(DecideError::Tx(e))) => return Err(e.0),
-                    Ok(Err(DecideError::Handler(reason))) => {
+                let (out, out_values) = match decide_in(state, &*link.decide)? {
+                    Decided::Applied(out, out_values) => (out, out_values),
+                    Decided::Handler(reason) => {
                         tracing::debug!(consumer = %link.consumer, %reason, "left to its JetStream copy");
-                        None
+                        continue;
                     }
-                    Err(_) => None,
+                    Decided::Panicked(_) | Decided::Unserializable(_) => continue,
                 };
-                let Some((out, out_values)) = out else {
-                    crate::saga_stats::discard_since(mark);
-                    continue;
-                };
-                apply(state, tx.writes.into_inner())?;
                 inbox.insert_blind(link.inbox_key.as_bytes(), &now_ms.to_be_bytes())?;
                 entries[next].handled_by.push(link.consumer);
                 entries.extend(out);
@@ -655,6 +626,48 @@ impl Overlay<'_> {
             None => writes.push((key.as_bytes().to_vec(), value)),
         }
     }
+}
+
+/// What one decision run in a batch transaction came to.
+enum Decided<E> {
+    /// Its state changes are in the transaction; its outbox entries, with their stored form,
+    /// are to be written.
+    Applied(Vec<OutboxEntry>, Vec<Vec<u8>>),
+    /// The handler's own error: nothing written.
+    Handler(E),
+    /// The handler panicked (the payload): nothing written.
+    Panicked(Box<dyn std::any::Any + Send>),
+    /// An outbox entry does not serialize: nothing written.
+    Unserializable(serde_json::Error),
+}
+
+/// Runs `decide` on its own overlay of `state` and, if it succeeds and its entries
+/// serialize, writes its state changes into the transaction; otherwise it writes nothing and
+/// its saga counts are taken back. A transaction error is returned for sled to retry.
+fn decide_in<E>(
+    state: &TransactionalTree,
+    decide: &DecideFn<'_, E>,
+) -> Result<Decided<E>, UnabortableTransactionError> {
+    let mark = crate::saga_stats::mark();
+    let tx = Overlay {
+        tree: state,
+        writes: Default::default(),
+    };
+    let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decide(&tx)));
+    let failed = match decided {
+        Ok(Ok(entries)) => match to_values(&entries) {
+            Ok(values) => {
+                apply(state, tx.writes.into_inner())?;
+                return Ok(Decided::Applied(entries, values));
+            }
+            Err(e) => Decided::Unserializable(e),
+        },
+        Ok(Err(DecideError::Tx(e))) => return Err(e.0),
+        Ok(Err(DecideError::Handler(e))) => Decided::Handler(e),
+        Err(panic) => Decided::Panicked(panic),
+    };
+    crate::saga_stats::discard_since(mark);
+    Ok(failed)
 }
 
 /// Writes an item's state changes into the transaction. Blind writes (vendored sled patch):

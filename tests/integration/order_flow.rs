@@ -77,7 +77,7 @@ async fn two_hundred_orders_end_completed_or_cancelled_with_effects_once() {
     // transaction that wrote them, and their JetStream copies were acked unhandled; the
     // invariants above held with it.
     let orders = t.shop.node("orders").unwrap().metrics_addr.clone();
-    let in_tx = in_transaction(&orders);
+    let in_tx = local(&orders, "in_transaction");
     assert!(
         in_tx > 0.0,
         "messages handled in their sender's transaction"
@@ -102,10 +102,6 @@ fn local(node: &str, outcome: &str) -> f64 {
     )
 }
 
-fn in_transaction(node: &str) -> f64 {
-    local(node, "in_transaction")
-}
-
 /// `[consumer] local_in_transaction = false`: same-node messages are handled in memory
 /// after the flush, each in a transaction of its own, and the orders end the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,7 +111,7 @@ async fn same_node_messages_after_the_flush_when_not_in_the_transaction() {
     let mut t = harness::start_config(choreo::contexts::KNOWN, true, &config).await;
     run_and_verify(&t, 30).await;
     let orders = t.shop.node("orders").unwrap().metrics_addr.clone();
-    assert_eq!(in_transaction(&orders), 0.0);
+    assert_eq!(local(&orders, "in_transaction"), 0.0);
     assert!(
         local(&orders, "handled") > 0.0,
         "messages handled in the node"
