@@ -1,5 +1,5 @@
-//! `choreo bench`: the whole shop, every context in its own process, simulators with zero
-//! latency and no failures. For each nats-server sync setting it drives orders (a) as fast as
+//! `choreo bench`: the whole shop, every context in its own process (or as `--node` groups
+//! them), simulators with zero latency and no failures. For each nats-server sync setting it drives orders (a) as fast as
 //! the system completes them and (b) at fixed rates, and reports completed orders per
 //! second, end-to-end latency (PlaceOrder published to terminal event observed), CPU seconds
 //! per order and resident memory of every process, and for the fixed-rate phases the latency
@@ -34,6 +34,45 @@ pub struct BenchConfig {
     pub sync_modes: Vec<bool>,
     /// Let each fixed-rate phase start from a settled machine (see [`settle`]).
     pub settle: bool,
+    /// Node processes: the contexts each one hosts, comma-separated (see [`check_nodes`]).
+    pub nodes: Vec<String>,
+}
+
+/// Every context alone in its own process: the shop as the targets state it.
+pub fn separate_nodes() -> Vec<String> {
+    crate::contexts::KNOWN
+        .iter()
+        .map(|c| c.to_string())
+        .collect()
+}
+
+/// A bench layout must host every context of the shop exactly once, each a known one.
+pub fn check_nodes(nodes: &[String]) -> anyhow::Result<()> {
+    let mut seen: Vec<String> = Vec::new();
+    for node in nodes {
+        let contexts = crate::contexts::expand(node);
+        anyhow::ensure!(!contexts.is_empty(), "--node {node:?} names no context");
+        for c in contexts {
+            anyhow::ensure!(
+                crate::contexts::KNOWN.contains(&c.as_str()),
+                "--node {node:?}: unknown context {c:?}; known: {}",
+                crate::contexts::KNOWN.join(", ")
+            );
+            anyhow::ensure!(!seen.contains(&c), "context {c:?} is in two --node values");
+            seen.push(c);
+        }
+    }
+    let missing: Vec<&str> = crate::contexts::KNOWN
+        .iter()
+        .copied()
+        .filter(|c| !seen.iter().any(|s| s == c))
+        .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "the bench runs the whole shop; no --node hosts {}",
+        missing.join(", ")
+    );
+    Ok(())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -123,6 +162,10 @@ pub struct Comparison {
 pub struct Report {
     pub machine: BTreeMap<String, String>,
     pub build: String,
+    /// Node processes, each with the contexts it hosts (reports before this field: every
+    /// context in its own process).
+    #[serde(default = "separate_nodes")]
+    pub nodes: Vec<String>,
     /// Resident memory after start-up, before any load, MiB, per sync setting and process.
     pub idle_rss_mib: BTreeMap<String, BTreeMap<String, f64>>,
     pub phases: Vec<Phase>,
@@ -232,6 +275,7 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
         } else {
             "release".into()
         },
+        nodes: cfg.nodes.clone(),
         idle_rss_mib: BTreeMap::new(),
         phases: Vec::new(),
         comparison: Vec::new(),
@@ -240,6 +284,7 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
         let sync_name = if sync { "always" } else { "default" };
         let shop = Shop::start(ShopOptions {
             sync_always: sync,
+            contexts: cfg.nodes.clone(),
             ..ShopOptions::new(cfg.dir.join(sync_name))
         })
         .await?;
@@ -396,6 +441,15 @@ pub fn compare(report: &mut Report, baseline: &Path) -> anyhow::Result<()> {
 /// The report as the table `choreo bench` prints.
 pub fn print(report: &Report) {
     println!("machine: {:?}, build {}", report.machine, report.build);
+    if report.nodes == separate_nodes() {
+        println!("nodes: every context in its own process");
+    } else {
+        println!(
+            "nodes: {} processes: {}",
+            report.nodes.len(),
+            report.nodes.join(" | ")
+        );
+    }
     for p in &report.phases {
         println!("{}", phase_line(p));
     }
@@ -489,6 +543,26 @@ fn print_stages(p: &Phase, st: &Stages) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_layout_hosts_every_context_once() {
+        let nodes = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        check_nodes(&separate_nodes()).unwrap();
+        check_nodes(&nodes(&["all"])).unwrap();
+        check_nodes(&nodes(&[
+            "orders,inventory",
+            "payments,shipping",
+            "customers",
+        ]))
+        .unwrap();
+        let err = |v: &[&str]| check_nodes(&nodes(v)).unwrap_err().to_string();
+        assert!(
+            err(&["orders", "payments"]).contains("no --node hosts customers, inventory, shipping")
+        );
+        assert!(err(&["all", "orders"]).contains("\"orders\" is in two --node values"));
+        assert!(err(&["all,billing"]).contains("unknown context \"billing\""));
+        assert!(err(&["all", ","]).contains("names no context"));
+    }
 
     #[test]
     fn seconds_split_orders_by_when_they_were_placed() {

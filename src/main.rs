@@ -188,6 +188,11 @@ struct BenchArgs {
     /// page cache is written back (`sync`), so each phase measures its own rate.
     #[arg(long)]
     no_settle: bool,
+    /// Contexts one node process hosts, comma-separated; repeat for each process. Together
+    /// they must name every context once. Default: each context in its own process, as the
+    /// targets in the README are stated.
+    #[arg(long = "node", value_name = "CONTEXTS")]
+    nodes: Vec<String>,
 }
 
 #[derive(Args, Clone, Default)]
@@ -595,6 +600,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 })
                 .collect::<anyhow::Result<Vec<bool>>>()?;
             anyhow::ensure!(a.rates.iter().all(|r| *r > 0.0), "--rates must be positive");
+            let nodes = if a.nodes.is_empty() {
+                choreo::bench::separate_nodes()
+            } else {
+                a.nodes
+            };
+            choreo::bench::check_nodes(&nodes)?;
             let cfg = choreo::bench::BenchConfig {
                 dir: a.dir,
                 max_seconds: a.max_seconds,
@@ -603,6 +614,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 rate_seconds: a.rate_seconds,
                 sync_modes,
                 settle: !a.no_settle,
+                nodes,
             };
             tokio_rt()?.block_on(async {
                 let mut report = choreo::bench::run(&cfg, |line| println!("{line}")).await?;

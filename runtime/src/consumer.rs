@@ -38,7 +38,7 @@ use crate::envelope::{self, Envelope};
 use crate::external;
 use crate::faults::{FaultAction, FaultPoint, FaultRule, Faults};
 use crate::flusher::{AfterDurable, Decide, GroupCommit};
-use crate::local::Handled;
+use crate::local::{Handled, Taken};
 use crate::metrics::{self, Health};
 use crate::outbox::Relay;
 use crate::resilience::breaker::Breakers;
@@ -565,7 +565,16 @@ impl PullLoop {
             return ("unknown", self.dead_letter(msg, "malformed", &reason).await);
         }
         let inbox_key = inbox_key(&self.durable, &env.id);
-        if self.handled.take(&inbox_key) {
+        let handled_here = match self.handled.take(&inbox_key) {
+            Taken::Done => true,
+            Taken::No => false,
+            // Its in-memory handling is running: wait for it rather than run it twice.
+            Taken::InFlight(ended) => {
+                let limit = Duration::from_millis(self.policy().handler_timeout_ms);
+                self.handled.wait(&inbox_key, ended, limit).await
+            }
+        };
+        if handled_here {
             // Handled in memory when its sender committed it in this node, and durable.
             return (msg_type, self.ack(msg, "handled_in_node").await);
         }
@@ -717,7 +726,7 @@ impl PullLoop {
             // transaction, so the first delivery's commit is durable too.
             Ok(Committed::Duplicate) if !from_memory => {
                 // A copy that lost the race to its in-memory handling (see `local`).
-                self.handled.take(inbox_key);
+                let _ = self.handled.take(inbox_key);
                 Attempt::Done(self.ack(msg, "duplicate").await)
             }
             Ok(Committed::Duplicate) => Attempt::Done(self.ack_durable(msg, "duplicate").await),

@@ -21,13 +21,13 @@
 //! armed fault rule); what they exclude is left to the JetStream copy, and writes nothing.
 
 use std::any::Any;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use futures::FutureExt;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use crate::component::{DynComponent, Kind, Subscription};
 use crate::consumer::{handler_decide, inbox_key, ContextRuntime};
@@ -100,9 +100,11 @@ impl LocalRoutes {
                     continue;
                 }
                 let Some(permit) = c.admit() else { continue };
+                // Marked before it is spawned: its copy may come back before it runs.
+                let mark = c.handled.begin(inbox_key(&c.durable, &env.id));
                 let (c, env, payload) = (c.clone(), env.clone(), entry.payload.clone());
                 self.runtime.spawn(async move {
-                    let outcome = c.handle(env.clone(), payload).await;
+                    let outcome = c.handle(env.clone(), payload, mark).await;
                     drop(permit);
                     metrics::LOCAL_DELIVERIES
                         .with_label_values(&[c.rt.context, &c.durable, outcome])
@@ -146,25 +148,115 @@ impl Chain for ContextChain {
 }
 
 /// Inbox keys of messages one consumer handled in memory whose transaction is durable: their
-/// JetStream copy is acked without being handled. Bounded: past [`MAX_HANDLED`] keys (copies
-/// that never came, e.g. a consumer deleted on the server) it is emptied, and those copies
-/// take the plain path, where the inbox absorbs them.
+/// JetStream copy is acked without being handled. A message whose in-memory handling is
+/// still running is marked too, so that its copy, if it arrives meanwhile (contexts hosted
+/// together: the copy of an event from another context's store can come back before the
+/// handling's own commit is durable), waits for that handling instead of running the same
+/// transaction again only to find it a duplicate. Bounded: past [`MAX_HANDLED`] keys
+/// (copies that never came, e.g. a consumer deleted on the server) it is emptied, and those
+/// copies take the plain path, where the inbox absorbs them.
 #[derive(Default)]
-pub struct Handled(Mutex<HashSet<String>>);
+pub struct Handled(Mutex<HashMap<String, Mark>>);
+
+enum Mark {
+    /// Being handled in memory; the sender side says when it ended (or is dropped).
+    InFlight(watch::Receiver<bool>),
+    Done,
+}
+
+/// What a JetStream copy finds for its inbox key (see [`Handled::take`]).
+pub enum Taken {
+    /// Handled in memory and durable: ack the copy.
+    Done,
+    /// Not handled here: handle the copy.
+    No,
+    /// Its in-memory handling is running: wait with [`Handled::wait`], then take again.
+    InFlight(watch::Receiver<bool>),
+}
 
 impl Handled {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Mark>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn insert(&self, key: String) {
-        let mut keys = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut keys = self.lock();
         if keys.len() >= MAX_HANDLED {
             keys.clear();
         }
-        keys.insert(key);
+        keys.insert(key, Mark::Done);
     }
 
-    /// True (once) if the message with this inbox key was handled in memory and is durable.
-    pub fn take(&self, key: &str) -> bool {
-        let mut keys = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        !keys.is_empty() && keys.remove(key)
+    /// Marks `key` as being handled in memory until the returned guard ends it.
+    fn begin(self: &Arc<Self>, key: String) -> InFlight {
+        let (tx, rx) = watch::channel(false);
+        let mut keys = self.lock();
+        if keys.len() >= MAX_HANDLED {
+            keys.clear();
+        }
+        keys.insert(key.clone(), Mark::InFlight(rx));
+        InFlight {
+            handled: self.clone(),
+            key,
+            tx,
+            done: false,
+        }
+    }
+
+    /// What the copy of the message with this inbox key should do; a [`Taken::Done`] mark
+    /// is used up.
+    pub fn take(&self, key: &str) -> Taken {
+        let mut keys = self.lock();
+        if keys.is_empty() {
+            return Taken::No;
+        }
+        match keys.get(key) {
+            None => Taken::No,
+            Some(Mark::InFlight(rx)) => Taken::InFlight(rx.clone()),
+            Some(Mark::Done) => {
+                keys.remove(key);
+                Taken::Done
+            }
+        }
+    }
+
+    /// Waits (at most `limit`) for an in-memory handling to end, then says what the copy
+    /// should do: ack if it committed, handle it otherwise (failed, skipped, timed out, or
+    /// still running at the limit: the inbox absorbs a late double).
+    pub async fn wait(&self, key: &str, mut rx: watch::Receiver<bool>, limit: Duration) -> bool {
+        // An error means the handling's guard was dropped: it ended, one way or another.
+        let _ = tokio::time::timeout(limit, rx.wait_for(|ended| *ended)).await;
+        matches!(self.take(key), Taken::Done)
+    }
+}
+
+/// An in-memory handling under way (see [`Handled::begin`]): ends the mark when dropped,
+/// as done if [`InFlight::done`] was called, and wakes a copy waiting for it.
+struct InFlight {
+    handled: Arc<Handled>,
+    key: String,
+    tx: watch::Sender<bool>,
+    done: bool,
+}
+
+impl InFlight {
+    fn done(&mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let key = std::mem::take(&mut self.key);
+        if self.done {
+            self.handled.insert(key);
+        } else {
+            let mut keys = self.handled.lock();
+            if matches!(keys.get(&key), Some(Mark::InFlight(_))) {
+                keys.remove(&key);
+            }
+        }
+        self.tx.send_replace(true);
     }
 }
 
@@ -260,11 +352,17 @@ impl LocalConsumer {
         })
     }
 
-    /// Decode, plan, transaction, group commit. Returns the outcome label.
-    async fn handle(&self, env: Arc<Envelope>, payload: String) -> &'static str {
+    /// Decode, plan, transaction, group commit, under the message's in-flight `mark` (ended
+    /// when this returns). Returns the outcome label.
+    async fn handle(
+        &self,
+        env: Arc<Envelope>,
+        payload: String,
+        mut mark: InFlight,
+    ) -> &'static str {
         let timeout =
             Duration::from_millis(self.rt.cfg.policy(self.component.name()).handler_timeout_ms);
-        let guarded = AssertUnwindSafe(self.attempt(env, payload)).catch_unwind();
+        let guarded = AssertUnwindSafe(self.attempt(env, payload, &mut mark)).catch_unwind();
         match tokio::time::timeout(timeout, guarded).await {
             Ok(Ok(outcome)) => outcome,
             // The JetStream copy panics too, and restarts its consumer.
@@ -273,7 +371,12 @@ impl LocalConsumer {
         }
     }
 
-    async fn attempt(&self, env: Arc<Envelope>, payload: String) -> &'static str {
+    async fn attempt(
+        &self,
+        env: Arc<Envelope>,
+        payload: String,
+        mark: &mut InFlight,
+    ) -> &'static str {
         let Some(msg_type) = self.sub.declared(&env.msg_type) else {
             return "skipped";
         };
@@ -298,19 +401,67 @@ impl LocalConsumer {
             None,
             now,
         );
-        match self
-            .rt
-            .commit
-            .commit(inbox_key.clone(), now, decide, None)
-            .await
-        {
+        match self.rt.commit.commit(inbox_key, now, decide, None).await {
             // Durable, its own entries with the relay (and routed here again if hosted).
             Ok(Committed::Written { .. }) => {
-                self.handled.insert(inbox_key);
+                mark.done();
                 "handled"
             }
             Ok(Committed::Duplicate) => "duplicate",
             Err(_) => "failed",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMIT: Duration = Duration::from_secs(5);
+
+    /// A handling of `key` begun, as its copy finds it: the mark and what the copy waits on.
+    fn in_flight(handled: &Arc<Handled>, key: &str) -> (InFlight, watch::Receiver<bool>) {
+        let mark = handled.begin(key.into());
+        let Taken::InFlight(ended) = handled.take(key) else {
+            panic!("{key} not in flight")
+        };
+        (mark, ended)
+    }
+
+    #[tokio::test]
+    async fn a_copy_waits_for_the_handling_in_memory_and_is_acked_if_it_committed() {
+        let handled = Arc::new(Handled::default());
+        let (mut mark, ended) = in_flight(&handled, "c/1");
+        let h = handled.clone();
+        let copy = tokio::spawn(async move { h.wait("c/1", ended, LIMIT).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!copy.is_finished(), "the copy did not wait");
+        mark.done();
+        drop(mark);
+        assert!(copy.await.unwrap(), "a committed handling acks its copy");
+        // The mark is used up by the copy.
+        assert!(matches!(handled.take("c/1"), Taken::No));
+    }
+
+    #[tokio::test]
+    async fn a_copy_is_handled_if_the_handling_in_memory_did_not_commit() {
+        let handled = Arc::new(Handled::default());
+        let (mark, ended) = in_flight(&handled, "c/2");
+        drop(mark); // failed, skipped, panicked or timed out
+        assert!(!handled.wait("c/2", ended, LIMIT).await);
+        assert!(matches!(handled.take("c/2"), Taken::No));
+    }
+
+    #[tokio::test]
+    async fn a_copy_stops_waiting_at_the_limit() {
+        let handled = Arc::new(Handled::default());
+        let (_mark, ended) = in_flight(&handled, "c/3");
+        let started = std::time::Instant::now();
+        assert!(!handled.wait("c/3", ended, Duration::from_millis(50)).await);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        // Done marks are taken once; unknown keys are not handled here.
+        handled.insert("c/4".into());
+        assert!(matches!(handled.take("c/4"), Taken::Done));
+        assert!(matches!(handled.take("c/4"), Taken::No));
     }
 }

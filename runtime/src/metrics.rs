@@ -318,7 +318,8 @@ pub static SAGA_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
 #[derive(Clone, Default)]
 pub struct Health {
     ready: Arc<AtomicBool>,
-    nats: Arc<std::sync::OnceLock<async_nats::Client>>,
+    /// The node's NATS connections (one, or one per hosted context and one for the node).
+    nats: Arc<std::sync::Mutex<Vec<async_nats::Client>>>,
     /// One flag per store, set while its last flush failed.
     stores: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>>,
     /// Consumers stopped after exceeding their restart limit.
@@ -334,8 +335,10 @@ impl Health {
     pub fn is_ready(&self) -> bool {
         let nats_ok = self
             .nats
-            .get()
-            .is_none_or(|c| c.connection_state() == async_nats::connection::State::Connected);
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .all(|c| c.connection_state() == async_nats::connection::State::Connected);
         self.ready.load(Ordering::SeqCst)
             && nats_ok
             && !self.store_failed()
@@ -358,9 +361,12 @@ impl Health {
             .iter()
             .any(|f| f.load(Ordering::SeqCst))
     }
-    /// Readiness follows this client's connection from now on.
+    /// Readiness follows this client's connection (too) from now on.
     pub fn watch_nats(&self, client: async_nats::Client) {
-        let _ = self.nats.set(client);
+        self.nats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(client);
     }
     /// A consumer exceeded its restart limit and stopped.
     pub fn degrade(&self) {

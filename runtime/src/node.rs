@@ -113,7 +113,24 @@ pub async fn run(
     // shows only what it removes.
     let local = (cfg.consumer.local_delivery && !cfg.danger.any()).then(LocalRoutes::new);
     let mut locals = Vec::new();
+    // Contexts hosted together get a connection each for their consumers and relay, as
+    // they would in processes of their own: one context's deliveries, acks and publishes
+    // do not queue behind another's on one socket (and in one server-side reader).
+    let mut buses = Vec::new();
     for c in &contexts {
+        let bus = if contexts.len() > 1 {
+            let own = Bus::connect(
+                &cfg.nats_url,
+                &format!("choreo-node[{}]/{}", names.join(","), c.name()),
+                Duration::from_secs(15),
+            )
+            .await?;
+            health.watch_nats(own.client.clone());
+            buses.push(own.clone());
+            own
+        } else {
+            bus.clone()
+        };
         let dir = cfg.data_dir.join(c.name());
         let store = Store::open_with(&dir, cfg.store.cache_capacity_bytes, &cfg.danger).map_err(
             |source| NodeError::Store {
@@ -253,6 +270,9 @@ pub async fn run(
             tracing::warn!(error = %e, "outbox: removing published entries failed");
         }
         let _ = commit.durable().await;
+    }
+    for b in buses {
+        let _ = b.client.drain().await;
     }
     let _ = bus.client.drain().await;
     metrics_task.abort();

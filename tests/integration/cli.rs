@@ -71,6 +71,10 @@ fn bad_arguments_are_refused() {
     let (code, out) = choreo(&["sim", "--payment-failure-rate", "2"]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("not a rate"), "{out}");
+    // A bench layout that leaves contexts out is refused before anything starts.
+    let (code, out) = choreo(&["bench", "--node", "orders,inventory", "--node", "payments"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("no --node hosts customers, shipping"), "{out}");
 }
 
 #[test]

@@ -159,6 +159,21 @@ async fn all_contexts_in_one_process() {
             &[("context", "inventory"), ("outcome", "handled")]
         ) > 0.0
     );
+    // Their JetStream copies are acked unhandled; a copy that came back while its in-memory
+    // handling was still running waited for it instead of running the same transaction
+    // again, so no copy was found a duplicate by the inbox.
+    let copies = |outcome| {
+        harness::metric(
+            &node,
+            "choreo_messages_total",
+            &[("context", "inventory"), ("outcome", outcome)],
+        )
+    };
+    assert!(copies("handled_in_node") > 0.0);
+    assert_eq!(
+        harness::metric(&node, "choreo_messages_total", &[("outcome", "duplicate")]),
+        0.0
+    );
 
     // The orders read model, through the CLI.
     let (id, _) = &report.orders[0];
