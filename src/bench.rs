@@ -1,9 +1,10 @@
 //! `choreo bench`: the whole shop, every context in its own process (or as `--node` groups
-//! them), simulators with zero latency and no failures. For each nats-server sync setting it drives orders (a) as fast as
-//! the system completes them and (b) at fixed rates, and reports completed orders per
-//! second, end-to-end latency (PlaceOrder published to terminal event observed), CPU seconds
-//! per order and resident memory of every process, and for the fixed-rate phases the latency
-//! stage by stage ([`crate::stages`]). Writes JSON and compares with a baseline.
+//! them), simulators with zero latency and no failures. For each nats-server sync setting
+//! it drives orders (a) as fast as the system completes them and (b) at fixed rates, and
+//! reports completed orders per second, end-to-end latency (PlaceOrder published to
+//! terminal event observed), CPU seconds per order and resident memory of every process,
+//! and for the fixed-rate phases the latency stage by stage ([`crate::stages`]). Writes JSON
+//! and compares with a baseline.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,10 +41,7 @@ pub struct BenchConfig {
 
 /// Every context alone in its own process: the shop as the targets state it.
 pub fn separate_nodes() -> Vec<String> {
-    crate::contexts::KNOWN
-        .iter()
-        .map(|c| c.to_string())
-        .collect()
+    crate::contexts::all()
 }
 
 /// A bench layout must host every context of the shop exactly once, each a known one.
@@ -53,11 +51,8 @@ pub fn check_nodes(nodes: &[String]) -> anyhow::Result<()> {
         let contexts = crate::contexts::expand(node);
         anyhow::ensure!(!contexts.is_empty(), "--node {node:?} names no context");
         for c in contexts {
-            anyhow::ensure!(
-                crate::contexts::KNOWN.contains(&c.as_str()),
-                "--node {node:?}: unknown context {c:?}; known: {}",
-                crate::contexts::KNOWN.join(", ")
-            );
+            crate::contexts::ensure_known(&c)
+                .map_err(|e| anyhow::anyhow!("--node {node:?}: {e}"))?;
             anyhow::ensure!(!seen.contains(&c), "context {c:?} is in two --node values");
             seen.push(c);
         }

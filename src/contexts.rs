@@ -130,12 +130,27 @@ fn no_query(_: &dyn StateRead, name: &str, _: &[u8]) -> Result<serde_json::Value
     Err(QueryError::Unknown(name.to_string()))
 }
 
+/// Every context, by name, in start order.
+pub fn all() -> Vec<String> {
+    KNOWN.iter().map(|s| s.to_string()).collect()
+}
+
+/// A context name given on the command line must be one of [`KNOWN`].
+pub fn ensure_known(name: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        KNOWN.contains(&name),
+        "unknown context {name:?}; known: {} (or `all`)",
+        KNOWN.join(", ")
+    );
+    Ok(())
+}
+
 /// Expands a `--context` list: names separated by commas, or `all`.
 pub fn expand(list: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if item == "all" {
-            out.extend(KNOWN.iter().map(|s| s.to_string()));
+            out.extend(all());
         } else {
             out.push(item.to_string());
         }

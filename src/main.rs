@@ -781,11 +781,7 @@ fn run_chaos(cmd: ChaosCmd) -> anyhow::Result<bool> {
     };
     let targets = contexts::expand(&context);
     for t in &targets {
-        anyhow::ensure!(
-            contexts::KNOWN.contains(&t.as_str()),
-            "unknown context {t:?}; known: {} (or `all`)",
-            contexts::KNOWN.join(", ")
-        );
+        contexts::ensure_known(t)?;
     }
     tokio_rt()?.block_on(async {
         let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;

@@ -9,7 +9,6 @@ use anyhow::Context as _;
 use nix::sys::signal::Signal;
 
 use crate::client;
-use crate::contexts::KNOWN;
 use crate::procs::{free_port, NatsServer, Proc};
 
 /// How to start a shop.
@@ -36,7 +35,7 @@ impl ShopOptions {
             dir,
             port: None,
             sync_always: false,
-            contexts: KNOWN.iter().map(|s| s.to_string()).collect(),
+            contexts: crate::contexts::all(),
             sim: Some(vec![]),
             node_config: None,
         }

@@ -179,22 +179,23 @@ impl Handled {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn insert(&self, key: String) {
+    /// Marks `key`, emptying the set first when it is full (see [`Handled`]).
+    fn put(&self, key: String, mark: Mark) {
         let mut keys = self.lock();
         if keys.len() >= MAX_HANDLED {
             keys.clear();
         }
-        keys.insert(key, Mark::Done);
+        keys.insert(key, mark);
+    }
+
+    fn insert(&self, key: String) {
+        self.put(key, Mark::Done);
     }
 
     /// Marks `key` as being handled in memory until the returned guard ends it.
     fn begin(self: &Arc<Self>, key: String) -> InFlight {
         let (tx, rx) = watch::channel(false);
-        let mut keys = self.lock();
-        if keys.len() >= MAX_HANDLED {
-            keys.clear();
-        }
-        keys.insert(key.clone(), Mark::InFlight(rx));
+        self.put(key.clone(), Mark::InFlight(rx));
         InFlight {
             handled: self.clone(),
             key,
