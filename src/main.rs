@@ -111,7 +111,8 @@ struct InjectArgs {
     /// The context whose node gets the fault (the rule applies to that context only).
     #[arg(long)]
     context: String,
-    /// Where: handler, after-commit, outbox-publish, external-call, deadline-fire.
+    /// Where: handler, after-commit, outbox-publish, external-call, deadline-fire,
+    /// store-flush (the store's flusher thread, before a flush).
     #[arg(long, value_enum)]
     point: FaultPointArg,
     /// What: crash (abort the process), error, delay, drop, panic.
@@ -146,6 +147,7 @@ enum FaultPointArg {
     OutboxPublish,
     ExternalCall,
     DeadlineFire,
+    StoreFlush,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -752,6 +754,7 @@ fn run_chaos(cmd: ChaosCmd) -> anyhow::Result<bool> {
                 FaultPointArg::OutboxPublish => P::OutboxPublish,
                 FaultPointArg::ExternalCall => P::ExternalCall,
                 FaultPointArg::DeadlineFire => P::DeadlineFire,
+                FaultPointArg::StoreFlush => P::StoreFlush,
             };
             let action = match a.action {
                 FaultActionArg::Crash => A::Crash,

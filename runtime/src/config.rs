@@ -171,6 +171,9 @@ pub struct StoreConfig {
     pub inbox_prune_interval_ms: u64,
     /// sled page cache size in bytes (sled keeps about twice this resident).
     pub cache_capacity_bytes: u64,
+    /// A store flush that has not returned after this long will not: the node restarts in
+    /// place (see `node::store_watchdog`). Whole seconds; at least 1 s.
+    pub flush_stall_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -226,6 +229,7 @@ impl Default for StoreConfig {
             inbox_retention_ms: 7 * 24 * 3600 * 1000,
             inbox_prune_interval_ms: 60_000,
             cache_capacity_bytes: 8 * 1024 * 1024,
+            flush_stall_ms: 30_000,
         }
     }
 }
@@ -318,6 +322,12 @@ impl NodeConfig {
                 self.max_message_bytes, self.stream.max_message_size
             ));
         }
+        if self.store.flush_stall_ms < 1000 {
+            return bad(format!(
+                "store.flush_stall_ms must be at least 1000 (the watchdog looks once a second), got {}",
+                self.store.flush_stall_ms
+            ));
+        }
         for (i, r) in self.faults.rules.iter().enumerate() {
             if let Err(problem) = r.validate() {
                 return bad(format!("faults.rules[{i}]: {problem}"));
@@ -383,6 +393,13 @@ mod tests {
         let mut c = valid();
         c.consumer.ack_wait_ms = 1_000;
         assert!(c.validate(KNOWN).unwrap_err().to_string().contains("3x"));
+        let mut c = valid();
+        c.store.flush_stall_ms = 500;
+        assert!(c
+            .validate(KNOWN)
+            .unwrap_err()
+            .to_string()
+            .contains("store.flush_stall_ms must be at least 1000"));
         let mut c = valid();
         c.max_message_bytes = 2 << 20;
         assert!(c.validate(KNOWN).is_err());

@@ -10,7 +10,7 @@
 //! enabled = true
 //! seed = 7                   # random choices (probability) are repeatable per seed
 //! [[faults.rules]]
-//! point = "handler"          # handler | after_commit | outbox_publish | external_call | deadline_fire
+//! point = "handler"          # handler | after_commit | outbox_publish | external_call | deadline_fire | store_flush
 //! action = "crash"           # crash | error | delay | drop | panic
 //! context = "orders"         # optional: only this hosted context
 //! msg_type = "PlaceOrder"    # optional: only this message type
@@ -29,6 +29,7 @@
 //! | outbox_publish (per entry) | abort | publish fails, retried with back-off | sleep | published, ack lost: published again (server drops the duplicate) | refused |
 //! | external_call | abort | call fails | sleep | call made, reply lost (a timeout) | panic |
 //! | deadline_fire | abort | firing fails, retried | sleep | firing skipped, retried | refused |
+//! | store_flush (flusher thread, before a flush) | abort | the flush fails (as on a full disk) | sleep: a stalled disk | refused | refused |
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -53,15 +54,19 @@ pub enum FaultPoint {
     ExternalCall,
     /// Before a due saga deadline is fired.
     DeadlineFire,
+    /// On the flusher thread, before a store flush (no message: rules with a message type
+    /// or payload never match here).
+    StoreFlush,
 }
 
 impl FaultPoint {
-    pub const ALL: [FaultPoint; 5] = [
+    pub const ALL: [FaultPoint; 6] = [
         FaultPoint::Handler,
         FaultPoint::AfterCommit,
         FaultPoint::OutboxPublish,
         FaultPoint::ExternalCall,
         FaultPoint::DeadlineFire,
+        FaultPoint::StoreFlush,
     ];
 
     pub fn label(self) -> &'static str {
@@ -71,6 +76,7 @@ impl FaultPoint {
             FaultPoint::OutboxPublish => "outbox_publish",
             FaultPoint::ExternalCall => "external_call",
             FaultPoint::DeadlineFire => "deadline_fire",
+            FaultPoint::StoreFlush => "store_flush",
         }
     }
 }
@@ -146,13 +152,26 @@ impl FaultRule {
         if self.action == FaultAction::Panic
             && matches!(
                 self.point,
-                FaultPoint::OutboxPublish | FaultPoint::DeadlineFire
+                FaultPoint::OutboxPublish | FaultPoint::DeadlineFire | FaultPoint::StoreFlush
             )
         {
             return Err(format!(
                 "panic is a handler fault; at {} use crash or error",
                 self.point.label()
             ));
+        }
+        if self.point == FaultPoint::StoreFlush {
+            if self.action == FaultAction::Drop {
+                return Err(
+                    "drop at store_flush would ack what is not durable; use crash, error or delay"
+                        .into(),
+                );
+            }
+            if self.msg_type.is_some() || self.payload_contains.is_some() {
+                return Err(
+                    "store_flush concerns no one message: leave out the type and payload".into(),
+                );
+            }
         }
         Ok(())
     }
@@ -480,6 +499,8 @@ mod tests {
             &br#"{"op":"inject","rule":{"point":"handler","action":"error","probability":2}}"#[..],
             br#"{"op":"inject","rule":{"point":"handler","action":"delay"}}"#,
             br#"{"op":"inject","rule":{"point":"deadline_fire","action":"panic"}}"#,
+            br#"{"op":"inject","rule":{"point":"store_flush","action":"drop"}}"#,
+            br#"{"op":"inject","rule":{"point":"store_flush","action":"error","msg_type":"A"}}"#,
             br#"{"op":"inject","rule":{"point":"nowhere","action":"crash"}}"#,
             b"not json",
         ] {

@@ -25,13 +25,14 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 use crate::component::HandleError;
+use crate::faults::{FaultAction, FaultPoint, Faults};
 use crate::metrics;
 use crate::outbox::Relay;
 use crate::store::OutboxEntry;
@@ -92,7 +93,35 @@ enum Request {
 pub struct GroupCommit {
     jobs: mpsc::Sender<Job>,
     flush: mpsc::Sender<Request>,
+    flushing: Arc<FlushMark>,
 }
+
+/// Which flush the flusher thread is in, for a watchdog on another thread: the number of
+/// flushes started so far, shifted left by one, with the low bit set while one runs.
+#[derive(Default)]
+pub struct FlushMark(AtomicU64);
+
+impl FlushMark {
+    fn begin(&self) {
+        // Next number, running bit set.
+        let n = self.0.load(Ordering::Relaxed) >> 1;
+        self.0.store(((n + 1) << 1) | 1, Ordering::SeqCst);
+    }
+
+    fn end(&self) {
+        self.0.fetch_and(!1, Ordering::SeqCst);
+    }
+
+    /// The number of the flush running now, if one is.
+    pub fn running(&self) -> Option<u64> {
+        let v = self.0.load(Ordering::SeqCst);
+        (v & 1 == 1).then_some(v >> 1)
+    }
+}
+
+/// Where a flush result comes to: everything committed before the request is durable, or
+/// the flush failed.
+pub type DurableReceiver = oneshot::Receiver<Result<(), String>>;
 
 /// The flush could not be made durable; the message must not be acked.
 #[derive(Debug, thiserror::Error)]
@@ -102,15 +131,17 @@ pub struct FlushError(pub String);
 impl GroupCommit {
     /// Starts the commit and flusher threads for `store`, whose files live in `dir`.
     /// `failed` is set while the last flush failed (readiness reads it). Durable outbox
-    /// entries go to `relay`. With `durable: false` (the chaos suite's `[danger]
-    /// disable_group_commit`) a commit is answered right after its transaction, not flushed,
-    /// and its entries are left to the caller (in the answer).
+    /// entries go to `relay`. `faults` may stall, fail or crash a flush (the `store_flush`
+    /// point). With `durable: false` (the chaos suite's `[danger] disable_group_commit`) a
+    /// commit is answered right after its transaction, not flushed, and its entries are left
+    /// to the caller (in the answer).
     pub fn start(
         store: &Store,
         dir: &Path,
         context: &str,
         failed: Arc<AtomicBool>,
         relay: Relay,
+        faults: Arc<Faults>,
         durable: bool,
     ) -> std::io::Result<Self> {
         let (flush, flush_rx) = mpsc::channel::<Request>();
@@ -123,16 +154,34 @@ impl GroupCommit {
             file: File::open(&path)?,
             path,
         };
-        let name = context.to_string();
+        let flushing = Arc::new(FlushMark::default());
+        let flusher = Flusher {
+            db,
+            db_file,
+            context: context.to_string(),
+            failed,
+            relay,
+            faults,
+            mark: flushing.clone(),
+        };
         std::thread::Builder::new()
             .name(format!("flusher-{context}"))
-            .spawn(move || run_flusher(db, db_file, flush_rx, name, failed, relay))?;
+            .spawn(move || flusher.run(flush_rx))?;
         let (store, name, to_flusher) = (store.clone(), context.to_string(), flush.clone());
         let to_flusher = durable.then_some(to_flusher);
         std::thread::Builder::new()
             .name(format!("commit-{context}"))
             .spawn(move || run_commits(store, jobs_rx, name, to_flusher))?;
-        Ok(GroupCommit { jobs, flush })
+        Ok(GroupCommit {
+            jobs,
+            flush,
+            flushing,
+        })
+    }
+
+    /// The flusher thread's progress (see [`FlushMark`]).
+    pub fn flushing(&self) -> &FlushMark {
+        &self.flushing
     }
 
     /// Runs `decide` for the message `inbox_key` in the next batch transaction (see
@@ -166,13 +215,20 @@ impl GroupCommit {
 
     /// Resolves once everything committed before this call is on disk.
     pub async fn durable(&self) -> Result<(), FlushError> {
+        self.request_durable()?
+            .await
+            .map_err(|_| FlushError("flusher stopped".into()))?
+            .map_err(FlushError)
+    }
+
+    /// Asks for a flush of everything committed before this call; its result comes to the
+    /// receiver (which a thread outside the async runtime can poll).
+    pub fn request_durable(&self) -> Result<DurableReceiver, FlushError> {
         let (tx, rx) = oneshot::channel();
         self.flush
             .send(Request::Wait(tx))
             .map_err(|_| FlushError("flusher stopped".into()))?;
-        rx.await
-            .map_err(|_| FlushError("flusher stopped".into()))?
-            .map_err(FlushError)
+        Ok(rx)
     }
 }
 
@@ -294,67 +350,104 @@ struct DbFile {
     path: PathBuf,
 }
 
-fn run_flusher(
+/// The flusher thread's state.
+struct Flusher {
     db: sled::Db,
     db_file: DbFile,
-    rx: mpsc::Receiver<Request>,
     context: String,
     failed: Arc<AtomicBool>,
     relay: Relay,
-) {
-    // Outbox entries committed but not yet handed over: their flush failed.
-    let mut unrelayed: KeyedEntries = Vec::new();
-    // Blocks for the first request, then takes every request already queued: they all share
-    // the one flush that starts after them.
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while let Ok(r) = rx.try_recv() {
-            batch.push(r);
+    faults: Arc<Faults>,
+    mark: Arc<FlushMark>,
+}
+
+impl Flusher {
+    /// One flush and `fsync`, marked for the watchdog, with the `store_flush` fault point
+    /// before it.
+    fn flush(&self) -> Result<(), String> {
+        self.mark.begin();
+        let result = match self.fault() {
+            Some(FaultAction::Error) => Err("injected fault at store_flush".to_string()),
+            _ => flush_and_sync(&self.db, &self.db_file),
+        };
+        self.mark.end();
+        result
+    }
+
+    /// Fires the `store_flush` fault point: a crash aborts here, a delay sleeps here (a
+    /// stalled disk); an error is returned for the caller to report instead of flushing.
+    fn fault(&self) -> Option<FaultAction> {
+        let point = FaultPoint::StoreFlush;
+        let rule = self.faults.fire(point, &self.context, "", &[])?;
+        match rule.action {
+            FaultAction::Crash => crate::consumer::crash(point, &self.context),
+            FaultAction::Delay => std::thread::sleep(Duration::from_millis(rule.delay_ms)),
+            _ => {}
         }
-        let started = Instant::now();
-        let result = flush_and_sync(&db, &db_file);
-        metrics::STORE_COMMIT_SECONDS
-            .with_label_values(&[&context])
-            .observe(started.elapsed().as_secs_f64());
-        let served: usize = batch
-            .iter()
-            .map(|r| match r {
-                Request::Wait(_) => 1,
-                Request::Batch(b) => b.len(),
-            })
-            .sum();
-        metrics::STORE_GROUP_COMMIT_SIZE
-            .with_label_values(&[&context])
-            .observe(served as f64);
-        failed.store(result.is_err(), Ordering::SeqCst);
-        if let Err(e) = &result {
-            tracing::error!(context = %context, error = %e, "store flush failed");
-        }
-        for r in &mut batch {
-            if let Request::Batch(answers) = r {
-                for a in answers {
-                    // The relay gets the entries themselves (no read back from the
-                    // store); the caller's answer keeps `Written` without them.
-                    if let Ok(Ok(Committed::Written { outbox })) = &mut a.outcome {
-                        unrelayed.append(outbox);
-                    }
-                    if result.is_ok() {
-                        a.run_after();
+        Some(rule.action)
+    }
+
+    fn run(self, rx: mpsc::Receiver<Request>) {
+        let Flusher {
+            context,
+            failed,
+            relay,
+            ..
+        } = &self;
+        // Outbox entries committed but not yet handed over: their flush failed.
+        let mut unrelayed: KeyedEntries = Vec::new();
+        // Blocks for the first request, then takes every request already queued: they all
+        // share the one flush that starts after them.
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while let Ok(r) = rx.try_recv() {
+                batch.push(r);
+            }
+            let started = Instant::now();
+            let result = self.flush();
+            metrics::STORE_COMMIT_SECONDS
+                .with_label_values(&[&context])
+                .observe(started.elapsed().as_secs_f64());
+            let served: usize = batch
+                .iter()
+                .map(|r| match r {
+                    Request::Wait(_) => 1,
+                    Request::Batch(b) => b.len(),
+                })
+                .sum();
+            metrics::STORE_GROUP_COMMIT_SIZE
+                .with_label_values(&[&context])
+                .observe(served as f64);
+            failed.store(result.is_err(), Ordering::SeqCst);
+            if let Err(e) = &result {
+                tracing::error!(context = %context, error = %e, "store flush failed");
+            }
+            for r in &mut batch {
+                if let Request::Batch(answers) = r {
+                    for a in answers {
+                        // The relay gets the entries themselves (no read back from the
+                        // store); the caller's answer keeps `Written` without them.
+                        if let Ok(Ok(Committed::Written { outbox })) = &mut a.outcome {
+                            unrelayed.append(outbox);
+                        }
+                        if result.is_ok() {
+                            a.run_after();
+                        }
                     }
                 }
             }
-        }
-        if result.is_ok() {
-            relay.durable(std::mem::take(&mut unrelayed));
-        }
-        for r in batch {
-            match r {
-                Request::Wait(w) => {
-                    let _ = w.send(result.clone());
-                }
-                Request::Batch(answers) => {
-                    for a in answers {
-                        let _ = a.reply.send(after_flush(a.outcome, &result));
+            if result.is_ok() {
+                relay.durable(std::mem::take(&mut unrelayed));
+            }
+            for r in batch {
+                match r {
+                    Request::Wait(w) => {
+                        let _ = w.send(result.clone());
+                    }
+                    Request::Batch(answers) => {
+                        for a in answers {
+                            let _ = a.reply.send(after_flush(a.outcome, &result));
+                        }
                     }
                 }
             }
@@ -386,20 +479,87 @@ mod tests {
     use super::*;
     use crate::store::test_entry;
 
-    /// A store in a fresh directory (kept alive by the caller) with its group commit, whose
-    /// relay hands the entries to the returned receiver.
-    fn start() -> (
+    type Started = (
         tempfile::TempDir,
         Store,
         tokio::sync::mpsc::UnboundedReceiver<KeyedEntries>,
         GroupCommit,
-    ) {
+    );
+
+    /// A store in a fresh directory (kept alive by the caller) with its group commit, whose
+    /// relay hands the entries to the returned receiver.
+    fn start() -> Started {
+        start_with(
+            Arc::new(Faults::new(&Default::default())),
+            Default::default(),
+        )
+    }
+
+    fn start_with(faults: Arc<Faults>, failed: Arc<AtomicBool>) -> Started {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
         let (relay, handed) = Relay::detached();
-        let gc = GroupCommit::start(&store, dir.path(), "test", Default::default(), relay, true)
-            .unwrap();
+        let gc =
+            GroupCommit::start(&store, dir.path(), "test", failed, relay, faults, true).unwrap();
         (dir, store, handed, gc)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_injected_flush_fault_fails_or_stalls_the_flush_it_hits() {
+        let faults = Arc::new(Faults::new(&crate::faults::FaultConfig {
+            enabled: true,
+            ..Default::default()
+        }));
+        let failed = Arc::new(AtomicBool::new(false));
+        let (_dir, _store, mut handed, gc) = start_with(faults.clone(), failed.clone());
+        let rule = |action, delay_ms| crate::faults::FaultRule {
+            point: FaultPoint::StoreFlush,
+            action,
+            context: None,
+            msg_type: None,
+            times: Some(1),
+            payload_contains: None,
+            probability: 1.0,
+            delay_ms,
+            duration_ms: None,
+        };
+
+        // A failed flush: the commit is not acked, its entry not handed over, the store
+        // reported failed; the next flush succeeds and hands the entry over.
+        faults.install(rule(FaultAction::Error, 0), None).unwrap();
+        let decide: Decide = Box::new(|_| Ok(vec![test_entry(1)]));
+        let r = gc.commit("c/1".into(), 1, decide, None).await;
+        assert!(
+            matches!(r, Err(CommitError::Store(_))),
+            "a commit whose flush failed is an error: {r:?}"
+        );
+        assert!(failed.load(Ordering::SeqCst));
+        assert!(
+            handed.try_recv().is_err(),
+            "nothing handed over before durable"
+        );
+        gc.durable().await.unwrap();
+        assert!(!failed.load(Ordering::SeqCst));
+        assert_eq!(handed.try_recv().unwrap().len(), 1);
+
+        // A stalled flush is seen running, as the same flush, until it returns.
+        assert_eq!(gc.flushing().running(), None);
+        faults.install(rule(FaultAction::Delay, 600), None).unwrap();
+        let waiting = tokio::spawn({
+            let gc = gc.clone();
+            async move { gc.durable().await }
+        });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let first = gc
+            .flushing()
+            .running()
+            .expect("the stalled flush is running");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(gc.flushing().running(), Some(first));
+        waiting.await.unwrap().unwrap();
+        assert_eq!(gc.flushing().running(), None);
+        gc.durable().await.unwrap();
+        assert_eq!(gc.flushing().running(), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -158,10 +158,16 @@ pub async fn run(
             c.name(),
             failed.clone(),
             relay.clone(),
+            faults.clone(),
             !cfg.danger.disable_group_commit,
         )
         .map_err(|e| NodeError::Other(e.to_string()))?;
-        watched.push((c.name(), dir.clone(), commit.clone(), failed));
+        watched.push(Watched {
+            context: c.name(),
+            dir: dir.clone(),
+            commit: commit.clone(),
+            failed,
+        });
         commits.push((commit.clone(), store.clone()));
         let rt = Arc::new(ContextRuntime {
             context: c.name(),
@@ -234,7 +240,16 @@ pub async fn run(
         faults.clone(),
         names.clone(),
     )));
-    services.push(tokio::spawn(store_watchdog(watched)));
+    // On a thread of its own: a store stuck inside sled blocks whichever thread calls it,
+    // async workers included, and the watchdog must still run then.
+    let watchdog = Arc::new(AtomicU8::new(WATCHDOG_RUNNING));
+    {
+        let (state, stall) = (watchdog.clone(), cfg.store.flush_stall_ms);
+        std::thread::Builder::new()
+            .name("store-watchdog".into())
+            .spawn(move || store_watchdog(watched, Duration::from_millis(stall), state))
+            .map_err(|e| NodeError::Other(e.to_string()))?;
+    }
     health.watch_nats(bus.client.clone());
     health.set_ready(true);
     tracing::info!(contexts = ?names, nats = %cfg.nats_url, metrics = %cfg.metrics_addr, "node ready");
@@ -243,6 +258,7 @@ pub async fn run(
     tracing::info!("shutting down: stop pulling, finish in-flight work");
     health.set_ready(false);
     let _ = stop_tx.send(true);
+    watchdog.store(WATCHDOG_SHUTTING_DOWN, Ordering::SeqCst);
     for a in &actors {
         if let Ok(Some(run)) = a.send(TakeRun).await {
             let _ = run.await;
@@ -275,6 +291,7 @@ pub async fn run(
         let _ = b.client.drain().await;
     }
     let _ = bus.client.drain().await;
+    watchdog.store(WATCHDOG_STOPPED, Ordering::SeqCst);
     metrics_task.abort();
     tracing::info!("stopped");
     Ok(())
@@ -382,29 +399,104 @@ async fn poll_consumers(bus: Bus, consumers: Vec<(&'static str, String, String)>
     }
 }
 
-/// A store whose flush failed (disk full, I/O error) makes the node stop acking its
-/// messages and report not ready. Once the store's directory takes a test write again, the
-/// store is flushed; sled keeps an I/O error for good (its `global_error`), so if that flush
-/// still fails the node restarts in place (executes itself again with the same arguments)
-/// and recovers from what is on disk, as after a crash. Unacked messages are redelivered.
-async fn store_watchdog(stores: Vec<(&'static str, PathBuf, GroupCommit, Arc<AtomicBool>)>) {
+/// A store the watchdog looks after.
+struct Watched {
+    context: &'static str,
+    dir: PathBuf,
+    commit: GroupCommit,
+    /// Set while the last flush failed.
+    failed: Arc<AtomicBool>,
+}
+
+const WATCHDOG_RUNNING: u8 = 0;
+const WATCHDOG_SHUTTING_DOWN: u8 = 1;
+const WATCHDOG_STOPPED: u8 = 2;
+
+/// Looks at every store once a second, on its own thread:
+/// - A store whose flush failed (disk full, I/O error) makes the node stop acking its
+///   messages and report not ready. Once the store's directory takes a test write again,
+///   the store is flushed; sled keeps an I/O error for good (its `global_error`), so if that
+///   flush still fails the node restarts in place (executes itself again with the same
+///   arguments) and recovers from what is on disk, as after a crash. Unacked messages are
+///   redelivered.
+/// - A flush that has not returned after `stall` (the same flush seen running on that many
+///   one-second looks, so a process stopped and continued does not count its pause) will not
+///   return: the node restarts in place (while shutting down: exits), since nothing else in
+///   the process can get past a store stuck in sled.
+fn store_watchdog(stores: Vec<Watched>, stall: Duration, state: Arc<AtomicU8>) {
+    let tick = Duration::from_secs(1);
+    let limit = (stall.as_millis() / tick.as_millis()).max(1) as u32;
+    // Per store: the flush seen running on the last looks and on how many in a row; the
+    // recovery flush asked for.
+    let mut seen: Vec<(Option<u64>, u32)> = vec![(None, 0); stores.len()];
+    let mut recovering: Vec<Option<crate::flusher::DurableReceiver>> =
+        stores.iter().map(|_| None).collect();
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        for (context, dir, commit, failed) in &stores {
-            if !failed.load(Ordering::SeqCst) {
-                continue;
-            }
-            if let Err(e) = space_probe(dir) {
-                tracing::warn!(context, error = %e, "store still not writable");
-                continue;
-            }
-            match commit.durable().await {
-                Ok(()) => tracing::info!(context, "store writable again"),
-                Err(e) => {
-                    tracing::error!(context, error = %e, "store cannot recover in this process: restarting in place");
-                    restart_in_place();
+        std::thread::sleep(tick);
+        let now = state.load(Ordering::SeqCst);
+        if now == WATCHDOG_STOPPED {
+            return;
+        }
+        for (i, w) in stores.iter().enumerate() {
+            let context = w.context;
+            let running = w.commit.flushing().running();
+            seen[i] = match (running, seen[i]) {
+                (Some(n), (Some(m), looks)) if n == m => (Some(n), looks + 1),
+                (running, _) => (running, u32::from(running.is_some())),
+            };
+            if seen[i].1 > limit {
+                tracing::error!(
+                    context,
+                    stalled_s = seen[i].1 - 1,
+                    "store flush stalled: it will not return"
+                );
+                if now == WATCHDOG_SHUTTING_DOWN {
+                    tracing::error!("exiting instead of stopping cleanly");
+                    std::process::exit(70);
                 }
+                restart_in_place();
             }
+            if recovering[i].is_none() {
+                if now != WATCHDOG_RUNNING || !w.failed.load(Ordering::SeqCst) {
+                    continue;
+                }
+                if let Err(e) = space_probe(&w.dir) {
+                    tracing::warn!(context, error = %e, "store still not writable");
+                    continue;
+                }
+                recovering[i] = w.commit.request_durable().ok();
+            }
+            if let Some(rx) = &mut recovering[i] {
+                use tokio::sync::oneshot::error::TryRecvError;
+                match answer_within(rx, tick / 4) {
+                    Err(TryRecvError::Empty) => continue,
+                    Ok(Ok(())) => tracing::info!(context, "store writable again"),
+                    Ok(Err(e)) => {
+                        tracing::error!(context, error = %e, "store cannot recover in this process: restarting in place");
+                        restart_in_place();
+                    }
+                    Err(TryRecvError::Closed) => {}
+                }
+                recovering[i] = None;
+            }
+        }
+    }
+}
+
+/// The flush's answer if it comes within `wait` (looked for every 10 ms).
+fn answer_within(
+    rx: &mut crate::flusher::DurableReceiver,
+    wait: Duration,
+) -> Result<Result<(), String>, tokio::sync::oneshot::error::TryRecvError> {
+    let until = std::time::Instant::now() + wait;
+    loop {
+        match rx.try_recv() {
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+                if std::time::Instant::now() < until =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r,
         }
     }
 }

@@ -60,6 +60,8 @@ pub(crate) enum Fault {
     Malformed,
     /// The node's sled directory on a small tmpfs, filled up, then freed.
     DiskFull(&'static str),
+    /// A store flush of the node that does not return (`store_flush` delay of 10 minutes).
+    FlushStall(&'static str),
 }
 
 pub(crate) struct Scenario {
@@ -161,8 +163,17 @@ pub(crate) fn full() -> Vec<Scenario> {
         "disk-full-inventory",
         Fault::DiskFull("inventory"),
     ));
+    v.push(
+        Scenario::new("flush-stall-inventory", Fault::FlushStall("inventory")).config(&format!(
+            "[store]\nflush_stall_ms = {}",
+            FLUSH_STALL.as_millis()
+        )),
+    );
     v
 }
+
+/// `store.flush_stall_ms` of the flush-stall scenario.
+const FLUSH_STALL: Duration = Duration::from_secs(5);
 
 /// The short matrix of the default test command: it still kills and restarts processes.
 pub(crate) fn short() -> Vec<Scenario> {
@@ -172,6 +183,7 @@ pub(crate) fn short() -> Vec<Scenario> {
         "crash-after_commit-orders",
         "nats-kill9",
         "replays",
+        "flush-stall-inventory",
     ];
     full()
         .into_iter()
@@ -598,6 +610,66 @@ async fn apply(
             a.details.push(format!(
                 "not ready while full: {unready}; recovered in place: {}",
                 ready && same
+            ));
+        }
+        Fault::FlushStall(ctx) => {
+            let addr = t.shop.node(ctx)?.metrics_addr.clone();
+            let pid = t.shop.node(ctx)?.proc.pid();
+            let stalls = || {
+                harness::try_metric(
+                    &addr,
+                    "choreo_faults_injected_total",
+                    &[("point", "store_flush")],
+                )
+            };
+            let (ok, out) = harness::inject(
+                t,
+                ctx,
+                "store-flush",
+                "delay",
+                &["--times", "1", "--delay-ms", "600000"],
+            );
+            anyhow::ensure!(ok, "chaos inject: {out}");
+            // The node flushes for every batch it commits: the next one stalls.
+            let fired = harness::eventually(Duration::from_secs(10), || {
+                let n = stalls();
+                async move { n.is_some_and(|n| n >= 1.0) }
+            })
+            .await;
+            anyhow::ensure!(fired, "the store_flush delay never fired in {ctx}");
+            let stalled = std::time::Instant::now();
+            let acked =
+                || harness::try_metric(&addr, "choreo_messages_total", &[("outcome", "acked")]);
+            let before = acked();
+            tokio::time::sleep(FLUSH_STALL / 2).await;
+            if let (Some(b), Some(later)) = (before, acked()) {
+                if later > b {
+                    a.violations.push(format!(
+                        "{} messages acked while the store's flush stalled",
+                        later - b
+                    ));
+                }
+            }
+            // The watchdog restarts the process in place: same pid, the fault's count (in
+            // memory) back to 0, ready again.
+            let restarted = harness::eventually(FLUSH_STALL + Duration::from_secs(30), || {
+                let back = stalls() == Some(0.0) && harness::http_status(&addr, "/readyz") == 200;
+                async move { back }
+            })
+            .await;
+            a.ended_ms = now_ms();
+            if !restarted {
+                a.violations
+                    .push("the node did not restart after its flush stalled".into());
+            }
+            let same = t.shop.node(ctx)?.proc.pid() == pid;
+            if !same {
+                a.violations
+                    .push("the node was not restarted in place".into());
+            }
+            a.details.push(format!(
+                "stalled flush: restarted in place and ready {:.1} s after it stalled",
+                stalled.elapsed().as_secs_f64()
             ));
         }
     }

@@ -108,11 +108,20 @@ pub(crate) async fn wait_dead_letter(
 /// Reads one metric value (summed over series whose labels contain every `labels` pair)
 /// from a node's /metrics endpoint.
 pub(crate) fn metric(addr: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut s = TcpStream::connect(addr).expect("metrics endpoint");
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    try_metric(addr, name, labels).expect("metrics endpoint")
+}
+
+/// Like [`metric`], `None` where the endpoint does not answer (a node restarting).
+pub(crate) fn try_metric(addr: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
     let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body.lines()
+    s.read_to_string(&mut body).ok()?;
+    if !body.starts_with("HTTP/1.") {
+        return None;
+    }
+    let sum = body
+        .lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
         .filter(|l| {
             labels
@@ -120,7 +129,8 @@ pub(crate) fn metric(addr: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                 .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .sum();
+    Some(sum)
 }
 
 /// The `added`/`available` numbers of one sku from the inventory read model.

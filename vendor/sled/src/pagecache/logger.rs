@@ -442,6 +442,17 @@ impl Log {
                         lsn, e
                     );
                     iobufs.config.set_global_error(e);
+
+                    // choreo patch 6: wake the threads waiting in `make_stable` for
+                    // this buffer, as every other place that sets the global error
+                    // does; they would wait for ever (it never becomes stable).
+                    let intervals = iobufs.intervals.lock();
+
+                    // having held the mutex makes this linearized
+                    // with the notify below.
+                    drop(intervals);
+
+                    let _notified = iobufs.interval_updated.notify_all();
                 }
             })?;
 
