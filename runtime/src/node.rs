@@ -167,6 +167,7 @@ pub async fn run(
             dir: dir.clone(),
             commit: commit.clone(),
             failed,
+            stalled: health.store_flag(),
         });
         commits.push((commit.clone(), store.clone()));
         let rt = Arc::new(ContextRuntime {
@@ -406,6 +407,9 @@ struct Watched {
     commit: GroupCommit,
     /// Set while the last flush failed.
     failed: Arc<AtomicBool>,
+    /// Set by the watchdog while a flush has been running for two looks or more (readiness
+    /// reads it, as it reads `failed`).
+    stalled: Arc<AtomicBool>,
 }
 
 const WATCHDOG_RUNNING: u8 = 0;
@@ -419,7 +423,8 @@ const WATCHDOG_STOPPED: u8 = 2;
 ///   flush still fails the node restarts in place (executes itself again with the same
 ///   arguments) and recovers from what is on disk, as after a crash. Unacked messages are
 ///   redelivered.
-/// - A flush that has not returned after `stall` (the same flush seen running on that many
+/// - A flush seen running on two looks in a row makes the node not ready until it returns.
+///   One that has not returned after `stall` (the same flush seen running on that many
 ///   one-second looks, so a process stopped and continued does not count its pause) will not
 ///   return: the node restarts in place (while shutting down: exits), since nothing else in
 ///   the process can get past a store stuck in sled.
@@ -444,6 +449,14 @@ fn store_watchdog(stores: Vec<Watched>, stall: Duration, state: Arc<AtomicU8>) {
                 (Some(n), (Some(m), looks)) if n == m => (Some(n), looks + 1),
                 (running, _) => (running, u32::from(running.is_some())),
             };
+            let stalled = seen[i].1 >= 2;
+            if w.stalled.swap(stalled, Ordering::SeqCst) != stalled {
+                if stalled {
+                    tracing::warn!(context, "store flush running for over a second: not ready");
+                } else {
+                    tracing::info!(context, "store flush returned");
+                }
+            }
             if seen[i].1 > limit {
                 tracing::error!(
                     context,

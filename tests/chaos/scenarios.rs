@@ -638,10 +638,14 @@ async fn apply(
             .await;
             anyhow::ensure!(fired, "the store_flush delay never fired in {ctx}");
             let stalled = std::time::Instant::now();
+            if !harness::readyz_becomes(&addr, 503, FLUSH_STALL).await {
+                a.violations
+                    .push("the node stayed ready while its flush stalled".into());
+            }
             let acked =
                 || harness::try_metric(&addr, "choreo_messages_total", &[("outcome", "acked")]);
             let before = acked();
-            tokio::time::sleep(FLUSH_STALL / 2).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
             if let (Some(b), Some(later)) = (before, acked()) {
                 if later > b {
                     a.violations.push(format!(
