@@ -243,9 +243,9 @@ pub async fn run(
     )));
     // On a thread of its own: a store stuck inside sled blocks whichever thread calls it,
     // async workers included, and the watchdog must still run then.
-    let watchdog = Arc::new(AtomicU8::new(WATCHDOG_RUNNING));
+    let watchdog = WatchdogState(Arc::new(AtomicU8::new(WATCHDOG_RUNNING)));
     {
-        let (state, stall) = (watchdog.clone(), cfg.store.flush_stall_ms);
+        let (state, stall) = (watchdog.0.clone(), cfg.store.flush_stall_ms);
         std::thread::Builder::new()
             .name("store-watchdog".into())
             .spawn(move || store_watchdog(watched, Duration::from_millis(stall), state))
@@ -259,7 +259,7 @@ pub async fn run(
     tracing::info!("shutting down: stop pulling, finish in-flight work");
     health.set_ready(false);
     let _ = stop_tx.send(true);
-    watchdog.store(WATCHDOG_SHUTTING_DOWN, Ordering::SeqCst);
+    watchdog.0.store(WATCHDOG_SHUTTING_DOWN, Ordering::SeqCst);
     for a in &actors {
         if let Ok(Some(run)) = a.send(TakeRun).await {
             let _ = run.await;
@@ -292,7 +292,7 @@ pub async fn run(
         let _ = b.client.drain().await;
     }
     let _ = bus.client.drain().await;
-    watchdog.store(WATCHDOG_STOPPED, Ordering::SeqCst);
+    drop(watchdog);
     metrics_task.abort();
     tracing::info!("stopped");
     Ok(())
@@ -415,6 +415,16 @@ struct Watched {
 const WATCHDOG_RUNNING: u8 = 0;
 const WATCHDOG_SHUTTING_DOWN: u8 = 1;
 const WATCHDOG_STOPPED: u8 = 2;
+
+/// The watchdog thread's state as `run` sets it; dropped (however `run` ends), it stops the
+/// thread at its next look.
+struct WatchdogState(Arc<AtomicU8>);
+
+impl Drop for WatchdogState {
+    fn drop(&mut self) {
+        self.0.store(WATCHDOG_STOPPED, Ordering::SeqCst);
+    }
+}
 
 /// Looks at every store once a second, on its own thread:
 /// - A store whose flush failed (disk full, I/O error) makes the node stop acking its
