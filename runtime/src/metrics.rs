@@ -182,6 +182,18 @@ pub static FAULTS_INJECTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Restarts in place of this node process (it executed itself again: a store it could not
+/// recover in the process), by reason: `flush_failed` | `flush_stalled`. The count is
+/// carried across the restart in the environment, so it goes on where the process's other
+/// counters start again from zero.
+pub static RESTARTS_IN_PLACE: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_node_restarts_in_place_total",
+        "Restarts in place of this node process (same pid, executed again) since it was started, by reason (flush_failed, flush_stalled).",
+        &["reason"],
+    )
+});
+
 /// Saga deadlines fired.
 pub static SAGA_DEADLINES_FIRED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
@@ -418,6 +430,7 @@ pub fn init() {
     LazyLock::force(&STORE_TX_BATCH_SIZE);
     LazyLock::force(&EXTERNAL_SECONDS);
     LazyLock::force(&FAULTS_INJECTED);
+    LazyLock::force(&RESTARTS_IN_PLACE);
     LazyLock::force(&BREAKER_STATE);
     LazyLock::force(&BREAKER_TRANSITIONS);
     LazyLock::force(&BULKHEAD_IN_USE);

@@ -61,6 +61,7 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     let cfg = Arc::new(cfg);
     metrics::init();
+    count_restarts_in_place();
     let health = Health::default();
     let listener = TcpListener::bind(&cfg.metrics_addr)
         .await
@@ -477,7 +478,7 @@ fn store_watchdog(stores: Vec<Watched>, stall: Duration, state: Arc<AtomicU8>) {
                     tracing::error!("exiting instead of stopping cleanly");
                     std::process::exit(70);
                 }
-                restart_in_place();
+                restart_in_place(Restart::FlushStalled);
             }
             if recovering[i].is_none() {
                 if now != WATCHDOG_RUNNING || !w.failed.load(Ordering::SeqCst) {
@@ -496,7 +497,7 @@ fn store_watchdog(stores: Vec<Watched>, stall: Duration, state: Arc<AtomicU8>) {
                     Ok(Ok(())) => tracing::info!(context, "store writable again"),
                     Ok(Err(e)) => {
                         tracing::error!(context, error = %e, "store cannot recover in this process: restarting in place");
-                        restart_in_place();
+                        restart_in_place(Restart::FlushFailed);
                     }
                     Err(TryRecvError::Closed) => {}
                 }
@@ -536,14 +537,82 @@ fn space_probe(dir: &Path) -> std::io::Result<()> {
     result
 }
 
+/// Why a node restarted itself in place (the discriminant indexes [`Restart::ALL`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restart {
+    /// A store's flush failed and still failed once its directory took writes again.
+    FlushFailed,
+    /// A store's flush did not return.
+    FlushStalled,
+}
+
+impl Restart {
+    const ALL: [Restart; 2] = [Restart::FlushFailed, Restart::FlushStalled];
+
+    fn label(self) -> &'static str {
+        match self {
+            Restart::FlushFailed => "flush_failed",
+            Restart::FlushStalled => "flush_stalled",
+        }
+    }
+}
+
+/// The environment variable that carries the restarts in place so far across the exec:
+/// `flush_failed=N,flush_stalled=M`.
+const RESTARTS_ENV: &str = "CHOREO_RESTARTS_IN_PLACE";
+
+/// Restarts in place so far, by [`Restart::ALL`], read from `value` (unknown or malformed
+/// parts count nothing).
+fn restarts_from(value: Option<&str>) -> [u64; 2] {
+    let mut counts = [0; 2];
+    for part in value.unwrap_or_default().split(',') {
+        let Some((label, n)) = part.split_once('=') else {
+            continue;
+        };
+        if let (Some(i), Ok(n)) = (
+            Restart::ALL.iter().position(|r| r.label() == label),
+            n.parse::<u64>(),
+        ) {
+            counts[i] = n;
+        }
+    }
+    counts
+}
+
+fn restarts_value(counts: [u64; 2]) -> String {
+    Restart::ALL
+        .iter()
+        .zip(counts)
+        .map(|(r, n)| format!("{}={n}", r.label()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Sets `choreo_node_restarts_in_place_total` from the environment (0 for every reason in a
+/// process started afresh, so the series exist before the first restart).
+fn count_restarts_in_place() {
+    let counts = restarts_from(std::env::var(RESTARTS_ENV).ok().as_deref());
+    for (r, n) in Restart::ALL.iter().zip(counts) {
+        metrics::RESTARTS_IN_PLACE
+            .with_label_values(&[r.label()])
+            .inc_by(n);
+    }
+    if counts.iter().any(|n| *n > 0) {
+        tracing::warn!(restarts = %restarts_value(counts), "this node has restarted itself in place");
+    }
+}
+
 /// Replaces this process with a fresh run of the same command line (same pid; every file
-/// and socket is closed on exec).
-fn restart_in_place() -> ! {
+/// and socket is closed on exec), its restarts in place counted in the environment.
+fn restart_in_place(why: Restart) -> ! {
     use std::os::unix::process::CommandExt;
+    let mut counts = restarts_from(std::env::var(RESTARTS_ENV).ok().as_deref());
+    counts[why as usize] += 1;
     let err = std::env::current_exe()
         .map(|exe| {
             std::process::Command::new(exe)
                 .args(std::env::args_os().skip(1))
+                .env(RESTARTS_ENV, restarts_value(counts))
                 .exec()
         })
         .unwrap_or_else(|e| e);
@@ -569,5 +638,32 @@ async fn rotate_inbox(context: &'static str, store: Store, cfg: Arc<NodeConfig>)
             Ok(Err(e)) => tracing::warn!(context, error = %e, "inbox rotation failed"),
             Err(e) => tracing::warn!(context, error = %e, "inbox rotation panicked"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_in_place_are_counted_across_the_environment() {
+        assert_eq!(restarts_from(None), [0, 0]);
+        let mut counts = restarts_from(Some("flush_failed=2,flush_stalled=1"));
+        assert_eq!(counts, [2, 1]);
+        counts[Restart::FlushStalled as usize] += 1;
+        assert_eq!(
+            restarts_from(Some(&restarts_value(counts))),
+            [2, 2],
+            "{}",
+            restarts_value(counts)
+        );
+        for (i, r) in Restart::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        // What cannot be read counts nothing.
+        assert_eq!(
+            restarts_from(Some("flush_failed=x,bogus=3,,flush_stalled")),
+            [0, 0]
+        );
     }
 }

@@ -607,9 +607,15 @@ async fn apply(
                     .push("the node did not become ready once space returned".into());
             }
             let same = t.shop.node(ctx)?.proc.pid() == pid;
+            let restarts = harness::try_metric(
+                &addr,
+                "choreo_node_restarts_in_place_total",
+                &[("reason", "flush_failed")],
+            );
             a.details.push(format!(
-                "not ready while full: {unready}; recovered in place: {}",
-                ready && same
+                "not ready while full: {unready}; recovered in place: {}; restarts in place: {}",
+                ready && same,
+                restarts.map_or("?".into(), |n| n.to_string())
             ));
         }
         Fault::FlushStall(ctx) => {
@@ -655,9 +661,16 @@ async fn apply(
                 }
             }
             // The watchdog restarts the process in place: same pid, the fault's count (in
-            // memory) back to 0, ready again.
+            // memory) back to 0, one restart in place counted for the stall, ready again.
             let restarted = harness::eventually(FLUSH_STALL + Duration::from_secs(30), || {
-                let back = stalls() == Some(0.0) && harness::http_status(&addr, "/readyz") == 200;
+                let counted = harness::try_metric(
+                    &addr,
+                    "choreo_node_restarts_in_place_total",
+                    &[("reason", "flush_stalled")],
+                );
+                let back = stalls() == Some(0.0)
+                    && counted == Some(1.0)
+                    && harness::http_status(&addr, "/readyz") == 200;
                 async move { back }
             })
             .await;
