@@ -381,25 +381,22 @@ mod tests {
         valid().validate(KNOWN).unwrap();
     }
 
+    /// Why `c` is refused (it must be).
+    fn refusal(c: &NodeConfig) -> String {
+        c.validate(KNOWN).unwrap_err().to_string()
+    }
+
     #[test]
     fn rejects_what_would_misbehave() {
         let mut c = valid();
         c.contexts = vec!["shop".into()];
-        assert!(c
-            .validate(KNOWN)
-            .unwrap_err()
-            .to_string()
-            .contains("unknown context"));
+        assert!(refusal(&c).contains("unknown context"));
         let mut c = valid();
         c.consumer.ack_wait_ms = 1_000;
-        assert!(c.validate(KNOWN).unwrap_err().to_string().contains("3x"));
+        assert!(refusal(&c).contains("3x"));
         let mut c = valid();
         c.store.flush_stall_ms = 500;
-        assert!(c
-            .validate(KNOWN)
-            .unwrap_err()
-            .to_string()
-            .contains("store.flush_stall_ms must be at least 1000"));
+        assert!(refusal(&c).contains("store.flush_stall_ms must be at least 1000"));
         let mut c = valid();
         c.max_message_bytes = 2 << 20;
         assert!(c.validate(KNOWN).is_err());

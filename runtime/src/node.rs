@@ -169,6 +169,9 @@ pub async fn run(
             commit: commit.clone(),
             failed,
             stalled: health.store_flag(),
+            flush_seen: None,
+            looks: 0,
+            recovering: None,
         });
         commits.push((commit.clone(), store.clone()));
         let rt = Arc::new(ContextRuntime {
@@ -411,6 +414,11 @@ struct Watched {
     /// Set by the watchdog while a flush has been running for two looks or more (readiness
     /// reads it, as it reads `failed`).
     stalled: Arc<AtomicBool>,
+    /// The flush seen running on the last look, and on how many looks in a row.
+    flush_seen: Option<u64>,
+    looks: u32,
+    /// The recovery flush asked for, while its answer has not come.
+    recovering: Option<crate::flusher::DurableReceiver>,
 }
 
 const WATCHDOG_RUNNING: u8 = 0;
@@ -439,28 +447,24 @@ impl Drop for WatchdogState {
 ///   one-second looks, so a process stopped and continued does not count its pause) will not
 ///   return: the node restarts in place (while shutting down: exits), since nothing else in
 ///   the process can get past a store stuck in sled.
-fn store_watchdog(stores: Vec<Watched>, stall: Duration, state: Arc<AtomicU8>) {
+fn store_watchdog(mut stores: Vec<Watched>, stall: Duration, state: Arc<AtomicU8>) {
     let tick = Duration::from_secs(1);
     let limit = (stall.as_millis() / tick.as_millis()).max(1) as u32;
-    // Per store: the flush seen running on the last looks and on how many in a row; the
-    // recovery flush asked for.
-    let mut seen: Vec<(Option<u64>, u32)> = vec![(None, 0); stores.len()];
-    let mut recovering: Vec<Option<crate::flusher::DurableReceiver>> =
-        stores.iter().map(|_| None).collect();
     loop {
         std::thread::sleep(tick);
         let now = state.load(Ordering::SeqCst);
         if now == WATCHDOG_STOPPED {
             return;
         }
-        for (i, w) in stores.iter().enumerate() {
+        for w in &mut stores {
             let context = w.context;
             let running = w.commit.flushing().running();
-            seen[i] = match (running, seen[i]) {
-                (Some(n), (Some(m), looks)) if n == m => (Some(n), looks + 1),
-                (running, _) => (running, u32::from(running.is_some())),
+            w.looks = match (running, w.flush_seen) {
+                (Some(n), Some(m)) if n == m => w.looks + 1,
+                (running, _) => u32::from(running.is_some()),
             };
-            let stalled = seen[i].1 >= 2;
+            w.flush_seen = running;
+            let stalled = w.looks >= 2;
             if w.stalled.swap(stalled, Ordering::SeqCst) != stalled {
                 if stalled {
                     tracing::warn!(context, "store flush running for over a second: not ready");
@@ -468,10 +472,10 @@ fn store_watchdog(stores: Vec<Watched>, stall: Duration, state: Arc<AtomicU8>) {
                     tracing::info!(context, "store flush returned");
                 }
             }
-            if seen[i].1 > limit {
+            if w.looks > limit {
                 tracing::error!(
                     context,
-                    stalled_s = seen[i].1 - 1,
+                    stalled_s = w.looks - 1,
                     "store flush stalled: it will not return"
                 );
                 if now == WATCHDOG_SHUTTING_DOWN {
@@ -480,7 +484,7 @@ fn store_watchdog(stores: Vec<Watched>, stall: Duration, state: Arc<AtomicU8>) {
                 }
                 restart_in_place(Restart::FlushStalled);
             }
-            if recovering[i].is_none() {
+            if w.recovering.is_none() {
                 if now != WATCHDOG_RUNNING || !w.failed.load(Ordering::SeqCst) {
                     continue;
                 }
@@ -488,9 +492,9 @@ fn store_watchdog(stores: Vec<Watched>, stall: Duration, state: Arc<AtomicU8>) {
                     tracing::warn!(context, error = %e, "store still not writable");
                     continue;
                 }
-                recovering[i] = w.commit.request_durable().ok();
+                w.recovering = w.commit.request_durable().ok();
             }
-            if let Some(rx) = &mut recovering[i] {
+            if let Some(rx) = &mut w.recovering {
                 use tokio::sync::oneshot::error::TryRecvError;
                 match answer_within(rx, tick / 4) {
                     Err(TryRecvError::Empty) => continue,
@@ -501,7 +505,7 @@ fn store_watchdog(stores: Vec<Watched>, stall: Duration, state: Arc<AtomicU8>) {
                     }
                     Err(TryRecvError::Closed) => {}
                 }
-                recovering[i] = None;
+                w.recovering = None;
             }
         }
     }
