@@ -17,6 +17,7 @@ use runtime::config::NodeConfig;
 use runtime::subjects;
 use serde::{Deserialize, Serialize};
 
+use crate::host;
 use crate::load::{self, LoadConfig};
 use crate::shop::{Shop, ShopOptions};
 use crate::stages::{self, Stages};
@@ -99,6 +100,10 @@ pub struct Phase {
     /// [`settle`]); 0 without.
     #[serde(default)]
     pub settled_seconds: f64,
+    /// The whole machine's CPU during the phase, the bench's own included (reports before
+    /// this field: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_cpu: Option<host::Usage>,
 }
 
 /// The orders placed in one second of a phase that reached a terminal state.
@@ -156,6 +161,10 @@ pub struct Comparison {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub machine: BTreeMap<String, String>,
+    /// The host's costs measured before the shop starts (see [`host`]; reports before this
+    /// field: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<host::Probe>,
     pub build: String,
     /// Node processes, each with the contexts it hosts (reports before this field: every
     /// context in its own process).
@@ -263,8 +272,14 @@ fn load_config(rate: f64, seconds: u64, concurrency: usize) -> LoadConfig {
 /// Runs every phase for every sync setting. `progress` gets one line per phase.
 pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::Result<Report> {
     let tck = clk_tck();
+    std::fs::create_dir_all(&cfg.dir)?;
+    let dir = cfg.dir.clone();
+    let probe = tokio::task::spawn_blocking(move || host::probe(&dir)).await??;
+    progress(&probe_line(&probe));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let mut report = Report {
         machine: machine(),
+        host: Some(probe),
         build: if cfg!(debug_assertions) {
             "debug".into()
         } else {
@@ -315,6 +330,7 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
                 .iter()
                 .map(|(_, pid)| cpu_seconds(*pid, tck))
                 .collect();
+            let machine_before = host::CpuTimes::now();
             // The fixed-rate phases get their stages: where each stream stood before.
             let marks = if rate > 0.0 {
                 Some(stages::mark(&bus).await?)
@@ -323,6 +339,7 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
             };
             let r = load::run(&bus, &load_config(rate, seconds, concurrency), |_| {}).await?;
             previous_end = Some(Instant::now());
+            let machine_cpu = host::CpuTimes::now().since(machine_before, cores);
             let cpu: BTreeMap<String, f64> = procs
                 .iter()
                 .zip(before)
@@ -363,6 +380,7 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
                 stages,
                 by_second: by_second(&r.timeline),
                 settled_seconds,
+                machine_cpu: Some(machine_cpu),
             };
             progress(&phase_line(&phase));
             report.phases.push(phase);
@@ -395,8 +413,15 @@ async fn duplicate_window(bus: &Bus) -> Duration {
 }
 
 fn phase_line(p: &Phase) -> String {
+    let machine = match p.machine_cpu {
+        Some(u) => format!(
+            "  cores busy {:.2}, steal {:.1}%",
+            u.cores_busy, u.steal_pct
+        ),
+        None => String::new(),
+    };
     format!(
-        "{:<9} sync={:<7} {:>7.1} completed/s ({} placed, {} unfinished)  p50 {:>7.1} ms  p99 {:>7.1} ms  p99.9 {:>7.1} ms  cpu {:.2} ms/order",
+        "{:<9} sync={:<7} {:>7.1} completed/s ({} placed, {} unfinished)  p50 {:>7.1} ms  p99 {:>7.1} ms  p99.9 {:>7.1} ms  cpu {:.2} ms/order{machine}",
         p.phase,
         p.sync,
         p.completed_per_second,
@@ -406,6 +431,17 @@ fn phase_line(p: &Phase) -> String {
         p.latency_ms.p99,
         p.latency_ms.p999,
         p.cpu_seconds_per_order * 1000.0
+    )
+}
+
+fn probe_line(p: &host::Probe) -> String {
+    format!(
+        "host: cpu loop {:.1} ms, thread wake-up round trip p50 {:.1} / p99 {:.1} us, 4 KiB write + fdatasync p50 {:.2} / p99 {:.2} ms",
+        p.cpu_loop_ms,
+        p.wake_round_trip_us_p50,
+        p.wake_round_trip_us_p99,
+        p.fdatasync_ms_p50,
+        p.fdatasync_ms_p99
     )
 }
 
@@ -436,6 +472,9 @@ pub fn compare(report: &mut Report, baseline: &Path) -> anyhow::Result<()> {
 /// The report as the table `choreo bench` prints.
 pub fn print(report: &Report) {
     println!("machine: {:?}, build {}", report.machine, report.build);
+    if let Some(p) = &report.host {
+        println!("{}", probe_line(p));
+    }
     if report.nodes == separate_nodes() {
         println!("nodes: every context in its own process");
     } else {

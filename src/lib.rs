@@ -6,6 +6,7 @@ pub mod client;
 pub mod contexts;
 pub mod demo;
 pub mod dlq;
+pub mod host;
 pub mod load;
 pub mod procs;
 pub mod saga_cli;

@@ -6,6 +6,10 @@ use std::process::Command;
 
 use choreo::bench::Report;
 
+fn cores() -> f64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
+}
+
 #[test]
 fn bench_reports_every_phase_and_the_stages_of_the_fixed_rate_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -35,6 +39,27 @@ fn bench_reports_every_phase_and_the_stages_of_the_fixed_rate_one() {
             "{}: {:?}",
             p.phase,
             p.cpu_seconds
+        );
+    }
+    // The host's probe, taken before the shop started, and the machine's CPU per phase.
+    let host = report.host.as_ref().expect("the host probe");
+    assert!(
+        host.cpu_loop_ms > 0.0 && host.wake_round_trip_us_p50 > 0.0,
+        "{host:?}"
+    );
+    assert!(text.contains("host: cpu loop"), "{text}");
+    for p in &report.phases {
+        let cpu = p.machine_cpu.expect("the machine's CPU during the phase");
+        // The shop was running orders: some of a core at least, never more than all of them.
+        assert!(
+            cpu.cores_busy > 0.0 && cpu.cores_busy <= cores(),
+            "{}: {cpu:?}",
+            p.phase
+        );
+        assert!(
+            (0.0..=100.0).contains(&cpu.steal_pct),
+            "{}: {cpu:?}",
+            p.phase
         );
     }
     assert!(

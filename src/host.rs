@@ -1,0 +1,220 @@
+//! What the host is like while the bench runs, so that two `make bench` results can be told
+//! apart from the host they ran on: a probe of the three costs the shop's latency is made
+//! of (a fixed amount of CPU work, a thread waking another, a durable write), taken before
+//! the shop starts, and the machine's busy and stolen CPU during each phase.
+//!
+//! On this project's VM the same build has moved by 1.8× in throughput between host builds
+//! and hours of one day (bench/PROFILE.md), which nothing in a bench report showed.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+/// The probe's results (see the module doc).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Probe {
+    /// A fixed single-thread integer loop, ms: the best of [`CPU_ROUNDS`].
+    pub cpu_loop_ms: f64,
+    /// One thread waking another that waits on a condition variable and being woken back
+    /// (a futex each way), µs per round trip: p50 and p99 of [`WAKE_ROUNDS`].
+    pub wake_round_trip_us_p50: f64,
+    pub wake_round_trip_us_p99: f64,
+    /// A 4 KiB write and `fdatasync` in the bench's directory (the stores' disk), ms: p50
+    /// and p99 of [`SYNC_ROUNDS`].
+    pub fdatasync_ms_p50: f64,
+    pub fdatasync_ms_p99: f64,
+}
+
+const CPU_ROUNDS: usize = 5;
+const WAKE_ROUNDS: usize = 2_000;
+const SYNC_ROUNDS: usize = 100;
+
+/// Runs the probe (about half a second on an idle machine); `dir` must exist.
+pub fn probe(dir: &Path) -> std::io::Result<Probe> {
+    let cpu_loop_ms = (0..CPU_ROUNDS)
+        .map(|_| cpu_loop())
+        .fold(f64::INFINITY, f64::min);
+    let mut wake = wake_round_trips(WAKE_ROUNDS);
+    let mut sync = fdatasyncs(dir, SYNC_ROUNDS)?;
+    Ok(Probe {
+        cpu_loop_ms,
+        wake_round_trip_us_p50: quantile(&mut wake, 0.50),
+        wake_round_trip_us_p99: quantile(&mut wake, 0.99),
+        fdatasync_ms_p50: quantile(&mut sync, 0.50),
+        fdatasync_ms_p99: quantile(&mut sync, 0.99),
+    })
+}
+
+/// ms for 20 million rounds of a multiply-xorshift chain (each round depends on the last,
+/// so it cannot be vectorized or skipped).
+fn cpu_loop() -> f64 {
+    let started = Instant::now();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in 0..20_000_000u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x = x.wrapping_mul(0x2545_F491_4F6C_DD1D).wrapping_add(i);
+    }
+    std::hint::black_box(x);
+    started.elapsed().as_secs_f64() * 1e3
+}
+
+/// µs per round trip of a ping-pong between two threads over a mutex and condition variable.
+fn wake_round_trips(rounds: usize) -> Vec<f64> {
+    // The turn: true = the other thread's.
+    let pair = Arc::new((Mutex::new(false), Condvar::new()));
+    let other = {
+        let pair = pair.clone();
+        std::thread::spawn(move || {
+            let (turn, cv) = &*pair;
+            for _ in 0..rounds {
+                let mut t = cv.wait_while(turn.lock().unwrap(), |t| !*t).unwrap();
+                *t = false;
+                cv.notify_one();
+            }
+        })
+    };
+    let (turn, cv) = &*pair;
+    let mut trips = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let mut t = turn.lock().unwrap();
+        *t = true;
+        cv.notify_one();
+        let _t = cv.wait_while(t, |t| *t).unwrap();
+        trips.push(started.elapsed().as_secs_f64() * 1e6);
+    }
+    let _ = other.join();
+    trips
+}
+
+/// ms of each 4 KiB write + `fdatasync` of a scratch file in `dir` (removed after).
+fn fdatasyncs(dir: &Path, rounds: usize) -> std::io::Result<Vec<f64>> {
+    let path = dir.join(".host-probe");
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    // Allocated first, so each round measures a data write, not the file growing.
+    file.write_all(&vec![0u8; 4096 * rounds])?;
+    file.sync_all()?;
+    let block = vec![0xA5u8; 4096];
+    let mut took = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        let started = Instant::now();
+        file.write_all_at(&block, (i * 4096) as u64)?;
+        file.sync_data()?;
+        took.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    Ok(took)
+}
+
+/// The `q` quantile (nearest rank) of `v`, rounded to 0.01; sorts `v`.
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+    (v[i] * 100.0).round() / 100.0
+}
+
+/// The machine's CPU time so far, from `/proc/stat`'s `cpu` line, in clock ticks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuTimes {
+    busy: u64,
+    steal: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    pub fn now() -> CpuTimes {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        Self::parse(stat.lines().next().unwrap_or(""))
+    }
+
+    /// `cpu  user nice system idle iowait irq softirq steal guest guest_nice` (guest time is
+    /// already counted in user and nice).
+    fn parse(line: &str) -> CpuTimes {
+        let f: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        let at = |i: usize| f.get(i).copied().unwrap_or(0);
+        let (idle, iowait, steal) = (at(3), at(4), at(7));
+        let total = (0..8).map(at).sum::<u64>();
+        CpuTimes {
+            busy: total - idle - iowait - steal,
+            steal,
+            total,
+        }
+    }
+
+    /// Between `self` and a later reading: the cores busy on average and the share of time
+    /// the hypervisor ran something else (stolen), in percent.
+    pub fn since(self, earlier: CpuTimes, cores: f64) -> Usage {
+        let total = self.total.saturating_sub(earlier.total).max(1) as f64;
+        let busy = self.busy.saturating_sub(earlier.busy) as f64;
+        let steal = self.steal.saturating_sub(earlier.steal) as f64;
+        Usage {
+            cores_busy: (busy / total * cores * 100.0).round() / 100.0,
+            steal_pct: (steal / total * 1000.0).round() / 10.0,
+        }
+    }
+}
+
+/// The machine's CPU during a phase.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Usage {
+    /// Cores busy on average (user, system, interrupts), of all the machine's.
+    pub cores_busy: f64,
+    /// Time stolen by the hypervisor, percent of all the machine's CPU time.
+    pub steal_pct: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_times_split_busy_idle_and_stolen() {
+        let a = CpuTimes::parse("cpu  100 0 50 800 10 5 5 30 0 0");
+        let b = CpuTimes::parse("cpu  300 0 150 1100 10 15 15 130 0 0");
+        // 720 ticks between them: 320 busy, 300 idle, 100 stolen; of 2 cores.
+        let u = b.since(a, 2.0);
+        assert_eq!(u.steal_pct, 13.9);
+        assert_eq!(u.cores_busy, 0.89);
+    }
+
+    #[test]
+    fn quantiles_are_nearest_rank() {
+        let mut v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(quantile(&mut v, 0.5), 50.0);
+        assert_eq!(quantile(&mut v, 0.99), 99.0);
+        assert_eq!(quantile(&mut [], 0.5), 0.0);
+    }
+
+    #[test]
+    fn the_probe_measures_each_cost() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = probe(dir.path()).unwrap();
+        assert!(p.cpu_loop_ms > 0.0, "{p:?}");
+        assert!(p.wake_round_trip_us_p50 > 0.0, "{p:?}");
+        assert!(
+            p.wake_round_trip_us_p99 >= p.wake_round_trip_us_p50,
+            "{p:?}"
+        );
+        assert!(p.fdatasync_ms_p99 >= p.fdatasync_ms_p50, "{p:?}");
+        assert!(!dir.path().join(".host-probe").exists());
+    }
+}
