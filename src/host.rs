@@ -36,9 +36,10 @@ const SYNC_ROUNDS: usize = 100;
 
 /// Runs the probe (about half a second on an idle machine); `dir` must exist.
 pub fn probe(dir: &Path) -> std::io::Result<Probe> {
-    let cpu_loop_ms = (0..CPU_ROUNDS)
+    let best = (0..CPU_ROUNDS)
         .map(|_| cpu_loop())
         .fold(f64::INFINITY, f64::min);
+    let cpu_loop_ms = (best * 100.0).round() / 100.0;
     let mut wake = wake_round_trips(WAKE_ROUNDS);
     let mut sync = fdatasyncs(dir, SYNC_ROUNDS)?;
     Ok(Probe {
