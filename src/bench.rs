@@ -104,6 +104,9 @@ pub struct Phase {
     /// this field: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_cpu: Option<host::Usage>,
+    /// The same, second by second from the phase's first order (see [`host::Sampler`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machine_by_second: Vec<host::Second>,
 }
 
 /// The orders placed in one second of a phase that reached a terminal state.
@@ -331,6 +334,7 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
                 .map(|(_, pid)| cpu_seconds(*pid, tck))
                 .collect();
             let machine_before = host::CpuTimes::now();
+            let sampler = host::Sampler::start();
             // The fixed-rate phases get their stages: where each stream stood before.
             let marks = if rate > 0.0 {
                 Some(stages::mark(&bus).await?)
@@ -340,6 +344,8 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
             let r = load::run(&bus, &load_config(rate, seconds, concurrency), |_| {}).await?;
             previous_end = Some(Instant::now());
             let machine_cpu = host::CpuTimes::now().since(machine_before, cores);
+            let first_placed = r.timeline.first().map_or(0, |&(placed, _)| placed);
+            let machine_by_second = sampler.stop(first_placed, cores).await;
             let cpu: BTreeMap<String, f64> = procs
                 .iter()
                 .zip(before)
@@ -381,6 +387,7 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
                 by_second: by_second(&r.timeline),
                 settled_seconds,
                 machine_cpu: Some(machine_cpu),
+                machine_by_second,
             };
             progress(&phase_line(&phase));
             report.phases.push(phase);
@@ -413,12 +420,21 @@ async fn duplicate_window(bus: &Bus) -> Duration {
 }
 
 fn phase_line(p: &Phase) -> String {
-    let machine = match p.machine_cpu {
-        Some(u) => format!(
+    let worst = p
+        .machine_by_second
+        .iter()
+        .map(|s| s.usage.steal_pct)
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+    let machine = match (p.machine_cpu, worst) {
+        (Some(u), Some(w)) => format!(
+            "  cores busy {:.2}, steal {:.1}% (worst second {w:.1}%)",
+            u.cores_busy, u.steal_pct
+        ),
+        (Some(u), None) => format!(
             "  cores busy {:.2}, steal {:.1}%",
             u.cores_busy, u.steal_pct
         ),
-        None => String::new(),
+        (None, _) => String::new(),
     };
     format!(
         "{:<9} sync={:<7} {:>7.1} completed/s ({} placed, {} unfinished)  p50 {:>7.1} ms  p99 {:>7.1} ms  p99.9 {:>7.1} ms  cpu {:.2} ms/order{machine}",
@@ -523,8 +539,15 @@ fn print_seconds(p: &Phase) {
         .iter()
         .take(3)
         .map(|s| {
+            let stolen = p
+                .machine_by_second
+                .iter()
+                .find(|m| m.second == s.second)
+                .map_or(String::new(), |m| {
+                    format!(", steal {:.1}%", m.usage.steal_pct)
+                });
             format!(
-                "second {} {:.1} ms ({} orders)",
+                "second {} {:.1} ms ({} orders{stolen})",
                 s.second, s.p99_ms, s.orders
             )
         })

@@ -174,6 +174,71 @@ impl CpuTimes {
     }
 }
 
+/// Samples the machine's CPU times once a second, from [`Sampler::start`] to
+/// [`Sampler::stop`], so that a phase's slow seconds can be set against what the host did
+/// in them (a stall with time stolen is the host's, not the shop's).
+pub struct Sampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Vec<(u64, CpuTimes)>>,
+}
+
+impl Sampler {
+    pub fn start() -> Sampler {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut samples = vec![(unix_ms(), CpuTimes::now())];
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => samples.push((unix_ms(), CpuTimes::now())),
+                    _ = &mut stopped => break,
+                }
+            }
+            samples.push((unix_ms(), CpuTimes::now()));
+            samples
+        });
+        Sampler { stop, task }
+    }
+
+    /// The machine's CPU in each second since `start_ms` (Unix ms; samples taken before it
+    /// count as its second 0), of `cores`.
+    pub async fn stop(self, start_ms: u64, cores: f64) -> Vec<Second> {
+        let _ = self.stop.send(());
+        let samples = self.task.await.unwrap_or_default();
+        by_second(&samples, start_ms, cores)
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The usage between each two samples, by the second (since `start_ms`) the interval's
+/// middle was in; an interval under half a second (the last, cut short by the stop) is left
+/// out.
+fn by_second(samples: &[(u64, CpuTimes)], start_ms: u64, cores: f64) -> Vec<Second> {
+    samples
+        .windows(2)
+        .filter(|w| w[1].0.saturating_sub(w[0].0) >= 500)
+        .map(|w| Second {
+            second: ((w[0].0 + w[1].0) / 2).saturating_sub(start_ms) / 1000,
+            usage: w[1].1.since(w[0].1, cores),
+        })
+        .collect()
+}
+
+/// The machine's CPU in one second of a phase.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Second {
+    /// Seconds since the phase's first order.
+    pub second: u64,
+    #[serde(flatten)]
+    pub usage: Usage,
+}
+
 /// The machine's CPU during a phase.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct Usage {
@@ -195,6 +260,31 @@ mod tests {
         let u = b.since(a, 2.0);
         assert_eq!(u.steal_pct, 13.9);
         assert_eq!(u.cores_busy, 0.89);
+    }
+
+    #[test]
+    fn samples_become_seconds_of_the_phase() {
+        let at = |total: u64, busy: u64, steal: u64| CpuTimes { busy, steal, total };
+        let samples = [
+            (9_800, at(0, 0, 0)),
+            (10_800, at(200, 100, 0)),
+            (11_800, at(400, 300, 20)),
+            (12_100, at(460, 360, 20)),
+        ];
+        // The first sample came 200 ms before the phase's first order; each interval counts
+        // in the second its middle is in. The last, 300 ms (cut short by the stop), is left
+        // out.
+        let s = by_second(&samples, 10_000, 2.0);
+        let got: Vec<(u64, f64, f64)> = s
+            .iter()
+            .map(|s| (s.second, s.usage.cores_busy, s.usage.steal_pct))
+            .collect();
+        assert_eq!(got, [(0, 1.0, 0.0), (1, 2.0, 10.0)]);
+        let earlier: Vec<u64> = by_second(&samples, 9_000, 2.0)
+            .iter()
+            .map(|s| s.second)
+            .collect();
+        assert_eq!(earlier, [1, 2]);
     }
 
     #[test]

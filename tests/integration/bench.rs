@@ -61,6 +61,16 @@ fn bench_reports_every_phase_and_the_stages_of_the_fixed_rate_one() {
             "{}: {cpu:?}",
             p.phase
         );
+        // And second by second, from the phase's first order on.
+        assert!(!p.machine_by_second.is_empty(), "{}", p.phase);
+        for s in &p.machine_by_second {
+            assert!(s.usage.cores_busy <= cores(), "{}: {s:?}", p.phase);
+            assert!(
+                s.second <= p.seconds.ceil() as u64 + 1,
+                "{}: {s:?}",
+                p.phase
+            );
+        }
     }
     assert!(
         report.phases[0].stages.is_none(),
