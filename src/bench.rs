@@ -344,7 +344,7 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
             let r = load::run(&bus, &load_config(rate, seconds, concurrency), |_| {}).await?;
             previous_end = Some(Instant::now());
             let machine_cpu = host::CpuTimes::now().since(machine_before, cores);
-            let first_placed = r.timeline.first().map_or(0, |&(placed, _)| placed);
+            let first_placed = r.timeline.first().map(|&(placed, _)| placed);
             let machine_by_second = sampler.stop(first_placed, cores).await;
             let cpu: BTreeMap<String, f64> = procs
                 .iter()
@@ -424,7 +424,7 @@ fn phase_line(p: &Phase) -> String {
         .machine_by_second
         .iter()
         .map(|s| s.usage.steal_pct)
-        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        .reduce(f64::max);
     let machine = match (p.machine_cpu, worst) {
         (Some(u), Some(w)) => format!(
             "  cores busy {:.2}, steal {:.1}% (worst second {w:.1}%)",

@@ -201,12 +201,13 @@ impl Sampler {
         Sampler { stop, task }
     }
 
-    /// The machine's CPU in each second since `start_ms` (Unix ms; samples taken before it
-    /// count as its second 0), of `cores`.
-    pub async fn stop(self, start_ms: u64, cores: f64) -> Vec<Second> {
+    /// The machine's CPU in each second since `start_ms` (Unix ms; without it, since the
+    /// sampling began; time before it counts as its second 0), of `cores`.
+    pub async fn stop(self, start_ms: Option<u64>, cores: f64) -> Vec<Second> {
         let _ = self.stop.send(());
         let samples = self.task.await.unwrap_or_default();
-        by_second(&samples, start_ms, cores)
+        let start = start_ms.or(samples.first().map(|s| s.0)).unwrap_or(0);
+        by_second(&samples, start, cores)
     }
 }
 
