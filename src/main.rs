@@ -62,7 +62,7 @@ enum Cmd {
         command: DlqCmd,
     },
     /// Benchmark the whole shop: max throughput and fixed rates, latency (end to end and by
-    /// stage), CPU, memory.
+    /// stage), CPU, memory, and the host it ran on (a probe, busy and stolen CPU).
     Bench(BenchArgs),
     /// Fault injection in running nodes (their config must set `[faults] enabled = true`).
     Chaos {
