@@ -333,7 +333,6 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
                 .iter()
                 .map(|(_, pid)| cpu_seconds(*pid, tck))
                 .collect();
-            let machine_before = host::CpuTimes::now();
             let sampler = host::Sampler::start();
             // The fixed-rate phases get their stages: where each stream stood before.
             let marks = if rate > 0.0 {
@@ -343,9 +342,8 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
             };
             let r = load::run(&bus, &load_config(rate, seconds, concurrency), |_| {}).await?;
             previous_end = Some(Instant::now());
-            let machine_cpu = host::CpuTimes::now().since(machine_before, cores);
             let first_placed = r.timeline.first().map(|&(placed, _)| placed);
-            let machine_by_second = sampler.stop(first_placed, cores).await;
+            let (machine_cpu, machine_by_second) = sampler.stop(first_placed, cores).await;
             let cpu: BTreeMap<String, f64> = procs
                 .iter()
                 .zip(before)

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
+use runtime::envelope::now_ms;
 use serde::{Deserialize, Serialize};
 
 /// The probe's results (see the module doc).
@@ -119,26 +120,23 @@ fn fdatasyncs(dir: &Path, rounds: usize) -> std::io::Result<Vec<f64>> {
     Ok(took)
 }
 
-/// The `q` quantile (nearest rank) of `v`, rounded to 0.01; sorts `v`.
+/// The `q` quantile (nearest rank, as the load's latencies) of `v`, rounded to 0.01; sorts
+/// `v`.
 fn quantile(v: &mut [f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
     v.sort_by(f64::total_cmp);
-    let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
-    (v[i] * 100.0).round() / 100.0
+    (crate::load::quantile(v, q) * 100.0).round() / 100.0
 }
 
 /// The machine's CPU time so far, from `/proc/stat`'s `cpu` line, in clock ticks.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct CpuTimes {
+struct CpuTimes {
     busy: u64,
     steal: u64,
     total: u64,
 }
 
 impl CpuTimes {
-    pub fn now() -> CpuTimes {
+    fn now() -> CpuTimes {
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
         Self::parse(stat.lines().next().unwrap_or(""))
     }
@@ -163,7 +161,7 @@ impl CpuTimes {
 
     /// Between `self` and a later reading: the cores busy on average and the share of time
     /// the hypervisor ran something else (stolen), in percent.
-    pub fn since(self, earlier: CpuTimes, cores: f64) -> Usage {
+    fn since(self, earlier: CpuTimes, cores: f64) -> Usage {
         let total = self.total.saturating_sub(earlier.total).max(1) as f64;
         let busy = self.busy.saturating_sub(earlier.busy) as f64;
         let steal = self.steal.saturating_sub(earlier.steal) as f64;
@@ -186,35 +184,37 @@ impl Sampler {
     pub fn start() -> Sampler {
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let mut samples = vec![(unix_ms(), CpuTimes::now())];
+            let mut samples = vec![(now_ms(), CpuTimes::now())];
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
             tick.tick().await;
             loop {
                 tokio::select! {
-                    _ = tick.tick() => samples.push((unix_ms(), CpuTimes::now())),
+                    _ = tick.tick() => samples.push((now_ms(), CpuTimes::now())),
                     _ = &mut stopped => break,
                 }
             }
-            samples.push((unix_ms(), CpuTimes::now()));
+            samples.push((now_ms(), CpuTimes::now()));
             samples
         });
         Sampler { stop, task }
     }
 
-    /// The machine's CPU in each second since `start_ms` (Unix ms; without it, since the
-    /// sampling began; time before it counts as its second 0), of `cores`.
-    pub async fn stop(self, start_ms: Option<u64>, cores: f64) -> Vec<Second> {
+    /// The machine's CPU from start to stop, of `cores`, and in each second since
+    /// `start_ms` (Unix ms; without it, since the sampling began; time before it counts as
+    /// its second 0).
+    pub async fn stop(self, start_ms: Option<u64>, cores: f64) -> (Usage, Vec<Second>) {
         let _ = self.stop.send(());
         let samples = self.task.await.unwrap_or_default();
-        let start = start_ms.or(samples.first().map(|s| s.0)).unwrap_or(0);
-        by_second(&samples, start, cores)
+        let (first, last) = match (samples.first(), samples.last()) {
+            (Some(first), Some(last)) => (*first, *last),
+            _ => ((0, CpuTimes::default()), (0, CpuTimes::default())),
+        };
+        let start = start_ms.unwrap_or(first.0);
+        (
+            last.1.since(first.1, cores),
+            by_second(&samples, start, cores),
+        )
     }
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The usage between each two samples, by the second (since `start_ms`) the interval's
