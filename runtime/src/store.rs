@@ -870,6 +870,25 @@ mod tests {
         Ok(vec![test_entry(n)])
     }
 
+    /// Opens the store in `dir` again after this process dropped it. sled's background
+    /// threads (a log buffer's write, a segment's truncation) each hold the file, and with
+    /// it the lock, until they finish, which can be just after the `Db` is gone: a reopen
+    /// waits for them (a node only ever reopens across an exec, which closes the file).
+    fn reopen(dir: &Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(dir, 1 << 20) {
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                r => return r.unwrap(),
+            }
+        }
+    }
+
     #[test]
     fn commit_writes_state_outbox_and_inbox_together() {
         let dir = tempfile::tempdir().unwrap();
@@ -1166,7 +1185,7 @@ mod tests {
         // Only the two newest generations are left, and they survive a restart.
         store.db().flush().unwrap();
         drop(store);
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = reopen(dir.path());
         let generations = store
             .db()
             .tree_names()
@@ -1191,7 +1210,7 @@ mod tests {
             db.open_tree("inbox_ts").unwrap().insert("x", &[]).unwrap();
             db.flush().unwrap();
         }
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = reopen(dir.path());
         assert!(store.seen("c/m").unwrap());
         let has = |name: &str| store.db().tree_names().iter().any(|n| n == name.as_bytes());
         assert!(!has("inbox_ts"));
@@ -1226,7 +1245,7 @@ mod tests {
                 .unwrap();
             store.db().flush().unwrap();
         }
-        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let store = reopen(dir.path());
         let pending = store.outbox_pending().unwrap();
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].1, test_entry(7));
