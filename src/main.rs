@@ -526,21 +526,27 @@ fn tokio_rt() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
         Cmd::Node(a) => run_node(a).map(|_| true),
-        Cmd::Sim(a) => tokio_rt()?.block_on(async {
-            let bus = choreo::client::connect(&a.nats.url, Duration::from_secs(15)).await?;
-            let cfg = choreo::sim::SimConfig {
-                payment_latency: Duration::from_millis(a.payment_latency_ms),
-                payment_failure_rate: a.payment_failure_rate,
-                carrier_latency: Duration::from_millis(a.carrier_latency_ms),
-                carrier_failure_rate: a.carrier_failure_rate,
-                seed: a.seed,
-            };
-            tokio::select! {
-                r = choreo::sim::run(bus.client.clone(), cfg) => r?,
-                _ = choreo::shutdown_signal() => {}
-            }
-            Ok(true)
-        }),
+        // One thread: the simulators stand in for systems on other machines, and their
+        // little work, done where the request arrives, wakes no second worker on the
+        // shop's cores (bench/PROFILE.md, session 20).
+        Cmd::Sim(a) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let bus = choreo::client::connect(&a.nats.url, Duration::from_secs(15)).await?;
+                let cfg = choreo::sim::SimConfig {
+                    payment_latency: Duration::from_millis(a.payment_latency_ms),
+                    payment_failure_rate: a.payment_failure_rate,
+                    carrier_latency: Duration::from_millis(a.carrier_latency_ms),
+                    carrier_failure_rate: a.carrier_failure_rate,
+                    seed: a.seed,
+                };
+                tokio::select! {
+                    r = choreo::sim::run(bus.client.clone(), cfg) => r?,
+                    _ = choreo::shutdown_signal() => {}
+                }
+                Ok(true)
+            }),
         Cmd::Load(a) => {
             let cfg = a.shape.config()?;
             tokio_rt()?.block_on(async {
