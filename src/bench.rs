@@ -279,7 +279,6 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
     let dir = cfg.dir.clone();
     let probe = tokio::task::spawn_blocking(move || host::probe(&dir)).await??;
     progress(&probe_line(&probe));
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let mut report = Report {
         machine: machine(),
         host: Some(probe),
@@ -343,7 +342,7 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
             let r = load::run(&bus, &load_config(rate, seconds, concurrency), |_| {}).await?;
             previous_end = Some(Instant::now());
             let first_placed = r.timeline.first().map(|&(placed, _)| placed);
-            let (machine_cpu, machine_by_second) = sampler.stop(first_placed, cores).await;
+            let (machine_cpu, machine_by_second) = sampler.stop(first_placed).await;
             let cpu: BTreeMap<String, f64> = procs
                 .iter()
                 .zip(before)

@@ -127,24 +127,29 @@ fn quantile(v: &mut [f64], q: f64) -> f64 {
     (crate::load::quantile(v, q) * 100.0).round() / 100.0
 }
 
-/// The machine's CPU time so far, from `/proc/stat`'s `cpu` line, in clock ticks.
+/// The machine's CPU time so far, from `/proc/stat`'s `cpu` line, in clock ticks, and its
+/// CPUs (the `cpuN` lines: the ones those ticks are of).
 #[derive(Debug, Clone, Copy, Default)]
 struct CpuTimes {
     busy: u64,
     steal: u64,
     total: u64,
+    cpus: u32,
 }
 
 impl CpuTimes {
     fn now() -> CpuTimes {
-        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        Self::parse(stat.lines().next().unwrap_or(""))
+        Self::parse(&std::fs::read_to_string("/proc/stat").unwrap_or_default())
     }
 
-    /// `cpu  user nice system idle iowait irq softirq steal guest guest_nice` (guest time is
-    /// already counted in user and nice).
-    fn parse(line: &str) -> CpuTimes {
-        let f: Vec<u64> = line
+    /// `/proc/stat`: its first line `cpu  user nice system idle iowait irq softirq steal
+    /// guest guest_nice` (guest time is already counted in user and nice), then a `cpuN`
+    /// line per CPU.
+    fn parse(stat: &str) -> CpuTimes {
+        let mut lines = stat.lines();
+        let f: Vec<u64> = lines
+            .next()
+            .unwrap_or("")
             .split_whitespace()
             .skip(1)
             .map(|v| v.parse().unwrap_or(0))
@@ -156,17 +161,22 @@ impl CpuTimes {
             busy: total - idle - iowait - steal,
             steal,
             total,
+            cpus: lines
+                .filter(|l| {
+                    l.starts_with("cpu") && l[3..].starts_with(|c: char| c.is_ascii_digit())
+                })
+                .count() as u32,
         }
     }
 
-    /// Between `self` and a later reading: the cores busy on average and the share of time
-    /// the hypervisor ran something else (stolen), in percent.
-    fn since(self, earlier: CpuTimes, cores: f64) -> Usage {
+    /// Between an earlier reading and `self`: the cores busy on average and the share of
+    /// time the hypervisor ran something else (stolen), in percent.
+    fn since(self, earlier: CpuTimes) -> Usage {
         let total = self.total.saturating_sub(earlier.total).max(1) as f64;
         let busy = self.busy.saturating_sub(earlier.busy) as f64;
         let steal = self.steal.saturating_sub(earlier.steal) as f64;
         Usage {
-            cores_busy: (busy / total * cores * 100.0).round() / 100.0,
+            cores_busy: (busy / total * f64::from(self.cpus) * 100.0).round() / 100.0,
             steal_pct: (steal / total * 1000.0).round() / 10.0,
         }
     }
@@ -199,10 +209,9 @@ impl Sampler {
         Sampler { stop, task }
     }
 
-    /// The machine's CPU from start to stop, of `cores`, and in each second since
-    /// `start_ms` (Unix ms; without it, since the sampling began; time before it counts as
-    /// its second 0).
-    pub async fn stop(self, start_ms: Option<u64>, cores: f64) -> (Usage, Vec<Second>) {
+    /// The machine's CPU from start to stop, and in each second since `start_ms` (Unix ms;
+    /// without it, since the sampling began; time before it counts as its second 0).
+    pub async fn stop(self, start_ms: Option<u64>) -> (Usage, Vec<Second>) {
         let _ = self.stop.send(());
         let samples = self.task.await.unwrap_or_default();
         let (first, last) = match (samples.first(), samples.last()) {
@@ -210,23 +219,20 @@ impl Sampler {
             _ => ((0, CpuTimes::default()), (0, CpuTimes::default())),
         };
         let start = start_ms.unwrap_or(first.0);
-        (
-            last.1.since(first.1, cores),
-            by_second(&samples, start, cores),
-        )
+        (last.1.since(first.1), by_second(&samples, start))
     }
 }
 
 /// The usage between each two samples, by the second (since `start_ms`) the interval's
 /// middle was in; an interval under half a second (the last, cut short by the stop) is left
 /// out.
-fn by_second(samples: &[(u64, CpuTimes)], start_ms: u64, cores: f64) -> Vec<Second> {
+fn by_second(samples: &[(u64, CpuTimes)], start_ms: u64) -> Vec<Second> {
     samples
         .windows(2)
         .filter(|w| w[1].0.saturating_sub(w[0].0) >= 500)
         .map(|w| Second {
             second: ((w[0].0 + w[1].0) / 2).saturating_sub(start_ms) / 1000,
-            usage: w[1].1.since(w[0].1, cores),
+            usage: w[1].1.since(w[0].1),
         })
         .collect()
 }
@@ -255,17 +261,24 @@ mod tests {
 
     #[test]
     fn cpu_times_split_busy_idle_and_stolen() {
-        let a = CpuTimes::parse("cpu  100 0 50 800 10 5 5 30 0 0");
-        let b = CpuTimes::parse("cpu  300 0 150 1100 10 15 15 130 0 0");
+        let cpus = "cpu0 1 0 1 1 0 0 0 0 0 0\ncpu1 1 0 1 1 0 0 0 0 0 0\nintr 7";
+        let a = CpuTimes::parse(&format!("cpu  100 0 50 800 10 5 5 30 0 0\n{cpus}"));
+        let b = CpuTimes::parse(&format!("cpu  300 0 150 1100 10 15 15 130 0 0\n{cpus}"));
+        assert_eq!(b.cpus, 2);
         // 720 ticks between them: 320 busy, 300 idle, 100 stolen; of 2 cores.
-        let u = b.since(a, 2.0);
+        let u = b.since(a);
         assert_eq!(u.steal_pct, 13.9);
         assert_eq!(u.cores_busy, 0.89);
     }
 
     #[test]
     fn samples_become_seconds_of_the_phase() {
-        let at = |total: u64, busy: u64, steal: u64| CpuTimes { busy, steal, total };
+        let at = |total: u64, busy: u64, steal: u64| CpuTimes {
+            busy,
+            steal,
+            total,
+            cpus: 2,
+        };
         let samples = [
             (9_800, at(0, 0, 0)),
             (10_800, at(200, 100, 0)),
@@ -275,13 +288,13 @@ mod tests {
         // The first sample came 200 ms before the phase's first order; each interval counts
         // in the second its middle is in. The last, 300 ms (cut short by the stop), is left
         // out.
-        let s = by_second(&samples, 10_000, 2.0);
+        let s = by_second(&samples, 10_000);
         let got: Vec<(u64, f64, f64)> = s
             .iter()
             .map(|s| (s.second, s.usage.cores_busy, s.usage.steal_pct))
             .collect();
         assert_eq!(got, [(0, 1.0, 0.0), (1, 2.0, 10.0)]);
-        let earlier: Vec<u64> = by_second(&samples, 9_000, 2.0)
+        let earlier: Vec<u64> = by_second(&samples, 9_000)
             .iter()
             .map(|s| s.second)
             .collect();
