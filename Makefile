@@ -14,13 +14,16 @@ setup:
 demo: setup
 	$(CARGO) run --release --locked -- demo --fail-stock 5 --fail-payment 5 --fail-shipping 2 $(ARGS)
 
-# Unit tests, then the black-box integration tests (real nats-server, real node processes).
+# Unit tests, then the black-box integration and chaos tests (real nats-server, real node
+# processes). The test build has fault injection and the chaos suite's [danger] switches
+# (cargo features `faults` and `danger`); a release build has neither.
 test: setup
-	$(CARGO) test --workspace --locked
+	$(CARGO) test --workspace --locked --all-features
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --locked --all-features -- -D warnings
 
 build:
 	$(CARGO) build --release --locked
@@ -42,4 +45,4 @@ bench: setup
 SEEDS ?= 1,2
 chaos: setup
 	CHOREO_CHAOS=full CHOREO_CHAOS_SEEDS=$(SEEDS) CHOREO_CHAOS_OUT=$(CURDIR)/chaos/summary.json \
-		$(CARGO) test --locked --test chaos chaos_matrix -- --nocapture
+		$(CARGO) test --locked --all-features --test chaos chaos_matrix -- --nocapture

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use orders::PlaceOrder;
-use runtime::bus::Bus;
 use runtime::component::Message as _;
 use runtime::config::NodeConfig;
-use runtime::subjects;
+use runtime::wire::bus::Bus;
+use runtime::wire::subjects;
 use serde::{Deserialize, Serialize};
 
 use crate::host;

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use bytes::Bytes;
-use runtime::bus::Bus;
-use runtime::envelope::{new_id, now_ms};
-use runtime::{subjects, Envelope, Message};
+use runtime::wire::bus::Bus;
+use runtime::wire::envelope::{new_id, now_ms};
+use runtime::{wire::subjects, Envelope, Message};
 
 /// The `source` stamped on messages sent from outside any context.
 pub const CLIENT_SOURCE: &str = "client";

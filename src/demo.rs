@@ -93,7 +93,11 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<bool> {
         r = work => Some(r),
         _ = crate::shutdown_signal() => None,
     };
-    let dlq = bus.js.get_stream(runtime::subjects::DLQ_STREAM).await.ok();
+    let dlq = bus
+        .js
+        .get_stream(runtime::wire::subjects::DLQ_STREAM)
+        .await
+        .ok();
     let dead_letters = match dlq {
         Some(s) => s.get_info().await.map(|i| i.state.messages).unwrap_or(0),
         None => 0,

@@ -12,9 +12,9 @@ use anyhow::{bail, Context as _};
 use async_nats::jetstream::consumer;
 use async_nats::HeaderMap;
 use futures::StreamExt;
-use runtime::bus::Bus;
-use runtime::envelope::headers;
-use runtime::subjects;
+use runtime::wire::bus::Bus;
+use runtime::wire::envelope::headers;
+use runtime::wire::subjects;
 use serde::Serialize;
 
 /// Which dead letters a command applies to.

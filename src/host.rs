@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use runtime::envelope::now_ms;
+use runtime::wire::envelope::now_ms;
 use serde::{Deserialize, Serialize};
 
 /// The probe's results (see the module doc).

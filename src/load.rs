@@ -13,9 +13,9 @@ use async_nats::jetstream::consumer;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use orders::{LineItem, OrderCancelled, OrderCompleted, PlaceOrder};
-use runtime::bus::Bus;
 use runtime::component::Message as _;
-use runtime::subjects;
+use runtime::wire::bus::Bus;
+use runtime::wire::subjects;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -315,7 +315,7 @@ pub async fn run(
     latencies.sort_by(f64::total_cmp);
     let unix_ms = |t: Instant| {
         let ago = Instant::now().saturating_duration_since(t);
-        runtime::envelope::now_ms().saturating_sub(ago.as_millis() as u64)
+        runtime::wire::envelope::now_ms().saturating_sub(ago.as_millis() as u64)
     };
     let timeline = order_list
         .iter()

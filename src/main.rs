@@ -8,6 +8,7 @@ use choreo::contexts;
 use choreo::load::LoadConfig;
 use clap::{Args, Parser, Subcommand};
 use runtime::config::NodeConfig;
+use runtime::node::Exit;
 
 const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
 
@@ -731,7 +732,7 @@ fn run_dlq(cmd: DlqCmd) -> anyhow::Result<bool> {
 /// The dead letters a replay or discard applies to: the given sequence numbers, or every
 /// one matching the filters with `--all`.
 async fn dlq_targets(
-    bus: &runtime::bus::Bus,
+    bus: &runtime::wire::bus::Bus,
     seqs: Vec<u64>,
     all: bool,
     filter: choreo::dlq::Filter,
@@ -751,37 +752,30 @@ async fn dlq_targets(
 }
 
 fn run_chaos(cmd: ChaosCmd) -> anyhow::Result<bool> {
-    use runtime::faults::{FaultAction as A, FaultPoint as P};
     let (context, nats, body) = match cmd {
         ChaosCmd::Inject(a) => {
-            let point = match a.point {
-                FaultPointArg::Handler => P::Handler,
-                FaultPointArg::AfterCommit => P::AfterCommit,
-                FaultPointArg::OutboxPublish => P::OutboxPublish,
-                FaultPointArg::ExternalCall => P::ExternalCall,
-                FaultPointArg::DeadlineFire => P::DeadlineFire,
-                FaultPointArg::StoreFlush => P::StoreFlush,
-            };
-            let action = match a.action {
-                FaultActionArg::Crash => A::Crash,
-                FaultActionArg::Error => A::Error,
-                FaultActionArg::Delay => A::Delay,
-                FaultActionArg::Drop => A::Drop,
-                FaultActionArg::Panic => A::Panic,
-            };
-            let rule = runtime::faults::FaultRule {
-                point,
-                action,
-                context: None,
-                msg_type: a.msg_type,
-                times: a.times,
-                payload_contains: None,
-                probability: a.probability,
-                delay_ms: a.delay_ms,
-                duration_ms: a.duration_ms,
-            };
-            rule.validate()
-                .map_err(|e| anyhow::anyhow!("invalid fault: {e}"))?;
+            // The node validates the rule (and refuses it if its build or config has no
+            // fault injection).
+            fn name(v: &impl clap::ValueEnum) -> String {
+                v.to_possible_value()
+                    .map(|p| p.get_name().replace('-', "_"))
+                    .unwrap_or_default()
+            }
+            let mut rule = serde_json::json!({
+                "point": name(&a.point),
+                "action": name(&a.action),
+                "probability": a.probability,
+                "delay_ms": a.delay_ms,
+            });
+            for (key, value) in [
+                ("msg_type", a.msg_type.map(serde_json::Value::from)),
+                ("times", a.times.map(serde_json::Value::from)),
+                ("duration_ms", a.duration_ms.map(serde_json::Value::from)),
+            ] {
+                if let Some(v) = value {
+                    rule[key] = v;
+                }
+            }
             let body = serde_json::json!({ "op": "inject", "rule": rule, "seed": a.seed });
             (a.context, a.nats, body)
         }
@@ -873,13 +867,26 @@ fn run_node(a: NodeArgs) -> anyhow::Result<()> {
             contexts::build(c, &cfg).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let system = actix_rt::System::with_tokio_rt(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-    });
-    system.block_on(runtime::node::run(cfg, hosted, choreo::shutdown_signal()))?;
-    Ok(())
+    match runtime::node::run(cfg, hosted, choreo::shutdown_signal())? {
+        Exit::Stopped => Ok(()),
+        Exit::Stalled => std::process::exit(70),
+        Exit::RestartInPlace(why) => restart_in_place(why),
+    }
+}
+
+/// Replaces this process with a fresh run of the same command line (same pid; every file
+/// and socket is closed on exec), its restarts in place counted in the environment.
+fn restart_in_place(why: runtime::node::Restart) -> ! {
+    use std::os::unix::process::CommandExt;
+    let (name, value) = why.env_for_next_run();
+    let err = std::env::current_exe()
+        .map(|exe| {
+            std::process::Command::new(exe)
+                .args(std::env::args_os().skip(1))
+                .env(name, value)
+                .exec()
+        })
+        .unwrap_or_else(|e| e);
+    eprintln!("error: cannot restart in place: {err}");
+    std::process::exit(70);
 }

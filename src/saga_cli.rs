@@ -5,7 +5,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail};
-use runtime::bus::Bus;
+use runtime::wire::bus::Bus;
 use serde_json::{json, Value};
 
 use crate::client;
@@ -159,7 +159,7 @@ pub async fn request(bus: &Bus, saga: &str, op: &str, body: Value) -> anyhow::Re
 
 /// The request body of `retry`, with an id so that a repeated request retries once.
 pub fn retry_body(id: &str) -> Value {
-    json!({ "id": id, "request_id": runtime::envelope::new_id() })
+    json!({ "id": id, "request_id": runtime::wire::envelope::new_id() })
 }
 
 #[cfg(test)]

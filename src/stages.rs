@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize};
 use crate::client::stream_tip;
 use crate::load::quantile;
 use async_nats::jetstream::consumer;
-use runtime::bus::Bus;
-use runtime::envelope::Envelope;
-use runtime::subjects;
+use runtime::wire::bus::Bus;
+use runtime::wire::envelope::Envelope;
+use runtime::wire::subjects;
 
 /// One stored message, as the stages need it.
 #[derive(Debug, Clone)]

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use runtime::bus::Bus;
+use runtime::wire::bus::Bus;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -299,8 +299,8 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
 async fn stock_sent(bus: &Bus) -> anyhow::Result<Option<BTreeMap<String, u64>>> {
     use async_nats::jetstream::consumer;
     use futures::StreamExt;
-    use runtime::envelope::Envelope;
-    use runtime::subjects;
+    use runtime::wire::envelope::Envelope;
+    use runtime::wire::subjects;
     let mut stream = bus
         .js
         .get_stream(subjects::stream(inventory::CONTEXT))

@@ -8,13 +8,16 @@
 
 use std::any::Any;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::envelope::Envelope;
 use crate::store::{StateError, StateRead, StateTx};
+use crate::telemetry::saga_counts::SagaMove;
+use crate::wire::envelope::Envelope;
+use crate::wire::subjects;
+
+pub use crate::wire::external::ExternalCall;
 
 /// Events are facts a context publishes on its own prefix; commands are addressed to one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +83,20 @@ impl Subscription {
     pub fn declared(&self, msg_type: &str) -> Option<&'static str> {
         self.types.iter().copied().find(|t| *t == msg_type)
     }
+
+    /// The subjects its durable consumer receives. Commands: everything addressed to the
+    /// context, so that an unknown command type reaches the handler and is dead-lettered.
+    /// Events: only the subscribed types (an event nobody subscribes to is not an error).
+    pub fn filter_subjects(&self) -> Vec<String> {
+        match self.kind {
+            Kind::Command => vec![subjects::command(self.source, ">")],
+            Kind::Event => self
+                .types
+                .iter()
+                .map(|t| subjects::event(self.source, t))
+                .collect(),
+        }
+    }
 }
 
 /// A message a handler sends: it goes through the outbox.
@@ -124,17 +141,6 @@ impl Outgoing {
             amount_cents: 0,
         }
     }
-}
-
-/// A request to an external system, made by the runtime between `plan` and `handle`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ExternalCall {
-    /// System name (bounded; used in metrics and, later, per-system breakers).
-    pub system: &'static str,
-    pub subject: String,
-    /// JSON request body. It must carry an idempotency key: the call is repeated if the
-    /// message is redelivered before its transaction commits.
-    pub body: String,
 }
 
 /// Everything `handle` may know besides state and input: given as data, never read.
@@ -209,8 +215,26 @@ pub trait Component: Send + Sync + 'static {
     ) -> Result<Vec<Outgoing>, HandleError>;
 }
 
+/// What a handling decided besides its state changes: the messages it sends and, for a
+/// saga, the instance it moved.
+#[derive(Debug, Default)]
+pub struct Decision {
+    pub send: Vec<Outgoing>,
+    pub saga_move: Option<SagaMove>,
+}
+
+impl From<Vec<Outgoing>> for Decision {
+    fn from(send: Vec<Outgoing>) -> Self {
+        Decision {
+            send,
+            saga_move: None,
+        }
+    }
+}
+
 /// Object-safe form of [`Component`] used by the runtime (inputs shared as `Any`: the
-/// commit thread runs `handle` on them).
+/// commit thread runs `handle` on them). Every [`Component`] is one; a saga's adapter
+/// implements it directly, to return the instance it moved.
 pub trait DynComponent: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn subscriptions(&self) -> Vec<Subscription>;
@@ -229,7 +253,7 @@ pub trait DynComponent: Send + Sync + 'static {
         tx: &dyn StateTx,
         input: &(dyn Any + Send + Sync),
         ctx: &HandleCtx<'_>,
-    ) -> Result<Vec<Outgoing>, HandleError>;
+    ) -> Result<Decision, HandleError>;
 }
 
 impl<C: Component> DynComponent for C {
@@ -251,75 +275,21 @@ impl<C: Component> DynComponent for C {
         state: &dyn StateRead,
         input: &(dyn Any + Send + Sync),
     ) -> Result<Option<ExternalCall>, HandleError> {
-        Component::plan(self, state, downcast::<C>(input)?)
+        Component::plan(self, state, downcast::<C::Input>(input)?)
     }
     fn handle(
         &self,
         tx: &dyn StateTx,
         input: &(dyn Any + Send + Sync),
         ctx: &HandleCtx<'_>,
-    ) -> Result<Vec<Outgoing>, HandleError> {
-        Component::handle(self, tx, downcast::<C>(input)?, ctx)
+    ) -> Result<Decision, HandleError> {
+        Component::handle(self, tx, downcast::<C::Input>(input)?, ctx).map(Decision::from)
     }
 }
 
-fn downcast<C: Component>(input: &(dyn Any + Send + Sync)) -> Result<&C::Input, HandleError> {
+/// The input of a component, from the shared form [`DynComponent::decode`] returned.
+pub fn downcast<I: 'static>(input: &(dyn Any + Send + Sync)) -> Result<&I, HandleError> {
     input
-        .downcast_ref::<C::Input>()
+        .downcast_ref::<I>()
         .ok_or_else(|| HandleError::Permanent("input of another component".into()))
 }
-
-/// A read-model query failed.
-#[derive(Debug, thiserror::Error)]
-pub enum QueryError {
-    #[error("unknown query {0:?}")]
-    Unknown(String),
-    #[error("bad request: {0}")]
-    BadRequest(String),
-    #[error("not found")]
-    NotFound,
-    #[error("store: {0}")]
-    Store(String),
-}
-
-impl From<StateError> for QueryError {
-    fn from(e: StateError) -> Self {
-        match e {
-            StateError::Tx(t) => QueryError::Store(t.to_string()),
-            StateError::Corrupt(m) => QueryError::Store(m),
-        }
-    }
-}
-
-/// Reads one string field of a JSON query request.
-pub fn request_field(req: &[u8], field: &str) -> Result<String, QueryError> {
-    let v: serde_json::Value =
-        serde_json::from_slice(req).map_err(|e| QueryError::BadRequest(e.to_string()))?;
-    v.get(field)
-        .and_then(|f| f.as_str())
-        .map(str::to_string)
-        .ok_or_else(|| QueryError::BadRequest(format!("missing string field {field:?}")))
-}
-
-/// One bounded context: its components and its read-model queries.
-pub trait Context: Send + Sync + 'static {
-    fn name(&self) -> &'static str;
-    fn components(&self) -> Vec<Arc<dyn DynComponent>>;
-    /// Query names served on `choreo.<ctx>.query.<name>`.
-    fn queries(&self) -> Vec<&'static str>;
-    /// Process managers hosted by this context (deadlines, inspection). Each is also listed
-    /// in `components` for its message subscriptions.
-    fn sagas(&self) -> Vec<Arc<dyn crate::saga::DynSaga>> {
-        vec![]
-    }
-    /// Answers a read-model query with a JSON value.
-    fn query(
-        &self,
-        state: &dyn StateRead,
-        name: &str,
-        request: &[u8],
-    ) -> Result<serde_json::Value, QueryError>;
-}
-
-/// Default timeout of a request to another context's query.
-pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);

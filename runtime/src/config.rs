@@ -42,8 +42,13 @@ pub struct NodeConfig {
     /// Largest message (payload plus headers) a handler accepts; larger ones are
     /// dead-lettered. Must stay below the server's `max_payload` (1 MiB by default).
     pub max_message_bytes: usize,
-    /// Fault injection for chaos tests (off by default).
+    /// Fault injection for chaos tests (off by default; needs the cargo feature `faults`).
+    #[cfg(feature = "faults")]
     pub faults: crate::faults::FaultConfig,
+    /// Without the cargo feature `faults`: a `[faults]` table is refused with a clear error.
+    #[cfg(not(feature = "faults"))]
+    #[serde(skip_serializing)]
+    pub faults: Option<toml::Table>,
     /// Default retry policy of every handler.
     pub retry: crate::resilience::retry::RetryPolicy,
     /// Per-handler settings by component name (e.g. `[handlers.billing]`).
@@ -56,11 +61,17 @@ pub struct NodeConfig {
     /// validates its own keys.
     pub sagas: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
     /// Switches that remove a safety mechanism, only so that the chaos suite can show what
-    /// each one protects. Never set them in production.
+    /// each one protects (cargo feature `danger`). Never set them in production.
+    #[cfg(feature = "danger")]
     pub danger: DangerConfig,
+    /// Without the cargo feature `danger`: a `[danger]` table is refused with a clear error.
+    #[cfg(not(feature = "danger"))]
+    #[serde(skip_serializing)]
+    pub danger: Option<toml::Table>,
 }
 
 /// Each switch removes one mechanism the invariants rest on (see `docs/chaos.md`).
+#[cfg(feature = "danger")]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DangerConfig {
@@ -74,6 +85,7 @@ pub struct DangerConfig {
     pub disable_group_commit: bool,
 }
 
+#[cfg(feature = "danger")]
 impl DangerConfig {
     pub fn any(&self) -> bool {
         self.disable_inbox || self.disable_outbox || self.disable_group_commit
@@ -116,14 +128,10 @@ pub struct ConsumerConfig {
     pub max_deliver: i64,
     /// Messages handled at once per consumer (bounded in-flight work).
     pub max_in_flight: usize,
-    /// Same-node delivery: a message this node sends to a consumer it hosts is handed to
-    /// that consumer in memory once durable, ahead of its JetStream copy (which is then
-    /// acked unhandled). Off: every message takes the round trip through JetStream.
-    pub local_delivery: bool,
-    /// With same-node delivery: a message for a consumer of the sender's own context that
-    /// needs no external call is handled in the transaction that wrote it, not in one of its
-    /// own after the flush. Off: it is handled after the flush as above.
-    pub local_in_transaction: bool,
+    /// A message the context sends to one of its own consumers (that needs no external
+    /// call) is handled inside the transaction that wrote it; its JetStream copy is then a
+    /// duplicate. Off: it takes the round trip through JetStream like any other.
+    pub own_messages_in_transaction: bool,
 }
 
 /// Settings of one handler (component); missing ones take the node's.
@@ -172,7 +180,7 @@ pub struct StoreConfig {
     /// sled page cache size in bytes (sled keeps about twice this resident).
     pub cache_capacity_bytes: u64,
     /// A store flush that has not returned after this long will not: the node restarts in
-    /// place (see `node::store_watchdog`). Whole seconds; at least 1 s.
+    /// place (see `node::watchdog`). Whole seconds; at least 1 s.
     pub flush_stall_ms: u64,
 }
 
@@ -188,7 +196,7 @@ impl Default for NodeConfig {
             store: StoreConfig::default(),
             external_timeout_ms: 5_000,
             max_message_bytes: 64 * 1024,
-            faults: crate::faults::FaultConfig::default(),
+            faults: Default::default(),
             retry: Default::default(),
             handlers: Default::default(),
             breaker: Default::default(),
@@ -217,8 +225,7 @@ impl Default for ConsumerConfig {
             ack_wait_ms: 30_000,
             max_deliver: 10_000,
             max_in_flight: 64,
-            local_delivery: true,
-            local_in_transaction: true,
+            own_messages_in_transaction: true,
         }
     }
 }
@@ -328,10 +335,27 @@ impl NodeConfig {
                 self.store.flush_stall_ms
             ));
         }
+        #[cfg(feature = "faults")]
         for (i, r) in self.faults.rules.iter().enumerate() {
             if let Err(problem) = r.validate() {
                 return bad(format!("faults.rules[{i}]: {problem}"));
             }
+        }
+        #[cfg(not(feature = "faults"))]
+        if self.faults.is_some() {
+            return bad(
+                "[faults]: this build has no fault injection (built without the cargo feature \
+                 `faults`)"
+                    .into(),
+            );
+        }
+        #[cfg(not(feature = "danger"))]
+        if self.danger.is_some() {
+            return bad(
+                "[danger]: this build has no [danger] switches (built without the cargo feature \
+                 `danger`, which only the chaos suite enables)"
+                    .into(),
+            );
         }
         if self.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
             return bad(format!(
@@ -340,6 +364,27 @@ impl NodeConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The limits the node creates context streams with.
+    pub fn stream_spec(&self) -> crate::wire::bus::StreamSpec {
+        let s = &self.stream;
+        crate::wire::bus::StreamSpec {
+            max_age: Duration::from_millis(s.max_age_ms),
+            max_bytes: s.max_bytes,
+            max_message_size: s.max_message_size,
+            duplicate_window: Duration::from_millis(s.duplicate_window_ms),
+            file_storage: s.file_storage,
+        }
+    }
+
+    /// The settings of the durable consumers of a handler (component).
+    pub fn consumer_spec(&self, component: &str) -> crate::wire::bus::ConsumerSpec {
+        crate::wire::bus::ConsumerSpec {
+            ack_wait: self.ack_wait(),
+            max_deliver: self.consumer.max_deliver,
+            max_ack_pending: (self.max_in_flight(component) * 4) as i64,
+        }
     }
 
     pub fn ack_wait(&self) -> Duration {

@@ -1,34 +1,77 @@
 //! Choreo's runtime: the generic machinery that runs bounded contexts on NATS JetStream and
 //! sled. It knows nothing about the shop.
 //!
-//! Path of one message: [`consumer`] pulls it from a durable consumer ([`bus`]), reads its
-//! [`envelope`], checks the inbox and runs the component's decision in one [`store`]
-//! transaction with the outbox entries and the inbox mark; the [`flusher`] makes that
-//! durable; the message is acked and the [`outbox`] relay publishes what it caused.
+//! The rooms, lowest first (a room uses only the rooms above it in this list):
+//! - [`telemetry`]: metrics, readiness, the HTTP endpoint, saga counts;
+//! - [`wire`]: the envelope, subjects and streams, the NATS connection, external requests;
+//! - [`store`]: sled behind the state API, the batch transaction, inbox, outbox table;
+//! - [`component`]: what a context provides (components, messages, handler errors);
+//! - `faults` (cargo feature `faults`): fault injection for chaos tests;
+//! - [`resilience`]: bulkhead, handler guard, retry, circuit breaker, external calls;
+//! - [`config`]: the node's settings;
+//! - [`pipeline`]: the path of one message (pull, process, disposition, settle), the group
+//!   commit and the outbox relay;
+//! - [`saga`]: process managers, their deadlines and inspection;
+//! - [`context`]: a bounded context as a node hosts it;
+//! - [`node`]: one process hosting contexts, its services and its store watchdog.
+//!
+//! Path of one message: the [`pipeline`] pulls it from a durable consumer, reads its
+//! envelope, checks the inbox and runs the component's decision in one [`store`]
+//! transaction with the outbox entries and the inbox mark; the group commit makes that
+//! durable; the message is acked and the outbox relay publishes what it caused.
 
-pub mod bus;
+/// A fault point (see `faults`): fires the matching rule, carries out its action (crash,
+/// panic, delay) and runs the given closure body with what is left for the point
+/// (`Injected::Error` or `Injected::Drop`). `async` points sleep on the runtime,
+/// `blocking` ones on their thread. Without the cargo feature `faults` it expands to
+/// nothing, so a release build holds no fault point.
+///
+/// `fault!(async faults, Handler, context, msg_type, payload, |injected| ...)`
+#[cfg(feature = "faults")]
+#[macro_export]
+macro_rules! fault {
+    (async $faults:expr, $point:ident, $ctx:expr, $ty:expr, $payload:expr, |$inj:ident| $then:expr) => {
+        if let Some(fired) = $faults.fired($crate::faults::FaultPoint::$point, $ctx, $ty, $payload)
+        {
+            if let Some($inj) = $crate::faults::run_async(fired, $ty).await {
+                $then
+            }
+        }
+    };
+    (blocking $faults:expr, $point:ident, $ctx:expr, $ty:expr, $payload:expr, |$inj:ident| $then:expr) => {
+        if let Some(fired) = $faults.fired($crate::faults::FaultPoint::$point, $ctx, $ty, $payload)
+        {
+            if let Some($inj) = $crate::faults::run_blocking(fired, $ty) {
+                $then
+            }
+        }
+    };
+}
+
+/// Without the cargo feature `faults`: no fault point.
+#[cfg(not(feature = "faults"))]
+#[macro_export]
+macro_rules! fault {
+    ($($t:tt)*) => {};
+}
+
 pub mod component;
 pub mod config;
-pub mod consumer;
-pub mod envelope;
-pub mod external;
+pub mod context;
+#[cfg(feature = "faults")]
 pub mod faults;
-pub mod flusher;
-pub mod local;
-pub mod metrics;
 pub mod node;
-pub mod outbox;
+pub mod pipeline;
 pub mod resilience;
-
 pub mod saga;
-pub mod saga_service;
-pub mod saga_stats;
 pub mod store;
-pub mod subjects;
+pub mod telemetry;
+pub mod wire;
 
 pub use component::{
-    decode_as, Component, Context, DecodeError, ExternalCall, HandleCtx, HandleError, Kind,
-    Message, Outgoing, QueryError, Subscription,
+    decode_as, Component, DecodeError, ExternalCall, HandleCtx, HandleError, Kind, Message,
+    Outgoing, Subscription,
 };
-pub use envelope::Envelope;
+pub use context::{request_field, Context, QueryError};
 pub use store::{load, read, read_all, save, StateError, StateRead, StateTx};
+pub use wire::envelope::Envelope;

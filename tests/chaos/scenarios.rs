@@ -11,8 +11,8 @@ use choreo::load::{self, LoadConfig};
 use choreo::verify;
 use futures::StreamExt;
 use nix::sys::signal::Signal;
-use runtime::envelope::{headers, new_id, now_ms};
-use runtime::{subjects, Envelope};
+use runtime::wire::envelope::{headers, new_id, now_ms};
+use runtime::{wire::subjects, Envelope};
 use serde::Serialize;
 
 use crate::harness::{self, TestShop};
@@ -759,7 +759,7 @@ async fn publish_copy(
     h: HeaderMap,
     payload: Bytes,
 ) -> anyhow::Result<()> {
-    let mut copy = runtime::envelope::headers_without_msg_id(Some(&h));
+    let mut copy = runtime::wire::envelope::headers_without_msg_id(Some(&h));
     copy.insert(
         headers::NATS_MSG_ID,
         format!("replay-{}", new_id()).as_str(),

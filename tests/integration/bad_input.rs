@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use runtime::envelope::{headers, new_id, now_ms};
-use runtime::{subjects, Envelope};
+use runtime::wire::envelope::{headers, new_id, now_ms};
+use runtime::{wire::subjects, Envelope};
 
 use crate::harness::{self, eventually, TestShop};
 

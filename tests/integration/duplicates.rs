@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use runtime::envelope::{new_id, now_ms};
-use runtime::{subjects, Envelope};
+use runtime::wire::envelope::{new_id, now_ms};
+use runtime::{wire::subjects, Envelope};
 
 use crate::harness::{self, eventually};
 

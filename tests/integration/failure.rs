@@ -8,7 +8,7 @@ use bytes::Bytes;
 use choreo::load::{self, LoadConfig};
 use choreo::verify;
 use futures::StreamExt;
-use runtime::subjects;
+use runtime::wire::subjects;
 
 use crate::harness::{self, add_stock, choreo, eventually, TestShop, TEST_CONFIG};
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use runtime::envelope::new_id;
+use runtime::wire::envelope::new_id;
 
 use crate::harness::{self, eventually, inject};
 

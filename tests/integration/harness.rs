@@ -10,9 +10,9 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use choreo::shop::{Shop, ShopOptions};
 use futures::StreamExt;
-use runtime::bus::Bus;
-use runtime::envelope::{new_id, now_ms};
-use runtime::{subjects, Envelope};
+use runtime::wire::bus::Bus;
+use runtime::wire::envelope::{new_id, now_ms};
+use runtime::{wire::subjects, Envelope};
 
 /// Node settings for tests: short ack wait and back-off so redeliveries take seconds.
 pub(crate) const TEST_CONFIG: &str = r#"

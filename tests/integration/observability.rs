@@ -98,9 +98,9 @@ fn panel_queries() -> Vec<(String, String, String, bool)> {
     out
 }
 
-/// Every `choreo_*` metric name registered in `runtime/src/metrics.rs`.
+/// Every `choreo_*` metric name registered in `runtime/src/telemetry/metrics.rs`.
 fn code_metrics() -> BTreeSet<String> {
-    let src = std::fs::read_to_string(root().join("runtime/src/metrics.rs")).unwrap();
+    let src = std::fs::read_to_string(root().join("runtime/src/telemetry/metrics.rs")).unwrap();
     src.split('"')
         .filter(|s| s.starts_with("choreo_") && !s.contains(' '))
         .map(str::to_string)
@@ -233,14 +233,14 @@ async fn prometheus_evaluates_every_panel_and_rule() {
         .unwrap();
     assert!(report.ok());
     let env = runtime::Envelope::first(
-        runtime::envelope::new_id(),
+        runtime::wire::envelope::new_id(),
         "PlaceOrder",
         "test",
-        runtime::envelope::now_ms(),
+        runtime::wire::envelope::now_ms(),
     );
     t.bus
         .publish(
-            &runtime::subjects::command("orders", "PlaceOrder"),
+            &runtime::wire::subjects::command("orders", "PlaceOrder"),
             &env,
             "{not json".into(),
         )
@@ -314,7 +314,7 @@ async fn prometheus_evaluates_every_panel_and_rule() {
 }
 
 /// Replies to a `$SRV` discovery request, collected for a second.
-async fn srv(bus: &runtime::bus::Bus, subject: &str) -> Vec<Value> {
+async fn srv(bus: &runtime::wire::bus::Bus, subject: &str) -> Vec<Value> {
     use futures::StreamExt;
     let inbox = bus.client.new_inbox();
     let mut sub = bus.client.subscribe(inbox.clone()).await.unwrap();
@@ -356,15 +356,15 @@ async fn nodes_register_with_the_service_api_and_readiness_follows_nats() {
     assert_eq!(srv(&t.bus, "$SRV.PING").await.len(), 2);
     // STATS carry the messages each context handled.
     let env = runtime::Envelope::first(
-        runtime::envelope::new_id(),
+        runtime::wire::envelope::new_id(),
         "AddStock",
         "test",
-        runtime::envelope::now_ms(),
+        runtime::wire::envelope::now_ms(),
     );
     let body = serde_json::json!({"sku": "s", "qty": 1}).to_string();
     t.bus
         .publish(
-            &runtime::subjects::command("inventory", "AddStock"),
+            &runtime::wire::subjects::command("inventory", "AddStock"),
             &env,
             body.into(),
         )

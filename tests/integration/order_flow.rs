@@ -72,12 +72,12 @@ async fn two_hundred_orders_end_completed_or_cancelled_with_effects_once() {
     }
     assert_eq!(v.violations(), 0, "invariants hold: {:#?}", v.checks);
 
-    // Same-node delivery in the sender's transaction: the saga's ConfirmOrder and
-    // CompleteOrder were handled by the orders aggregate, and OrderPlaced by the saga, in the
-    // transaction that wrote them, and their JetStream copies were acked unhandled; the
-    // invariants above held with it.
+    // A context's own messages in the sender's transaction: the saga's ConfirmOrder and
+    // CompleteOrder were handled by the orders aggregate, and OrderPlaced by the saga, in
+    // the transaction that wrote them, and their JetStream copies were acked as duplicates;
+    // the invariants above held with it.
     let orders = t.shop.node("orders").unwrap().metrics_addr.clone();
-    let in_tx = local(&orders, "in_transaction");
+    let in_tx = harness::metric(&orders, "choreo_handled_in_transaction_total", &[]);
     assert!(
         in_tx > 0.0,
         "messages handled in their sender's transaction"
@@ -85,59 +85,28 @@ async fn two_hundred_orders_end_completed_or_cancelled_with_effects_once() {
     let copies = harness::metric(
         &orders,
         "choreo_messages_total",
-        &[("outcome", "handled_in_node")],
+        &[("outcome", "duplicate")],
     );
     assert!(
-        copies > 0.0 && copies <= in_tx + local(&orders, "handled"),
-        "{copies} copies acked unhandled"
+        copies > 0.0 && copies <= in_tx,
+        "{copies} copies acked as duplicates of {in_tx}"
     );
     t.shop.stop().expect("every node stops cleanly on SIGTERM");
 }
 
-fn local(node: &str, outcome: &str) -> f64 {
-    harness::metric(
-        node,
-        "choreo_local_deliveries_total",
-        &[("outcome", outcome)],
-    )
-}
-
-/// `[consumer] local_in_transaction = false`: same-node messages are handled in memory
-/// after the flush, each in a transaction of its own, and the orders end the same.
+/// `[consumer] own_messages_in_transaction = false`: every message takes the round trip
+/// through JetStream, and the orders end the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn same_node_messages_after_the_flush_when_not_in_the_transaction() {
-    let config =
-        harness::TEST_CONFIG.replace("[consumer]\n", "[consumer]\nlocal_in_transaction = false\n");
-    let mut t = harness::start_config(choreo::contexts::KNOWN, true, &config).await;
-    run_and_verify(&t, 30).await;
-    let orders = t.shop.node("orders").unwrap().metrics_addr.clone();
-    assert_eq!(local(&orders, "in_transaction"), 0.0);
-    assert!(
-        local(&orders, "handled") > 0.0,
-        "messages handled in the node"
+async fn own_messages_through_jetstream_when_not_in_the_transaction() {
+    let config = harness::TEST_CONFIG.replace(
+        "[consumer]\n",
+        "[consumer]\nown_messages_in_transaction = false\n",
     );
-    t.shop.stop().unwrap();
-}
-
-/// `[consumer] local_delivery = false`: every message takes the round trip through
-/// JetStream, and the orders end the same.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_same_node_delivery_every_message_goes_through_jetstream() {
-    let config =
-        harness::TEST_CONFIG.replace("[consumer]\n", "[consumer]\nlocal_delivery = false\n");
     let mut t = harness::start_config(choreo::contexts::KNOWN, true, &config).await;
     run_and_verify(&t, 30).await;
     let orders = t.shop.node("orders").unwrap().metrics_addr.clone();
     assert_eq!(
-        harness::metric(&orders, "choreo_local_deliveries_total", &[]),
-        0.0
-    );
-    assert_eq!(
-        harness::metric(
-            &orders,
-            "choreo_messages_total",
-            &[("outcome", "handled_in_node")]
-        ),
+        harness::metric(&orders, "choreo_handled_in_transaction_total", &[]),
         0.0
     );
     assert!(harness::metric(&orders, "choreo_messages_total", &[("outcome", "acked")]) > 0.0);
@@ -149,29 +118,22 @@ async fn without_same_node_delivery_every_message_goes_through_jetstream() {
 async fn all_contexts_in_one_process() {
     let mut t = harness::start(&["all"], true, "").await;
     let report = run_and_verify(&t, 40).await;
-    // Same-node delivery crosses contexts in one process: the saga's commands to inventory
-    // (reserve, commit, release) reach its consumer in memory.
+    // Contexts hosted together still talk through JetStream: only a context's own
+    // messages are handled in their sender's transaction.
     let node = t.shop.node("all").unwrap().metrics_addr.clone();
     assert!(
         harness::metric(
             &node,
-            "choreo_local_deliveries_total",
-            &[("context", "inventory"), ("outcome", "handled")]
+            "choreo_messages_total",
+            &[("context", "inventory"), ("outcome", "acked")]
         ) > 0.0
     );
-    // Their JetStream copies are acked unhandled; a copy that came back while its in-memory
-    // handling was still running waited for it instead of running the same transaction
-    // again, so no copy was found a duplicate by the inbox.
-    let copies = |outcome| {
+    assert_eq!(
         harness::metric(
             &node,
-            "choreo_messages_total",
-            &[("context", "inventory"), ("outcome", outcome)],
-        )
-    };
-    assert!(copies("handled_in_node") > 0.0);
-    assert_eq!(
-        harness::metric(&node, "choreo_messages_total", &[("outcome", "duplicate")]),
+            "choreo_handled_in_transaction_total",
+            &[("context", "inventory")]
+        ),
         0.0
     );
 

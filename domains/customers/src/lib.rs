@@ -101,7 +101,7 @@ pub fn query(
 ) -> Result<serde_json::Value, QueryError> {
     match name {
         "customer" => {
-            let id = runtime::component::request_field(req, "customer_id")?;
+            let id = runtime::request_field(req, "customer_id")?;
             let c: CustomerRegistered = read(state, &key(&id))?.ok_or(QueryError::NotFound)?;
             Ok(serde_json::to_value(c).unwrap_or_default())
         }

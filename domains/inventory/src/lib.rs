@@ -343,7 +343,7 @@ pub fn query(
 ) -> Result<serde_json::Value, QueryError> {
     match name {
         "reservation" => {
-            let id = runtime::component::request_field(req, "order_id")?;
+            let id = runtime::request_field(req, "order_id")?;
             let r: Reservation = read(state, &reservation_key(&id))?.ok_or(QueryError::NotFound)?;
             Ok(serde_json::to_value(r).unwrap_or_default())
         }

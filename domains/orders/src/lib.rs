@@ -289,7 +289,7 @@ pub fn query(
 ) -> Result<serde_json::Value, QueryError> {
     match name {
         "order" => {
-            let id = runtime::component::request_field(req, "order_id")?;
+            let id = runtime::request_field(req, "order_id")?;
             let o: Order = read(state, &order_key(&id))?.ok_or(QueryError::NotFound)?;
             let customer_name: Option<String> = read(state, &customer_key(&o.customer_id))?;
             let mut v = serde_json::to_value(&o).unwrap_or_default();
@@ -297,7 +297,7 @@ pub fn query(
             Ok(v)
         }
         "by-customer" => {
-            let id = runtime::component::request_field(req, "customer_id")?;
+            let id = runtime::request_field(req, "customer_id")?;
             let orders: Vec<Order> = read_all(state, "order/")?;
             let mine: Vec<_> = orders
                 .into_iter()

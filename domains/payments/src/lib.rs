@@ -11,9 +11,10 @@
 use std::sync::Arc;
 
 use orders::OrderPlaced;
-use runtime::component::{request_field, DynComponent};
+use runtime::component::DynComponent;
+use runtime::request_field;
 use runtime::{
-    decode_as, load, message, read, read_all, save, subjects, Component, DecodeError, ExternalCall,
+    decode_as, load, message, read, read_all, save, Component, DecodeError, ExternalCall,
     HandleCtx, HandleError, Message, Outgoing, QueryError, StateRead, StateTx, Subscription,
 };
 use serde::{Deserialize, Serialize};
@@ -142,7 +143,7 @@ pub struct SettleReply {
 fn call(op: &str, body: serde_json::Value) -> ExternalCall {
     ExternalCall {
         system: GATEWAY,
-        subject: subjects::external(GATEWAY, op),
+        subject: runtime::wire::subjects::external(GATEWAY, op),
         body: body.to_string(),
     }
 }

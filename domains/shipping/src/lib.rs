@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use customers::CustomerRegistered;
 use orders::LineItem;
-use runtime::component::{request_field, DynComponent};
+use runtime::component::DynComponent;
+use runtime::request_field;
 use runtime::{
-    decode_as, load, message, read, read_all, save, subjects, Component, DecodeError, ExternalCall,
+    decode_as, load, message, read, read_all, save, Component, DecodeError, ExternalCall,
     HandleCtx, HandleError, Message, Outgoing, QueryError, StateRead, StateTx, Subscription,
 };
 use serde::{Deserialize, Serialize};
@@ -149,7 +150,7 @@ pub fn plan(
 fn carrier_call(op: &str, body: serde_json::Value) -> ExternalCall {
     ExternalCall {
         system: CARRIER,
-        subject: subjects::external(CARRIER, op),
+        subject: runtime::wire::subjects::external(CARRIER, op),
         body: body.to_string(),
     }
 }

@@ -1,8 +1,10 @@
-//! Retry policy: immediate retries, then exponential jittered back-off, within a budget.
+//! The retry layer: immediate retries inside one delivery ([`at_once`]), then naks with an
+//! exponential, jittered delay ([`RetryPolicy::delay`], [`RetryPolicy::jittered`]) until the
+//! budget of failed deliveries is spent.
 
+use std::future::Future;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use serde::{Deserialize, Serialize};
 
 /// How a handler's transient failures are retried. Defaults in the spirit of NServiceBus
@@ -58,25 +60,43 @@ impl RetryPolicy {
         None
     }
 
-    /// Delay before the next delivery after `failures` failed deliveries (1 = the first).
+    /// Delay before the next delivery after `failures` failed deliveries (1 = the first),
+    /// without jitter: `base_ms * factor^(failures - 1)`, at most `max_ms`.
     pub fn delay(&self, failures: u32) -> Duration {
-        let mut b = ExponentialBuilder::new()
-            .with_min_delay(Duration::from_millis(self.base_ms))
-            .with_max_delay(Duration::from_millis(self.max_ms))
-            .with_factor(self.factor)
-            .without_max_times();
+        let n = failures.max(1) - 1;
+        let ms = self.base_ms as f64 * f64::from(self.factor).powi(n.min(64) as i32);
+        Duration::from_millis(ms.min(self.max_ms as f64) as u64)
+    }
+
+    /// `delay` with its jitter: up to one delay more, the share `draw` (in `[0, 1)`) of it.
+    pub fn jittered(&self, delay: Duration, draw: f64) -> Duration {
         if self.jitter {
-            b = b.with_jitter();
+            delay + delay.mul_f64(draw.clamp(0.0, 1.0))
+        } else {
+            delay
         }
-        let n = failures.max(1) as usize - 1;
-        b.build()
-            .nth(n)
-            .unwrap_or(Duration::from_millis(self.max_ms))
     }
 
     /// True when `failures` failed deliveries exhaust the budget.
     pub fn exhausted(&self, failures: u32) -> bool {
         failures >= self.budget
+    }
+}
+
+/// Runs `attempt` and again, at once, up to `times` more times while `transient` says its
+/// result may succeed on another try; returns the last result.
+pub async fn at_once<T, F, Fut>(times: u32, transient: impl Fn(&T) -> bool, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = T>,
+{
+    let mut tries = 0;
+    loop {
+        let result = attempt().await;
+        if tries == times || !transient(&result) {
+            return result;
+        }
+        tries += 1;
     }
 }
 
@@ -104,14 +124,47 @@ mod tests {
             ..RetryPolicy::default()
         };
         for n in 1..=5 {
-            let plain = RetryPolicy {
-                jitter: false,
-                ..p.clone()
+            let plain = p.delay(n);
+            for draw in [0.0, 0.3, 0.999] {
+                let j = p.jittered(plain, draw);
+                assert!(j >= plain && j < plain * 2, "{n}: {j:?} vs {plain:?}");
             }
-            .delay(n);
-            let j = p.delay(n);
-            assert!(j >= plain && j <= plain * 2, "{n}: {j:?} vs {plain:?}");
         }
+        let off = RetryPolicy { jitter: false, ..p };
+        assert_eq!(off.jittered(off.delay(2), 0.9), off.delay(2));
+    }
+
+    #[tokio::test]
+    async fn immediate_retries_stop_at_success_or_the_limit() {
+        let mut calls = 0;
+        let r = at_once(
+            2,
+            |r: &Result<(), ()>| r.is_err(),
+            || {
+                calls += 1;
+                async { Err::<(), ()>(()) }
+            },
+        )
+        .await;
+        assert_eq!((r, calls), (Err(()), 3));
+        let mut calls = 0;
+        let r = at_once(
+            5,
+            |r: &Result<u32, ()>| r.is_err(),
+            || {
+                calls += 1;
+                let n = calls;
+                async move {
+                    if n < 2 {
+                        Err(())
+                    } else {
+                        Ok(n)
+                    }
+                }
+            },
+        )
+        .await;
+        assert_eq!((r, calls), (Ok(2), 2));
     }
 
     #[test]

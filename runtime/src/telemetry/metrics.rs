@@ -1,16 +1,13 @@
-//! Every Prometheus metric of the runtime, in one place, and the HTTP endpoint serving them.
+//! Every Prometheus metric of the runtime, in one place.
 //!
 //! Labels are bounded: context, consumer (durable name), message type (declared types only,
 //! else `unknown`), outcome and reason categories. Never an order, saga or message id.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::LazyLock;
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
 
@@ -46,24 +43,22 @@ fn latency_buckets() -> Vec<f64> {
 }
 
 /// Messages taken from a consumer, by what became of them.
-/// outcome: acked | duplicate | handled_in_node | retried | delayed | dead_lettered.
+/// outcome: acked | duplicate | retried | delayed | dead_lettered.
 pub static MESSAGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
         "choreo_messages_total",
-        "Messages delivered to a consumer, by outcome (acked, duplicate, handled_in_node: already handled by same-node delivery, retried, delayed by an open breaker, dead_lettered).",
+        "Messages delivered to a consumer, by outcome (acked, duplicate, retried, delayed by an open breaker, dead_lettered).",
         &["context", "consumer", "outcome"],
     )
 });
 
-/// Same-node deliveries (see `local`), by what became of them.
-/// outcome: handled | in_transaction (handled in the transaction that wrote it) | duplicate
-/// | skipped | failed | panicked | timed_out (all but the first two leave the message to its
-/// JetStream copy).
-pub static LOCAL_DELIVERIES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+/// Messages a consumer handled inside the transaction of the message that caused them
+/// (the context's own messages; their JetStream copies are then duplicates).
+pub static HANDLED_IN_TRANSACTION: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
-        "choreo_local_deliveries_total",
-        "Messages handed in memory to a consumer in the same node once durable, by outcome (handled, in_transaction: handled in the transaction that wrote it; duplicate, skipped, failed, panicked, timed_out: left to the JetStream copy).",
-        &["context", "consumer", "outcome"],
+        "choreo_handled_in_transaction_total",
+        "Messages a consumer handled inside the transaction that wrote them (a context's own messages); their JetStream copies are acked as duplicates.",
+        &["context", "consumer"],
     )
 });
 
@@ -326,72 +321,6 @@ pub static SAGA_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     )
 });
 
-/// Readiness shared between the node and the HTTP endpoint.
-#[derive(Clone, Default)]
-pub struct Health {
-    ready: Arc<AtomicBool>,
-    /// The node's NATS connections (one, or one per hosted context and one for the node).
-    nats: Arc<std::sync::Mutex<Vec<async_nats::Client>>>,
-    /// One flag per store, set while its last flush failed.
-    stores: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>>,
-    /// Consumers stopped after exceeding their restart limit.
-    degraded: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl Health {
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::SeqCst);
-    }
-    /// Ready: started, not shutting down, connected to NATS, the stores writable, and no
-    /// consumer stopped by its restart limit.
-    pub fn is_ready(&self) -> bool {
-        let nats_ok = self
-            .nats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .all(|c| c.connection_state() == async_nats::connection::State::Connected);
-        self.ready.load(Ordering::SeqCst)
-            && nats_ok
-            && !self.store_failed()
-            && self.degraded.load(Ordering::SeqCst) == 0
-    }
-    /// A new store's flag: its flusher sets it while flushes fail.
-    pub fn store_flag(&self) -> Arc<AtomicBool> {
-        let flag = Arc::new(AtomicBool::new(false));
-        self.stores
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(flag.clone());
-        flag
-    }
-    /// Some store's last flush failed.
-    pub fn store_failed(&self) -> bool {
-        self.stores
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|f| f.load(Ordering::SeqCst))
-    }
-    /// Readiness follows this client's connection (too) from now on.
-    pub fn watch_nats(&self, client: async_nats::Client) {
-        self.nats
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(client);
-    }
-    /// A consumer exceeded its restart limit and stopped.
-    pub fn degrade(&self) {
-        self.degraded.fetch_add(1, Ordering::SeqCst);
-    }
-    /// A stopped consumer resumed.
-    pub fn recover(&self) {
-        let _ = self
-            .degraded
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-    }
-}
-
 /// Messages handled by a context's consumers so far (for `$SRV.STATS`).
 pub fn handled(context: &str) -> u64 {
     REGISTRY
@@ -419,6 +348,7 @@ pub fn render() -> String {
 pub fn init() {
     LazyLock::force(&MESSAGES);
     LazyLock::force(&HANDLER_SECONDS);
+    LazyLock::force(&HANDLED_IN_TRANSACTION);
     LazyLock::force(&DEAD_LETTERS);
     LazyLock::force(&HANDLER_PANICS);
     LazyLock::force(&ACTOR_RESTARTS);
@@ -434,7 +364,6 @@ pub fn init() {
     LazyLock::force(&BREAKER_STATE);
     LazyLock::force(&BREAKER_TRANSITIONS);
     LazyLock::force(&BULKHEAD_IN_USE);
-    LazyLock::force(&LOCAL_DELIVERIES);
     LazyLock::force(&SUPERVISOR_GIVEN_UP);
     LazyLock::force(&CONSUMER_PENDING);
     LazyLock::force(&CONSUMER_ACK_PENDING);
@@ -446,44 +375,4 @@ pub fn init() {
 
     LazyLock::force(&SAGA_DEADLINES_FIRED);
     LazyLock::force(&SAGA_DEADLINE_LATENESS);
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` on an already bound listener until the task
-/// is dropped. HTTP/1.0-style: one request per connection.
-pub async fn serve(listener: TcpListener, health: Health) {
-    loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
-        };
-        let health = health.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let n =
-                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
-                    .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req.split_whitespace().nth(1).unwrap_or("/");
-            let (status, content_type, body) = match path {
-                "/metrics" => ("200 OK", "text/plain; version=0.0.4", render()),
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
-                "/readyz" if health.is_ready() => ("200 OK", "text/plain", "ready\n".to_string()),
-                "/readyz" => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not ready\n".to_string(),
-                ),
-                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
-        });
-    }
 }

@@ -1,6 +1,11 @@
 //! Fault injection at named points of the message path, for chaos tests.
 //!
-//! Off unless `[faults] enabled = true` in the node config. Rules come from the config and,
+//! Compiled only with the cargo feature `faults` (as sled gates its failpoints), and off
+//! unless `[faults] enabled = true` in the node config. Each point in the code is one
+//! [`fault!`](crate::fault) macro: it fires the matching rule and carries out the action
+//! table below once ([`Fired::carry_out`]: crash, panic and delay are done there; error and
+//! drop are handed to the point, which says what they mean for it). Without the feature the
+//! macro expands to nothing. Rules come from the config and,
 //! at run time, from the admin subject `choreo.admin.<context>.faults` (`choreo chaos
 //! inject|clear|list`); a node whose config leaves faults off refuses them. Every fault
 //! fired is counted in `choreo_faults_injected_total{point,action}`.
@@ -35,10 +40,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use crate::{metrics, subjects};
+use crate::telemetry::metrics;
+
+pub mod admin;
 
 /// Where in the path of one message a fault can fire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -352,78 +358,95 @@ impl Faults {
     }
 }
 
-/// A request on `choreo.admin.<context>.faults`.
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
-pub enum AdminRequest {
-    Inject {
-        rule: FaultRule,
-        #[serde(default)]
-        seed: Option<u64>,
-    },
-    Clear,
-    List,
+/// What an injected fault leaves for its point to act on; crash, panic and delay are carried
+/// out by [`Fired::carry_out`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Injected {
+    /// A transient error at this point.
+    Error,
+    /// Lose what this point was doing (see the table in the module docs).
+    Drop,
 }
 
-/// Answers one admin request for `context`: `{"ok": ...}` or `{"error": "..."}`.
-pub fn answer(faults: &Faults, context: &str, payload: &[u8]) -> serde_json::Value {
-    let req = match serde_json::from_slice::<AdminRequest>(payload) {
-        Ok(r) => r,
-        Err(e) => return serde_json::json!({ "error": format!("bad request: {e}") }),
-    };
-    let result = match req {
-        AdminRequest::Inject { mut rule, seed } => {
-            rule.context.get_or_insert_with(|| context.to_string());
-            if rule.context.as_deref() != Some(context) {
-                Err(FaultsError::Invalid(format!(
-                    "rule is for context {:?}, sent to {context}",
-                    rule.context
-                )))
-            } else {
-                faults
-                    .install(rule, seed)
-                    .map(|id| serde_json::json!({ "installed": id }))
-            }
+/// A rule that fired at a point.
+pub struct Fired {
+    pub point: FaultPoint,
+    pub rule: FaultRule,
+}
+
+/// What is left to do after [`Fired::carry_out`].
+pub enum Then {
+    /// Sleep this long (async or blocking, as the point runs), then go on.
+    Sleep(Duration),
+    /// Hand this to the point.
+    Inject(Injected),
+}
+
+impl Fired {
+    /// The action table, once: a crash aborts the process, a panic panics (caught around
+    /// handler code), a delay is returned to sleep, error and drop are returned to the point.
+    pub fn carry_out(self, what: &str) -> Then {
+        match self.rule.action {
+            FaultAction::Crash => crash(self.point, what),
+            FaultAction::Panic => panic!("injected fault at {} for {what}", self.point.label()),
+            FaultAction::Delay => Then::Sleep(Duration::from_millis(self.rule.delay_ms)),
+            FaultAction::Error => Then::Inject(Injected::Error),
+            FaultAction::Drop => Then::Inject(Injected::Drop),
         }
-        AdminRequest::Clear => Ok(serde_json::json!({ "cleared": faults.clear(Some(context)) })),
-        AdminRequest::List => Ok(serde_json::json!({
-            "enabled": faults.enabled(),
-            "rules": faults.list().into_iter()
-                .filter(|r| r["rule"]["context"].as_str().is_none_or(|c| c == context))
-                .collect::<Vec<_>>(),
-        })),
-    };
-    match result {
-        Ok(v) => serde_json::json!({ "ok": v }),
-        Err(e) => serde_json::json!({ "error": e.to_string() }),
     }
 }
 
-/// Serves `choreo.admin.<context>.faults` for every hosted context.
-pub async fn serve(
-    client: async_nats::Client,
-    faults: std::sync::Arc<Faults>,
-    contexts: Vec<&'static str>,
-) {
-    let mut subs = Vec::new();
-    for c in &contexts {
-        match client.subscribe(subjects::admin(c, "faults")).await {
-            Ok(s) => subs.push(s.map(move |m| (*c, m))),
-            Err(e) => tracing::error!(context = c, error = %e, "cannot serve fault admin"),
+impl Faults {
+    /// Fires `point` for a message of `msg_type` in `context`, if a rule matches (see
+    /// [`Faults::fire`]).
+    pub fn fired(
+        &self,
+        point: FaultPoint,
+        context: &str,
+        msg_type: &str,
+        payload: &[u8],
+    ) -> Option<Fired> {
+        let rule = self.fire(point, context, msg_type, payload)?;
+        Some(Fired { point, rule })
+    }
+}
+
+/// Carries out a fired rule on the async runtime (a delay sleeps there); what is left for
+/// the point, if anything.
+pub async fn run_async(fired: Fired, what: &str) -> Option<Injected> {
+    match fired.carry_out(what) {
+        Then::Sleep(d) => {
+            tokio::time::sleep(d).await;
+            None
         }
+        Then::Inject(i) => Some(i),
     }
-    let mut all = futures::stream::select_all(subs);
-    while let Some((context, req)) = all.next().await {
-        let Some(reply) = req.reply.clone() else {
-            continue;
-        };
-        let body = answer(&faults, context, &req.payload);
-        let _ = client.publish(reply, body.to_string().into()).await;
+}
+
+/// Carries out a fired rule on a thread of its own (a delay blocks it: a stalled disk).
+pub fn run_blocking(fired: Fired, what: &str) -> Option<Injected> {
+    match fired.carry_out(what) {
+        Then::Sleep(d) => {
+            std::thread::sleep(d);
+            None
+        }
+        Then::Inject(i) => Some(i),
     }
+}
+
+/// An injected crash: abort at once, like `kill -9` (no destructors, no flush).
+pub fn crash(point: FaultPoint, what: &str) -> ! {
+    tracing::error!(
+        point = point.label(),
+        what,
+        "injected crash: aborting the process"
+    );
+    std::process::abort();
 }
 
 #[cfg(test)]
 mod tests {
+    use super::admin::answer;
     use super::*;
 
     fn cfg(enabled: bool) -> FaultConfig {

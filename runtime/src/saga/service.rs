@@ -16,14 +16,13 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::consumer::{ContextRuntime, LocalError};
-use crate::envelope::{derived_id, now_ms, Envelope};
-use crate::faults::{FaultAction, FaultPoint};
-use crate::metrics;
-use crate::saga::{self, parse_deadline_key, DynSaga, InstanceSummary, DEADLINE_PREFIX};
-use crate::saga_stats;
+use super::instance::{self, parse_deadline_key, InstanceSummary, DEADLINE_PREFIX};
+use super::DynSaga;
+use crate::pipeline::{ContextRuntime, LocalError};
 use crate::store::Committed;
-use crate::subjects;
+use crate::telemetry::{metrics, saga_counts};
+use crate::wire::envelope::{derived_id, now_ms, Envelope};
+use crate::wire::subjects;
 
 /// Most deadlines fired per scan.
 const BATCH: usize = 256;
@@ -74,19 +73,8 @@ async fn fire_one(rt: &ContextRuntime, sagas: &[Arc<dyn DynSaga>], key: &str) {
         "deadline/{}/{}/{}/{}",
         due.saga, due.id, due.name, due.at_ms
     );
-    if let Some(f) = rt.faults.fire(
-        FaultPoint::DeadlineFire,
-        rt.context,
-        &due.name,
-        inbox_key.as_bytes(),
-    ) {
-        match f.action {
-            FaultAction::Crash => crate::consumer::crash(FaultPoint::DeadlineFire, &due.name),
-            FaultAction::Delay => tokio::time::sleep(Duration::from_millis(f.delay_ms)).await,
-            // The next scan finds it due again.
-            _ => return,
-        }
-    }
+    // An error or a drop skips this firing: the next scan finds it due again.
+    crate::fault!(async rt.faults, DeadlineFire, rt.context, &due.name, inbox_key.as_bytes(), |_injected| return);
     let cause_id = derived_id(&inbox_key);
     let mut cause = Envelope::first(cause_id.clone(), "DeadlineReached", rt.context, now_ms());
     cause.correlation_id = due.id.clone();
@@ -124,7 +112,7 @@ async fn fire_one(rt: &ContextRuntime, sagas: &[Arc<dyn DynSaga>], key: &str) {
 }
 
 /// Sets the saga gauges (instances by state, oldest active age) every few seconds from the
-/// in-memory counts ([`saga_stats`]; the duration histogram is observed as transitions
+/// in-memory counts ([`saga_counts`]; the duration histogram is observed as transitions
 /// commit).
 pub async fn report_metrics(sagas: Vec<Arc<dyn DynSaga>>) {
     loop {
@@ -132,7 +120,7 @@ pub async fn report_metrics(sagas: Vec<Arc<dyn DynSaga>>) {
         for s in &sagas {
             let def = s.definition();
             let states: Vec<&str> = def.states.iter().map(|st| st.name).collect();
-            let (by_state, oldest) = saga_stats::snapshot(s.name(), &states);
+            let (by_state, oldest) = saga_counts::snapshot(s.name(), &states);
             for (state, n) in by_state {
                 metrics::SAGA_INSTANCES
                     .with_label_values(&[s.name(), &state])
@@ -212,7 +200,7 @@ async fn answer(
         serde_json::from_slice(payload).map_err(|e| format!("bad request: {e}"))?
     };
     let all =
-        || saga::instances(rt.store.reader(), saga.name()).map_err(|e| format!("store: {e:?}"));
+        || instance::instances(rt.store.reader(), saga.name()).map_err(|e| format!("store: {e:?}"));
     let now = now_ms();
     match op {
         "list" | "stuck" => {
@@ -240,13 +228,13 @@ async fn answer(
         }
         "show" => {
             let id = req.id.ok_or("show needs id")?;
-            let v = saga::show(rt.store.reader(), saga.name(), &id)
+            let v = instance::show(rt.store.reader(), saga.name(), &id)
                 .map_err(|e| format!("store: {e:?}"))?;
             v.ok_or_else(|| format!("no {} instance {id}", saga.name()))
         }
         "retry" => {
             let id = req.id.ok_or("retry needs id")?;
-            let request_id = req.request_id.unwrap_or_else(crate::envelope::new_id);
+            let request_id = req.request_id.unwrap_or_else(crate::wire::envelope::new_id);
             let inbox_key = format!("retry/{}/{id}/{request_id}", saga.name());
             let cause_id = derived_id(&inbox_key);
             let mut cause = Envelope::first(cause_id.clone(), "OperatorRetry", rt.context, now);
@@ -257,7 +245,7 @@ async fn answer(
             })
             .await
             .map_err(|e| e.to_string())?;
-            let v = saga::show(rt.store.reader(), saga.name(), &id)
+            let v = instance::show(rt.store.reader(), saga.name(), &id)
                 .map_err(|e| format!("store: {e:?}"))?;
             Ok(v.unwrap_or_default())
         }

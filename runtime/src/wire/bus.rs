@@ -1,7 +1,6 @@
-//! The bus: NATS connection, JetStream streams and durable consumers, publishing.
-//!
-//! Architecture invariant: only this module, `subjects` and `envelope` know the wire format;
-//! components see typed inputs and return [`crate::component::Outgoing`] values.
+//! The bus: the NATS connection, JetStream streams and durable consumers, publishing and
+//! dead letters. Takes its settings as plain values ([`StreamSpec`], [`ConsumerSpec`]), so it
+//! depends on nothing above the wire.
 
 use std::time::Duration;
 
@@ -9,10 +8,8 @@ use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
-use crate::component::{Kind, Subscription};
-use crate::config::NodeConfig;
-use crate::envelope::{self, headers, Envelope};
-use crate::subjects;
+use super::envelope::{self, headers, Envelope};
+use super::subjects;
 
 /// Bus failures; all transient from a message's point of view.
 #[derive(Debug, thiserror::Error)]
@@ -83,19 +80,18 @@ impl Bus {
     pub async fn ensure_context_stream(
         &self,
         context: &str,
-        cfg: &NodeConfig,
+        spec: &StreamSpec,
     ) -> Result<(), BusError> {
-        let s = &cfg.stream;
         self.ensure_stream(
             format!("create stream for {context}"),
             stream::Config {
                 name: subjects::stream(context),
                 subjects: subjects::stream_subjects(context),
-                max_age: Duration::from_millis(s.max_age_ms),
-                max_bytes: s.max_bytes,
-                max_message_size: s.max_message_size,
-                duplicate_window: Duration::from_millis(s.duplicate_window_ms),
-                storage: if s.file_storage {
+                max_age: spec.max_age,
+                max_bytes: spec.max_bytes,
+                max_message_size: spec.max_message_size,
+                duplicate_window: spec.duplicate_window,
+                storage: if spec.file_storage {
                     stream::StorageType::File
                 } else {
                     stream::StorageType::Memory
@@ -109,15 +105,15 @@ impl Bus {
     }
 
     /// Creates the dead-letter stream (or keeps the existing one).
-    pub async fn ensure_dlq_stream(&self, cfg: &NodeConfig) -> Result<(), BusError> {
+    pub async fn ensure_dlq_stream(&self, spec: &StreamSpec) -> Result<(), BusError> {
         self.ensure_stream(
             "create dead-letter stream".to_string(),
             stream::Config {
                 name: subjects::DLQ_STREAM.to_string(),
                 subjects: vec![subjects::DLQ_SUBJECTS.to_string()],
-                max_age: Duration::from_millis(cfg.stream.max_age_ms),
-                max_bytes: cfg.stream.max_bytes,
-                max_message_size: cfg.stream.max_message_size + 4096,
+                max_age: spec.max_age,
+                max_bytes: spec.max_bytes,
+                max_message_size: spec.max_message_size + 4096,
                 storage: stream::StorageType::File,
                 num_replicas: 1,
                 ..Default::default()
@@ -145,33 +141,23 @@ impl Bus {
         }
     }
 
-    /// Creates (or binds to) the durable pull consumer for one subscription.
+    /// Creates (or binds to) a durable pull consumer on the stream of `source`, receiving
+    /// the subjects `filters`.
     pub async fn durable_consumer(
         &self,
         durable: &str,
-        sub: &Subscription,
-        cfg: &NodeConfig,
+        source: &str,
+        filters: Vec<String>,
+        spec: &ConsumerSpec,
     ) -> Result<consumer::PullConsumer, BusError> {
         let stream = self
             .js
-            .get_stream(subjects::stream(sub.source))
+            .get_stream(subjects::stream(source))
             .await
-            .map_err(|e| js_err(format!("get stream of {}", sub.source), e))?;
-        // Commands: everything addressed to the context, so an unknown command type reaches
-        // the handler and is dead-lettered. Events: only the subscribed types (an event type
-        // nobody subscribes to is not an error).
-        let filters: Vec<String> = match sub.kind {
-            Kind::Command => vec![format!("choreo.{}.cmd.>", sub.source)],
-            Kind::Event => sub
-                .types
-                .iter()
-                .map(|t| subjects::event(sub.source, t))
-                .collect(),
-        };
-        let c = &cfg.consumer;
+            .map_err(|e| js_err(format!("get stream of {source}"), e))?;
         // Redeliveries after an ack timeout (a crashed or stalled node) wait ack_wait, then
         // twice that. Failures the handler sees are naked with their own delay instead.
-        let ack_wait = Duration::from_millis(c.ack_wait_ms);
+        let ack_wait = spec.ack_wait;
         stream
             .get_or_create_consumer(
                 durable,
@@ -180,9 +166,9 @@ impl Bus {
                     filter_subjects: filters,
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait,
-                    max_deliver: c.max_deliver,
+                    max_deliver: spec.max_deliver,
                     backoff: vec![ack_wait, ack_wait * 2],
-                    max_ack_pending: (c.max_in_flight * 4) as i64,
+                    max_ack_pending: spec.max_ack_pending,
                     deliver_policy: consumer::DeliverPolicy::All,
                     ..Default::default()
                 },
@@ -231,6 +217,24 @@ impl Bus {
             .map_err(|e| pub_err(&subject, e))?;
         Ok(())
     }
+}
+
+/// The limits a stream is created with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamSpec {
+    pub max_age: Duration,
+    pub max_bytes: i64,
+    pub max_message_size: i32,
+    pub duplicate_window: Duration,
+    pub file_storage: bool,
+}
+
+/// The settings a durable consumer is created with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerSpec {
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+    pub max_ack_pending: i64,
 }
 
 /// A message given up on, and why.

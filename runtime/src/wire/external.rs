@@ -9,8 +9,19 @@ use std::time::{Duration, Instant};
 use async_nats::Request;
 use bytes::Bytes;
 
-use crate::component::ExternalCall;
-use crate::metrics;
+use crate::telemetry::metrics;
+
+/// A request to an external system, made by the runtime between a component's `plan` and
+/// its `handle`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExternalCall {
+    /// System name (bounded; used in metrics and to pick the system's circuit breaker).
+    pub system: &'static str,
+    pub subject: String,
+    /// JSON request body. It must carry an idempotency key: the call is repeated if the
+    /// message is redelivered before its transaction commits.
+    pub body: String,
+}
 
 /// Why an external call gave no usable answer. Always transient.
 #[derive(Debug, thiserror::Error)]

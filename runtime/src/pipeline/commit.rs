@@ -7,10 +7,11 @@
 //!   them in one sled transaction ([`Store::commit_batch`]), then passes the results on and
 //!   removes the outbox entries the relay has published meanwhile (they join the log buffer
 //!   the next flush writes; see [`Store::outbox_published`]).
+//!   The saga moves of what committed go to the saga counts there.
 //!   sled 0.34 seals an I/O buffer for every multi-tree transaction, written and
 //!   `sync_file_range`d by its I/O threads (the buffer a flush seals is written by the
 //!   flusher itself: vendored sled patch 5), so the number of transactions, not of
-//!   flushes, set the node's I/O cost (bench/PROFILE.md).
+//!   flushes, sets the node's I/O cost.
 //! - `flusher-<context>` takes every batch and waiter already queued, flushes once, `fsync`s
 //!   the database file, hands the batches' outbox entries to the relay (in memory, with
 //!   their keys) and answers them all.
@@ -25,26 +26,22 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::decide::Decide;
+use super::flusher::{Answer, DbFile, DurableReceiver, FlushError, FlushMark, Flusher, Request};
+use super::relay::Relay;
 use crate::component::HandleError;
-use crate::faults::{FaultAction, FaultPoint, Faults};
-use crate::metrics;
-use crate::outbox::Relay;
-use crate::store::OutboxEntry;
-use crate::store::{BatchItem, CommitError, Committed, DecideError, ItemResult, KeyedEntries};
-use crate::store::{StateTx, Store, StoreError};
+use crate::store::{BatchItem, CommitError, Committed, ItemResult};
+use crate::store::{Store, StoreError};
+use crate::telemetry::{metrics, saga_counts};
 
 /// Messages run in one transaction at most (a transaction holds sled's global write lock).
 pub const MAX_BATCH: usize = 128;
-
-/// A handler's decision, run on the commit thread (possibly more than once).
-pub type Decide =
-    Box<dyn Fn(&dyn StateTx) -> Result<Vec<OutboxEntry>, DecideError<HandleError>> + Send>;
 
 /// Runs on the flusher thread once a message's transaction is durable, before its outbox
 /// entries go to the relay and before it is answered (the `after_commit` fault point: a crash
@@ -52,40 +49,26 @@ pub type Decide =
 /// thread right after the transaction, before the next one.
 pub type AfterDurable = Box<dyn FnOnce() + Send>;
 
-type Outcome = ItemResult<HandleError>;
-type Waiter = oneshot::Sender<Result<(), String>>;
+type Answered = ItemResult<HandleError>;
 
 struct Job {
     inbox_key: String,
     now_ms: u64,
     decide: Decide,
     after: Option<AfterDurable>,
-    reply: oneshot::Sender<Outcome>,
+    reply: oneshot::Sender<Answered>,
 }
 
-/// A committed message on its way to the flusher.
-struct Answer {
-    reply: oneshot::Sender<Outcome>,
-    outcome: Outcome,
-    after: Option<AfterDurable>,
-}
-
-impl Answer {
-    /// Runs the message's [`AfterDurable`], if it was written.
-    fn run_after(&mut self) {
-        if let (Some(after), Ok(Ok(Committed::Written { .. }))) = (self.after.take(), &self.outcome)
-        {
-            after();
-        }
-    }
-}
-
-/// What the flusher makes durable.
-enum Request {
-    /// Someone waits for everything committed so far.
-    Wait(Waiter),
-    /// A committed batch: answer it, and hand its outbox entries over, once durable.
-    Batch(Vec<Answer>),
+/// What a group commit may be set up with besides its store.
+#[derive(Clone, Default)]
+pub struct CommitOptions {
+    /// Rules at the `store_flush` point (stall, fail or crash a flush).
+    #[cfg(feature = "faults")]
+    pub faults: Option<Arc<crate::faults::Faults>>,
+    /// The chaos suite's `[danger] disable_group_commit`: a commit is answered right after
+    /// its transaction, not flushed, and its entries go to the relay from memory.
+    #[cfg(feature = "danger")]
+    pub no_group_commit: bool,
 }
 
 /// Handle to a store's commit and flusher threads; cheap to clone.
@@ -96,53 +79,21 @@ pub struct GroupCommit {
     flushing: Arc<FlushMark>,
 }
 
-/// Which flush the flusher thread is in, for a watchdog on another thread: the number of
-/// flushes started so far, shifted left by one, with the low bit set while one runs.
-#[derive(Default)]
-pub struct FlushMark(AtomicU64);
-
-impl FlushMark {
-    fn begin(&self) {
-        // Next number, running bit set.
-        let n = self.0.load(Ordering::Relaxed) >> 1;
-        self.0.store(((n + 1) << 1) | 1, Ordering::SeqCst);
-    }
-
-    fn end(&self) {
-        self.0.fetch_and(!1, Ordering::SeqCst);
-    }
-
-    /// The number of the flush running now, if one is.
-    pub fn running(&self) -> Option<u64> {
-        let v = self.0.load(Ordering::SeqCst);
-        (v & 1 == 1).then_some(v >> 1)
-    }
-}
-
-/// Where a flush result comes to: everything committed before the request is durable, or
-/// the flush failed.
-pub type DurableReceiver = oneshot::Receiver<Result<(), String>>;
-
-/// The flush could not be made durable; the message must not be acked.
-#[derive(Debug, thiserror::Error)]
-#[error("store flush failed: {0}")]
-pub struct FlushError(pub String);
-
 impl GroupCommit {
     /// Starts the commit and flusher threads for `store`, whose files live in `dir`.
     /// `failed` is set while the last flush failed (readiness reads it). Durable outbox
-    /// entries go to `relay`. `faults` may stall, fail or crash a flush (the `store_flush`
-    /// point). With `durable: false` (the chaos suite's `[danger] disable_group_commit`) a
-    /// commit is answered right after its transaction, not flushed, and its entries are left
-    /// to the caller (in the answer).
+    /// entries go to `relay`.
     pub fn start(
         store: &Store,
         dir: &Path,
         context: &str,
         failed: Arc<AtomicBool>,
         relay: Relay,
-        faults: Arc<Faults>,
-        durable: bool,
+        #[cfg_attr(
+            not(any(feature = "faults", feature = "danger")),
+            allow(unused_variables)
+        )]
+        options: CommitOptions,
     ) -> std::io::Result<Self> {
         let (flush, flush_rx) = mpsc::channel::<Request>();
         let (jobs, jobs_rx) = mpsc::channel::<Job>();
@@ -160,18 +111,24 @@ impl GroupCommit {
             db_file,
             context: context.to_string(),
             failed,
-            relay,
-            faults,
+            relay: relay.clone(),
+            #[cfg(feature = "faults")]
+            faults: options.faults.clone(),
             mark: flushing.clone(),
         };
         std::thread::Builder::new()
             .name(format!("flusher-{context}"))
             .spawn(move || flusher.run(flush_rx))?;
-        let (store, name, to_flusher) = (store.clone(), context.to_string(), flush.clone());
-        let to_flusher = durable.then_some(to_flusher);
+        #[allow(unused_mut)]
+        let mut to_flusher = Some(flush.clone());
+        #[cfg(feature = "danger")]
+        if options.no_group_commit {
+            to_flusher = None;
+        }
+        let (store, name) = (store.clone(), context.to_string());
         std::thread::Builder::new()
             .name(format!("commit-{context}"))
-            .spawn(move || run_commits(store, jobs_rx, name, to_flusher))?;
+            .spawn(move || run_commits(store, jobs_rx, name, to_flusher, relay))?;
         Ok(GroupCommit {
             jobs,
             flush,
@@ -187,7 +144,6 @@ impl GroupCommit {
     /// Runs `decide` for the message `inbox_key` in the next batch transaction (see
     /// [`Store::commit_batch`]) and returns once that is durable and its outbox entries are
     /// with the relay; `after` runs in between if it was written (see [`AfterDurable`]).
-    /// With `durable: false`: returns once committed and the caller hands the entries over.
     /// A panic in `decide` is resumed here, in the caller.
     pub async fn commit(
         &self,
@@ -237,6 +193,7 @@ fn run_commits(
     rx: mpsc::Receiver<Job>,
     context: String,
     flusher: Option<mpsc::Sender<Request>>,
+    #[cfg_attr(not(feature = "danger"), allow(unused_variables))] relay: Relay,
 ) {
     // Blocks for the first job, then takes every job already queued: one transaction. Once
     // a batch is with the flusher, the outbox entries the relay has published meanwhile are
@@ -267,11 +224,27 @@ fn run_commits(
                 decide: &*j.decide,
             })
             .collect();
-        let results = store.commit_batch(&items);
+        let mut results = store.commit_batch(&items);
         drop(items);
         metrics::STORE_TX_BATCH_SIZE
             .with_label_values(&[&context])
             .observe(jobs.len() as f64);
+        // What committed moved saga instances and handled chained messages: count it now.
+        for r in &mut results {
+            if let Ok(Ok(Committed::Written {
+                saga_moves,
+                chained,
+                ..
+            })) = r
+            {
+                saga_counts::record(std::mem::take(saga_moves));
+                for consumer in std::mem::take(chained) {
+                    metrics::HANDLED_IN_TRANSACTION
+                        .with_label_values(&[context.as_str(), &consumer])
+                        .inc();
+                }
+            }
+        }
         let answers: Vec<Answer> = jobs
             .into_iter()
             .zip(results)
@@ -281,7 +254,7 @@ fn run_commits(
                 after: j.after,
             })
             .collect();
-        let answers: Vec<(oneshot::Sender<Outcome>, Outcome)> = match &flusher {
+        let answers: Vec<(oneshot::Sender<Answered>, Answered)> = match &flusher {
             Some(flusher) => match flusher.send(Request::Batch(answers)) {
                 Ok(()) => {
                     removals.run(&store, &context);
@@ -296,13 +269,21 @@ fn run_commits(
                     .collect(),
                 Err(_) => unreachable!("sent a batch"),
             },
+            // `[danger] disable_group_commit`: answered from memory, the entries published
+            // from memory.
+            #[cfg(feature = "danger")]
             None => answers
                 .into_iter()
                 .map(|mut a| {
                     a.run_after();
+                    if let Ok(Ok(Committed::Written { outbox, .. })) = &mut a.outcome {
+                        relay.durable(std::mem::take(outbox));
+                    }
                     (a.reply, a.outcome)
                 })
                 .collect(),
+            #[cfg(not(feature = "danger"))]
+            None => unreachable!("the flusher is always there without [danger]"),
         };
         for (reply, outcome) in answers {
             let _ = reply.send(outcome);
@@ -344,140 +325,14 @@ impl Removals {
     }
 }
 
-/// The store's database file, kept open for its `fsync`s.
-struct DbFile {
-    file: File,
-    path: PathBuf,
-}
-
-/// The flusher thread's state.
-struct Flusher {
-    db: sled::Db,
-    db_file: DbFile,
-    context: String,
-    failed: Arc<AtomicBool>,
-    relay: Relay,
-    faults: Arc<Faults>,
-    mark: Arc<FlushMark>,
-}
-
-impl Flusher {
-    /// One flush and `fsync`, marked for the watchdog, with the `store_flush` fault point
-    /// before it.
-    fn flush(&self) -> Result<(), String> {
-        self.mark.begin();
-        let result = match self.fault() {
-            Some(FaultAction::Error) => Err("injected fault at store_flush".to_string()),
-            _ => flush_and_sync(&self.db, &self.db_file),
-        };
-        self.mark.end();
-        result
-    }
-
-    /// Fires the `store_flush` fault point: a crash aborts here, a delay sleeps here (a
-    /// stalled disk); an error is returned for the caller to report instead of flushing.
-    fn fault(&self) -> Option<FaultAction> {
-        let point = FaultPoint::StoreFlush;
-        let rule = self.faults.fire(point, &self.context, "", &[])?;
-        match rule.action {
-            FaultAction::Crash => crate::consumer::crash(point, &self.context),
-            FaultAction::Delay => std::thread::sleep(Duration::from_millis(rule.delay_ms)),
-            _ => {}
-        }
-        Some(rule.action)
-    }
-
-    fn run(self, rx: mpsc::Receiver<Request>) {
-        let Flusher {
-            context,
-            failed,
-            relay,
-            ..
-        } = &self;
-        // Outbox entries committed but not yet handed over: their flush failed.
-        let mut unrelayed: KeyedEntries = Vec::new();
-        // Blocks for the first request, then takes every request already queued: they all
-        // share the one flush that starts after them.
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            while let Ok(r) = rx.try_recv() {
-                batch.push(r);
-            }
-            let started = Instant::now();
-            let result = self.flush();
-            metrics::STORE_COMMIT_SECONDS
-                .with_label_values(&[&context])
-                .observe(started.elapsed().as_secs_f64());
-            let served: usize = batch
-                .iter()
-                .map(|r| match r {
-                    Request::Wait(_) => 1,
-                    Request::Batch(b) => b.len(),
-                })
-                .sum();
-            metrics::STORE_GROUP_COMMIT_SIZE
-                .with_label_values(&[&context])
-                .observe(served as f64);
-            failed.store(result.is_err(), Ordering::SeqCst);
-            if let Err(e) = &result {
-                tracing::error!(context = %context, error = %e, "store flush failed");
-            }
-            for r in &mut batch {
-                if let Request::Batch(answers) = r {
-                    for a in answers {
-                        // The relay gets the entries themselves (no read back from the
-                        // store); the caller's answer keeps `Written` without them.
-                        if let Ok(Ok(Committed::Written { outbox })) = &mut a.outcome {
-                            unrelayed.append(outbox);
-                        }
-                        if result.is_ok() {
-                            a.run_after();
-                        }
-                    }
-                }
-            }
-            if result.is_ok() {
-                relay.durable(std::mem::take(&mut unrelayed));
-            }
-            for r in batch {
-                match r {
-                    Request::Wait(w) => {
-                        let _ = w.send(result.clone());
-                    }
-                    Request::Batch(answers) => {
-                        for a in answers {
-                            let _ = a.reply.send(after_flush(a.outcome, &result));
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// A committed message whose flush failed must not be acked: its result becomes the error.
-/// (A handler's error or panic stands: it wrote nothing.)
-fn after_flush(outcome: Outcome, flush: &Result<(), String>) -> Outcome {
-    match (outcome, flush) {
-        (Ok(Ok(_)), Err(e)) => Ok(Err(CommitError::Store(StoreError::Failed(format!(
-            "store flush failed: {e}"
-        ))))),
-        (outcome, _) => outcome,
-    }
-}
-
-fn flush_and_sync(db: &sled::Db, db_file: &DbFile) -> Result<(), String> {
-    db.flush().map_err(|e| e.to_string())?;
-    db_file
-        .file
-        .sync_data()
-        .map_err(|e| format!("fsync {}: {e}", db_file.path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::test_entry;
+    use crate::store::testing::test_entry;
+    use crate::store::Effects;
+    use crate::store::KeyedEntries;
+    use std::sync::atomic::Ordering;
+    use std::time::Instant;
 
     type Started = (
         tempfile::TempDir,
@@ -489,29 +344,35 @@ mod tests {
     /// A store in a fresh directory (kept alive by the caller) with its group commit, whose
     /// relay hands the entries to the returned receiver.
     fn start() -> Started {
-        start_with(
-            Arc::new(Faults::new(&Default::default())),
-            Default::default(),
-        )
+        start_with(CommitOptions::default(), Default::default())
     }
 
-    fn start_with(faults: Arc<Faults>, failed: Arc<AtomicBool>) -> Started {
+    fn start_with(options: CommitOptions, failed: Arc<AtomicBool>) -> Started {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 1 << 20).unwrap();
         let (relay, handed) = Relay::detached();
-        let gc =
-            GroupCommit::start(&store, dir.path(), "test", failed, relay, faults, true).unwrap();
+        let gc = GroupCommit::start(&store, dir.path(), "test", failed, relay, options).unwrap();
         (dir, store, handed, gc)
     }
 
+    fn sends(n: u32) -> Decide {
+        Box::new(move |_| Ok(Effects::outbox(vec![test_entry(n)])))
+    }
+
+    #[cfg(feature = "faults")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_injected_flush_fault_fails_or_stalls_the_flush_it_hits() {
+        use crate::faults::{FaultAction, FaultPoint, Faults};
         let faults = Arc::new(Faults::new(&crate::faults::FaultConfig {
             enabled: true,
             ..Default::default()
         }));
         let failed = Arc::new(AtomicBool::new(false));
-        let (_dir, _store, mut handed, gc) = start_with(faults.clone(), failed.clone());
+        let options = CommitOptions {
+            faults: Some(faults.clone()),
+            ..Default::default()
+        };
+        let (_dir, _store, mut handed, gc) = start_with(options, failed.clone());
         let rule = |action, delay_ms| crate::faults::FaultRule {
             point: FaultPoint::StoreFlush,
             action,
@@ -527,8 +388,7 @@ mod tests {
         // A failed flush: the commit is not acked, its entry not handed over, the store
         // reported failed; the next flush succeeds and hands the entry over.
         faults.install(rule(FaultAction::Error, 0), None).unwrap();
-        let decide: Decide = Box::new(|_| Ok(vec![test_entry(1)]));
-        let r = gc.commit("c/1".into(), 1, decide, None).await;
+        let r = gc.commit("c/1".into(), 1, sends(1), None).await;
         assert!(
             matches!(r, Err(CommitError::Store(_))),
             "a commit whose flush failed is an error: {r:?}"
@@ -569,8 +429,10 @@ mod tests {
         for i in 0..200u32 {
             let gc = gc.clone();
             tasks.push(tokio::spawn(async move {
-                let decide: Decide = Box::new(move |_| Ok(vec![test_entry(i)]));
-                let r = gc.commit(format!("c/{i}"), 1, decide, None).await.unwrap();
+                let r = gc
+                    .commit(format!("c/{i}"), 1, sends(i), None)
+                    .await
+                    .unwrap();
                 gc.durable().await.unwrap();
                 r
             }));
@@ -578,7 +440,7 @@ mod tests {
         for t in tasks {
             match t.await.unwrap() {
                 // The entries went to the relay, not back to the caller.
-                Committed::Written { outbox } => assert!(outbox.is_empty()),
+                Committed::Written { outbox, .. } => assert!(outbox.is_empty()),
                 Committed::Duplicate => panic!("not a duplicate"),
             }
         }
@@ -604,17 +466,16 @@ mod tests {
         .await;
         assert!(caught.unwrap_err().is_panic());
         // The commit thread survived it.
-        let ok: Decide = Box::new(|_| Ok(vec![]));
+        let ok: Decide = Box::new(|_| Ok(Effects::default()));
         let r = gc.commit("c/ok".into(), 1, ok, None).await.unwrap();
-        assert_eq!(r, Committed::Written { outbox: vec![] });
+        assert_eq!(r, Committed::written());
         assert!(!store.seen("c/boom").unwrap());
     }
 
     #[tokio::test]
     async fn published_entries_are_removed_when_no_batch_comes() {
         let (_dir, store, mut handed, gc) = start();
-        let decide: Decide = Box::new(|_| Ok(vec![test_entry(1)]));
-        gc.commit("c/1".into(), 1, decide, None).await.unwrap();
+        gc.commit("c/1".into(), 1, sends(1), None).await.unwrap();
         let (key, _) = handed.try_recv().unwrap().remove(0);
         store.outbox_published(key);
         // No batch follows: the commit thread removes it after REMOVALS_AFTER.
@@ -657,16 +518,18 @@ mod tests {
             async move {
                 let mut i = 0u32;
                 while !stop.load(Ordering::Relaxed) {
-                    let decide: Decide = Box::new(move |_| Ok(vec![test_entry(i)]));
-                    gc.commit(format!("bg/{i}"), 1, decide, None).await.unwrap();
+                    gc.commit(format!("bg/{i}"), 1, sends(i), None)
+                        .await
+                        .unwrap();
                     i += 1;
                 }
                 i
             }
         });
         for i in 0..30u32 {
-            let decide: Decide = Box::new(move |_| Ok(vec![test_entry(1_000_000 + i)]));
-            gc.commit(format!("c/{i}"), 1, decide, None).await.unwrap();
+            gc.commit(format!("c/{i}"), 1, sends(1_000_000 + i), None)
+                .await
+                .unwrap();
             let copy = copy_files(dir.path());
             let reopened = Store::open(copy.path(), 1 << 20).unwrap();
             assert!(

@@ -3,7 +3,7 @@
 //!
 //! Entries reach the relay two ways: a scan at start-up (everything left by a previous run)
 //! and a hand-over, in memory with their keys, once the transaction that wrote them is
-//! durable (the group commit's flusher; a handler with the group commit switched off). The
+//! durable (the group commit's flusher). The
 //! relay reads entries back from the store only past [`MAX_HELD`]. Entries that are
 //! committed but not yet durable are never published, so no event leaves the node without a
 //! durable state change behind it. Each batch is published pipelined (all sends, then all
@@ -13,18 +13,15 @@
 
 use std::borrow::Cow;
 use std::collections::{btree_map, BTreeMap};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::join_all;
 use tokio::sync::{mpsc, watch};
 
-use crate::bus::Bus;
-use crate::faults::{FaultAction, FaultPoint, Faults};
-use crate::local::LocalRoutes;
-use crate::metrics;
 use crate::store::{KeyedEntries, OutboxEntry, Store};
+use crate::telemetry::metrics;
+use crate::wire::bus::Bus;
 
 /// Entries published per round trip.
 const BATCH: usize = 256;
@@ -34,26 +31,32 @@ const BATCH: usize = 256;
 /// when their turn comes, so an outage does not grow the heap by whole entries.
 const MAX_HELD: usize = 4096;
 
-/// Handle used to hand over durable outbox entries.
+/// Handle used to hand over durable outbox entries; cheap to clone.
 #[derive(Clone)]
 pub struct Relay {
     tx: mpsc::UnboundedSender<KeyedEntries>,
-    /// Same-node delivery of what the node's own consumers subscribe to (`None`: off).
-    local: Option<Arc<LocalRoutes>>,
+}
+
+/// What a relay may be started with besides its store and bus.
+#[derive(Clone, Default)]
+pub struct RelayOptions {
+    /// Rules at the `outbox_publish` point.
+    #[cfg(feature = "faults")]
+    pub faults: Option<std::sync::Arc<crate::faults::Faults>>,
+    /// The chaos suite's `[danger] disable_outbox`: entries left by a previous run are
+    /// deleted at start, not published.
+    #[cfg(feature = "danger")]
+    pub forget_at_start: bool,
 }
 
 impl Relay {
     /// Starts the relay task for one context; it runs until `shutdown` turns true and every
-    /// handed-over entry is published (or the bus is gone). `resume: false` is the chaos
-    /// suite's "no outbox" switch: entries left by a previous run are deleted, not published.
-    /// With `local`, handed-over entries also go to the consumers the node hosts for them.
+    /// handed-over entry is published (or the bus is gone).
     pub fn start(
         context: &'static str,
         store: Store,
         bus: Bus,
-        faults: Arc<Faults>,
-        resume: bool,
-        local: Option<Arc<LocalRoutes>>,
+        options: RelayOptions,
         shutdown: watch::Receiver<bool>,
     ) -> (Relay, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -61,26 +64,22 @@ impl Relay {
             context,
             store,
             bus,
-            faults,
+            options,
         };
-        let handle = tokio::spawn(run(out, resume, rx, shutdown));
-        (Relay { tx, local }, handle)
+        let handle = tokio::spawn(run(out, rx, shutdown));
+        (Relay { tx }, handle)
     }
 
     /// A handle whose entries go to the returned receiver instead of a relay task (tests).
     #[cfg(test)]
     pub(crate) fn detached() -> (Relay, mpsc::UnboundedReceiver<KeyedEntries>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Relay { tx, local: None }, rx)
+        (Relay { tx }, rx)
     }
 
-    /// Hands over entries whose transaction is durable; those a consumer of this node
-    /// subscribes to also go to it, in memory (see `local`).
+    /// Hands over entries whose transaction is durable.
     pub fn durable(&self, entries: KeyedEntries) {
         if !entries.is_empty() {
-            if let Some(local) = &self.local {
-                local.dispatch(&entries);
-            }
             // The receiver lives as long as the node; if it is gone the entries stay in the
             // store and are published by the next start-up scan.
             let _ = self.tx.send(entries);
@@ -120,19 +119,20 @@ struct Out {
     context: &'static str,
     store: Store,
     bus: Bus,
-    faults: Arc<Faults>,
+    #[cfg_attr(not(any(feature = "faults", feature = "danger")), allow(dead_code))]
+    options: RelayOptions,
 }
 
 async fn run(
     out: Out,
-    resume: bool,
     mut rx: mpsc::UnboundedReceiver<KeyedEntries>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (context, store) = (out.context, &out.store);
     let mut pending = Pending::default();
     match store.outbox_pending() {
-        Ok(entries) if !resume => {
+        #[cfg(feature = "danger")]
+        Ok(entries) if out.options.forget_at_start => {
             tracing::error!(
                 context,
                 entries = entries.len(),
@@ -210,7 +210,7 @@ async fn publish_batch(
         context,
         store,
         bus,
-        faults,
+        ..
     } = out;
     let context: &str = context;
     let started = Instant::now();
@@ -230,24 +230,19 @@ async fn publish_batch(
             },
         };
         let (entry_type, entry_amount) = (entry.envelope.msg_type.clone(), entry.amount_cents);
-        let fault = faults.fire(
-            FaultPoint::OutboxPublish,
-            context,
-            &entry_type,
-            entry.payload.as_bytes(),
-        );
-        match fault.as_ref().map(|f| f.action) {
-            Some(FaultAction::Crash) => {
-                crate::consumer::crash(FaultPoint::OutboxPublish, &entry_type)
-            }
-            Some(FaultAction::Error) => {
-                return Err(format!("injected error publishing {entry_type}"))
-            }
-            Some(FaultAction::Delay) => {
-                let ms = fault.as_ref().map_or(0, |f| f.delay_ms);
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-            }
-            _ => {}
+        #[allow(unused_mut)]
+        let mut ack_lost = false;
+        #[cfg(feature = "faults")]
+        if let Some(faults) = &out.options.faults {
+            let payload = entry.payload.as_bytes();
+            crate::fault!(async faults, OutboxPublish, context, &entry_type, payload, |injected| {
+                match injected {
+                    crate::faults::Injected::Error => {
+                        return Err(format!("injected error publishing {entry_type}"))
+                    }
+                    crate::faults::Injected::Drop => ack_lost = true,
+                }
+            });
         }
         let fut = bus
             .js
@@ -258,7 +253,7 @@ async fn publish_batch(
             )
             .await
             .map_err(|e| e.to_string())?;
-        if fault.is_some_and(|f| f.action == FaultAction::Drop) {
+        if ack_lost {
             // Published, but the ack is lost: the entry stays and is published again.
             drop(fut);
             acks_lost += 1;
@@ -316,7 +311,7 @@ async fn publish_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::test_entry;
+    use crate::store::testing::test_entry;
 
     #[test]
     fn pending_holds_entries_up_to_the_limit_then_keys_only() {

@@ -31,7 +31,7 @@ pub fn saga(name: &str, op: &str) -> String {
 }
 
 /// Subject of an operator request to the node hosting `context` (`faults`: fault
-/// injection, see [`crate::faults`]).
+/// injection).
 pub fn admin(context: &str, op: &str) -> String {
     format!("choreo.admin.{context}.{op}")
 }

@@ -1,0 +1,236 @@
+//! The node: one process hosting one or more contexts, each a [`host::ContextHost`]
+//! started and stopped as a unit, with the services they share (the metrics endpoint, the
+//! NATS connection, the consumer lag poller, the fault-admin subject) and the store
+//! watchdog.
+//!
+//! [`run`] blocks the calling thread: the node runs in an actix `System` on a multi-thread
+//! tokio runtime of its own thread, and [`run`] returns how it ended ([`Exit`]). A store that
+//! cannot recover in the process ends it with [`Exit::RestartInPlace`]: the binary then
+//! starts the same command again in place (the library never replaces the process itself).
+//!
+//! Start-up: metrics endpoint, NATS connection, streams (own and sources), then each
+//! context. Shutdown (when the given future resolves): readiness off, every context stopped
+//! (stop pulling, finish in-flight messages, publish what the outbox holds, flush), the
+//! connections drained.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::component::Kind;
+use crate::config::NodeConfig;
+use crate::context::Context;
+use crate::resilience::breaker::Breakers;
+use crate::store::StoreError;
+use crate::telemetry::{endpoint, metrics, Health};
+use crate::wire::bus::{Bus, BusError};
+
+pub mod host;
+pub mod restart;
+mod services;
+mod watchdog;
+
+pub use host::ContextHost;
+pub use restart::Restart;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("store of {context}: {source}")]
+    Store { context: String, source: StoreError },
+    #[error("cannot listen for metrics on {addr}: {source}")]
+    Metrics {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// How a node ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Stopped gracefully after its shutdown signal.
+    Stopped,
+    /// A store cannot recover in this process: run the node again in place, with
+    /// [`Restart::env_for_next_run`] in its environment.
+    RestartInPlace(Restart),
+    /// A store stalled while the node was stopping: exit without the clean stop.
+    Stalled,
+}
+
+/// Runs a node hosting `contexts` until `shutdown` resolves or its store watchdog gives up
+/// on a store; blocks the calling thread and returns how the node ended.
+pub fn run(
+    cfg: NodeConfig,
+    contexts: Vec<Arc<dyn Context>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<Exit, NodeError> {
+    let (exit_tx, exit_rx) = mpsc::channel();
+    let ended = exit_tx.clone();
+    std::thread::Builder::new()
+        .name("node".into())
+        .spawn(move || {
+            let system = actix_rt::System::with_tokio_rt(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime")
+            });
+            let result = system.block_on(serve(cfg, contexts, shutdown, exit_tx));
+            let _ = ended.send(result.map(|()| Exit::Stopped));
+        })
+        .map_err(|e| NodeError::Other(format!("cannot start the node thread: {e}")))?;
+    exit_rx
+        .recv()
+        .map_err(|_| NodeError::Other("the node thread ended without an answer".into()))?
+}
+
+/// The node on its actix system: start-up, `shutdown`, graceful stop. The watchdog sends
+/// its give-up to `exit` directly.
+async fn serve(
+    cfg: NodeConfig,
+    contexts: Vec<Arc<dyn Context>>,
+    shutdown: impl Future<Output = ()>,
+    exit: mpsc::Sender<Result<Exit, NodeError>>,
+) -> Result<(), NodeError> {
+    let cfg = Arc::new(cfg);
+    metrics::init();
+    restart::count_restarts_in_place();
+    let health = Health::default();
+    let listener = TcpListener::bind(&cfg.metrics_addr)
+        .await
+        .map_err(|source| NodeError::Metrics {
+            addr: cfg.metrics_addr.clone(),
+            source,
+        })?;
+    let metrics_task = tokio::spawn(endpoint::serve(listener, health.clone()));
+
+    check_routing(&contexts)?;
+    let names: Vec<&'static str> = contexts.iter().map(|c| c.name()).collect();
+    let bus = Bus::connect(
+        &cfg.nats_url,
+        &format!("choreo-node[{}]", names.join(",")),
+        Duration::from_secs(15),
+    )
+    .await?;
+    bus.ensure_dlq_stream(&cfg.stream_spec()).await?;
+    let mut streams = BTreeSet::new();
+    for c in &contexts {
+        streams.insert(c.name());
+        for comp in c.components() {
+            for s in comp.subscriptions() {
+                streams.insert(s.source);
+            }
+        }
+    }
+    for s in &streams {
+        bus.ensure_context_stream(s, &cfg.stream_spec()).await?;
+    }
+
+    let shared = host::Shared {
+        cfg: cfg.clone(),
+        health: health.clone(),
+        breakers: Arc::new(Breakers::new(cfg.breaker.clone())),
+        #[cfg(feature = "faults")]
+        faults: Arc::new(crate::faults::Faults::new(&cfg.faults)),
+    };
+    #[cfg(feature = "faults")]
+    if cfg.faults.enabled {
+        tracing::warn!(rules = cfg.faults.rules.len(), "fault injection is ENABLED");
+    }
+    #[cfg(feature = "danger")]
+    if cfg.danger.any() {
+        tracing::error!(danger = ?cfg.danger, "SAFETY MECHANISMS DISABLED ([danger]): messages can be lost or doubled");
+    }
+    // Contexts hosted together get a connection each for their consumers and relay, as
+    // they would in processes of their own: one context's deliveries, acks and publishes
+    // do not queue behind another's on one socket (and in one server-side reader).
+    let mut buses = Vec::new();
+    let mut hosts = Vec::new();
+    for c in &contexts {
+        let context_bus = if contexts.len() > 1 {
+            let own = Bus::connect(
+                &cfg.nats_url,
+                &format!("choreo-node[{}]/{}", names.join(","), c.name()),
+                Duration::from_secs(15),
+            )
+            .await?;
+            health.watch_nats(own.client.clone());
+            buses.push(own.clone());
+            own
+        } else {
+            bus.clone()
+        };
+        hosts.push(ContextHost::start(c.clone(), &shared, context_bus).await?);
+    }
+    let polled = hosts.iter().flat_map(|h| h.polled().to_vec()).collect();
+    let services = [
+        tokio::spawn(services::poll_consumers(bus.clone(), polled)),
+        tokio::spawn(services::serve_fault_admin(
+            bus.client.clone(),
+            #[cfg(feature = "faults")]
+            shared.faults.clone(),
+            names.clone(),
+        )),
+    ];
+    let watched = hosts.iter_mut().filter_map(|h| h.take_watched()).collect();
+    let stall = Duration::from_millis(cfg.store.flush_stall_ms);
+    let watchdog = watchdog::Watchdog::start(watched, stall, exit)
+        .map_err(|e| NodeError::Other(e.to_string()))?;
+    health.watch_nats(bus.client.clone());
+    health.set_ready(true);
+    tracing::info!(contexts = ?names, nats = %cfg.nats_url, metrics = %cfg.metrics_addr, "node ready");
+
+    shutdown.await;
+    tracing::info!("shutting down: stop pulling, finish in-flight work");
+    health.set_ready(false);
+    watchdog.shutting_down();
+    futures::future::join_all(hosts.into_iter().map(ContextHost::stop)).await;
+    for s in services {
+        s.abort();
+    }
+    for b in buses {
+        let _ = b.client.drain().await;
+    }
+    let _ = bus.client.drain().await;
+    drop(watchdog);
+    metrics_task.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Commands are addressed to a context and consumed whole (`cmd.>`) by exactly one of its
+/// components; a component may not consume another context's commands.
+fn check_routing(contexts: &[Arc<dyn Context>]) -> Result<(), NodeError> {
+    for c in contexts {
+        let mut handlers = Vec::new();
+        for comp in c.components() {
+            for s in comp.subscriptions() {
+                if s.kind == Kind::Command {
+                    if s.source != c.name() {
+                        return Err(NodeError::Other(format!(
+                            "component {} of {} subscribes to commands of {}: commands are consumed only by their addressee",
+                            comp.name(), c.name(), s.source
+                        )));
+                    }
+                    handlers.push(comp.name());
+                }
+            }
+        }
+        if handlers.len() > 1 {
+            return Err(NodeError::Other(format!(
+                "context {} has more than one command handler ({}); merge them into one component",
+                c.name(),
+                handlers.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,417 @@
+//! Saga instances as stored: the instance (state, version, deadlines), its history, the
+//! deadline index, and [`apply`], one transition inside a message's transaction.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{ProcessManager, Trigger};
+use crate::component::{Decision, HandleError};
+use crate::store::{load, save, StateError, StateRead, StateTx};
+use crate::telemetry::saga_counts::{self, Counted, SagaMove};
+
+/// Instances are kept at most this many history entries (oldest dropped first).
+pub const HISTORY_LIMIT: usize = 200;
+
+/// One recorded transition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub version: u64,
+    pub at_ms: u64,
+    /// `message`, `deadline` or `retry`.
+    pub trigger: String,
+    pub message_id: String,
+    pub message_type: String,
+    pub from: String,
+    pub to: String,
+    pub sent: Vec<String>,
+    #[serde(default)]
+    pub deadlines_set: Vec<String>,
+    #[serde(default)]
+    pub deadlines_cancelled: Vec<String>,
+}
+
+/// A persisted instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance<S> {
+    pub saga: String,
+    pub id: String,
+    pub version: u64,
+    pub status: String,
+    pub terminal: bool,
+    pub state: S,
+    pub started_at_ms: u64,
+    pub updated_at_ms: u64,
+    /// Pending deadlines: name -> due time.
+    pub deadlines: BTreeMap<String, u64>,
+}
+
+pub fn instance_key(saga: &str, id: &str) -> String {
+    format!("saga/{saga}/{id}")
+}
+
+/// History entries live beside the instance, one key per version, so a transition writes a
+/// small instance and one entry instead of rewriting a growing record.
+pub fn history_prefix(saga: &str, id: &str) -> String {
+    format!("saga-history/{saga}/{id}/")
+}
+
+fn history_key(saga: &str, id: &str, version: u64) -> String {
+    format!("{}{version:010}", history_prefix(saga, id))
+}
+
+/// An instance with its history (oldest first), as `choreo saga show` prints it.
+pub fn show(
+    state: &dyn StateRead,
+    saga: &str,
+    id: &str,
+) -> Result<Option<serde_json::Value>, StateError> {
+    let Some(mut v): Option<serde_json::Value> =
+        crate::store::read(state, &instance_key(saga, id))?
+    else {
+        return Ok(None);
+    };
+    let history: Vec<HistoryEntry> = crate::store::read_all(state, &history_prefix(saga, id))?;
+    v["history"] = serde_json::to_value(history).unwrap_or_default();
+    Ok(Some(v))
+}
+
+/// Prefix of the deadline index; keys sort by due time.
+pub const DEADLINE_PREFIX: &str = "deadline/";
+
+pub fn deadline_key(at_ms: u64, saga: &str, id: &str, name: &str) -> String {
+    format!("{DEADLINE_PREFIX}{at_ms:020}/{saga}/{id}/{name}")
+}
+
+/// A parsed deadline index key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueDeadline {
+    pub key: String,
+    pub at_ms: u64,
+    pub saga: String,
+    pub id: String,
+    pub name: String,
+}
+
+pub fn parse_deadline_key(key: &str) -> Option<DueDeadline> {
+    let rest = key.strip_prefix(DEADLINE_PREFIX)?;
+    let mut parts = rest.splitn(2, '/');
+    let at_ms = parts.next()?.parse().ok()?;
+    let rest = parts.next()?;
+    let (saga, rest) = rest.split_once('/')?;
+    let (id, name) = rest.rsplit_once('/')?;
+    Some(DueDeadline {
+        key: key.to_string(),
+        at_ms,
+        saga: saga.into(),
+        id: id.into(),
+        name: name.into(),
+    })
+}
+
+/// What caused a transition, for the history.
+pub struct Cause<'a> {
+    pub trigger: &'static str,
+    pub message_id: &'a str,
+    pub message_type: &'a str,
+}
+
+/// Runs one transition inside a transaction: loads the instance, applies the step, updates
+/// the deadline index, appends history, saves with `version + 1`. Returns what to send.
+pub fn apply<P: ProcessManager>(
+    pm: &P,
+    tx: &dyn StateTx,
+    id: &str,
+    trigger: Trigger<'_, P::Input>,
+    cause: &Cause<'_>,
+    now_ms: u64,
+) -> Result<Decision, HandleError> {
+    let key = instance_key(pm.name(), id);
+    let current: Option<Instance<P::State>> = load(tx, &key)?;
+    if let (Trigger::Deadline(name), Some(inst)) = (&trigger, &current) {
+        if !inst.deadlines.contains_key(*name) {
+            return Ok(Decision::default());
+        }
+    }
+    if matches!(trigger, Trigger::Deadline(_)) && current.is_none() {
+        return Ok(Decision::default());
+    }
+    let Some(step) = pm.transition(current.as_ref().map(|i| &i.state), trigger, now_ms)? else {
+        return Ok(Decision::default());
+    };
+    let def = pm.definition();
+    let to = pm.state_name(&step.state);
+    let terminal = def.is_terminal(to);
+    let prior_terminal = current.as_ref().map(|i| i.terminal);
+    let mut inst = current.unwrap_or_else(|| Instance {
+        saga: pm.name().to_string(),
+        id: id.to_string(),
+        version: 0,
+        status: String::from("(start)"),
+        terminal: false,
+        state: step.state.clone(),
+        started_at_ms: now_ms,
+        updated_at_ms: now_ms,
+        deadlines: BTreeMap::new(),
+    });
+    let from = std::mem::take(&mut inst.status);
+    let was = prior_terminal.map(|t| (from.clone(), t));
+    // A fired deadline is consumed.
+    let mut cancel: Vec<String> = step.cancel.clone();
+    if let Trigger::Deadline(name) = trigger {
+        cancel.push(name.to_string());
+    }
+    if terminal {
+        cancel.extend(inst.deadlines.keys().cloned());
+    }
+    let mut cancelled = Vec::new();
+    for name in cancel {
+        if let Some(at) = inst.deadlines.remove(&name) {
+            tx.remove(&deadline_key(at, pm.name(), id, &name))?;
+            cancelled.push(name);
+        }
+    }
+    let mut set = Vec::new();
+    if !terminal {
+        for d in &step.set {
+            if let Some(old) = inst.deadlines.insert(d.name.clone(), d.at_ms) {
+                tx.remove(&deadline_key(old, pm.name(), id, &d.name))?;
+            }
+            tx.put(&deadline_key(d.at_ms, pm.name(), id, &d.name), b"")?;
+            set.push(d.name.clone());
+        }
+    }
+    cancelled.retain(|c| !set.contains(c));
+    inst.version += 1;
+    inst.status = to.to_string();
+    inst.terminal = terminal;
+    inst.state = step.state;
+    inst.updated_at_ms = now_ms;
+    let entry = HistoryEntry {
+        version: inst.version,
+        at_ms: now_ms,
+        trigger: cause.trigger.to_string(),
+        message_id: cause.message_id.to_string(),
+        message_type: cause.message_type.to_string(),
+        from,
+        to: to.to_string(),
+        sent: step.send.iter().map(|o| o.msg_type.to_string()).collect(),
+        deadlines_set: set,
+        deadlines_cancelled: cancelled,
+    };
+    save(tx, &history_key(pm.name(), id, inst.version), &entry)?;
+    if inst.version > HISTORY_LIMIT as u64 {
+        tx.remove(&history_key(
+            pm.name(),
+            id,
+            inst.version - HISTORY_LIMIT as u64,
+        ))?;
+    }
+    save(tx, &key, &inst)?;
+    let moved = SagaMove {
+        saga: pm.name(),
+        id: id.to_string(),
+        from: was,
+        to,
+        terminal,
+        started_at_ms: inst.started_at_ms,
+        at_ms: now_ms,
+    };
+    Ok(Decision {
+        send: step.send,
+        saga_move: Some(moved),
+    })
+}
+
+/// A summary line of an instance, for `list` and `stuck`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceSummary {
+    pub id: String,
+    pub status: String,
+    pub terminal: bool,
+    pub version: u64,
+    pub started_at_ms: u64,
+    pub updated_at_ms: u64,
+    pub deadlines: BTreeMap<String, u64>,
+}
+
+/// Every instance of a saga (state as raw JSON), for inspection.
+pub fn instances(
+    state: &dyn StateRead,
+    saga: &str,
+) -> Result<Vec<Instance<serde_json::Value>>, StateError> {
+    crate::store::read_all(state, &format!("saga/{saga}/"))
+}
+
+impl<S> From<&Instance<S>> for InstanceSummary {
+    fn from(i: &Instance<S>) -> Self {
+        InstanceSummary {
+            id: i.id.clone(),
+            status: i.status.clone(),
+            terminal: i.terminal,
+            version: i.version,
+            started_at_ms: i.started_at_ms,
+            updated_at_ms: i.updated_at_ms,
+            deadlines: i.deadlines.clone(),
+        }
+    }
+}
+
+/// Counts the stored instances of `saga` for the saga gauges (a context's start-up, before
+/// its consumers run); returns how many. Only the summary fields are decoded; an
+/// undecodable instance is logged and skipped (`choreo saga show` reports it).
+pub fn count(state: &dyn StateRead, saga: &'static str) -> Result<usize, StateError> {
+    let mut counted = Vec::new();
+    for (k, v) in state
+        .scan_prefix(&format!("saga/{saga}/"))
+        .map_err(|e| StateError::Corrupt(e.to_string()))?
+    {
+        match serde_json::from_slice::<InstanceSummary>(&v) {
+            Ok(s) => counted.push(Counted {
+                id: s.id,
+                status: s.status,
+                terminal: s.terminal,
+                started_at_ms: s.started_at_ms,
+            }),
+            Err(e) => {
+                tracing::warn!(key = %k, error = %e, "saga instance not counted: undecodable")
+            }
+        }
+    }
+    let n = counted.len();
+    saga_counts::reset(saga, counted);
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::component::{DecodeError, HandleError, Subscription};
+    use crate::saga::{Definition, Step};
+    use crate::store::{DecideError, Effects, Store};
+
+    /// A counter saga: every message adds one.
+    struct Counter;
+
+    impl ProcessManager for Counter {
+        type State = u64;
+        type Input = ();
+        fn name(&self) -> &'static str {
+            "counter"
+        }
+        fn subscriptions(&self) -> Vec<Subscription> {
+            vec![]
+        }
+        fn decode(&self, _: &str, _: &[u8]) -> Result<(), DecodeError> {
+            Ok(())
+        }
+        fn correlate(&self, _: &()) -> String {
+            "one".into()
+        }
+        fn transition(
+            &self,
+            s: Option<&u64>,
+            _: Trigger<'_, ()>,
+            _: u64,
+        ) -> Result<Option<Step<u64>>, HandleError> {
+            Ok(Some(Step::to(s.copied().unwrap_or(0) + 1)))
+        }
+        fn state_name(&self, _: &u64) -> &'static str {
+            "Counting"
+        }
+        fn definition(&self) -> Definition {
+            Definition {
+                name: "counter",
+                initial: "Counting",
+                states: vec![],
+                transitions: vec![],
+            }
+        }
+    }
+
+    /// Racing deliveries on one instance serialize: none is lost, none applied twice.
+    #[test]
+    fn concurrent_transitions_on_one_instance_all_count_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let cause = Cause {
+                            trigger: "message",
+                            message_id: "m",
+                            message_type: "Tick",
+                        };
+                        store
+                            .commit::<HandleError, _>(&format!("c/{t}/{i}"), 1, |tx| {
+                                apply(&Counter, tx, "one", Trigger::Message(&()), &cause, 1)
+                                    .map_err(|e| match e {
+                                        HandleError::State(StateError::Tx(t)) => DecideError::Tx(t),
+                                        other => DecideError::Handler(other),
+                                    })?;
+                                Ok(Effects::default())
+                            })
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let inst: Instance<u64> =
+            crate::store::read(store.reader(), &instance_key("counter", "one"))
+                .unwrap()
+                .unwrap();
+        let history = store
+            .scan_prefix(&history_prefix("counter", "one"))
+            .unwrap();
+        assert_eq!((inst.state, inst.version, history.len()), (200, 200, 200));
+    }
+
+    #[test]
+    fn deadline_keys_sort_by_time_and_parse_back() {
+        let a = deadline_key(999, "s", "order-1", "d");
+        let b = deadline_key(1_000, "s", "order/with/slash", "d");
+        assert!(a < b);
+        let p = parse_deadline_key(&b).unwrap();
+        assert_eq!(
+            (p.at_ms, p.saga.as_str(), p.id.as_str(), p.name.as_str()),
+            (1_000, "s", "order/with/slash", "d")
+        );
+    }
+
+    #[test]
+    fn count_reads_what_the_store_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let put = |id: &str, value: String| {
+            store
+                .commit::<String, _>(&format!("in/{id}"), 1, |tx| {
+                    tx.put(&format!("saga/count-test/{id}"), value.as_bytes())
+                        .map_err(DecideError::Tx)?;
+                    Ok(Effects::default())
+                })
+                .unwrap();
+        };
+        let instance = |id: &str, status: &str, terminal: bool, started: u64| {
+            serde_json::json!({
+                "saga": "count-test", "id": id, "version": 1, "status": status,
+                "terminal": terminal, "state": {"big": [1, 2, 3]},
+                "started_at_ms": started, "updated_at_ms": started, "deadlines": {}
+            })
+            .to_string()
+        };
+        put("1", instance("1", "Completed", true, 5));
+        put("2", instance("2", "Waiting", false, 7));
+        put("3", instance("3", "Waiting", false, 6));
+        put("4", "not json".into());
+        assert_eq!(count(store.reader(), "count-test").unwrap(), 3);
+        let (by, oldest) = saga_counts::snapshot("count-test", &["Waiting", "Completed"]);
+        assert_eq!((by["Waiting"], by["Completed"]), (2, 1));
+        assert_eq!(oldest, Some(6));
+    }
+}

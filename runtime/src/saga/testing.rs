@@ -1,0 +1,118 @@
+//! Given/when/then for process managers, with time as data: no runtime, no clock.
+
+use std::collections::BTreeMap;
+
+use super::{ProcessManager, Trigger};
+use crate::component::HandleError;
+
+/// A saga instance driven by hand. Deadlines behave as in the runtime: setting one by
+/// name replaces it, entering a terminal state cancels all, firing consumes it.
+pub struct Scenario<'a, P: ProcessManager> {
+    pm: &'a P,
+    pub state: Option<P::State>,
+    pub now_ms: u64,
+    pub deadlines: BTreeMap<String, u64>,
+    /// Types of every message sent, in order.
+    pub sent: Vec<&'static str>,
+    /// Every transition taken: (from, trigger, to).
+    pub path: Vec<(String, String, String)>,
+}
+
+impl<'a, P: ProcessManager> Scenario<'a, P> {
+    pub fn new(pm: &'a P) -> Self {
+        Scenario {
+            pm,
+            state: None,
+            now_ms: 0,
+            deadlines: BTreeMap::new(),
+            sent: vec![],
+            path: vec![],
+        }
+    }
+
+    /// Applies inputs in order (errors such as "not started yet" are ignored, as a
+    /// redelivery would retry them).
+    pub fn given(mut self, inputs: impl IntoIterator<Item = P::Input>) -> Self {
+        for i in inputs {
+            let _ = self.apply(Trigger::Message(&i), None);
+        }
+        self
+    }
+
+    /// Applies one input, labelled `on` in the path (its type name).
+    pub fn when(mut self, input: P::Input, on: &str) -> Self {
+        let _ = self.apply(Trigger::Message(&input), Some(on));
+        self
+    }
+
+    /// Fallible form of [`Scenario::when`].
+    pub fn try_when(&mut self, input: &P::Input, on: &str) -> Result<(), HandleError> {
+        self.apply(Trigger::Message(input), Some(on))
+    }
+
+    /// Moves the clock forward by `ms`, firing every deadline that comes due, in order.
+    pub fn advance(mut self, ms: u64) -> Self {
+        let until = self.now_ms + ms;
+        while let Some((name, at)) = self
+            .deadlines
+            .iter()
+            .filter(|(_, at)| **at <= until)
+            .min_by_key(|(_, at)| **at)
+            .map(|(n, a)| (n.clone(), *a))
+        {
+            self.now_ms = self.now_ms.max(at);
+            let _ = self.apply(Trigger::Deadline(&name), Some(&format!("deadline:{name}")));
+        }
+        self.now_ms = until;
+        self
+    }
+
+    /// An operator retry.
+    pub fn retry(mut self) -> Result<Self, HandleError> {
+        self.apply(Trigger::Retry, Some("retry"))?;
+        Ok(self)
+    }
+
+    /// The current state's name in the declared graph.
+    pub fn status(&self) -> &'static str {
+        self.state
+            .as_ref()
+            .map(|s| self.pm.state_name(s))
+            .unwrap_or("(none)")
+    }
+
+    fn apply(
+        &mut self,
+        trigger: Trigger<'_, P::Input>,
+        on: Option<&str>,
+    ) -> Result<(), HandleError> {
+        if let Trigger::Deadline(name) = trigger {
+            if self.deadlines.remove(name).is_none() {
+                return Ok(());
+            }
+        }
+        let from = self.status().to_string();
+        let Some(step) = self
+            .pm
+            .transition(self.state.as_ref(), trigger, self.now_ms)?
+        else {
+            return Ok(());
+        };
+        for c in &step.cancel {
+            self.deadlines.remove(c);
+        }
+        let to = self.pm.state_name(&step.state);
+        if self.pm.definition().is_terminal(to) {
+            self.deadlines.clear();
+        } else {
+            for d in &step.set {
+                self.deadlines.insert(d.name.clone(), d.at_ms);
+            }
+        }
+        self.sent.extend(step.send.iter().map(|o| o.msg_type));
+        self.path
+            .push((from, on.unwrap_or("message").to_string(), to.to_string()));
+        self.state = Some(step.state);
+        Ok(())
+    }
+}

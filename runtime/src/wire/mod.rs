@@ -1,0 +1,11 @@
+//! The wire: what travels on NATS and how. The envelope and its headers, the subject and
+//! stream layout, the connection with its streams, consumers and publishing, and requests
+//! to external systems.
+//!
+//! Architecture invariant: only this room knows the wire format; components see typed
+//! inputs and return `Outgoing` values.
+
+pub mod bus;
+pub mod envelope;
+pub mod external;
+pub mod subjects;
