@@ -13,6 +13,7 @@ pub mod saga_cli;
 pub mod shop;
 pub mod sim;
 pub mod stages;
+pub mod streams;
 pub mod verify;
 
 /// Resolves on SIGINT or SIGTERM.

@@ -57,6 +57,15 @@ enum Cmd {
         #[command(subcommand)]
         command: SagaCmd,
     },
+    /// Streams: how full each is, how far each durable consumer has got, messages removed
+    /// before a consumer acked them; exits 1 if a consumer may have missed messages.
+    Streams {
+        #[command(flatten)]
+        nats: NatsArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Dead letters: list, show, replay (exactly once), discard.
     Dlq {
         #[command(subcommand)]
@@ -640,6 +649,18 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 Ok(true)
             })
         }
+        Cmd::Streams { nats, json } => tokio_rt()?.block_on(async {
+            let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
+            let streams = choreo::streams::list(&bus).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&streams)?);
+                Ok(streams
+                    .iter()
+                    .all(|s| s.consumers.iter().all(|c| c.removed_unacked == 0)))
+            } else {
+                Ok(!choreo::streams::print(&streams))
+            }
+        }),
         Cmd::Dlq { command } => run_dlq(command),
         Cmd::Chaos { command } => run_chaos(command),
         Cmd::SimSet {

@@ -197,6 +197,11 @@ pub trait Component: Send + Sync + 'static {
     /// Stable name: part of durable consumer names and inbox keys. Never rename.
     fn name(&self) -> &'static str;
     fn subscriptions(&self) -> Vec<Subscription>;
+    /// The external systems `plan` may call (their circuit breakers and metrics exist from
+    /// the start).
+    fn external_systems(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
     fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Self::Input, DecodeError>;
     /// Decides, before the transaction, whether an external call is needed.
     fn plan(
@@ -238,6 +243,9 @@ impl From<Vec<Outgoing>> for Decision {
 pub trait DynComponent: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn subscriptions(&self) -> Vec<Subscription>;
+    fn external_systems(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
     fn decode(
         &self,
         msg_type: &str,
@@ -262,6 +270,9 @@ impl<C: Component> DynComponent for C {
     }
     fn subscriptions(&self) -> Vec<Subscription> {
         Component::subscriptions(self)
+    }
+    fn external_systems(&self) -> Vec<&'static str> {
+        Component::external_systems(self)
     }
     fn decode(
         &self,

@@ -96,9 +96,12 @@ impl DangerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StreamConfig {
-    /// Messages older than this are removed.
+    /// Messages older than this are removed by the server whether consumers have acked them
+    /// or not (a consumer behind by more loses them: counted as missed); 0: no age limit,
+    /// history is bounded by `max_bytes` and `history` instead.
     pub max_age_ms: u64,
-    /// Stream size limit in bytes (oldest removed first).
+    /// Stream size limit in bytes. A full stream refuses new messages: publishers retry
+    /// (the outbox holds its entries) until consumers catch up and acked history is removed.
     pub max_bytes: i64,
     /// JetStream deduplication window for `Nats-Msg-Id`. Longer than a publish retry takes
     /// to come (a publish ack waits at most 5 s, then the outbox relay backs off 50 ms to
@@ -113,6 +116,10 @@ pub struct StreamConfig {
     pub max_message_size: i32,
     /// `true`: file storage; `false`: memory (tests of throughput only).
     pub file_storage: bool,
+    /// Share of `max_bytes` kept as history: above it, nodes remove the oldest messages that
+    /// every durable consumer has acked. Unacked messages are never removed; a stream full
+    /// of them refuses new messages and publishers wait (backpressure).
+    pub history: f64,
 }
 
 /// Settings of every durable consumer.
@@ -182,6 +189,9 @@ pub struct StoreConfig {
     /// A store flush that has not returned after this long will not: the node restarts in
     /// place (see `node::watchdog`). Whole seconds; at least 1 s.
     pub flush_stall_ms: u64,
+    /// How long a saga instance that ended (completed, cancelled) is kept, with its
+    /// history, for inspection; then it is removed. 0: kept for ever.
+    pub saga_retention_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -210,11 +220,12 @@ impl Default for NodeConfig {
 impl Default for StreamConfig {
     fn default() -> Self {
         StreamConfig {
-            max_age_ms: 7 * 24 * 3600 * 1000,
+            max_age_ms: 0,
             max_bytes: 256 << 20,
             duplicate_window_ms: 10 * 1000,
             max_message_size: 1024 * 1024 - 4096,
             file_storage: true,
+            history: 0.5,
         }
     }
 }
@@ -237,6 +248,7 @@ impl Default for StoreConfig {
             inbox_prune_interval_ms: 60_000,
             cache_capacity_bytes: 8 * 1024 * 1024,
             flush_stall_ms: 30_000,
+            saga_retention_ms: 7 * 24 * 3600 * 1000,
         }
     }
 }
@@ -317,8 +329,14 @@ impl NodeConfig {
                 "supervision: max_restarts must be positive and backoff_ms not empty".into(),
             );
         }
-        if self.stream.duplicate_window_ms == 0
-            || self.stream.duplicate_window_ms > self.stream.max_age_ms
+        if !(self.stream.history > 0.0 && self.stream.history < 1.0) {
+            return bad(format!(
+                "stream.history must be a share of max_bytes between 0 and 1 (exclusive), got {}",
+                self.stream.history
+            ));
+        }
+        let s = &self.stream;
+        if s.duplicate_window_ms == 0 || (s.max_age_ms > 0 && s.duplicate_window_ms > s.max_age_ms)
         {
             return bad("stream.duplicate_window_ms must be > 0 and <= stream.max_age_ms".into());
         }

@@ -169,6 +169,68 @@ async fn missing_headers_are_dead_lettered() {
     still_serving(&mut t).await;
 }
 
+/// The size limit counts the payload and the headers' names and values, exactly: a message
+/// of 65,536 bytes that way is handled, one of 65,537 is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_size_limit_counts_payload_and_headers_exactly() {
+    let t = inventory().await;
+    let sized = |sku: &str, size: usize| {
+        let headers = valid_headers("AddStock");
+        let header_bytes = runtime::wire::envelope::message_size(Some(&headers), b"");
+        let head = format!("{{\"sku\":\"{sku}\",\"qty\":1,\"pad\":\"");
+        let pad = size - header_bytes - head.len() - 2;
+        let mut payload = head.into_bytes();
+        payload.extend(std::iter::repeat_n(b'x', pad));
+        payload.extend(b"\"}");
+        assert_eq!(header_bytes + payload.len(), size);
+        (headers, payload)
+    };
+    let (headers, payload) = sized("marker-limit", 65_536);
+    publish_raw(
+        &t,
+        &subjects::command("inventory", "AddStock"),
+        Some(headers),
+        payload,
+    )
+    .await;
+    let (headers, payload) = sized("marker-over", 65_537);
+    let original_id = headers
+        .get(headers::NATS_MSG_ID)
+        .unwrap()
+        .as_str()
+        .to_string();
+    publish_raw(
+        &t,
+        &subjects::command("inventory", "AddStock"),
+        Some(headers),
+        payload,
+    )
+    .await;
+    let reason = reason_for(&t, "marker-over").await;
+    assert!(
+        reason.contains("65537 bytes > limit 65536"),
+        "reason: {reason}"
+    );
+    // The dead letter keeps the original headers; its own Nats-Msg-Id is new, the
+    // original one is kept beside it.
+    let (dead, _) = harness::dead_letters(&t.bus)
+        .await
+        .into_iter()
+        .find(|(_, p)| String::from_utf8_lossy(p).contains("marker-over"))
+        .unwrap();
+    assert_eq!(dead.get(headers::ID).unwrap().as_str(), original_id);
+    assert_eq!(dead.get(headers::DLQ_MSG_ID).unwrap().as_str(), original_id);
+    assert_ne!(
+        dead.get(headers::NATS_MSG_ID).unwrap().as_str(),
+        original_id
+    );
+    let applied = harness::eventually(Duration::from_secs(10), || async {
+        harness::sku(&t.bus, "marker-limit").await.0 == 1
+    })
+    .await;
+    assert!(applied, "a message at the limit is handled");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_message_is_dead_lettered() {
     let mut t = inventory().await;

@@ -1,6 +1,7 @@
 //! Black-box integration tests: a real nats-server, real `choreo node` processes, real sled
 //! files. Each test starts its own server on a free port.
 
+mod backpressure;
 mod bad_input;
 mod bench;
 mod cli;
@@ -11,6 +12,7 @@ mod faults;
 mod harness;
 mod observability;
 mod order_flow;
+mod recovery;
 mod sagas;
 mod startup;
 mod supervision;

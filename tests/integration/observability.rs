@@ -299,7 +299,7 @@ async fn prometheus_evaluates_every_panel_and_rule() {
         }
     }
     println!("{}", listed.join("\n"));
-    assert_eq!(n_rules, 14, "every rule loaded");
+    assert_eq!(n_rules, 16, "every rule loaded");
     assert!(problems.is_empty(), "problems:\n{}", problems.join("\n"));
     // A few figures must be right, not just present.
     assert!(
@@ -311,6 +311,75 @@ async fn prometheus_evaluates_every_panel_and_rule() {
             > 0
     );
     t.shop.stop().unwrap();
+}
+
+/// Counters exist at 0 from a node's start, so the first dead letter is an increase that
+/// Prometheus sees (a series that first appears at 1 is not), and every breaker state and
+/// dead-letter reason is there before anything happened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_sees_the_first_dead_letter_of_a_node() {
+    let mut t = harness::start(&["orders", "payments"], false, "").await;
+    let payments = t.shop.node("payments").unwrap().metrics_addr.clone();
+    let orders = t.shop.node("orders").unwrap().metrics_addr.clone();
+    assert_eq!(
+        harness::metric(
+            &orders,
+            "choreo_dead_letters_total",
+            &[("reason", "malformed")]
+        ),
+        0.0
+    );
+    for state in ["closed", "open", "half_open"] {
+        let at = |v| {
+            harness::try_metric(
+                &payments,
+                "choreo_breaker_state",
+                &[("system", "payment-gateway"), ("state", state)],
+            ) == Some(v)
+        };
+        assert!(
+            at(if state == "closed" { 1.0 } else { 0.0 }),
+            "breaker {state}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_prom, port) = start_prometheus(dir.path(), &[orders.clone(), payments]);
+    let scraped = || async {
+        query(port, "count_over_time(choreo_dead_letters_total{reason=\"malformed\", context=\"orders\"}[1m]) >= 2")
+            .unwrap_or(0)
+            > 0
+    };
+    assert!(
+        eventually(Duration::from_secs(30), scraped).await,
+        "the series scraped at 0"
+    );
+    let env = runtime::Envelope::first(
+        runtime::wire::envelope::new_id(),
+        "PlaceOrder",
+        "test",
+        runtime::wire::envelope::now_ms(),
+    );
+    t.bus
+        .publish(
+            &runtime::wire::subjects::command("orders", "PlaceOrder"),
+            &env,
+            "{not json".into(),
+        )
+        .await
+        .unwrap();
+    let seen = || async {
+        query(
+            port,
+            "choreo:dead_letters:increase10m{context=\"orders\"} > 0",
+        )
+        .unwrap_or(0)
+            > 0
+    };
+    assert!(
+        eventually(Duration::from_secs(30), seen).await,
+        "the first dead letter is an increase: {:?}",
+        query(port, "choreo_dead_letters_total{context=\"orders\"}")
+    );
 }
 
 /// Replies to a `$SRV` discovery request, collected for a second.

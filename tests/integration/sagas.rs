@@ -237,3 +237,38 @@ times = 6
     );
     t.shop.stop().unwrap();
 }
+
+/// Ended instances are kept for `store.saga_retention_ms`, then removed with their
+/// history: inspection answers for recent ones, and the store does not grow without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_instances_are_removed_after_their_retention() {
+    let mut t = harness::start(
+        choreo::contexts::KNOWN,
+        true,
+        "[store]\nsaga_retention_ms = 3000\n",
+    )
+    .await;
+    let report = load::run(&t.bus, &only("none", 10), |_| {}).await.unwrap();
+    assert_eq!(report.completed, 10);
+    let (id, _) = &report.orders[0];
+    // Recent: inspectable.
+    let (ok, out) = choreo(&t, &["saga", "show", id, "--saga", SAGA]);
+    assert!(ok && out.contains("Completed"), "{out}");
+    let orders = t.shop.node("orders").unwrap().metrics_addr.clone();
+    let gone = eventually(Duration::from_secs(20), || {
+        let (_, out) = choreo(&t, &["saga", "show", id, "--saga", SAGA]);
+        async move { out.contains("no order-fulfilment instance") }
+    })
+    .await;
+    assert!(gone, "the ended instance is removed after its retention");
+    let (ok, out) = choreo(&t, &["saga", "list", "--saga", SAGA, "--json"]);
+    assert!(ok, "{out}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["count"], 0, "{out}");
+    let counted = eventually(Duration::from_secs(10), || {
+        let n = harness::metric(&orders, "choreo_saga_instances", &[("state", "Completed")]);
+        async move { n == 0.0 }
+    })
+    .await;
+    assert!(counted, "the gauge counts stored instances");
+}

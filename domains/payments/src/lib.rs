@@ -390,6 +390,9 @@ impl Component for Billing {
             Subscription::commands(CONTEXT, &[CapturePayment::TYPE, CancelPayment::TYPE]),
         ]
     }
+    fn external_systems(&self) -> Vec<&'static str> {
+        vec![GATEWAY]
+    }
     fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Input, DecodeError> {
         Ok(match msg_type {
             OrderPlaced::TYPE => Input::Placed(decode_as(payload)?),

@@ -293,6 +293,9 @@ impl Component for Dispatch {
             ),
         ]
     }
+    fn external_systems(&self) -> Vec<&'static str> {
+        vec![CARRIER]
+    }
     fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Input, DecodeError> {
         Ok(match msg_type {
             CustomerRegistered::TYPE => Input::Customer(decode_as(payload)?),

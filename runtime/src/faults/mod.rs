@@ -104,6 +104,14 @@ pub enum FaultAction {
 }
 
 impl FaultAction {
+    pub const ALL: [FaultAction; 5] = [
+        FaultAction::Crash,
+        FaultAction::Error,
+        FaultAction::Delay,
+        FaultAction::Drop,
+        FaultAction::Panic,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             FaultAction::Crash => "crash",

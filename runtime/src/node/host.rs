@@ -20,13 +20,14 @@ use crate::pipeline::chain::SameContext;
 use crate::pipeline::commit::{CommitOptions, GroupCommit};
 use crate::pipeline::consumer::{ConsumerActor, TakeRun};
 use crate::pipeline::decide::durable_name;
+use crate::pipeline::disposition::{Disposition, DlqReason};
 use crate::pipeline::relay::{Relay, RelayOptions};
 use crate::pipeline::ContextRuntime;
 use crate::resilience::breaker::Breakers;
 use crate::resilience::external::ExternalCalls;
 use crate::saga::{instance, service};
 use crate::store::{self, Store};
-use crate::telemetry::Health;
+use crate::telemetry::{metrics, Health};
 use crate::wire::bus::Bus;
 use crate::wire::subjects;
 
@@ -126,6 +127,7 @@ impl ContextHost {
                 }
             }
         }
+        init_series(&ctx, shared);
         let mut actors = Vec::new();
         let mut polled = Vec::new();
         for comp in ctx.components() {
@@ -154,6 +156,14 @@ impl ContextHost {
                 stopping.clone(),
             )));
             services.push(tokio::spawn(service::report_metrics(sagas.clone())));
+            let retention = cfg.store.saga_retention_ms;
+            if retention > 0 {
+                timers.push(tokio::spawn(service::run_retention(
+                    rt.clone(),
+                    Duration::from_millis(retention),
+                    stopping.clone(),
+                )));
+            }
             services.push(tokio::spawn(service::serve(
                 bus.client.clone(),
                 rt.clone(),
@@ -221,6 +231,59 @@ impl ContextHost {
             tracing::warn!(context = self.name, error = %e, "outbox: removing published entries failed");
         }
         let _ = self.commit.durable().await;
+    }
+}
+
+/// Every series of the context's metrics that a label value can name in advance, at 0: a
+/// counter whose series first appears at 1 is invisible to `increase()` and `rate()`, so
+/// the first dead letter, panic or breaker transition would go unseen by alerts.
+fn init_series(ctx: &Arc<dyn Context>, shared: &Shared) {
+    let name = ctx.name();
+    for reason in DlqReason::ALL {
+        metrics::DEAD_LETTERS
+            .with_label_values(&[name, reason.label()])
+            .inc_by(0);
+    }
+    for result in ["stored", "duplicate", "error"] {
+        metrics::OUTBOX_PUBLISHED
+            .with_label_values(&[name, result])
+            .inc_by(0);
+    }
+    for comp in ctx.components() {
+        for system in comp.external_systems() {
+            // Created now, with its series.
+            shared.breakers.get(system);
+        }
+        for sub in comp.subscriptions() {
+            let durable = durable_name(name, comp.name(), &sub);
+            for outcome in Disposition::LABELS {
+                metrics::MESSAGES
+                    .with_label_values(&[name, &durable, outcome])
+                    .inc_by(0);
+            }
+            metrics::HANDLER_PANICS
+                .with_label_values(&[name, &durable])
+                .inc_by(0);
+            metrics::ACTOR_RESTARTS
+                .with_label_values(&[name, &durable])
+                .inc_by(0);
+            metrics::SUPERVISOR_GIVEN_UP
+                .with_label_values(&[name, &durable])
+                .set(0);
+            if sub.source == name {
+                metrics::HANDLED_IN_TRANSACTION
+                    .with_label_values(&[name, &durable])
+                    .inc_by(0);
+            }
+        }
+    }
+    for saga in ctx.sagas() {
+        let definition = saga.definition();
+        for deadline in definition.states.iter().filter_map(|s| s.deadline) {
+            metrics::SAGA_DEADLINES_FIRED
+                .with_label_values(&[saga.name(), deadline])
+                .inc_by(0);
+        }
     }
 }
 

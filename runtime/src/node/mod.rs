@@ -27,6 +27,7 @@ use crate::resilience::breaker::Breakers;
 use crate::store::StoreError;
 use crate::telemetry::{endpoint, metrics, Health};
 use crate::wire::bus::{Bus, BusError};
+use crate::wire::subjects;
 
 pub mod host;
 pub mod restart;
@@ -142,6 +143,14 @@ async fn serve(
         faults: Arc::new(crate::faults::Faults::new(&cfg.faults)),
     };
     #[cfg(feature = "faults")]
+    for point in crate::faults::FaultPoint::ALL {
+        for action in crate::faults::FaultAction::ALL {
+            metrics::FAULTS_INJECTED
+                .with_label_values(&[point.label(), action.label()])
+                .inc_by(0);
+        }
+    }
+    #[cfg(feature = "faults")]
     if cfg.faults.enabled {
         tracing::warn!(rules = cfg.faults.rules.len(), "fault injection is ENABLED");
     }
@@ -170,9 +179,17 @@ async fn serve(
         };
         hosts.push(ContextHost::start(c.clone(), &shared, context_bus).await?);
     }
-    let polled = hosts.iter().flat_map(|h| h.polled().to_vec()).collect();
+    let polled: Vec<host::Polled> = hosts.iter().flat_map(|h| h.polled().to_vec()).collect();
+    let mut watched_streams: Vec<String> = streams.iter().map(|s| subjects::stream(s)).collect();
+    watched_streams.push(subjects::DLQ_STREAM.to_string());
     let services = [
-        tokio::spawn(services::poll_consumers(bus.clone(), polled)),
+        tokio::spawn(services::watch_streams(
+            bus.clone(),
+            watched_streams,
+            polled.clone(),
+            cfg.stream.history,
+        )),
+        tokio::spawn(services::watch_max_deliveries(bus.clone(), polled)),
         tokio::spawn(services::serve_fault_admin(
             bus.client.clone(),
             #[cfg(feature = "faults")]

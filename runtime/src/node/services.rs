@@ -1,17 +1,20 @@
 //! The node's services beside the message path: read-model queries (registered with the
 //! NATS service API), consumer lag polling, inbox rotation, and the fault-admin subject.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 
+use super::host::Polled;
 use crate::config::NodeConfig;
 use crate::context::Context;
 use crate::store::Store;
 use crate::telemetry::metrics;
-use crate::wire::bus::Bus;
+use crate::wire::bus::{Bus, DeadLetter};
 use crate::wire::envelope::now_ms;
+use crate::wire::streams::trim_point;
 use crate::wire::subjects;
 
 /// Answers `choreo.<ctx>.query.<name>` requests. Reply: `{"ok": value}` or `{"error": "..."}`.
@@ -61,29 +64,140 @@ pub(crate) async fn serve_queries(client: async_nats::Client, ctx: Arc<dyn Conte
     }
 }
 
-/// Consumer lag and ack-pending, read from JetStream every few seconds.
-pub(crate) async fn poll_consumers(bus: Bus, consumers: Vec<(&'static str, String, String)>) {
+/// Watches the streams the node uses, every few seconds: the consumers' lag, each
+/// stream's fill, messages removed before one of this node's consumers acked them (counted
+/// and logged once per gap), and the removal of history every durable consumer has acked
+/// once a stream holds more than `history` of its limit (see `wire::streams`).
+pub(crate) async fn watch_streams(bus: Bus, streams: Vec<String>, own: Vec<Polled>, history: f64) {
+    for (context, _, durable) in &own {
+        for reason in ["removed", "max_deliveries"] {
+            metrics::CONSUMER_MISSED
+                .with_label_values(&[context, durable.as_str(), reason])
+                .inc_by(0);
+        }
+    }
+    // Per consumer, the stream sequence up to which removed messages are counted already.
+    let mut counted: HashMap<String, u64> = HashMap::new();
+    let mut failing = HashSet::new();
     loop {
-        for (context, stream, durable) in &consumers {
-            let info = async {
-                let s = bus.js.get_stream(stream).await.ok()?;
-                let mut c: async_nats::jetstream::consumer::PullConsumer =
-                    s.get_consumer(durable).await.ok()?;
-                c.info()
-                    .await
-                    .ok()
-                    .map(|i| (i.num_pending, i.num_ack_pending))
+        for name in &streams {
+            let state = match bus.stream_state(name).await {
+                Ok(s) => {
+                    failing.remove(name);
+                    s
+                }
+                Err(e) => {
+                    if failing.insert(name.clone()) {
+                        tracing::warn!(stream = %name, error = %e, "cannot read the stream's state");
+                    }
+                    continue;
+                }
             };
-            if let Some((pending, ack_pending)) = info.await {
+            metrics::STREAM_FILL
+                .with_label_values(&[name])
+                .set(state.fill());
+            for c in &state.consumers {
+                let Some((context, _, durable)) =
+                    own.iter().find(|(_, s, d)| s == name && *d == c.name)
+                else {
+                    continue;
+                };
                 metrics::CONSUMER_PENDING
                     .with_label_values(&[*context, durable.as_str()])
-                    .set(pending as i64);
+                    .set(c.num_pending as i64);
                 metrics::CONSUMER_ACK_PENDING
                     .with_label_values(&[*context, durable.as_str()])
-                    .set(ack_pending as i64);
+                    .set(c.num_ack_pending as i64);
+                let from = counted.get(durable).copied().unwrap_or(0).max(c.ack_floor);
+                let missed = state.first_seq.saturating_sub(from + 1);
+                if missed > 0 {
+                    counted.insert(durable.clone(), state.first_seq - 1);
+                    metrics::CONSUMER_MISSED
+                        .with_label_values(&[*context, durable.as_str(), "removed"])
+                        .inc_by(missed);
+                    tracing::error!(
+                        context = *context,
+                        consumer = %durable,
+                        stream = %name,
+                        ack_floor = c.ack_floor,
+                        first_seq = state.first_seq,
+                        missed,
+                        "messages were removed from the stream before this consumer acked them (at most this many; see `choreo streams`)"
+                    );
+                }
+            }
+            if state.max_bytes > 0 {
+                let keep = (state.max_bytes as f64 * history) as u64;
+                if let Some(point) = trim_point(&state, keep) {
+                    match bus.trim(&state, point).await {
+                        Ok(n) => {
+                            metrics::STREAM_TRIMMED.with_label_values(&[name]).inc_by(n);
+                            tracing::debug!(stream = %name, below = point, removed = n, "history acked by every consumer removed");
+                        }
+                        Err(e) => tracing::warn!(stream = %name, error = %e, "cannot trim"),
+                    }
+                }
             }
         }
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Listens for the server giving up on a message of one of this node's consumers
+/// (`max_deliver` reached, e.g. after a very long breaker outage): the message is counted
+/// as missed, logged, and dead-lettered with its reason (it is still in the stream).
+pub(crate) async fn watch_max_deliveries(bus: Bus, own: Vec<Polled>) {
+    let mut subs = Vec::new();
+    for (context, stream, durable) in &own {
+        let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{durable}");
+        match bus.client.subscribe(subject).await {
+            Ok(s) => subs.push(s.map(move |m| (*context, stream.clone(), durable.clone(), m))),
+            Err(e) => {
+                tracing::error!(consumer = %durable, error = %e, "cannot watch max deliveries")
+            }
+        }
+    }
+    let mut all = futures::stream::select_all(subs);
+    while let Some((context, stream, durable, advisory)) = all.next().await {
+        let v: serde_json::Value = serde_json::from_slice(&advisory.payload).unwrap_or_default();
+        let seq = v["stream_seq"].as_u64().unwrap_or(0);
+        let deliveries = v["deliveries"].as_i64().unwrap_or(0);
+        metrics::CONSUMER_MISSED
+            .with_label_values(&[context, &durable, "max_deliveries"])
+            .inc();
+        tracing::error!(context, consumer = %durable, stream = %stream, seq, deliveries, "the server stopped redelivering a message (max_deliver); dead-lettering it");
+        let stored = match bus.js.get_stream(&stream).await {
+            Ok(s) => s.get_raw_message(seq).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let message = match stored {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::error!(consumer = %durable, seq, error = %e, "the message is gone; not dead-lettered");
+                continue;
+            }
+        };
+        let reason = format!(
+            "max_deliveries: the server stopped redelivering after {deliveries} deliveries"
+        );
+        let dl = DeadLetter {
+            context,
+            consumer: &durable,
+            subject: &message.subject,
+            reason: &reason,
+            delivered: deliveries,
+            stream_sequence: seq,
+            headers: Some(&message.headers),
+            payload: message.payload.clone(),
+        };
+        match bus.dead_letter(&dl).await {
+            Ok(()) => metrics::DEAD_LETTERS
+                .with_label_values(&[context, "max_deliveries"])
+                .inc(),
+            Err(e) => {
+                tracing::error!(consumer = %durable, seq, error = %e, "dead-letter publish failed")
+            }
+        }
     }
 }
 

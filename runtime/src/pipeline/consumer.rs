@@ -8,6 +8,7 @@
 //! JetStream message stream is kept across restarts, so nothing prefetched is stranded.
 
 use std::collections::VecDeque;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,9 @@ pub struct ConsumerActor {
     restarts: VecDeque<Instant>,
     /// Stopped after exceeding the restart limit.
     given_up: bool,
+    /// Whether this process has asked the server to redeliver what the consumer had not
+    /// acked (once, at its first bind: see [`crate::wire::bus::Bus::redeliver_unacked`]).
+    redelivered: Arc<AtomicBool>,
     /// The JetStream message stream, kept across restarts: a restarted loop continues on the
     /// same subscription (dropping it would strand prefetched and redelivered messages in
     /// its open pull requests until `ack_wait`).
@@ -58,6 +62,7 @@ impl ConsumerActor {
             run: None,
             restarts: VecDeque::new(),
             given_up: false,
+            redelivered: Arc::default(),
             stream: Arc::new(tokio::sync::Mutex::new(None)),
         }
     }
@@ -73,6 +78,7 @@ impl ConsumerActor {
             self.durable.clone(),
             ctx.address(),
             self.stream.clone(),
+            self.redelivered.clone(),
         );
         let mut shutdown = self.node_shutdown.clone();
         self.run = Some(tokio::spawn(async move {

@@ -30,16 +30,20 @@ pub enum DlqReason {
     Oversized,
     Permanent,
     RetriesExhausted,
+    /// The server stopped redelivering it (`max_deliver`): dead-lettered by the node's
+    /// advisory watcher, not by a disposition.
+    MaxDeliveries,
 }
 
 impl DlqReason {
-    pub const ALL: [DlqReason; 6] = [
+    pub const ALL: [DlqReason; 7] = [
         DlqReason::Malformed,
         DlqReason::UnknownType,
         DlqReason::MissingHeader,
         DlqReason::Oversized,
         DlqReason::Permanent,
         DlqReason::RetriesExhausted,
+        DlqReason::MaxDeliveries,
     ];
 
     pub fn label(self) -> &'static str {
@@ -50,6 +54,7 @@ impl DlqReason {
             DlqReason::Oversized => "oversized",
             DlqReason::Permanent => "permanent",
             DlqReason::RetriesExhausted => "retries_exhausted",
+            DlqReason::MaxDeliveries => "max_deliveries",
         }
     }
 }

@@ -2,6 +2,7 @@
 //! has room, runs each in a task of its own ([`super::process`], then [`super::settle`]),
 //! and at shutdown gives back what it buffered and waits for what is in handling.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +34,7 @@ pub(crate) struct PullLoop {
     actor: Addr<ConsumerActor>,
     stream: Slot,
     bulkhead: Bulkhead,
+    redelivered: Arc<AtomicBool>,
 }
 
 impl PullLoop {
@@ -43,6 +45,7 @@ impl PullLoop {
         durable: Arc<str>,
         actor: Addr<ConsumerActor>,
         stream: Slot,
+        redelivered: Arc<AtomicBool>,
     ) -> Self {
         let bulkhead = Bulkhead::new(rt.cfg.max_in_flight(component.name()), rt.context, &durable);
         let handling = Arc::new(Handling {
@@ -66,6 +69,7 @@ impl PullLoop {
             actor,
             stream,
             bulkhead,
+            redelivered,
         }
     }
 
@@ -95,6 +99,17 @@ impl PullLoop {
                     .bus
                     .durable_consumer(&h.durable, h.sub.source, h.sub.filter_subjects(), &spec)
                     .await?;
+                // What a previous run of this node had in flight comes back now.
+                if !self.redelivered.swap(true, Ordering::SeqCst) {
+                    if let Err(e) = self
+                        .rt
+                        .bus
+                        .redeliver_unacked(h.sub.source, &h.durable)
+                        .await
+                    {
+                        tracing::warn!(consumer = %h.durable, error = %e, "cannot ask for unacked messages at once; they come back after ack_wait");
+                    }
+                }
                 // A 1 s heartbeat: a pull lost with a server restart or a cut connection is
                 // noticed after two missed beats and issued again.
                 c.stream()
@@ -194,7 +209,7 @@ impl PullLoop {
             subject: &msg.subject,
             headers: msg.headers.as_ref(),
             payload: &msg.payload,
-            size: msg.length.max(msg.payload.len()),
+            size: crate::wire::envelope::message_size(msg.headers.as_ref(), &msg.payload),
             #[cfg(feature = "danger")]
             message: Some(&msg),
         };

@@ -93,7 +93,14 @@ pub struct Breaker {
 
 impl Breaker {
     pub fn new(system: &str, cfg: BreakerConfig) -> Self {
-        metrics::BREAKER_STATE.with_label_values(&[system]).set(0);
+        for state in metrics::BREAKER_STATES {
+            metrics::BREAKER_STATE
+                .with_label_values(&[system, state])
+                .set(i64::from(state == "closed"));
+            metrics::BREAKER_TRANSITIONS
+                .with_label_values(&[system, state])
+                .inc_by(0);
+        }
         Breaker {
             system: system.to_string(),
             cfg,
@@ -177,10 +184,10 @@ impl Breaker {
     }
 
     fn set(&self, g: &mut Inner, to: State) {
-        let (label, value) = match to {
-            State::Closed => ("closed", 0),
-            State::Open { .. } => ("open", 1),
-            State::HalfOpen => ("half_open", 2),
+        let label = match to {
+            State::Closed => "closed",
+            State::Open { .. } => "open",
+            State::HalfOpen => "half_open",
         };
         if std::mem::discriminant(&g.state) != std::mem::discriminant(&to) {
             tracing::warn!(system = %self.system, from = ?g.state, to = label, "circuit breaker state change");
@@ -188,9 +195,11 @@ impl Breaker {
                 .with_label_values(&[&self.system, label])
                 .inc();
         }
-        metrics::BREAKER_STATE
-            .with_label_values(&[&self.system])
-            .set(value);
+        for state in metrics::BREAKER_STATES {
+            metrics::BREAKER_STATE
+                .with_label_values(&[&self.system, state])
+                .set(i64::from(state == label));
+        }
         g.state = to;
     }
 }

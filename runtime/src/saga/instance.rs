@@ -83,6 +83,45 @@ pub fn deadline_key(at_ms: u64, saga: &str, id: &str, name: &str) -> String {
     format!("{DEADLINE_PREFIX}{at_ms:020}/{saga}/{id}/{name}")
 }
 
+/// Prefix of the index of ended instances; keys sort by when the instance ended.
+pub const ENDED_PREFIX: &str = "saga-ended/";
+
+/// The index key of an instance that ended (entered a terminal state) at `at_ms`.
+pub fn ended_key(at_ms: u64, saga: &str, id: &str) -> String {
+    format!("{ENDED_PREFIX}{at_ms:020}/{saga}/{id}")
+}
+
+/// A parsed ended-instance index key: (ended at, saga, id).
+pub fn parse_ended_key(key: &str) -> Option<(u64, String, String)> {
+    let rest = key.strip_prefix(ENDED_PREFIX)?;
+    let (at, rest) = rest.split_once('/')?;
+    let (saga, id) = rest.split_once('/')?;
+    Some((at.parse().ok()?, saga.to_string(), id.to_string()))
+}
+
+/// Removes an ended instance, its history and its index key `key` inside a transaction;
+/// returns the state it ended in, or `None` if it is gone or not ended (moved on by an
+/// operator retry since: only the index key goes).
+pub fn forget_ended(tx: &dyn StateTx, key: &str) -> Result<Option<String>, StateError> {
+    tx.remove(key)?;
+    let Some((_, saga, id)) = parse_ended_key(key) else {
+        return Ok(None);
+    };
+    let instance = instance_key(&saga, &id);
+    let Some(inst): Option<Instance<serde_json::Value>> = load(tx, &instance)? else {
+        return Ok(None);
+    };
+    if !inst.terminal {
+        return Ok(None);
+    }
+    tx.remove(&instance)?;
+    let first = inst.version.saturating_sub(HISTORY_LIMIT as u64) + 1;
+    for version in first..=inst.version {
+        tx.remove(&history_key(&saga, &id, version))?;
+    }
+    Ok(Some(inst.status))
+}
+
 /// A parsed deadline index key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DueDeadline {
@@ -163,6 +202,10 @@ pub fn apply<P: ProcessManager>(
     }
     if terminal {
         cancel.extend(inst.deadlines.keys().cloned());
+        if prior_terminal != Some(true) {
+            // Ended now: kept for inspection, removed after the retention period.
+            tx.put(&ended_key(now_ms, pm.name(), id), b"")?;
+        }
     }
     let mut cancelled = Vec::new();
     for name in cancel {
@@ -413,5 +456,92 @@ mod tests {
         let (by, oldest) = saga_counts::snapshot("count-test", &["Waiting", "Completed"]);
         assert_eq!((by["Waiting"], by["Completed"]), (2, 1));
         assert_eq!(oldest, Some(6));
+    }
+
+    /// A saga that ends on its first message.
+    struct Once;
+
+    impl ProcessManager for Once {
+        type State = u8;
+        type Input = ();
+        fn name(&self) -> &'static str {
+            "once"
+        }
+        fn subscriptions(&self) -> Vec<Subscription> {
+            vec![]
+        }
+        fn decode(&self, _: &str, _: &[u8]) -> Result<(), DecodeError> {
+            Ok(())
+        }
+        fn correlate(&self, _: &()) -> String {
+            "one".into()
+        }
+        fn transition(
+            &self,
+            _: Option<&u8>,
+            _: Trigger<'_, ()>,
+            _: u64,
+        ) -> Result<Option<Step<u8>>, HandleError> {
+            Ok(Some(Step::to(1)))
+        }
+        fn state_name(&self, _: &u8) -> &'static str {
+            "Done"
+        }
+        fn definition(&self) -> Definition {
+            Definition {
+                name: "once",
+                initial: "Done",
+                states: vec![crate::saga::StateDef {
+                    name: "Done",
+                    terminal: true,
+                    deadline: None,
+                    waits_without_deadline: None,
+                }],
+                transitions: vec![],
+            }
+        }
+    }
+
+    #[test]
+    fn an_ended_instance_is_indexed_and_forgotten_with_its_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let cause = Cause {
+            trigger: "message",
+            message_id: "m",
+            message_type: "Go",
+        };
+        let moved = store
+            .commit::<HandleError, _>("c/1", 7, |tx| {
+                let d = apply(&Once, tx, "one", Trigger::Message(&()), &cause, 7)
+                    .map_err(DecideError::Handler)?;
+                Ok(Effects {
+                    saga_moves: d.saga_move.into_iter().collect(),
+                    ..Default::default()
+                })
+            })
+            .unwrap();
+        assert!(matches!(moved, crate::store::Committed::Written { .. }));
+        let keys = store.state_keys(ENDED_PREFIX, "saga-ended0", 10).unwrap();
+        assert_eq!(keys, [ended_key(7, "once", "one")]);
+        assert_eq!(
+            parse_ended_key(&keys[0]),
+            Some((7, "once".to_string(), "one".to_string()))
+        );
+        let forgotten = std::cell::RefCell::new(None);
+        store
+            .commit::<HandleError, _>("retention/1", 8, |tx| {
+                *forgotten.borrow_mut() =
+                    forget_ended(tx, &keys[0]).map_err(|e| DecideError::Handler(e.into()))?;
+                Ok(Effects::default())
+            })
+            .unwrap();
+        assert_eq!(forgotten.into_inner().as_deref(), Some("Done"));
+        assert!(store.scan_prefix("saga/once/").unwrap().is_empty());
+        assert!(store
+            .scan_prefix(&history_prefix("once", "one"))
+            .unwrap()
+            .is_empty());
+        assert!(store.scan_prefix(ENDED_PREFIX).unwrap().is_empty());
     }
 }

@@ -29,8 +29,9 @@ pub mod testing;
 pub use adapter::{DynSaga, SagaComponent};
 pub use definition::{Definition, StateDef, TransitionDef};
 pub use instance::{
-    deadline_key, history_prefix, instance_key, instances, parse_deadline_key, show, Cause,
-    DueDeadline, HistoryEntry, Instance, InstanceSummary, DEADLINE_PREFIX, HISTORY_LIMIT,
+    deadline_key, ended_key, history_prefix, instance_key, instances, parse_deadline_key, show,
+    Cause, DueDeadline, HistoryEntry, Instance, InstanceSummary, DEADLINE_PREFIX, ENDED_PREFIX,
+    HISTORY_LIMIT,
 };
 
 /// A deadline to set (or move) on the instance.

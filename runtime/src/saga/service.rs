@@ -16,7 +16,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use super::instance::{self, parse_deadline_key, InstanceSummary, DEADLINE_PREFIX};
+use super::instance::{self, parse_deadline_key, InstanceSummary, DEADLINE_PREFIX, ENDED_PREFIX};
 use super::DynSaga;
 use crate::pipeline::{ContextRuntime, LocalError};
 use crate::store::Committed;
@@ -107,6 +107,77 @@ async fn fire_one(rt: &ContextRuntime, sagas: &[Arc<dyn DynSaga>], key: &str) {
         }
         Err(e) => {
             tracing::warn!(saga = saga.name(), id = %due.id, deadline = %due.name, error = %e, "deadline will be retried")
+        }
+    }
+}
+
+/// Removes ended instances (and their histories) once they have been terminal for
+/// `retention`, in batches through the transactional path, until `shutdown` turns true;
+/// the saga counts forget them. Recent ones stay for inspection.
+pub async fn run_retention(
+    rt: Arc<ContextRuntime>,
+    retention: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        loop {
+            let until = now_ms().saturating_sub(retention.as_millis() as u64);
+            let upper = format!("{ENDED_PREFIX}{until:020}");
+            let keys = match rt.store.state_keys(ENDED_PREFIX, &upper, BATCH) {
+                Ok(keys) if keys.is_empty() => break,
+                Ok(keys) => keys,
+                Err(e) => {
+                    tracing::warn!(context = rt.context, error = %e, "retention scan failed");
+                    break;
+                }
+            };
+            let inbox_key = format!("retention/{}", keys[keys.len() - 1]);
+            let cause = Envelope::first(derived_id(&inbox_key), "Retention", rt.context, now_ms());
+            let forgotten = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let result = rt
+                .commit_local(&inbox_key, &cause, "retention", {
+                    let (keys, forgotten) = (keys.clone(), forgotten.clone());
+                    move |tx| {
+                        let mut ended = Vec::new();
+                        for key in &keys {
+                            if let Some(state) = instance::forget_ended(tx, key)? {
+                                ended.push((key.clone(), state));
+                            }
+                        }
+                        *forgotten.lock().unwrap_or_else(|p| p.into_inner()) = ended;
+                        Ok(crate::component::Decision::default())
+                    }
+                })
+                .await;
+            match result {
+                Ok(Committed::Written { .. }) => {
+                    let ended =
+                        std::mem::take(&mut *forgotten.lock().unwrap_or_else(|p| p.into_inner()));
+                    for (key, state) in &ended {
+                        if let Some((_, saga, _)) = instance::parse_ended_key(key) {
+                            saga_counts::forget(&saga, state, 1);
+                        }
+                    }
+                    tracing::debug!(
+                        context = rt.context,
+                        removed = ended.len(),
+                        "ended saga instances removed after their retention"
+                    );
+                }
+                Ok(Committed::Duplicate) => break,
+                Err(e) => {
+                    tracing::warn!(context = rt.context, error = %e, "retention failed; retried");
+                    break;
+                }
+            }
+            if keys.len() < BATCH {
+                break;
+            }
         }
     }
 }

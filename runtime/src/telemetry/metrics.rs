@@ -210,14 +210,17 @@ pub static SAGA_DEADLINE_LATENESS: LazyLock<HistogramVec> = LazyLock::new(|| {
     )
 });
 
-/// Circuit breaker state per external system: 0 closed, 1 open, 2 half-open.
+/// Circuit breaker state per external system: one series per state, 1 for the current one.
 pub static BREAKER_STATE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauge(
         "choreo_breaker_state",
-        "Circuit breaker state per external system: 0 closed, 1 open, 2 half-open.",
-        &["system"],
+        "Circuit breaker state per external system: 1 for the current state (closed, open, half_open), 0 for the others.",
+        &["system", "state"],
     )
 });
+
+/// The states of `choreo_breaker_state` and `choreo_breaker_transitions_total`.
+pub const BREAKER_STATES: [&str; 3] = ["closed", "open", "half_open"];
 
 /// Circuit breaker transitions.
 pub static BREAKER_TRANSITIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -261,6 +264,42 @@ pub static CONSUMER_ACK_PENDING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
         "choreo_consumer_ack_pending_messages",
         "Messages delivered to the durable consumer and not yet acked (in handling or queued).",
         &["context", "consumer"],
+    )
+});
+
+/// Messages a durable consumer of this node never handled, by why: `removed` (gone from the
+/// stream before it acked them: an upper bound, see `wire::streams`), `max_deliveries` (the
+/// server stopped redelivering; the message is dead-lettered).
+pub static CONSUMER_MISSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_consumer_missed_messages_total",
+        "Messages a durable consumer never handled, by reason (removed: gone from the stream before it acked them, counted as the sequences removed above its ack floor; max_deliveries: the server gave up redelivering, the message is dead-lettered).",
+        &["context", "consumer", "reason"],
+    )
+});
+
+/// How full each stream the node uses is (bytes over its limit).
+pub static STREAM_FILL: LazyLock<prometheus::GaugeVec> = LazyLock::new(|| {
+    let g = prometheus::GaugeVec::new(
+        Opts::new(
+            "choreo_stream_fill_ratio",
+            "Bytes stored in a stream over its max_bytes (0 to 1); at 1 the stream refuses new messages and publishers wait.",
+        ),
+        &["stream"],
+    )
+    .expect("valid metric");
+    REGISTRY
+        .register(Box::new(g.clone()))
+        .expect("unique metric");
+    g
+});
+
+/// Old messages removed from a stream once every durable consumer had acked them.
+pub static STREAM_TRIMMED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_stream_trimmed_messages_total",
+        "Messages removed from a stream by this node once every durable consumer had acked them (history over the stream's history share).",
+        &["stream"],
     )
 });
 
@@ -367,6 +406,9 @@ pub fn init() {
     LazyLock::force(&SUPERVISOR_GIVEN_UP);
     LazyLock::force(&CONSUMER_PENDING);
     LazyLock::force(&CONSUMER_ACK_PENDING);
+    LazyLock::force(&CONSUMER_MISSED);
+    LazyLock::force(&STREAM_FILL);
+    LazyLock::force(&STREAM_TRIMMED);
     LazyLock::force(&PUBLISHED);
     LazyLock::force(&PUBLISHED_AMOUNT);
     LazyLock::force(&SAGA_INSTANCES);

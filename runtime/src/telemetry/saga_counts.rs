@@ -88,7 +88,7 @@ pub fn reset(saga: &'static str, instances: impl IntoIterator<Item = Counted>) {
 }
 
 /// Forgets terminal instances removed from the store (retention), `n` of them in `state`.
-pub fn forget(saga: &'static str, state: &str, n: i64) {
+pub fn forget(saga: &str, state: &str, n: i64) {
     if let Some(c) = counts().get_mut(saga) {
         *c.by_state.entry(state.to_string()).or_default() -= n;
     }

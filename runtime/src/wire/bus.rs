@@ -96,7 +96,7 @@ impl Bus {
                 } else {
                     stream::StorageType::Memory
                 },
-                discard: stream::DiscardPolicy::Old,
+                discard: stream::DiscardPolicy::New,
                 num_replicas: 1,
                 ..Default::default()
             },
@@ -115,6 +115,7 @@ impl Bus {
                 max_bytes: spec.max_bytes,
                 max_message_size: spec.max_message_size + 4096,
                 storage: stream::StorageType::File,
+                discard: stream::DiscardPolicy::New,
                 num_replicas: 1,
                 ..Default::default()
             },
@@ -126,12 +127,28 @@ impl Bus {
     /// server still starting, or recovering a large store after a restart, or too busy to
     /// answer in time) it tries again every [`STREAM_RETRY_EVERY`] for up to
     /// [`STREAM_SETUP_WAIT`]; a refusal by the server (a conflicting stream, no storage
-    /// left) fails at once with the server's reason.
+    /// left) fails at once with the server's reason. An existing stream that discards old
+    /// messages when full is switched to refusing new ones (see [`StreamSpec`]).
     async fn ensure_stream(&self, what: String, config: stream::Config) -> Result<(), BusError> {
         let deadline = tokio::time::Instant::now() + STREAM_SETUP_WAIT;
         loop {
             match self.js.get_or_create_stream(config.clone()).await {
-                Ok(_) => return Ok(()),
+                Ok(mut existing) => {
+                    let current = existing.cached_info().config.clone();
+                    if current.discard != config.discard {
+                        let updated = stream::Config {
+                            discard: config.discard,
+                            ..current
+                        };
+                        self.js
+                            .update_stream(updated)
+                            .await
+                            .map_err(|e| js_err(format!("{what}: set its discard policy"), e))?;
+                        tracing::warn!(stream = %config.name, "stream switched to refuse new messages when full instead of discarding old ones");
+                    }
+                    let _ = existing.info().await;
+                    return Ok(());
+                }
                 Err(e) if not_answered(&e) && tokio::time::Instant::now() < deadline => {
                     tracing::warn!(stream = %config.name, error = %e, "JetStream did not answer; retrying");
                     tokio::time::sleep(STREAM_RETRY_EVERY).await;
@@ -155,9 +172,9 @@ impl Bus {
             .get_stream(subjects::stream(source))
             .await
             .map_err(|e| js_err(format!("get stream of {source}"), e))?;
-        // Redeliveries after an ack timeout (a crashed or stalled node) wait ack_wait, then
-        // twice that. Failures the handler sees are naked with their own delay instead.
-        let ack_wait = spec.ack_wait;
+        // No back-off list: with one, the server adds its steps to every nak's own delay (a
+        // message naked for 5 s on its second delivery came back after 35 s). Redelivery
+        // after a crash comes from `redeliver_unacked` at start, after a stall from ack_wait.
         stream
             .get_or_create_consumer(
                 durable,
@@ -165,9 +182,8 @@ impl Bus {
                     durable_name: Some(durable.to_string()),
                     filter_subjects: filters,
                     ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait,
+                    ack_wait: spec.ack_wait,
                     max_deliver: spec.max_deliver,
-                    backoff: vec![ack_wait, ack_wait * 2],
                     max_ack_pending: spec.max_ack_pending,
                     deliver_policy: consumer::DeliverPolicy::All,
                     ..Default::default()
@@ -175,6 +191,23 @@ impl Bus {
             )
             .await
             .map_err(|e| js_err(format!("create consumer {durable}"), e))
+    }
+
+    /// Makes the durable consumer `durable` on the stream of `source` deliver again, now,
+    /// every message it has not acked (delivery starts over from its ack floor). A node that
+    /// starts does this once per consumer: what a previous run of it had in flight (killed,
+    /// say) comes back at once instead of after `ack_wait`. Needs nats-server 2.14.
+    pub async fn redeliver_unacked(&self, source: &str, durable: &str) -> Result<(), BusError> {
+        let stream = self
+            .js
+            .get_stream(subjects::stream(source))
+            .await
+            .map_err(|e| js_err(format!("get stream of {source}"), e))?;
+        stream
+            .reset_consumer(durable, None)
+            .await
+            .map_err(|e| js_err(format!("reset consumer {durable}"), e))?;
+        Ok(())
     }
 
     /// Publishes an envelope and its payload, with `Nats-Msg-Id`, and waits for the ack.
@@ -196,9 +229,13 @@ impl Bus {
     }
 
     /// Sends a message to the dead-letter stream with its reason, keeping its original
-    /// headers and payload, and waits for the ack.
+    /// headers (its `Nats-Msg-Id` moves to `Choreo-Dlq-Msg-Id`) and payload, and waits for
+    /// the ack.
     pub async fn dead_letter(&self, dl: &DeadLetter<'_>) -> Result<(), BusError> {
         let mut h = envelope::headers_without_msg_id(dl.headers);
+        if let Some(id) = dl.headers.and_then(|h| h.get(headers::NATS_MSG_ID)) {
+            h.insert(headers::DLQ_MSG_ID, id.as_str());
+        }
         h.insert(headers::DLQ_REASON, one_line(dl.reason).as_str());
         h.insert(headers::DLQ_CONSUMER, dl.consumer);
         h.insert(headers::DLQ_SUBJECT, dl.subject);
@@ -219,7 +256,10 @@ impl Bus {
     }
 }
 
-/// The limits a stream is created with.
+/// The limits a stream is created with. A full stream refuses new messages (a publisher
+/// retries: backpressure) rather than discarding the oldest, which a consumer may not have
+/// read yet; history that every durable consumer has acked is removed by
+/// [`Bus::trim_acked`]. `max_age` (zero: none) removes old messages whatever their state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamSpec {
     pub max_age: Duration,

@@ -30,6 +30,26 @@ pub mod headers {
     pub const DLQ_SUBJECT: &str = "Choreo-Dlq-Subject";
     /// Set on dead letters: how many times it was delivered.
     pub const DLQ_DELIVERED: &str = "Choreo-Dlq-Delivered";
+    /// Set on dead letters: the message's own `Nats-Msg-Id`, if it had one (the dead letter
+    /// gets one of its own, so that a retried dead-lettering is stored once).
+    pub const DLQ_MSG_ID: &str = "Choreo-Dlq-Msg-Id";
+}
+
+/// A message's size as the size limit counts it: the payload plus every header's name and
+/// value (what a client sends; not the protocol's framing around them).
+pub fn message_size(headers: Option<&HeaderMap>, payload: &[u8]) -> usize {
+    let headers: usize = headers
+        .iter()
+        .flat_map(|h| h.iter())
+        .map(|(name, values)| {
+            let name: &str = name.as_ref();
+            values
+                .iter()
+                .map(|v| name.len() + v.as_str().len())
+                .sum::<usize>()
+        })
+        .sum();
+    payload.len() + headers
 }
 
 /// The schema version this build writes.
@@ -289,6 +309,17 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_size_limit_counts_payload_and_header_names_and_values() {
+        let mut h = HeaderMap::new();
+        h.insert("Choreo-Id", "abc");
+        h.append("X-Two", "1");
+        h.append("X-Two", "22");
+        // 9 + 3, then 5 + 1 and 5 + 2, plus a 4-byte payload.
+        assert_eq!(message_size(Some(&h), b"{}{}"), 12 + 6 + 7 + 4);
+        assert_eq!(message_size(None, b"{}"), 2);
+    }
 
     #[test]
     fn headers_round_trip() {

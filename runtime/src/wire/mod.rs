@@ -1,6 +1,6 @@
 //! The wire: what travels on NATS and how. The envelope and its headers, the subject and
-//! stream layout, the connection with its streams, consumers and publishing, and requests
-//! to external systems.
+//! stream layout, the connection with its streams, consumers and publishing, the state of
+//! streams and their consumers, and requests to external systems.
 //!
 //! Architecture invariant: only this room knows the wire format; components see typed
 //! inputs and return `Outgoing` values.
@@ -8,4 +8,5 @@
 pub mod bus;
 pub mod envelope;
 pub mod external;
+pub mod streams;
 pub mod subjects;
