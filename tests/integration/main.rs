@@ -2,7 +2,6 @@
 //! files. Each test starts its own server on a free port.
 
 mod bad_input;
-mod bench;
 mod cli;
 mod crash;
 mod duplicates;
