@@ -34,11 +34,12 @@ prometheus:
 	prometheus --config.file=dashboards/prometheus.yml --storage.tsdb.path=.choreo/prometheus \
 		--web.listen-address=127.0.0.1:9090
 
-# The benchmark: every context in its own process, max throughput and fixed rates, both
-# nats-server sync settings; JSON in bench/latest.json, compared with bench/baseline.json.
+# The benchmark (the `choreo-bench` package in bench/): every context in its own process,
+# max throughput and fixed rates, both nats-server sync settings; JSON in bench/latest.json,
+# compared with bench/baseline.json. It starts the shop with the `choreo` binary next to it.
 bench: setup
-	$(CARGO) build --release --locked
-	./target/release/choreo bench --out bench/latest.json $(if $(wildcard bench/baseline.json),--baseline bench/baseline.json) $(ARGS)
+	$(CARGO) build --release --locked --workspace --bins
+	./target/release/choreo-bench --out bench/latest.json $(if $(wildcard bench/baseline.json),--baseline bench/baseline.json) $(ARGS)
 
 # The full chaos matrix (every scenario, for each seed in SEEDS); the default test command
 # runs the short one. Summary table printed, JSON in chaos/summary.json.

@@ -11,7 +11,7 @@ Columns per group (process, thread name with its trailing digits folded):
   slices/s        times its threads were put on a CPU;
   wait us/slice   the mean wait before each of those.
 
-Usage: python3 bench/ctxsw.py [seconds]   (while `choreo bench` runs; bench/PROFILE.md)
+Usage: python3 bench/ctxsw.py [seconds]   (while `choreo-bench` runs; bench/PROFILE.md)
 """
 import collections
 import os
@@ -30,6 +30,8 @@ def process_name(pid):
     exe = os.path.basename(cmd[0])
     if exe == "nats-server":
         return "nats-server"
+    if exe == "choreo-bench":
+        return "bench"
     if exe == "choreo" and len(cmd) > 1:
         if cmd[1] == "node" and "--context" in cmd:
             return cmd[cmd.index("--context") + 1]

@@ -13,7 +13,7 @@ use runtime::node::Exit;
 const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
 
 /// mimalloc instead of glibc malloc: in the profile of the orders node at full load,
-/// malloc, free and `malloc_consolidate` took about a fifth of its CPU (README, Benchmark).
+/// malloc, free and `malloc_consolidate` took about a fifth of its CPU (bench/PROFILE.md).
 /// Built without transparent huge pages (`no_thp`): with them idle RSS was 55 MiB a node.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -71,9 +71,6 @@ enum Cmd {
         #[command(subcommand)]
         command: DlqCmd,
     },
-    /// Benchmark the whole shop: max throughput and fixed rates, latency (end to end and by
-    /// stage), CPU, memory, and the host it ran on (a probe, busy and stolen CPU).
-    Bench(BenchArgs),
     /// Fault injection in running nodes (their config must set `[faults] enabled = true`).
     Chaos {
         #[command(subcommand)]
@@ -167,44 +164,6 @@ enum FaultActionArg {
     Delay,
     Drop,
     Panic,
-}
-
-#[derive(Args)]
-struct BenchArgs {
-    /// Working directory (server stores, node data, logs); wiped per run.
-    #[arg(long, default_value = ".choreo/bench")]
-    dir: PathBuf,
-    /// Seconds of the as-fast-as-possible phase.
-    #[arg(long, default_value_t = 60)]
-    max_seconds: u64,
-    /// Orders in flight during the as-fast-as-possible phase.
-    #[arg(long, default_value_t = 256)]
-    concurrency: usize,
-    /// Fixed rates in orders per second, comma-separated.
-    #[arg(long, default_value = "100,250,500", value_delimiter = ',')]
-    rates: Vec<f64>,
-    /// Seconds of each fixed-rate phase.
-    #[arg(long, default_value_t = 20)]
-    rate_seconds: u64,
-    /// nats-server sync settings to run with: default, always (comma-separated).
-    #[arg(long, default_value = "default,always", value_delimiter = ',')]
-    sync: Vec<String>,
-    /// Where to write the JSON report.
-    #[arg(long, default_value = "bench/latest.json")]
-    out: PathBuf,
-    /// A previous report to compare with (ratios printed and stored).
-    #[arg(long)]
-    baseline: Option<PathBuf>,
-    /// Start each fixed-rate phase right after the previous one. By default it waits until
-    /// the previous phase's message ids have left nats-server's duplicate window and the
-    /// page cache is written back (`sync`), so each phase measures its own rate.
-    #[arg(long)]
-    no_settle: bool,
-    /// Contexts one node process hosts, comma-separated; repeat for each process. Together
-    /// they must name every context once. Default: each context in its own process, as the
-    /// targets in the README are stated.
-    #[arg(long = "node", value_name = "CONTEXTS")]
-    nodes: Vec<String>,
 }
 
 #[derive(Args, Clone, Default)]
@@ -495,8 +454,8 @@ fn init_tracing(default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("CHOREO_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let json = std::env::var("CHOREO_LOG_FORMAT").is_ok_and(|v| v == "json");
-    // Colours only on a terminal: nodes started by `demo`/`bench`/the tests log to files,
-    // where escape codes are noise (and formatting them cost ~1% of a busy node).
+    // Colours only on a terminal: nodes started by the demo, the bench and the tests log to
+    // files, where escape codes are noise (and formatting them cost ~1% of a busy node).
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -605,50 +564,6 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(report.violations() == 0)
         }),
         Cmd::Saga { command } => run_saga(command),
-        Cmd::Bench(a) => {
-            let sync_modes = a
-                .sync
-                .iter()
-                .map(|s| match s.as_str() {
-                    "default" => Ok(false),
-                    "always" => Ok(true),
-                    other => Err(anyhow::anyhow!(
-                        "--sync takes default and/or always, not {other:?}"
-                    )),
-                })
-                .collect::<anyhow::Result<Vec<bool>>>()?;
-            anyhow::ensure!(a.rates.iter().all(|r| *r > 0.0), "--rates must be positive");
-            let nodes = if a.nodes.is_empty() {
-                choreo::bench::separate_nodes()
-            } else {
-                a.nodes
-            };
-            choreo::bench::check_nodes(&nodes)?;
-            let cfg = choreo::bench::BenchConfig {
-                dir: a.dir,
-                max_seconds: a.max_seconds,
-                concurrency: a.concurrency,
-                rates: a.rates,
-                rate_seconds: a.rate_seconds,
-                sync_modes,
-                settle: !a.no_settle,
-                nodes,
-            };
-            tokio_rt()?.block_on(async {
-                let mut report = choreo::bench::run(&cfg, |line| println!("{line}")).await?;
-                if let Some(b) = &a.baseline {
-                    choreo::bench::compare(&mut report, b)?;
-                }
-                if let Some(dir) = a.out.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                std::fs::write(&a.out, serde_json::to_string_pretty(&report)?)?;
-                println!();
-                choreo::bench::print(&report);
-                println!("report: {}", a.out.display());
-                Ok(true)
-            })
-        }
         Cmd::Streams { nats, json } => tokio_rt()?.block_on(async {
             let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
             let streams = choreo::streams::list(&bus).await?;

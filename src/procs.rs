@@ -1,4 +1,4 @@
-//! Child processes: nats-server and `choreo` nodes, for `choreo demo`, `choreo bench` and
+//! Child processes: nats-server and `choreo` nodes, for `choreo demo`, `choreo-bench` and
 //! the black-box tests. Every child is killed when its guard drops, so a failing test or a
 //! Ctrl-C leaves nothing running.
 

@@ -266,8 +266,10 @@ impl Shop {
     }
 }
 
+/// The `choreo` binary that nodes and simulators run: this executable if it is `choreo`,
+/// else `$CHOREO_BIN`, else a `choreo` next to this executable (`choreo-bench` in
+/// `target/<profile>/`) or one directory up (test binaries in `target/<profile>/deps/`).
 fn exe() -> anyhow::Result<PathBuf> {
-    // Tests run from target/debug/deps: the binary is one level up.
     let me = std::env::current_exe().context("locate the choreo binary")?;
     if me.file_name().is_some_and(|n| n == "choreo") {
         return Ok(me);
@@ -275,15 +277,15 @@ fn exe() -> anyhow::Result<PathBuf> {
     if let Ok(p) = std::env::var("CHOREO_BIN") {
         return Ok(PathBuf::from(p));
     }
-    let dir = me
-        .parent()
-        .and_then(|d| d.parent())
-        .context("no parent directory")?;
-    let candidate = dir.join("choreo");
-    anyhow::ensure!(
-        candidate.is_file(),
-        "choreo binary not found next to {}; set CHOREO_BIN",
-        me.display()
-    );
-    Ok(candidate)
+    me.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("choreo"))
+        .find(|candidate| candidate.is_file())
+        .with_context(|| {
+            format!(
+                "choreo binary not found next to {} or one directory up; set CHOREO_BIN",
+                me.display()
+            )
+        })
 }

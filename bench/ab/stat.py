@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Means and standard deviations of interleaved `choreo bench` runs, per binary.
+"""Means and standard deviations of interleaved `choreo-bench` runs, per binary.
 
 usage: python3 bench/ab/stat.py 'bench/ab/relay-in-memory/*.json'
 
 Files are named `<anything>-<binary>.json` (the last `-`-separated part names the binary).
 CPU per order is per node: its CPU seconds in the phase over the orders that ended in it;
 "node processes" adds up every choreo node, so runs with contexts hosted together
-(`choreo bench --node ...`) compare with runs of one process per context.
+(`choreo-bench --node ...`) compare with runs of one process per context.
 """
 import collections
 import glob

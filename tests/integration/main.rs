@@ -3,7 +3,6 @@
 
 mod backpressure;
 mod bad_input;
-mod bench;
 mod cli;
 mod crash;
 mod duplicates;

@@ -1,10 +1,15 @@
-//! `choreo bench` end to end, kept short: the whole shop in separate processes, one short
+//! `choreo-bench` end to end, kept short: the whole shop in separate processes, one short
 //! phase of each kind, the JSON report read back. (Its numbers are measured, not asserted:
 //! performance targets live in the benchmark itself.)
+//!
+//! The bench starts the shop with the `choreo` binary next to its own, so this test needs
+//! it built in the same profile: `cargo test --workspace` builds every binary of the
+//! workspace; for this package alone, `cargo build --bin choreo` first.
 
+use std::path::Path;
 use std::process::Command;
 
-use choreo::bench::Report;
+use choreo_bench::report::Report;
 
 fn cores() -> f64 {
     std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
@@ -14,14 +19,21 @@ fn cores() -> f64 {
 fn bench_reports_every_phase_and_the_stages_of_the_fixed_rate_one() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("report.json");
-    let run = Command::new(env!("CARGO_BIN_EXE_choreo"))
-        .args(["bench", "--dir"])
+    let bench = Path::new(env!("CARGO_BIN_EXE_choreo-bench"));
+    let choreo = bench.with_file_name("choreo");
+    assert!(
+        choreo.is_file() || std::env::var_os("CHOREO_BIN").is_some(),
+        "no {}: build it (`cargo build --bin choreo`) or set CHOREO_BIN",
+        choreo.display()
+    );
+    let run = Command::new(bench)
+        .arg("--dir")
         .arg(dir.path().join("work"))
         .args(["--max-seconds", "2", "--concurrency", "32", "--rates", "40"])
         .args(["--rate-seconds", "3", "--sync", "default", "--out"])
         .arg(&out)
         .output()
-        .expect("run choreo bench");
+        .expect("run choreo-bench");
     let text =
         String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{text}");

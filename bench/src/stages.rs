@@ -1,4 +1,4 @@
-//! Where an order's time goes, stage by stage: `choreo bench` reads back every message a
+//! Where an order's time goes, stage by stage: the bench reads back every message a
 //! fixed-rate phase stored and splits the time between two timestamps each message carries
 //! (no extra instrumentation in the nodes):
 //! - the envelope's `Choreo-Occurred-At` (ms), set when the handler decided to send it;
@@ -11,10 +11,11 @@
 //! took longest on their causal chain (terminal event back to `PlaceOrder`), so a tail can
 //! be told from a slow stage. `Occurred-At` has millisecond resolution; so do these figures.
 //!
-//! A message handed over in memory by same-node delivery (`runtime::local`) can be decided
-//! before its cause is stored: such a message is counted as `in_node`, its "from cause" is
-//! measured from the cause's decision instead, and on the causal chain the cause's way to
-//! its stream is off the path (the stage shows as "from X in node").
+//! A message handled in the node before its cause reached its stream (a context's message
+//! to itself, handled in the transaction that wrote it: `runtime::pipeline::chain`) is
+//! decided before its cause is stored: such a message is counted as `in_node`, its "from
+//! cause" is measured from the cause's decision instead, and on the causal chain the cause's
+//! way to its stream is off the path (the stage shows as "from X in node").
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -22,9 +23,9 @@ use anyhow::Context;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use crate::client::stream_tip;
-use crate::load::quantile;
 use async_nats::jetstream::consumer;
+use choreo::client::stream_tip;
+use choreo::load::quantile;
 use runtime::wire::bus::Bus;
 use runtime::wire::envelope::Envelope;
 use runtime::wire::subjects;
@@ -76,7 +77,7 @@ pub struct Stages {
 /// Each context stream's last sequence: what a phase adds comes after it.
 pub async fn mark(bus: &Bus) -> anyhow::Result<BTreeMap<String, u64>> {
     let mut marks = BTreeMap::new();
-    for ctx in crate::contexts::KNOWN {
+    for ctx in choreo::contexts::KNOWN {
         let name = subjects::stream(ctx);
         let (_, last) = stream_tip(bus, &name).await?;
         marks.insert(name, last);

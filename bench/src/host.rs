@@ -3,8 +3,8 @@
 //! of (a fixed amount of CPU work, a thread waking another, a durable write), taken before
 //! the shop starts, and the machine's busy and stolen CPU during each phase.
 //!
-//! On this project's VM the same build has moved by 1.8× in throughput between host builds
-//! and hours of one day (bench/PROFILE.md), which nothing in a bench report showed.
+//! A VM's speed moves between hosts and hours by more than most changes do (measured in
+//! bench/PROFILE.md); these figures tell such a move from a change of the shop.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -31,9 +31,12 @@ pub struct Probe {
     pub fdatasync_ms_p99: f64,
 }
 
-const CPU_ROUNDS: usize = 5;
-const WAKE_ROUNDS: usize = 2_000;
-const SYNC_ROUNDS: usize = 100;
+/// Runs of the CPU loop; the best counts.
+pub const CPU_ROUNDS: usize = 5;
+/// Thread wake-up round trips measured.
+pub const WAKE_ROUNDS: usize = 2_000;
+/// 4 KiB writes with `fdatasync` measured.
+pub const SYNC_ROUNDS: usize = 100;
 
 /// Runs the probe (about half a second on an idle machine); `dir` must exist.
 pub fn probe(dir: &Path) -> std::io::Result<Probe> {
@@ -124,7 +127,7 @@ fn fdatasyncs(dir: &Path, rounds: usize) -> std::io::Result<Vec<f64>> {
 /// `v`.
 fn quantile(v: &mut [f64], q: f64) -> f64 {
     v.sort_by(f64::total_cmp);
-    (crate::load::quantile(v, q) * 100.0).round() / 100.0
+    (choreo::load::quantile(v, q) * 100.0).round() / 100.0
 }
 
 /// The machine's CPU time so far, from `/proc/stat`'s `cpu` line, in clock ticks, and its
