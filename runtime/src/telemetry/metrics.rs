@@ -360,6 +360,32 @@ pub static SAGA_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     )
 });
 
+/// This build: 1, with its version as a label.
+pub static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    let g = gauge(
+        "choreo_build_info",
+        "Always 1; the version of the running build in the version label.",
+        &["version"],
+    );
+    g.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    g
+});
+
+/// Registers the `process_*` metrics of this process, once.
+fn register_process_metrics() {
+    #[cfg(target_os = "linux")]
+    {
+        static REGISTERED: std::sync::Once = std::sync::Once::new();
+        REGISTERED.call_once(|| {
+            REGISTRY
+                .register(Box::new(
+                    prometheus::process_collector::ProcessCollector::for_self(),
+                ))
+                .expect("unique metric");
+        });
+    }
+}
+
 /// Messages handled by a context's consumers so far (for `$SRV.STATS`).
 pub fn handled(context: &str) -> u64 {
     REGISTRY
@@ -385,6 +411,8 @@ pub fn render() -> String {
 
 /// Touches every metric so it is registered before the first scrape.
 pub fn init() {
+    LazyLock::force(&BUILD_INFO);
+    register_process_metrics();
     LazyLock::force(&MESSAGES);
     LazyLock::force(&HANDLER_SECONDS);
     LazyLock::force(&HANDLED_IN_TRANSACTION);
@@ -414,7 +442,45 @@ pub fn init() {
     LazyLock::force(&SAGA_INSTANCES);
     LazyLock::force(&SAGA_OLDEST_ACTIVE_SECONDS);
     LazyLock::force(&SAGA_DURATION);
-
     LazyLock::force(&SAGA_DEADLINES_FIRED);
     LazyLock::force(&SAGA_DEADLINE_LATENESS);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{init, render};
+
+    #[test]
+    fn the_build_and_the_process_are_described() {
+        init();
+        init(); // a second call registers nothing twice
+        let text = render();
+        // The name as a literal of its own: tests/integration/observability.rs takes every
+        // literal of this file that starts with the prefix for a metric name.
+        let build = format!(
+            "{}{{version=\"{}\"}} 1\n",
+            "choreo_build_info",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build), "{text}");
+        #[cfg(target_os = "linux")]
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_virtual_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_start_time_seconds",
+            "process_threads",
+        ] {
+            let value = text
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("{name} missing from {text}"));
+            let value: f64 = value.parse().unwrap();
+            if name != "process_cpu_seconds_total" {
+                assert!(value > 0.0, "{name} = {value}");
+            }
+        }
+    }
 }
