@@ -14,3 +14,4 @@ mod order_flow;
 mod sagas;
 mod startup;
 mod supervision;
+mod verify;
