@@ -11,6 +11,7 @@ mod faults;
 mod harness;
 mod observability;
 mod order_flow;
+mod parent_death;
 mod sagas;
 mod startup;
 mod supervision;
