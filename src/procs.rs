@@ -260,10 +260,10 @@ pub fn find_nats_server() -> anyhow::Result<PathBuf> {
     }
     match too_old {
         Some((c, v)) => bail!(
-            "{} is nats-server {}.{}.{}; Choreo needs 2.12.3 or newer: run `make setup` (scripts/install-nats.sh)",
+            "{} is nats-server {}.{}.{}; Choreo needs 2.12.3 or newer: run `make setup-nats` (scripts/install-nats.sh)",
             c.display(), v.0, v.1, v.2
         ),
-        None => bail!("nats-server not found: run `make setup` (scripts/install-nats.sh) or set CHOREO_NATS_SERVER"),
+        None => bail!("nats-server not found: run `make setup-nats` (scripts/install-nats.sh) or set CHOREO_NATS_SERVER"),
     }
 }
 

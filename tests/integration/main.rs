@@ -13,6 +13,7 @@ mod observability;
 mod order_flow;
 mod parent_death;
 mod sagas;
+mod setup;
 mod startup;
 mod supervision;
 mod verify;
