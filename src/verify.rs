@@ -9,12 +9,14 @@
 //!   captured; per payment captured + voided = authorized;
 //! - stock: per sku added = available + reserved + committed, nothing is reserved once
 //!   no reservation is open, and added = the quantities of the distinct `AddStock`
-//!   commands in the inventory stream (a replayed command applied twice adds twice);
+//!   commands in the inventory stream that were not dead-lettered (a replayed command
+//!   applied twice adds twice);
 //! - once: the gateway and carrier performed each effect at most once per order, and a
 //!   completed order exactly one capture and one dispatch.
 
 use std::collections::{BTreeMap, HashMap};
 
+use bytes::Bytes;
 use runtime::wire::bus::Bus;
 use serde::Serialize;
 use serde_json::Value;
@@ -294,48 +296,199 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
     Ok(r)
 }
 
-/// Per sku, the quantity of the distinct (by `Choreo-Id`) well-formed `AddStock` commands in
-/// the inventory stream; `None` if the stream no longer holds all of them.
+/// One message as stored in a stream: its `Choreo-Id` and `Choreo-Type` headers (empty if
+/// absent), whether its whole envelope reads, and its payload.
+#[derive(Debug, Clone)]
+struct Stored {
+    id: String,
+    msg_type: String,
+    envelope_ok: bool,
+    payload: Bytes,
+}
+
+impl Stored {
+    fn from_message(m: &async_nats::jetstream::Message) -> Stored {
+        use runtime::wire::envelope::{headers, Envelope};
+        let h = m.headers.as_ref();
+        let get = |name: &str| {
+            h.and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_string())
+                .unwrap_or_default()
+        };
+        Stored {
+            id: get(headers::ID),
+            msg_type: get(headers::TYPE),
+            envelope_ok: Envelope::from_headers(h).is_ok(),
+            payload: m.payload.clone(),
+        }
+    }
+}
+
+/// Per sku, the quantity the distinct (by `Choreo-Id`) well-formed `AddStock` commands in
+/// the inventory stream add; `None` if the stream no longer holds all of them.
+///
+/// A command the inventory node dead-lettered (oversized, its type not matching the
+/// subject, a handler's permanent rejection, a failure past the retry budget) had no effect
+/// and does not count: each `AddStock` dead letter in `CHOREO_DLQ` (which keeps the original
+/// `Choreo-Id`, `Choreo-Type` and payload) takes out one stored copy that matches it. A
+/// replayed dead letter is removed from the dead-letter stream and stored again, so its new
+/// copy counts. A dead letter discarded with `choreo dlq discard` leaves no trace here: a
+/// discarded well-formed `AddStock` counts as sent.
 async fn stock_sent(bus: &Bus) -> anyhow::Result<Option<BTreeMap<String, u64>>> {
-    use async_nats::jetstream::consumer;
-    use futures::StreamExt;
-    use runtime::wire::envelope::Envelope;
+    use runtime::wire::envelope::headers;
     use runtime::wire::subjects;
+    let subject = subjects::command(inventory::CONTEXT, "AddStock");
     let mut stream = bus
         .js
         .get_stream(subjects::stream(inventory::CONTEXT))
         .await?;
-    let state = stream.info().await?.state.clone();
-    if state.first_sequence > 1 {
+    if stream.info().await?.state.first_sequence > 1 {
         return Ok(None);
     }
-    let total = state.messages;
-    let subject = subjects::command(inventory::CONTEXT, "AddStock");
+    let sent = read_all(&mut stream, &subject).await?;
+    let mut dead = Vec::new();
+    if let Ok(mut dlq) = bus.js.get_stream(subjects::DLQ_STREAM).await {
+        let context_dlq = subjects::dead_letter(inventory::CONTEXT);
+        for m in read_all_messages(&mut dlq, &context_dlq).await? {
+            let original = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(headers::DLQ_SUBJECT))
+                .is_some_and(|s| s.as_str() == subject);
+            if original {
+                dead.push(Stored::from_message(&m));
+            }
+        }
+    }
+    Ok(Some(distinct_stock(&sent, &dead)))
+}
+
+/// The stored copies in `sent` that count, after each dead letter in `dead` took out the
+/// first copy with its id, type and payload; per sku, the quantities of the distinct
+/// (first by id) well-formed `AddStock` commands among them.
+fn distinct_stock(sent: &[Stored], dead: &[Stored]) -> BTreeMap<String, u64> {
+    let key = |s: &Stored| (s.id.clone(), s.msg_type.clone(), s.payload.clone());
+    let mut dead_left: HashMap<(String, String, Bytes), usize> = HashMap::new();
+    for d in dead {
+        *dead_left.entry(key(d)).or_default() += 1;
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out: BTreeMap<String, u64> = BTreeMap::new();
+    for s in sent {
+        if let Some(n) = dead_left.get_mut(&key(s)).filter(|n| **n > 0) {
+            *n -= 1;
+            continue;
+        }
+        if !s.envelope_ok || s.msg_type != "AddStock" {
+            continue;
+        }
+        let Ok(cmd) = serde_json::from_slice::<inventory::AddStock>(&s.payload) else {
+            continue;
+        };
+        if cmd.qty > 0 && !cmd.sku.trim().is_empty() && seen.insert(s.id.clone()) {
+            *out.entry(cmd.sku).or_default() += cmd.qty;
+        }
+    }
+    out
+}
+
+/// Every message of `stream` on `subject`, oldest first, as [`Stored`].
+async fn read_all(
+    stream: &mut async_nats::jetstream::stream::Stream,
+    subject: &str,
+) -> anyhow::Result<Vec<Stored>> {
+    Ok(read_all_messages(stream, subject)
+        .await?
+        .iter()
+        .map(Stored::from_message)
+        .collect())
+}
+
+/// Every message of `stream` on `subject`, oldest first.
+async fn read_all_messages(
+    stream: &mut async_nats::jetstream::stream::Stream,
+    subject: &str,
+) -> anyhow::Result<Vec<async_nats::jetstream::Message>> {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt;
+    if stream.info().await?.state.messages == 0 {
+        return Ok(Vec::new());
+    }
     let c = stream
         .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: subject,
+            filter_subject: subject.to_string(),
             deliver_policy: consumer::DeliverPolicy::All,
             ..Default::default()
         })
         .await?;
     let mut msgs = c.messages().await?;
-    let mut seen = std::collections::HashSet::new();
-    let mut out: BTreeMap<String, u64> = BTreeMap::new();
+    let mut out = Vec::new();
     loop {
         let next = tokio::time::timeout(std::time::Duration::from_millis(500), msgs.next()).await;
         let Ok(Some(Ok(m))) = next else { break };
         let last = m.info().is_ok_and(|i| i.pending == 0);
-        if let (Ok(env), Ok(cmd)) = (
-            Envelope::from_headers(m.headers.as_ref()),
-            serde_json::from_slice::<inventory::AddStock>(&m.payload),
-        ) {
-            if cmd.qty > 0 && !cmd.sku.trim().is_empty() && seen.insert(env.id) {
-                *out.entry(cmd.sku).or_default() += cmd.qty;
-            }
-        }
-        if last || total == 0 {
+        out.push(m);
+        if last {
             break;
         }
     }
-    Ok(Some(out))
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn add(id: &str, msg_type: &str, sku: &str, qty: u64) -> Stored {
+        Stored {
+            id: id.into(),
+            msg_type: msg_type.into(),
+            envelope_ok: true,
+            payload: Bytes::from(serde_json::json!({ "sku": sku, "qty": qty }).to_string()),
+        }
+    }
+
+    #[test]
+    fn distinct_commands_count_once_each() {
+        let sent = [add("a", "AddStock", "s", 2), add("a", "AddStock", "s", 2)];
+        let got = distinct_stock(&sent, &[]);
+        assert_eq!(got.get("s"), Some(&2));
+    }
+
+    #[test]
+    fn a_dead_lettered_copy_does_not_count() {
+        let valid = add("a", "AddStock", "s", 1);
+        let oversized = add("b", "AddStock", "s", 7);
+        let sent = [valid.clone(), oversized.clone()];
+        assert_eq!(distinct_stock(&sent, &[oversized]).get("s"), Some(&1));
+    }
+
+    #[test]
+    fn a_type_not_matching_the_subject_does_not_count() {
+        let sent = [
+            add("a", "AddStock", "s", 1),
+            add("b", "CommitStock", "s", 5),
+        ];
+        assert_eq!(distinct_stock(&sent, &[]).get("s"), Some(&1));
+    }
+
+    #[test]
+    fn a_replayed_dead_letter_counts_once() {
+        // Stored, dead-lettered, replayed: the dead letter is gone and a second copy is
+        // stored; the command counts once.
+        let once = add("a", "AddStock", "s", 3);
+        let sent = [once.clone(), once.clone()];
+        assert_eq!(distinct_stock(&sent, &[]).get("s"), Some(&3));
+        // Not replayed yet: one stored copy, its dead letter; nothing counts.
+        assert_eq!(distinct_stock(&sent[..1], &[once]).get("s"), None);
+    }
+
+    #[test]
+    fn a_dead_letter_takes_out_one_copy_only() {
+        // The same command stored twice (outside the duplicate window), one copy
+        // dead-lettered after its retry budget, the other handled: it counts.
+        let twice = add("a", "AddStock", "s", 4);
+        let sent = [twice.clone(), twice.clone()];
+        assert_eq!(distinct_stock(&sent, &[twice]).get("s"), Some(&4));
+    }
 }

@@ -4,10 +4,8 @@
 use std::process::Command;
 
 fn choreo(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_choreo"))
-        .args(args)
-        .output()
-        .expect("run choreo");
+    let bin = std::env::var("CHOREO_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_choreo").into());
+    let out = Command::new(bin).args(args).output().expect("run choreo");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -77,12 +75,52 @@ fn bad_arguments_are_refused() {
     assert!(out.contains("no --node hosts customers, shipping"), "{out}");
 }
 
+/// A refused connection is retried, and says so while it waits.
 #[test]
 fn unreachable_nats_is_a_clear_error() {
     let (code, out) = choreo(&["orders", "show", "o1", "--nats", "nats://127.0.0.1:1"]);
     assert_eq!(code, 2, "{out}");
     assert!(
         out.contains("cannot connect to NATS at nats://127.0.0.1:1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("NATS at nats://127.0.0.1:1 refused the connection; retrying for"),
+        "{out}"
+    );
+}
+
+/// A URL that cannot work fails at once, naming the URL, from the CLI and from a node.
+#[test]
+fn a_bad_nats_url_fails_at_once() {
+    let within = std::time::Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    let (code, out) = choreo(&["verify", "--nats", "foo://bar"]);
+    assert!(started.elapsed() < within, "{:?}: {out}", started.elapsed());
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("cannot connect to NATS at foo://bar: not a NATS URL"),
+        "{out}"
+    );
+    assert!(!out.contains("retrying"), "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = format!("127.0.0.1:{}", choreo::procs::free_port());
+    let started = std::time::Instant::now();
+    let (code, out) = choreo(&[
+        "node",
+        "--context",
+        "inventory",
+        "--nats",
+        "foo://bar",
+        "--data",
+        dir.path().to_str().unwrap(),
+        "--metrics",
+        &metrics,
+    ]);
+    assert!(started.elapsed() < within, "{:?}: {out}", started.elapsed());
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("cannot connect to NATS at foo://bar: not a NATS URL"),
         "{out}"
     );
 }

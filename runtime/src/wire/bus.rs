@@ -52,26 +52,50 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Connects, retrying the initial connection for up to `wait`.
+    /// Connects. A failure that may pass (refused, no answer in time, a host name not
+    /// resolved, another I/O error) is retried every 200 ms for up to `wait`, and logged as
+    /// a warning with the URL and the reason (at the first failure, then every 5 s); one
+    /// that cannot (not a NATS URL, TLS, credentials refused) fails at once.
     pub async fn connect(url: &str, name: &str, wait: Duration) -> Result<Self, BusError> {
-        let deadline = tokio::time::Instant::now() + wait;
+        use super::connect::{classify, secs, Failure, RetryLog, RETRY_EVERY};
+        const TIMEOUT: Duration = Duration::from_secs(2);
+        let started = tokio::time::Instant::now();
+        let deadline = started + wait;
+        let mut log = RetryLog::default();
+        let failed = |message: String| BusError::Connect {
+            url: url.to_string(),
+            message,
+        };
         loop {
             let opts = async_nats::ConnectOptions::new()
                 .name(name)
-                .connection_timeout(Duration::from_secs(2))
+                .connection_timeout(TIMEOUT)
                 .request_timeout(Some(Duration::from_secs(10)));
-            match opts.connect(url).await {
+            let e = match opts.connect(url).await {
                 Ok(client) => {
+                    if log.logged() {
+                        let after = secs(started.elapsed());
+                        tracing::info!("connected to NATS at {url} after {after}");
+                    }
                     let js = jetstream::new(client.clone());
                     return Ok(Bus { client, js });
                 }
-                Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(BusError::Connect {
-                        url: url.to_string(),
-                        message: e.to_string(),
-                    })
+                Err(e) => e,
+            };
+            let now = tokio::time::Instant::now();
+            match classify(&e, TIMEOUT) {
+                Failure::Permanent(why) => return Err(failed(why)),
+                Failure::Transient(why) if now >= deadline => {
+                    return Err(failed(format!("{why} (retried for {})", secs(wait))))
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Failure::Transient(why) => {
+                    let left = deadline - now;
+                    if log.due(now.into_std(), &why) {
+                        let left = secs(left);
+                        tracing::warn!("NATS at {url} {why}; retrying for {left}");
+                    }
+                    tokio::time::sleep(RETRY_EVERY.min(left)).await;
+                }
             }
         }
     }

@@ -6,6 +6,7 @@
 //! inputs and return `Outgoing` values.
 
 pub mod bus;
+mod connect;
 pub mod envelope;
 pub mod external;
 pub mod streams;
