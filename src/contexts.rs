@@ -191,7 +191,11 @@ mod tests {
         let mut bad = NodeConfig::default();
         bad.sagas.insert(
             "order-fulfilment".into(),
-            [("awaiting".to_string(), 5u64)].into(),
+            [(
+                "awaiting_ms".to_string(),
+                runtime::config::duration::Setting::Count(5),
+            )]
+            .into(),
         );
         assert!(build("orders", &bad).err().unwrap().contains("unknown key"));
     }

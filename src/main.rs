@@ -83,9 +83,9 @@ enum Cmd {
         /// Share of requests that fail (0.0 to 1.0).
         #[arg(long, value_parser = rate)]
         failure_rate: Option<f64>,
-        /// Added latency of each reply, in milliseconds.
-        #[arg(long)]
-        latency_ms: Option<u64>,
+        /// Added latency of each reply (e.g. 2s, 500ms).
+        #[arg(long, value_parser = duration)]
+        latency: Option<Duration>,
         #[command(flatten)]
         nats: NatsArg,
     },
@@ -131,12 +131,12 @@ struct InjectArgs {
     /// Fire at most this many times.
     #[arg(long)]
     times: Option<u64>,
-    /// Remove the rule after this many milliseconds.
-    #[arg(long)]
-    duration_ms: Option<u64>,
-    /// Delay of `--action delay`, in milliseconds.
-    #[arg(long, default_value_t = 0)]
-    delay_ms: u64,
+    /// Remove the rule after this long (e.g. 10s).
+    #[arg(long, value_parser = duration)]
+    duration: Option<Duration>,
+    /// Delay of `--action delay` (e.g. 500ms).
+    #[arg(long, value_parser = duration, default_value = "0s")]
+    delay: Duration,
     /// Only messages of this type (a deadline's name at deadline-fire).
     #[arg(long = "type")]
     msg_type: Option<String>,
@@ -280,8 +280,9 @@ enum SagaCmd {
     },
 }
 
+/// A duration on the command line, as in the config: `500ms`, `30s`, `5m`, `1h30m`.
 fn duration(s: &str) -> Result<Duration, String> {
-    choreo::saga_cli::parse_duration(s)
+    runtime::config::duration::parse(s)
 }
 
 #[derive(Args, Clone)]
@@ -315,15 +316,15 @@ struct NodeArgs {
 struct SimArgs {
     #[command(flatten)]
     nats: NatsArg,
-    /// Added latency of each payment gateway reply, in milliseconds.
-    #[arg(long, default_value_t = 0)]
-    payment_latency_ms: u64,
+    /// Added latency of each payment gateway reply (e.g. 2s).
+    #[arg(long, value_parser = duration, default_value = "0s")]
+    payment_latency: Duration,
     /// Share of payment gateway requests that fail (0.0 to 1.0).
     #[arg(long, default_value_t = 0.0, value_parser = rate)]
     payment_failure_rate: f64,
-    /// Added latency of each carrier reply, in milliseconds.
-    #[arg(long, default_value_t = 0)]
-    carrier_latency_ms: u64,
+    /// Added latency of each carrier reply (e.g. 2s).
+    #[arg(long, value_parser = duration, default_value = "0s")]
+    carrier_latency: Duration,
     /// Share of carrier requests that fail (0.0 to 1.0).
     #[arg(long, default_value_t = 0.0, value_parser = rate)]
     carrier_failure_rate: f64,
@@ -366,9 +367,9 @@ struct LoadShape {
     /// Percent of orders to an address the carrier refuses (they must be cancelled).
     #[arg(long, default_value_t = 0.0, value_parser = pct)]
     fail_shipping: f64,
-    /// Give up after this many seconds without progress.
-    #[arg(long, default_value_t = 60)]
-    timeout: u64,
+    /// Give up after this long without progress (e.g. 60s, 2m).
+    #[arg(long, value_parser = duration, default_value = "60s")]
+    timeout: Duration,
     /// Seed of the order mix.
     #[arg(long, default_value_t = 7)]
     seed: u64,
@@ -441,7 +442,7 @@ impl LoadShape {
             fail_stock_pct: self.fail_stock,
             fail_payment_pct: self.fail_payment,
             fail_shipping_pct: self.fail_shipping,
-            timeout: Duration::from_secs(self.timeout),
+            timeout: self.timeout,
             max_duration: None,
             seed: self.seed,
         })
@@ -504,9 +505,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             .block_on(async {
                 let bus = choreo::client::connect(&a.nats.url, Duration::from_secs(15)).await?;
                 let cfg = choreo::sim::SimConfig {
-                    payment_latency: Duration::from_millis(a.payment_latency_ms),
+                    payment_latency: a.payment_latency,
                     payment_failure_rate: a.payment_failure_rate,
-                    carrier_latency: Duration::from_millis(a.carrier_latency_ms),
+                    carrier_latency: a.carrier_latency,
                     carrier_failure_rate: a.carrier_failure_rate,
                     seed: a.seed,
                 };
@@ -581,16 +582,18 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Cmd::SimSet {
             system,
             failure_rate,
-            latency_ms,
+            latency,
             nats,
         } => tokio_rt()?.block_on(async {
             anyhow::ensure!(
-                failure_rate.is_some() || latency_ms.is_some(),
-                "give --failure-rate and/or --latency-ms"
+                failure_rate.is_some() || latency.is_some(),
+                "give --failure-rate and/or --latency"
             );
             let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
-            let body =
-                serde_json::json!({ "failure_rate": failure_rate, "latency_ms": latency_ms });
+            let body = serde_json::json!({
+                "failure_rate": failure_rate,
+                "latency_ms": latency.map(|d| d.as_millis() as u64),
+            });
             let v = choreo::client::control_external(&bus, &system, body).await?;
             println!("{v}");
             Ok(true)
@@ -701,12 +704,16 @@ fn run_chaos(cmd: ChaosCmd) -> anyhow::Result<bool> {
                 "point": name(&a.point),
                 "action": name(&a.action),
                 "probability": a.probability,
-                "delay_ms": a.delay_ms,
+                "delay": runtime::config::duration::format(a.delay),
             });
             for (key, value) in [
                 ("msg_type", a.msg_type.map(serde_json::Value::from)),
                 ("times", a.times.map(serde_json::Value::from)),
-                ("duration_ms", a.duration_ms.map(serde_json::Value::from)),
+                (
+                    "duration",
+                    a.duration
+                        .map(|d| serde_json::Value::from(runtime::config::duration::format(d))),
+                ),
             ] {
                 if let Some(v) = value {
                     rule[key] = v;

@@ -15,7 +15,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 /// Oldest nats-server this project runs on (stream-loss fixes; KV with async-nats 0.51).
-pub const MIN_NATS_SERVER: (u32, u32, u32) = (2, 12, 3);
+pub const MIN_NATS_SERVER: (u32, u32, u32) = (2, 14, 0);
 
 /// A running child process; killed (SIGKILL) on drop if still running.
 pub struct Proc {
@@ -233,7 +233,7 @@ fn ephemeral_low() -> Option<u16> {
 
 /// Finds nats-server: `$CHOREO_NATS_SERVER`, then `.tools/venv/bin/nats-server` in the current
 /// directory or any parent of it or of this executable (installed by
-/// `scripts/install-nats.sh`), then `PATH`. Refuses versions older than 2.12.3.
+/// `scripts/install-nats.sh`), then `PATH`. Refuses versions older than 2.14.0 (a starting node asks for its consumers' unacked messages with the consumer reset of 2.14).
 pub fn find_nats_server() -> anyhow::Result<PathBuf> {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Ok(p) = std::env::var("CHOREO_NATS_SERVER") {
@@ -260,7 +260,7 @@ pub fn find_nats_server() -> anyhow::Result<PathBuf> {
     }
     match too_old {
         Some((c, v)) => bail!(
-            "{} is nats-server {}.{}.{}; Choreo needs 2.12.3 or newer: run `make setup-nats` (scripts/install-nats.sh)",
+            "{} is nats-server {}.{}.{}; Choreo needs 2.14.0 or newer: run `make setup-nats` (scripts/install-nats.sh)",
             c.display(), v.0, v.1, v.2
         ),
         None => bail!("nats-server not found: run `make setup-nats` (scripts/install-nats.sh) or set CHOREO_NATS_SERVER"),

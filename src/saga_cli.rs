@@ -2,32 +2,12 @@
 //! requests to the node hosting a saga.
 
 use std::io::Write;
-use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 use runtime::wire::bus::Bus;
 use serde_json::{json, Value};
 
 use crate::client;
-
-/// Parses `500ms`, `30s`, `5m`, `2h`, `1d` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 5m, 2h)"))?;
-    let ms = match unit {
-        "ms" => n,
-        "" | "s" => n * 1_000,
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
-        "d" => n * 86_400_000,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
-    };
-    Ok(Duration::from_millis(ms))
-}
 
 /// The graph of a saga by name, as Mermaid or DOT.
 pub fn graph(name: &str, dot: bool) -> anyhow::Result<String> {
@@ -165,16 +145,6 @@ pub fn retry_body(id: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(parse_duration("12").unwrap(), Duration::from_secs(12));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("5y").is_err());
-    }
 
     #[test]
     fn graph_by_name() {

@@ -21,18 +21,18 @@ struct Cli {
     /// Working directory (server stores, node data, logs); wiped per run.
     #[arg(long, default_value = ".choreo/bench")]
     dir: PathBuf,
-    /// Seconds of the as-fast-as-possible phase.
-    #[arg(long, default_value_t = 60)]
-    max_seconds: u64,
+    /// Length of the as-fast-as-possible phase (e.g. 60s).
+    #[arg(long, value_parser = runtime::config::duration::parse, default_value = "60s")]
+    max_duration: std::time::Duration,
     /// Orders in flight during the as-fast-as-possible phase.
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
     /// Fixed rates in orders per second, comma-separated.
     #[arg(long, default_value = "100,250,500", value_delimiter = ',')]
     rates: Vec<f64>,
-    /// Seconds of each fixed-rate phase.
-    #[arg(long, default_value_t = 20)]
-    rate_seconds: u64,
+    /// Length of each fixed-rate phase (e.g. 20s).
+    #[arg(long, value_parser = runtime::config::duration::parse, default_value = "20s")]
+    rate_duration: std::time::Duration,
     /// nats-server sync settings to run with: default, always (comma-separated).
     #[arg(long, default_value = "default,always", value_delimiter = ',')]
     sync: Vec<String>,
@@ -79,10 +79,10 @@ impl Cli {
         layout::check_nodes(&nodes)?;
         Ok(run::BenchConfig {
             dir: self.dir,
-            max_seconds: self.max_seconds,
+            max_seconds: self.max_duration.as_secs(),
             concurrency: self.concurrency,
             rates: self.rates,
-            rate_seconds: self.rate_seconds,
+            rate_seconds: self.rate_duration.as_secs(),
             sync_modes,
             settle: !self.no_settle,
             nodes,

@@ -276,6 +276,6 @@ async fn settle(previous_end: Instant, window: Duration) -> f64 {
 async fn duplicate_window(bus: &Bus) -> Duration {
     match bus.js.get_stream(subjects::stream("orders")).await {
         Ok(stream) => stream.cached_info().config.duplicate_window,
-        Err(_) => Duration::from_millis(NodeConfig::default().stream.duplicate_window_ms),
+        Err(_) => NodeConfig::default().stream.duplicate_window,
     }
 }

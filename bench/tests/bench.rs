@@ -29,8 +29,15 @@ fn bench_reports_every_phase_and_the_stages_of_the_fixed_rate_one() {
     let run = Command::new(bench)
         .arg("--dir")
         .arg(dir.path().join("work"))
-        .args(["--max-seconds", "2", "--concurrency", "32", "--rates", "40"])
-        .args(["--rate-seconds", "3", "--sync", "default", "--out"])
+        .args([
+            "--max-duration",
+            "2s",
+            "--concurrency",
+            "32",
+            "--rates",
+            "40",
+        ])
+        .args(["--rate-duration", "3s", "--sync", "default", "--out"])
         .arg(&out)
         .output()
         .expect("run choreo-bench");

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use runtime::component::DynComponent;
+use runtime::config::SagaSettings;
 use runtime::saga::{DynSaga, SagaComponent};
 
 pub mod order_fulfilment;
@@ -20,9 +21,7 @@ pub type Hosted = (Arc<dyn DynComponent>, Arc<dyn DynSaga>);
 
 /// The order fulfilment saga with its timeouts (`[sagas.order-fulfilment]` in the node
 /// config), as a component (its subscriptions) and as a saga (deadlines, inspection).
-pub fn order_fulfilment(
-    config: &BTreeMap<String, BTreeMap<String, u64>>,
-) -> Result<Hosted, String> {
+pub fn order_fulfilment(config: &BTreeMap<String, SagaSettings>) -> Result<Hosted, String> {
     let timeouts = match config.get(order_fulfilment::NAME) {
         Some(m) => Timeouts::from_map(m)?,
         None => Timeouts::default(),

@@ -12,7 +12,8 @@
 //! `transition` is pure: (state, trigger, now) -> the next state, the commands to send and
 //! the deadlines to set or cancel. The runtime persists instances and fires deadlines.
 
-use std::collections::BTreeMap;
+use runtime::config::duration::Setting;
+use runtime::config::SagaSettings;
 
 use inventory::{
     CommitStock, ReleaseStock, StockCommitted, StockRejected, StockReleased, StockReserved,
@@ -57,26 +58,38 @@ impl Default for Timeouts {
 }
 
 impl Timeouts {
-    /// Reads `[sagas.order-fulfilment]` keys; unknown keys and zero durations are errors.
-    pub fn from_map(m: &BTreeMap<String, u64>) -> Result<Self, String> {
+    /// Reads `[sagas.order-fulfilment]`: durations `awaiting`, `shipping`, `settling`,
+    /// `compensation` (e.g. `"2m"`) and the count `max_attempts`; unknown keys, a count
+    /// where a duration belongs (or the other way round) and zero are errors.
+    pub fn from_map(m: &SagaSettings) -> Result<Self, String> {
         let mut t = Timeouts::default();
         for (k, v) in m {
-            let slot = match k.as_str() {
-                "awaiting_ms" => &mut t.awaiting_ms,
-                "shipping_ms" => &mut t.shipping_ms,
-                "settling_ms" => &mut t.settling_ms,
-                "compensation_ms" => &mut t.compensation_ms,
-                "max_attempts" => &mut t.max_attempts,
-                other => {
+            let (slot, value) = match (k.as_str(), v) {
+                ("awaiting", Setting::Duration(d)) => (&mut t.awaiting_ms, d.as_millis() as u64),
+                ("shipping", Setting::Duration(d)) => (&mut t.shipping_ms, d.as_millis() as u64),
+                ("settling", Setting::Duration(d)) => (&mut t.settling_ms, d.as_millis() as u64),
+                ("compensation", Setting::Duration(d)) => {
+                    (&mut t.compensation_ms, d.as_millis() as u64)
+                }
+                ("max_attempts", Setting::Count(n)) => (&mut t.max_attempts, *n),
+                ("awaiting" | "shipping" | "settling" | "compensation", _) => {
                     return Err(format!(
-                        "unknown key sagas.{NAME}.{other} (awaiting_ms, shipping_ms, settling_ms, compensation_ms, max_attempts)"
+                        "sagas.{NAME}.{k} is a duration, e.g. {k} = \"2m\""
+                    ))
+                }
+                ("max_attempts", _) => {
+                    return Err(format!("sagas.{NAME}.max_attempts is a count, e.g. 3"))
+                }
+                (other, _) => {
+                    return Err(format!(
+                        "unknown key sagas.{NAME}.{other} (awaiting, shipping, settling, compensation, max_attempts)"
                     ))
                 }
             };
-            if *v == 0 {
+            if value == 0 {
                 return Err(format!("sagas.{NAME}.{k} must be positive"));
             }
-            *slot = *v;
+            *slot = value;
         }
         Ok(t)
     }

@@ -44,16 +44,19 @@ pub(crate) enum Fault {
     SigStop(&'static str),
     /// `kill -9` of nats-server, started again on the same store.
     NatsKill9,
-    /// A simulator fails or is slow for [`HOLD`].
+    /// A simulator fails or is slow for `hold`.
     External {
         system: &'static str,
         failure_rate: f64,
         latency_ms: u64,
+        hold: Duration,
     },
     /// The node talks to NATS through a proxy that adds this much latency each way.
     ProxyLatency(&'static str, u64),
     /// ... or that resets every connection twice a second.
     ProxyResets(&'static str),
+    /// A node stopped (SIGTERM) for this long, then started again.
+    Stopped(&'static str, Duration),
     /// Stored messages published again (same `Choreo-Id`, new `Nats-Msg-Id`), newest first.
     Replays,
     /// 1% of the messages on the bus malformed in one way or another.
@@ -73,6 +76,12 @@ pub(crate) struct Scenario {
     cancellations_expected: bool,
     /// Orders lost are expected (a `[danger]` switch is on): give up waiting sooner.
     danger: bool,
+    /// Orders placed, and how many a second.
+    orders: usize,
+    rate: f64,
+    /// The consumers' `ack_wait` at its default (30 s) instead of the harness's 3 s: for
+    /// scenarios whose point is that nothing waits for it.
+    default_ack_wait: bool,
 }
 
 impl Scenario {
@@ -83,7 +92,23 @@ impl Scenario {
             config: String::new(),
             cancellations_expected: false,
             danger: false,
+            orders: ORDERS,
+            rate: RATE,
+            default_ack_wait: false,
         }
+    }
+
+    /// `orders` orders at `rate` a second instead of the default load.
+    fn load(mut self, orders: usize, rate: f64) -> Self {
+        self.orders = orders;
+        self.rate = rate;
+        self
+    }
+
+    /// With the consumers' `ack_wait` at its default (30 s).
+    fn default_ack_wait(mut self) -> Self {
+        self.default_ack_wait = true;
+        self
     }
 
     fn config(mut self, c: &str) -> Self {
@@ -117,13 +142,29 @@ pub(crate) fn full() -> Vec<Scenario> {
         .map(|c| Scenario::new(&format!("kill9-{c}"), Fault::Kill9(c)))
         .collect();
     v.push(Scenario::new("kill9-all", Fault::Kill9All));
+    // The README's recovery figure: every node killed at 200 orders/s, ack_wait 30 s.
+    v.push(
+        Scenario::new("kill9-all-200", Fault::Kill9All)
+            .load(2_000, 200.0)
+            .default_ack_wait(),
+    );
+    // The README's stream-limit figure, scaled down: every stream limited to 4 MiB,
+    // payments stopped for 60 s while 6,000 orders are placed at 100/s.
+    v.push(
+        Scenario::new(
+            "stream-limit-payments-stopped",
+            Fault::Stopped("payments", Duration::from_secs(60)),
+        )
+        .load(6_000, 100.0)
+        .config("[stream]\nmax_bytes = 4194304\n[sagas.order-fulfilment]\nawaiting = \"5m\""),
+    );
     v.push(crash("shipping", "handler"));
     v.push(crash("orders", "after-commit"));
     v.push(crash("inventory", "outbox-publish"));
     v.push(crash("payments", "external-call"));
     let mut deadline = crash("orders", "deadline-fire")
         // Deadlines come due while the gateway hangs.
-        .config("[sagas.order-fulfilment]\nawaiting_ms = 2000");
+        .config("[sagas.order-fulfilment]\nawaiting = \"2s\"");
     deadline.cancellations_expected = true;
     v.push(deadline);
     v.push(Scenario::new("sigstop-orders", Fault::SigStop("orders")));
@@ -134,20 +175,33 @@ pub(crate) fn full() -> Vec<Scenario> {
     v.push(Scenario::new("nats-kill9", Fault::NatsKill9));
     for (name, system, failure_rate, latency_ms) in [
         ("gateway-errors", "payment-gateway", 1.0, 0),
+        ("gateway-outage-10s", "payment-gateway", 1.0, 0),
         ("gateway-timeouts", "payment-gateway", 0.0, 1_500),
         ("gateway-hang", "payment-gateway", 0.0, 30_000),
         ("carrier-errors", "carrier", 0.5, 0),
         ("carrier-timeouts", "carrier", 0.0, 1_500),
         ("carrier-hang", "carrier", 0.0, 30_000),
     ] {
-        v.push(Scenario::new(
+        let hold = if name == "gateway-outage-10s" {
+            Duration::from_secs(10)
+        } else {
+            HOLD
+        };
+        let s = Scenario::new(
             name,
             Fault::External {
                 system,
                 failure_rate,
                 latency_ms,
+                hold,
             },
-        ));
+        );
+        // The README's breaker-drain figure: a 10 s outage, ack_wait at its default.
+        v.push(if name == "gateway-outage-10s" {
+            s.default_ack_wait()
+        } else {
+            s
+        });
     }
     v.push(Scenario::new(
         "proxy-latency-payments",
@@ -165,8 +219,8 @@ pub(crate) fn full() -> Vec<Scenario> {
     ));
     v.push(
         Scenario::new("flush-stall-inventory", Fault::FlushStall("inventory")).config(&format!(
-            "[store]\nflush_stall_ms = {}",
-            FLUSH_STALL.as_millis()
+            "[store]\nflush_stall = \"{}s\"",
+            FLUSH_STALL.as_secs()
         )),
     );
     v
@@ -313,6 +367,9 @@ fn machine() -> String {
 struct Applied {
     /// When the fault ended (Unix ms).
     ended_ms: u64,
+    /// For a kill: when it began and when the nodes were ready again (Unix ms).
+    killed_ms: Option<u64>,
+    ready_ms: Option<u64>,
     details: Vec<String>,
     violations: Vec<String>,
     /// Malformed messages sent: each must come out as a dead letter.
@@ -340,9 +397,13 @@ pub(crate) async fn run(s: &Scenario, seed: u64) -> Outcome {
             return o;
         }
     }
+    let base = if s.default_ack_wait {
+        harness::TEST_CONFIG.replace("ack_wait = \"3s\"", "ack_wait = \"30s\"")
+    } else {
+        harness::TEST_CONFIG.to_string()
+    };
     let config = format!(
-        "{}\n[faults]\nenabled = true\nseed = {seed}\n{}",
-        harness::TEST_CONFIG,
+        "{base}\n[faults]\nenabled = true\nseed = {seed}\n{}",
         s.config
     );
     let mut t = harness::start_config(KNOWN, true, &config).await;
@@ -367,9 +428,9 @@ async fn run_in(
     prepare(t, s.fault, setup).await?;
     let bus = t.bus.clone();
     let cfg = LoadConfig {
-        orders: ORDERS,
-        rate: RATE,
-        concurrency: ORDERS,
+        orders: s.orders,
+        rate: s.rate,
+        concurrency: s.orders,
         customers: 20,
         fail_stock_pct: 4.0,
         fail_payment_pct: 4.0,
@@ -425,6 +486,20 @@ async fn run_in(
         .filter_map(|(_, (_, e))| *e)
         .max()
         .map(|e| e.saturating_sub(ended) as f64 / 1000.0);
+    if let (Some(killed), Some(ready)) = (applied.killed_ms, applied.ready_ms) {
+        // The orders in flight at the kill, from when the nodes were ready again.
+        let in_flight = report
+            .timeline
+            .iter()
+            .filter(|(placed, _)| *placed < killed)
+            .filter_map(|(_, ended)| *ended)
+            .max()
+            .map_or(0.0, |e| e.saturating_sub(ready) as f64 / 1000.0);
+        let start_s = ready.saturating_sub(ended) as f64 / 1000.0;
+        o.details.push(format!(
+            "ready {start_s:.1} s after the restart; the orders in flight at the kill ended {in_flight:.1} s after that"
+        ));
+    }
     let v = verify::run(&t.bus, Some(&report.run_id)).await?;
     let mut violations: Vec<String> = v
         .checks
@@ -436,7 +511,7 @@ async fn run_in(
         violations.extend(missing_dead_letters(t, &applied.probes).await);
     }
     o.violations = violations.len();
-    o.details = applied.details;
+    o.details.extend(applied.details);
     o.details.extend(violations.into_iter().take(5));
     if o.unexpected > 0 && !s.cancellations_expected {
         o.details.extend(report.unexpected.iter().take(3).cloned());
@@ -479,7 +554,14 @@ async fn apply(
             a.ended_ms = now_ms();
             t.shop.restart(ctx).await?;
         }
+        Fault::Stopped(ctx, hold) => {
+            t.shop.stop_node(ctx)?;
+            tokio::time::sleep(hold).await;
+            a.ended_ms = now_ms();
+            t.shop.restart(ctx).await?;
+        }
         Fault::Kill9All => {
+            a.killed_ms = Some(now_ms());
             for ctx in KNOWN {
                 t.shop.kill9(ctx)?;
             }
@@ -489,6 +571,7 @@ async fn apply(
                 t.shop.respawn(ctx)?;
             }
             t.shop.wait_ready(Duration::from_secs(60)).await?;
+            a.ready_ms = Some(now_ms());
         }
         Fault::Crash {
             context,
@@ -535,9 +618,10 @@ async fn apply(
             system,
             failure_rate,
             latency_ms,
+            hold,
         } => {
             set_external(t, system, failure_rate, latency_ms).await?;
-            tokio::time::sleep(HOLD).await;
+            tokio::time::sleep(hold).await;
             set_external(t, system, 0.0, 0).await?;
             a.ended_ms = now_ms();
         }
@@ -633,7 +717,7 @@ async fn apply(
                 ctx,
                 "store-flush",
                 "delay",
-                &["--times", "1", "--delay-ms", "600000"],
+                &["--times", "1", "--delay", "10m"],
             );
             anyhow::ensure!(ok, "chaos inject: {out}");
             // The node flushes for every batch it commits: the next one stalls.

@@ -30,7 +30,7 @@ fn orders(n: usize, rate: f64, timeout: Duration) -> LoadConfig {
 /// payments is back every order completes, nothing is missed, `verify` is clean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_stream_makes_publishers_wait_and_loses_nothing() {
-    let extra = "[stream]\nmax_bytes = 524288\n[sagas.order-fulfilment]\nawaiting_ms = 90000\n";
+    let extra = "[stream]\nmax_bytes = 524288\n[sagas.order-fulfilment]\nawaiting = \"90s\"\n";
     let mut t = harness::start(choreo::contexts::KNOWN, true, extra).await;
     t.shop.stop_node("payments").expect("payments stops");
     let bus = t.bus.clone();
@@ -74,7 +74,7 @@ async fn a_full_stream_makes_publishers_wait_and_loses_nothing() {
 /// the gap and exits 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_removed_before_a_consumer_acked_them_are_counted_and_shown() {
-    let extra = "[stream]\nmax_age_ms = 2000\nduplicate_window_ms = 1000\n";
+    let extra = "[stream]\nmax_age = \"2s\"\nduplicate_window = \"1s\"\n";
     let mut t = harness::start(choreo::contexts::KNOWN, true, extra).await;
     t.shop.stop_node("payments").expect("payments stops");
     // Orders are placed; payments never sees their OrderPlaced.

@@ -46,12 +46,19 @@ fn bad_config_files_are_refused_with_the_reason() {
     let unsafe_wait = dir.path().join("wait.toml");
     std::fs::write(
         &unsafe_wait,
-        "contexts = [\"orders\"]\n[consumer]\nack_wait_ms = 1000\n",
+        "contexts = [\"orders\"]\n[consumer]\nack_wait = \"1s\"\n",
     )
     .unwrap();
     let (code, out) = choreo(&["node", "--config", unsafe_wait.to_str().unwrap()]);
     assert_eq!(code, 2, "{out}");
-    assert!(out.contains("at least 3x external_timeout_ms"), "{out}");
+    assert!(out.contains("at least 3x external_timeout"), "{out}");
+
+    // Durations are written with their unit.
+    let bare = dir.path().join("bare.toml");
+    std::fs::write(&bare, "contexts = [\"orders\"]\n[consumer]\nack_wait = 30\n").unwrap();
+    let (code, out) = choreo(&["node", "--config", bare.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("30 has no unit"), "{out}");
 
     let (code, out) = choreo(&["node", "--config", "/nonexistent/choreo.toml"]);
     assert_eq!(code, 2, "{out}");
@@ -69,10 +76,10 @@ fn bad_arguments_are_refused() {
     let (code, out) = choreo(&["sim", "--payment-failure-rate", "2"]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("not a rate"), "{out}");
-    // A bench layout that leaves contexts out is refused before anything starts.
-    let (code, out) = choreo(&["bench", "--node", "orders,inventory", "--node", "payments"]);
+    // Durations on the command line say their unit, as in the config.
+    let (code, out) = choreo(&["load", "--timeout", "60"]);
     assert_eq!(code, 2, "{out}");
-    assert!(out.contains("no --node hosts customers, shipping"), "{out}");
+    assert!(out.contains("not a duration"), "{out}");
 }
 
 /// A refused connection is retried, and says so while it waits.

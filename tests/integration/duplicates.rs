@@ -12,7 +12,7 @@ use runtime::{wire::subjects, Envelope};
 use crate::harness::{self, eventually};
 
 /// A one-second duplicate window, so the test can step past it.
-const SHORT_WINDOW: &str = "[stream]\nduplicate_window_ms = 1000\n";
+const SHORT_WINDOW: &str = "[stream]\nduplicate_window = \"1s\"\n";
 
 fn add_stock(sku: &str, qty: u64) -> (Envelope, Bytes) {
     let env = Envelope::first(new_id(), "AddStock", "test", now_ms());
@@ -79,9 +79,8 @@ async fn same_command_after_the_window_is_absorbed_by_the_inbox() {
 /// again after the second (that generation is dropped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbox_marks_expire_a_generation_at_a_time() {
-    let extra = format!(
-        "{SHORT_WINDOW}[store]\ninbox_retention_ms = 4000\ninbox_prune_interval_ms = 1000\n"
-    );
+    let extra =
+        format!("{SHORT_WINDOW}[store]\ninbox_retention = \"4s\"\ninbox_prune_interval = \"1s\"\n");
     let mut t = harness::start(&["inventory"], false, &extra).await;
     let log = t.shop.logs().join("inventory.log");
     let rotations = || {

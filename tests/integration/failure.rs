@@ -23,7 +23,7 @@ fn normal_orders(n: usize, rate: f64) -> LoadConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_down_30s_opens_the_breaker_and_cancels_nothing() {
-    let breaker = "[breaker]\nwindow = 10\nmin_calls = 5\nfailure_rate = 0.5\nopen_ms = 2000\n";
+    let breaker = "[breaker]\nwindow = 10\nmin_calls = 5\nfailure_rate = 0.5\nopen = \"2s\"\n";
     let mut t = harness::start(choreo::contexts::KNOWN, true, breaker).await;
     let bus = t.bus.clone();
     let run = tokio::spawn(async move { load::run(&bus, &normal_orders(150, 4.0), |_| {}).await });
@@ -137,13 +137,13 @@ async fn reservation_time(t: &TestShop, n: usize) -> Duration {
 async fn slow_carrier_leaves_orders_and_inventory_throughput() {
     // One node hosts every context; the carrier answers in 2 s (timeout 5 s).
     let config = TEST_CONFIG
-        .replace("external_timeout_ms = 1000", "external_timeout_ms = 5000")
-        .replace("ack_wait_ms = 3000", "ack_wait_ms = 20000")
-        .replace("handler_timeout_ms = 2500", "handler_timeout_ms = 15000");
+        .replace("external_timeout = \"1s\"", "external_timeout = \"5s\"")
+        .replace("ack_wait = \"3s\"", "ack_wait = \"20s\"")
+        .replace("handler_timeout = \"2500ms\"", "handler_timeout = \"15s\"");
     let t = harness::start_config(&["all"], true, &config).await;
     let n = 150;
     let fast = reservation_time(&t, n).await;
-    let (ok, out) = choreo(&t, &["sim-set", "carrier", "--latency-ms", "2000"]);
+    let (ok, out) = choreo(&t, &["sim-set", "carrier", "--latency", "2s"]);
     assert!(ok, "{out}");
     let slow = reservation_time(&t, n).await;
     let shipping_busy = harness::metric(
@@ -167,11 +167,11 @@ async fn slow_carrier_leaves_orders_and_inventory_throughput() {
 const POISON: &str = r#"
 [retry]
 immediate = 0
-base_ms = 50
-max_ms = 200
+base = "50ms"
+max = "200ms"
 jitter = false
 budget = 3
-handler_timeout_ms = 2500
+handler_timeout = "2500ms"
 [faults]
 enabled = true
 [[faults.rules]]
@@ -258,7 +258,7 @@ payload_contains = "boom-sku"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn panic_on_one_message_restarts_while_others_flow_then_dead_letters_it() {
-    let retry = "[retry]\nimmediate = 0\nbase_ms = 50\nmax_ms = 200\nbudget = 3\nhandler_timeout_ms = 2500\n";
+    let retry = "[retry]\nimmediate = 0\nbase = \"50ms\"\nmax = \"200ms\"\nbudget = 3\nhandler_timeout = \"2500ms\"\n";
     let config = TEST_CONFIG.split("[retry]").next().unwrap().to_string() + retry + BOOM;
     let mut t = harness::start_config(&["inventory"], false, &config).await;
     add_stock(&t, "boom-sku", 1).await;
@@ -301,8 +301,8 @@ async fn panic_on_one_message_restarts_while_others_flow_then_dead_letters_it() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_restart_limit_the_node_is_not_ready_then_resumes() {
-    let more = "[retry]\nimmediate = 0\nbase_ms = 50\nmax_ms = 100\nbudget = 3\nhandler_timeout_ms = 2500\n\
-                [supervision]\nmax_restarts = 4\nwindow_ms = 2000\nbackoff_ms = [0]\n";
+    let more = "[retry]\nimmediate = 0\nbase = \"50ms\"\nmax = \"100ms\"\nbudget = 3\nhandler_timeout = \"2500ms\"\n\
+                [supervision]\nmax_restarts = 4\nwindow = \"2s\"\nbackoff = [\"0s\"]\n";
     let config = TEST_CONFIG.split("[retry]").next().unwrap().to_string() + more + BOOM;
     let mut t = harness::start_config(&["inventory"], false, &config).await;
     let addr = t.shop.node("inventory").unwrap().metrics_addr.clone();

@@ -42,9 +42,9 @@ async fn chaos_cli_injects_counts_and_clears_faults() {
     let (ok, out) = harness::choreo(&t, &["chaos", "clear", "--context", "inventory"]);
     assert!(ok && out.contains("\"cleared\":1"), "{out}");
 
-    // Refused before anything is sent: a bad rule, an unknown context.
+    // Refused: a bad rule (by the node), an unknown context (before anything is sent).
     let (ok, out) = inject(&t, "inventory", "handler", "delay", &[]);
-    assert!(!ok && out.contains("delay_ms"), "{out}");
+    assert!(!ok && out.contains("needs a delay"), "{out}");
     let (ok, out) = inject(&t, "warehouse", "handler", "error", &[]);
     assert!(!ok && out.contains("unknown context"), "{out}");
     t.shop.stop().unwrap();

@@ -16,17 +16,17 @@ use runtime::{wire::subjects, Envelope};
 
 /// Node settings for tests: short ack wait and back-off so redeliveries take seconds.
 pub(crate) const TEST_CONFIG: &str = r#"
-external_timeout_ms = 1000
+external_timeout = "1s"
 [consumer]
-ack_wait_ms = 3000
+ack_wait = "3s"
 max_deliver = 100
 max_in_flight = 64
 [retry]
 immediate = 1
-base_ms = 50
-max_ms = 1000
+base = "50ms"
+max = "1s"
 budget = 20
-handler_timeout_ms = 2500
+handler_timeout = "2500ms"
 "#;
 
 pub(crate) struct TestShop {
@@ -44,6 +44,9 @@ pub(crate) async fn start(contexts: &[&str], sim: bool, extra_config: &str) -> T
 /// Like [`start`] with a whole node config instead of [`TEST_CONFIG`] plus extras.
 pub(crate) async fn start_config(contexts: &[&str], sim: bool, config: &str) -> TestShop {
     let dir = tempfile::tempdir().expect("tempdir");
+    if std::env::var("CHOREO_TEST_KEEP").is_ok() {
+        eprintln!("test directory kept: {}", dir.path().display());
+    }
     let cfg = dir.path().join("node.toml");
     std::fs::write(&cfg, config).unwrap();
     let opts = ShopOptions {
@@ -56,6 +59,12 @@ pub(crate) async fn start_config(contexts: &[&str], sim: bool, config: &str) -> 
     let bus = choreo::client::connect(&shop.nats.url, Duration::from_secs(5))
         .await
         .expect("connect");
+    let dir = if std::env::var("CHOREO_TEST_KEEP").is_ok() {
+        let kept = dir.keep();
+        tempfile::tempdir_in(kept.parent().unwrap()).unwrap()
+    } else {
+        dir
+    };
     TestShop {
         shop,
         bus,

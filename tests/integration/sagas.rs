@@ -103,7 +103,7 @@ async fn each_compensation_path_end_to_end() {
 /// and stays down past the deadlines; after its restart they fire (late) and compensate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_fire_after_kill_9_and_compensate() {
-    let config = "[sagas.order-fulfilment]\nawaiting_ms = 3000\n";
+    let config = "[sagas.order-fulfilment]\nawaiting = \"3s\"\n";
     let mut t = harness::start(
         &["customers", "orders", "inventory", "shipping"],
         true,
@@ -175,19 +175,19 @@ async fn compensation_failed_is_visible_and_retry_completes_it() {
     // failed deliveries each (the retry budget), then dead-lettered; the instance parks.
     // The retry's send succeeds.
     let config = r#"
-external_timeout_ms = 1000
+external_timeout = "1s"
 [consumer]
-ack_wait_ms = 3000
+ack_wait = "3s"
 max_deliver = 100
 [retry]
 immediate = 0
-base_ms = 200
-max_ms = 500
+base = "200ms"
+max = "500ms"
 jitter = false
 budget = 3
-handler_timeout_ms = 2500
+handler_timeout = "2500ms"
 [sagas.order-fulfilment]
-compensation_ms = 1500
+compensation = "1500ms"
 max_attempts = 1
 [faults]
 enabled = true
@@ -245,7 +245,7 @@ async fn ended_instances_are_removed_after_their_retention() {
     let mut t = harness::start(
         choreo::contexts::KNOWN,
         true,
-        "[store]\nsaga_retention_ms = 3000\n",
+        "[store]\nsaga_retention = \"3s\"\n",
     )
     .await;
     let report = load::run(&t.bus, &only("none", 10), |_| {}).await.unwrap();

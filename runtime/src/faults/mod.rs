@@ -21,8 +21,8 @@
 //! msg_type = "PlaceOrder"    # optional: only this message type
 //! times = 1                  # optional: at most this many times
 //! probability = 1.0          # chance per matching message
-//! delay_ms = 0               # for `delay`
-//! duration_ms = 10000        # optional: the rule expires this long after it is installed
+//! delay = "0s"               # for `delay`
+//! duration = "10s"           # optional: the rule expires this long after it is installed
 //! ```
 //!
 //! What each action does at each point:
@@ -95,7 +95,7 @@ pub enum FaultAction {
     Crash,
     /// A transient error.
     Error,
-    /// Sleep `delay_ms`, then go on.
+    /// Sleep `delay`, then go on.
     Delay,
     /// Lose something on the way (see the table in the module docs).
     Drop,
@@ -140,11 +140,15 @@ pub struct FaultRule {
     pub payload_contains: Option<String>,
     #[serde(default = "one")]
     pub probability: f64,
-    #[serde(default)]
-    pub delay_ms: u64,
+    #[serde(default, with = "crate::config::duration")]
+    pub delay: Duration,
     /// The rule expires this long after it is installed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duration_ms: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::config::duration::option"
+    )]
+    pub duration: Option<Duration>,
 }
 
 fn one() -> f64 {
@@ -160,8 +164,8 @@ impl FaultRule {
                 self.probability
             ));
         }
-        if self.action == FaultAction::Delay && self.delay_ms == 0 {
-            return Err("a delay needs delay_ms > 0".into());
+        if self.action == FaultAction::Delay && self.delay.is_zero() {
+            return Err("a delay needs a delay (e.g. delay = \"500ms\")".into());
         }
         if self.action == FaultAction::Panic
             && matches!(
@@ -268,9 +272,7 @@ impl Faults {
         }
         let id = inner.next_id;
         inner.next_id += 1;
-        let until = rule
-            .duration_ms
-            .map(|ms| Instant::now() + Duration::from_millis(ms));
+        let until = rule.duration.map(|d| Instant::now() + d);
         tracing::warn!(id, ?rule, "fault rule installed");
         inner.rules.push(Installed {
             id,
@@ -397,7 +399,7 @@ impl Fired {
         match self.rule.action {
             FaultAction::Crash => crash(self.point, what),
             FaultAction::Panic => panic!("injected fault at {} for {what}", self.point.label()),
-            FaultAction::Delay => Then::Sleep(Duration::from_millis(self.rule.delay_ms)),
+            FaultAction::Delay => Then::Sleep(self.rule.delay),
             FaultAction::Error => Then::Inject(Injected::Error),
             FaultAction::Drop => Then::Inject(Injected::Drop),
         }
@@ -518,7 +520,7 @@ mod tests {
             .is_none());
 
         let short =
-            br#"{"op":"inject","rule":{"point":"handler","action":"drop","duration_ms":1}}"#;
+            br#"{"op":"inject","rule":{"point":"handler","action":"drop","duration":"1ms"}}"#;
         assert!(answer(&f, "orders", short)["ok"].is_object());
         std::thread::sleep(Duration::from_millis(5));
         assert!(
@@ -557,8 +559,8 @@ mod tests {
                     times: None,
                     payload_contains: None,
                     probability: 0.3,
-                    delay_ms: 0,
-                    duration_ms: None,
+                    delay: Duration::ZERO,
+                    duration: None,
                 }],
             });
             (0..64)

@@ -100,7 +100,7 @@ impl ContextHost {
         let external = ExternalCalls::new(
             bus.client.clone(),
             shared.breakers.clone(),
-            Duration::from_millis(cfg.external_timeout_ms),
+            cfg.external_timeout,
         );
         #[cfg(feature = "faults")]
         let external = external.with_faults(shared.faults.clone(), name);
@@ -156,11 +156,11 @@ impl ContextHost {
                 stopping.clone(),
             )));
             services.push(tokio::spawn(service::report_metrics(sagas.clone())));
-            let retention = cfg.store.saga_retention_ms;
-            if retention > 0 {
+            let retention = cfg.store.saga_retention;
+            if !retention.is_zero() {
                 timers.push(tokio::spawn(service::run_retention(
                     rt.clone(),
-                    Duration::from_millis(retention),
+                    retention,
                     stopping.clone(),
                 )));
             }

@@ -198,7 +198,7 @@ async fn serve(
         )),
     ];
     let watched = hosts.iter_mut().filter_map(|h| h.take_watched()).collect();
-    let stall = Duration::from_millis(cfg.store.flush_stall_ms);
+    let stall = cfg.store.flush_stall;
     let watchdog = watchdog::Watchdog::start(watched, stall, exit)
         .map_err(|e| NodeError::Other(e.to_string()))?;
     health.watch_nats(bus.client.clone());

@@ -203,18 +203,20 @@ pub(crate) async fn watch_max_deliveries(bus: Bus, own: Vec<Polled>) {
 
 /// Rotates the inbox generations of a store when they are due (see `Store::rotate_inbox`).
 pub(crate) async fn rotate_inbox(context: &'static str, store: Store, cfg: Arc<NodeConfig>) {
-    let every = Duration::from_millis(cfg.store.inbox_prune_interval_ms.max(1000));
+    let every = cfg.store.inbox_prune_interval.max(Duration::from_secs(1));
     loop {
         tokio::time::sleep(every).await;
-        let (store, retention) = (store.clone(), cfg.store.inbox_retention_ms);
+        let (store, retention) = (store.clone(), cfg.store.inbox_retention);
         // Dropping a generation walks its pages: off the async workers.
-        let rotated =
-            tokio::task::spawn_blocking(move || store.rotate_inbox(now_ms(), retention)).await;
+        let rotated = tokio::task::spawn_blocking(move || {
+            store.rotate_inbox(now_ms(), retention.as_millis() as u64)
+        })
+        .await;
         match rotated {
             Ok(Ok(false)) => {}
             Ok(Ok(true)) => tracing::info!(
                 context,
-                retention_ms = retention,
+                retention = %crate::config::duration::format(retention),
                 "inbox rotated: a new generation started, marks older than one retention period dropped"
             ),
             Ok(Err(e)) => tracing::warn!(context, error = %e, "inbox rotation failed"),

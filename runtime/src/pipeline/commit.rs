@@ -373,7 +373,7 @@ mod tests {
             ..Default::default()
         };
         let (_dir, _store, mut handed, gc) = start_with(options, failed.clone());
-        let rule = |action, delay_ms| crate::faults::FaultRule {
+        let rule = |action, delay_ms: u64| crate::faults::FaultRule {
             point: FaultPoint::StoreFlush,
             action,
             context: None,
@@ -381,8 +381,8 @@ mod tests {
             times: Some(1),
             payload_contains: None,
             probability: 1.0,
-            delay_ms,
-            duration_ms: None,
+            delay: Duration::from_millis(delay_ms),
+            duration: None,
         };
 
         // A failed flush: the commit is not acked, its entry not handed over, the store

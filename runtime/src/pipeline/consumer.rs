@@ -101,7 +101,7 @@ impl Actor for ConsumerActor {
         let sup = &self.rt.cfg.supervision;
         if self.given_up {
             // Past the restart limit: stay stopped for a window, then try again.
-            let window = Duration::from_millis(sup.window_ms);
+            let window = sup.window;
             ctx.run_later(window, |act, ctx| {
                 act.given_up = false;
                 act.restarts.clear();
@@ -115,11 +115,11 @@ impl Actor for ConsumerActor {
             return;
         }
         let delay = match self.restarts.len() {
-            0 => 0,
-            n => sup.backoff_ms[(n - 1).min(sup.backoff_ms.len() - 1)],
+            0 => Duration::ZERO,
+            n => sup.backoff[(n - 1).min(sup.backoff.len() - 1)],
         };
-        self.spawn_loop(ctx, Duration::from_millis(delay));
-        tracing::debug!(consumer = %self.durable, delay_ms = delay, "consumer started");
+        self.spawn_loop(ctx, delay);
+        tracing::debug!(consumer = %self.durable, ?delay, "consumer started");
     }
 }
 
@@ -135,7 +135,7 @@ impl Supervised for ConsumerActor {
         self.run = None;
         let sup = &self.rt.cfg.supervision;
         let now = Instant::now();
-        let window = Duration::from_millis(sup.window_ms);
+        let window = sup.window;
         self.restarts.retain(|t| now.duration_since(*t) < window);
         self.restarts.push_back(now);
         if self.restarts.len() > sup.max_restarts && !self.given_up {
@@ -147,7 +147,7 @@ impl Supervised for ConsumerActor {
             tracing::error!(
                 consumer = %self.durable,
                 restarts = self.restarts.len(),
-                window_ms = sup.window_ms,
+                window = ?sup.window,
                 "restart limit exceeded: consumer stopped, node not ready"
             );
         } else {

@@ -168,12 +168,12 @@ mod tests {
     fn policy() -> RetryPolicy {
         RetryPolicy {
             immediate: 2,
-            base_ms: 100,
-            max_ms: 1_000,
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(1),
             factor: 2.0,
             jitter: false,
             budget: 3,
-            handler_timeout_ms: 5_000,
+            handler_timeout: Duration::from_secs(5),
         }
     }
 

@@ -186,13 +186,18 @@ impl PullLoop {
             // A restart: the next run continues on the same stream.
             return;
         }
-        // Shutdown: stop pulling and give back what was buffered but not started, so another
-        // node gets it now instead of after ack_wait.
+        // Shutdown: give back what was buffered but not started (at most one batch). Each is
+        // naked with a delay, so that it is not delivered straight back into this loop (a nak
+        // without one came back at once, again and again, until the server gave up on it at
+        // max_deliver); the next run of the node asks for it at its start anyway.
+        let batch = this.rt.cfg.max_in_flight(this.handling.component.name());
         let mut returned = 0;
-        while let Ok(Some(Ok(msg))) =
-            tokio::time::timeout(Duration::from_millis(20), messages.next()).await
-        {
-            let _ = msg.ack_with(AckKind::Nak(None)).await;
+        while returned < batch {
+            let next = tokio::time::timeout(Duration::from_millis(20), messages.next()).await;
+            let Ok(Some(Ok(msg))) = next else { break };
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(this.rt.cfg.ack_wait())))
+                .await;
             returned += 1;
         }
         *slot = None;
@@ -204,7 +209,7 @@ impl PullLoop {
     /// One message: processed under the handler guard, then settled, and counted.
     async fn handle(&self, msg: jetstream::Message) {
         let started = std::time::Instant::now();
-        let timeout = Duration::from_millis(self.policy().handler_timeout_ms);
+        let timeout = self.policy().handler_timeout;
         let delivery = Delivery {
             subject: &msg.subject,
             headers: msg.headers.as_ref(),

@@ -25,7 +25,8 @@ pub struct BreakerConfig {
     /// Failure rate (0.0 to 1.0) that opens the breaker.
     pub failure_rate: f64,
     /// How long the breaker stays open before letting probes through.
-    pub open_ms: u64,
+    #[serde(with = "crate::config::duration")]
+    pub open: Duration,
     /// Calls let through at once while half-open.
     pub half_open_probes: u32,
 }
@@ -36,7 +37,7 @@ impl Default for BreakerConfig {
             window: 20,
             min_calls: 5,
             failure_rate: 0.5,
-            open_ms: 5_000,
+            open: Duration::from_secs(5),
             half_open_probes: 1,
         }
     }
@@ -50,8 +51,8 @@ impl BreakerConfig {
         if !(self.failure_rate > 0.0 && self.failure_rate <= 1.0) {
             return Some("failure_rate must be within (0, 1]".into());
         }
-        if self.open_ms == 0 || self.half_open_probes == 0 {
-            return Some("open_ms and half_open_probes must be positive".into());
+        if self.open.is_zero() || self.half_open_probes == 0 {
+            return Some("open and half_open_probes must be positive".into());
         }
         None
     }
@@ -131,7 +132,7 @@ impl Breaker {
                 g.probes += 1;
                 Ok(Permit { probe: true })
             }
-            State::HalfOpen => Err(self.refuse(self.cfg.open_ms.min(1_000))),
+            State::HalfOpen => Err(self.refuse((self.cfg.open.as_millis() as u64).min(1_000))),
         }
     }
 
@@ -148,7 +149,7 @@ impl Breaker {
                     self.set(
                         &mut g,
                         State::Open {
-                            until_ms: now_ms + self.cfg.open_ms,
+                            until_ms: now_ms + (self.cfg.open.as_millis() as u64),
                         },
                     );
                 }
@@ -170,7 +171,7 @@ impl Breaker {
             self.set(
                 &mut g,
                 State::Open {
-                    until_ms: now_ms + self.cfg.open_ms,
+                    until_ms: now_ms + (self.cfg.open.as_millis() as u64),
                 },
             );
         }
@@ -238,7 +239,7 @@ mod tests {
                 window: 4,
                 min_calls: 4,
                 failure_rate: 0.5,
-                open_ms: 1_000,
+                open: Duration::from_secs(1),
                 half_open_probes: 1,
             },
         )

@@ -15,9 +15,11 @@ pub struct RetryPolicy {
     /// Retries inside the same delivery, without delay, before the message is naked.
     pub immediate: u32,
     /// First delayed retry.
-    pub base_ms: u64,
+    #[serde(with = "crate::config::duration")]
+    pub base: Duration,
     /// Longest delay between deliveries.
-    pub max_ms: u64,
+    #[serde(with = "crate::config::duration")]
+    pub max: Duration,
     /// Growth factor of the delay.
     pub factor: f32,
     /// Add a random part of up to one delay (spreads retries of many messages).
@@ -25,19 +27,20 @@ pub struct RetryPolicy {
     /// Failed deliveries before the message is dead-lettered.
     pub budget: u32,
     /// Longest handling of one message before it counts as a transient failure.
-    pub handler_timeout_ms: u64,
+    #[serde(with = "crate::config::duration")]
+    pub handler_timeout: Duration,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
             immediate: 2,
-            base_ms: 200,
-            max_ms: 10_000,
+            base: Duration::from_millis(200),
+            max: Duration::from_secs(10),
             factor: 2.0,
             jitter: true,
             budget: 10,
-            handler_timeout_ms: 15_000,
+            handler_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -48,24 +51,24 @@ impl RetryPolicy {
         if self.budget == 0 {
             return Some("budget must be at least 1".into());
         }
-        if self.base_ms == 0 || self.max_ms < self.base_ms {
-            return Some("need 0 < base_ms <= max_ms".into());
+        if self.base.is_zero() || self.max < self.base {
+            return Some("need 0 < base <= max".into());
         }
         if !(1.0..=10.0).contains(&self.factor) {
             return Some("factor must be within 1.0..=10.0".into());
         }
-        if self.handler_timeout_ms == 0 {
-            return Some("handler_timeout_ms must be positive".into());
+        if self.handler_timeout.is_zero() {
+            return Some("handler_timeout must be positive".into());
         }
         None
     }
 
     /// Delay before the next delivery after `failures` failed deliveries (1 = the first),
-    /// without jitter: `base_ms * factor^(failures - 1)`, at most `max_ms`.
+    /// without jitter: `base * factor^(failures - 1)`, at most `max`.
     pub fn delay(&self, failures: u32) -> Duration {
         let n = failures.max(1) - 1;
-        let ms = self.base_ms as f64 * f64::from(self.factor).powi(n.min(64) as i32);
-        Duration::from_millis(ms.min(self.max_ms as f64) as u64)
+        let ms = self.base.as_millis() as f64 * f64::from(self.factor).powi(n.min(64) as i32);
+        Duration::from_millis(ms.min(self.max.as_millis() as f64) as u64)
     }
 
     /// `delay` with its jitter: up to one delay more, the share `draw` (in `[0, 1)`) of it.
@@ -108,8 +111,8 @@ mod tests {
     fn delays_grow_to_the_cap() {
         let p = RetryPolicy {
             jitter: false,
-            base_ms: 100,
-            max_ms: 1_000,
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(1),
             ..RetryPolicy::default()
         };
         let d: Vec<u64> = (1..=6).map(|n| p.delay(n).as_millis() as u64).collect();
@@ -119,8 +122,8 @@ mod tests {
     #[test]
     fn jitter_stays_within_one_delay() {
         let p = RetryPolicy {
-            base_ms: 100,
-            max_ms: 1_000,
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(1),
             ..RetryPolicy::default()
         };
         for n in 1..=5 {
@@ -181,7 +184,7 @@ mod tests {
         .problems()
         .is_some());
         assert!(RetryPolicy {
-            max_ms: 1,
+            max: Duration::from_millis(1),
             ..RetryPolicy::default()
         }
         .problems()

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod duration;
+
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -22,7 +24,8 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// Everything a node needs. Durations are in milliseconds in the file (`*_ms`).
+/// Everything a node needs. Durations are written with their unit (`"30s"`, see
+/// [`duration`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
@@ -38,7 +41,8 @@ pub struct NodeConfig {
     pub consumer: ConsumerConfig,
     pub store: StoreConfig,
     /// Timeout of one request to an external system.
-    pub external_timeout_ms: u64,
+    #[serde(with = "duration")]
+    pub external_timeout: Duration,
     /// Largest message (payload plus headers) a handler accepts; larger ones are
     /// dead-lettered. Must stay below the server's `max_payload` (1 MiB by default).
     pub max_message_bytes: usize,
@@ -59,7 +63,7 @@ pub struct NodeConfig {
     pub supervision: SupervisionConfig,
     /// Per-saga settings (deadlines in ms, resend limits), by saga name; each saga
     /// validates its own keys.
-    pub sagas: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    pub sagas: std::collections::BTreeMap<String, SagaSettings>,
     /// Switches that remove a safety mechanism, only so that the chaos suite can show what
     /// each one protects (cargo feature `danger`). Never set them in production.
     #[cfg(feature = "danger")]
@@ -69,6 +73,9 @@ pub struct NodeConfig {
     #[serde(skip_serializing)]
     pub danger: Option<toml::Table>,
 }
+
+/// One saga's settings by key: durations (`awaiting = "2m"`) or counts (`max_attempts = 3`).
+pub type SagaSettings = std::collections::BTreeMap<String, duration::Setting>;
 
 /// Each switch removes one mechanism the invariants rest on (see `docs/chaos.md`).
 #[cfg(feature = "danger")]
@@ -99,7 +106,8 @@ pub struct StreamConfig {
     /// Messages older than this are removed by the server whether consumers have acked them
     /// or not (a consumer behind by more loses them: counted as missed); 0: no age limit,
     /// history is bounded by `max_bytes` and `history` instead.
-    pub max_age_ms: u64,
+    #[serde(with = "duration")]
+    pub max_age: Duration,
     /// Stream size limit in bytes. A full stream refuses new messages: publishers retry
     /// (the outbox holds its entries) until consumers catch up and acked history is removed.
     pub max_bytes: i64,
@@ -110,7 +118,8 @@ pub struct StreamConfig {
     /// server holds every id of the window in memory (about 150 bytes each: at 7,000
     /// messages a second, 10 s is 70,000 ids, 10 min 4.2 million), and its garbage
     /// collector marks them all on every cycle (bench/PROFILE.md).
-    pub duplicate_window_ms: u64,
+    #[serde(with = "duration")]
+    pub duplicate_window: Duration,
     /// Largest message the stream stores (bigger than `max_message_bytes`, so oversized
     /// input reaches a handler and is dead-lettered with a reason instead of vanishing).
     pub max_message_size: i32,
@@ -128,7 +137,8 @@ pub struct StreamConfig {
 pub struct ConsumerConfig {
     /// Redelivery if not acked within this time. At least 3x the slowest handler
     /// (external timeout plus store commit).
-    pub ack_wait_ms: u64,
+    #[serde(with = "duration")]
+    pub ack_wait: Duration,
     /// Server-side backstop on deliveries. The runtime's retry budget (`[retry] budget`)
     /// decides when a failing message is dead-lettered; this only has to stay above it plus
     /// the redeliveries an open breaker causes (a message past it is dropped by the server).
@@ -153,23 +163,25 @@ pub struct HandlerConfig {
     pub max_in_flight: Option<usize>,
 }
 
-/// Restart intensity: at most `max_restarts` in `window_ms`, with back-off between them;
-/// beyond it the consumer stops for `window_ms` and the node reports not ready.
+/// Restart intensity: at most `max_restarts` in `window`, with back-off between them;
+/// beyond it the consumer stops for `window` and the node reports not ready.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SupervisionConfig {
     pub max_restarts: usize,
-    pub window_ms: u64,
+    #[serde(with = "duration")]
+    pub window: Duration,
     /// Delay before the 1st, 2nd, ... restart in a window (the last repeats).
-    pub backoff_ms: Vec<u64>,
+    #[serde(with = "duration::list")]
+    pub backoff: Vec<Duration>,
 }
 
 impl Default for SupervisionConfig {
     fn default() -> Self {
         SupervisionConfig {
             max_restarts: 10,
-            window_ms: 60_000,
-            backoff_ms: vec![0, 100, 1_000, 5_000],
+            window: Duration::from_secs(60),
+            backoff: [0, 100, 1_000, 5_000].map(Duration::from_millis).to_vec(),
         }
     }
 }
@@ -181,17 +193,21 @@ pub struct StoreConfig {
     /// How long an inbox mark is kept at least (at most twice this: marks expire a
     /// generation at a time, see `Store::rotate_inbox`); a duplicate older than this is
     /// processed again.
-    pub inbox_retention_ms: u64,
+    #[serde(with = "duration")]
+    pub inbox_retention: Duration,
     /// How often the node checks whether the inbox generation is due to rotate.
-    pub inbox_prune_interval_ms: u64,
+    #[serde(with = "duration")]
+    pub inbox_prune_interval: Duration,
     /// sled page cache size in bytes (sled keeps about twice this resident).
     pub cache_capacity_bytes: u64,
     /// A store flush that has not returned after this long will not: the node restarts in
     /// place (see `node::watchdog`). Whole seconds; at least 1 s.
-    pub flush_stall_ms: u64,
+    #[serde(with = "duration")]
+    pub flush_stall: Duration,
     /// How long a saga instance that ended (completed, cancelled) is kept, with its
     /// history, for inspection; then it is removed. 0: kept for ever.
-    pub saga_retention_ms: u64,
+    #[serde(with = "duration")]
+    pub saga_retention: Duration,
 }
 
 impl Default for NodeConfig {
@@ -204,7 +220,7 @@ impl Default for NodeConfig {
             stream: StreamConfig::default(),
             consumer: ConsumerConfig::default(),
             store: StoreConfig::default(),
-            external_timeout_ms: 5_000,
+            external_timeout: Duration::from_secs(5),
             max_message_bytes: 64 * 1024,
             faults: Default::default(),
             retry: Default::default(),
@@ -220,9 +236,9 @@ impl Default for NodeConfig {
 impl Default for StreamConfig {
     fn default() -> Self {
         StreamConfig {
-            max_age_ms: 0,
+            max_age: Duration::ZERO,
             max_bytes: 256 << 20,
-            duplicate_window_ms: 10 * 1000,
+            duplicate_window: Duration::from_secs(10),
             max_message_size: 1024 * 1024 - 4096,
             file_storage: true,
             history: 0.5,
@@ -233,7 +249,7 @@ impl Default for StreamConfig {
 impl Default for ConsumerConfig {
     fn default() -> Self {
         ConsumerConfig {
-            ack_wait_ms: 30_000,
+            ack_wait: Duration::from_secs(30),
             max_deliver: 10_000,
             max_in_flight: 64,
             own_messages_in_transaction: true,
@@ -244,11 +260,11 @@ impl Default for ConsumerConfig {
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
-            inbox_retention_ms: 7 * 24 * 3600 * 1000,
-            inbox_prune_interval_ms: 60_000,
+            inbox_retention: Duration::from_secs(7 * 24 * 3600),
+            inbox_prune_interval: Duration::from_secs(60),
             cache_capacity_bytes: 8 * 1024 * 1024,
-            flush_stall_ms: 30_000,
-            saga_retention_ms: 7 * 24 * 3600 * 1000,
+            flush_stall: Duration::from_secs(30),
+            saga_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -293,10 +309,11 @@ impl NodeConfig {
                 c.max_in_flight
             ));
         }
-        if c.ack_wait_ms < 3 * self.external_timeout_ms {
+        if c.ack_wait < 3 * self.external_timeout {
             return bad(format!(
-                "consumer.ack_wait_ms ({}) must be at least 3x external_timeout_ms ({})",
-                c.ack_wait_ms, self.external_timeout_ms
+                "consumer.ack_wait ({}) must be at least 3x external_timeout ({})",
+                duration::format(c.ack_wait),
+                duration::format(self.external_timeout)
             ));
         }
         let policies = std::iter::once(("retry".to_string(), &self.retry)).chain(
@@ -308,10 +325,11 @@ impl NodeConfig {
             if let Some(problem) = p.problems() {
                 return bad(format!("{name}: {problem}"));
             }
-            if p.handler_timeout_ms >= c.ack_wait_ms {
+            if p.handler_timeout >= c.ack_wait {
                 return bad(format!(
-                    "{name}.handler_timeout_ms ({}) must be below consumer.ack_wait_ms ({})",
-                    p.handler_timeout_ms, c.ack_wait_ms
+                    "{name}.handler_timeout ({}) must be below consumer.ack_wait ({})",
+                    duration::format(p.handler_timeout),
+                    duration::format(c.ack_wait)
                 ));
             }
             if i64::from(p.budget) >= c.max_deliver {
@@ -324,10 +342,8 @@ impl NodeConfig {
         if let Some(problem) = self.breaker.problems() {
             return bad(format!("breaker: {problem}"));
         }
-        if self.supervision.max_restarts == 0 || self.supervision.backoff_ms.is_empty() {
-            return bad(
-                "supervision: max_restarts must be positive and backoff_ms not empty".into(),
-            );
+        if self.supervision.max_restarts == 0 || self.supervision.backoff.is_empty() {
+            return bad("supervision: max_restarts must be positive and backoff not empty".into());
         }
         if !(self.stream.history > 0.0 && self.stream.history < 1.0) {
             return bad(format!(
@@ -336,9 +352,9 @@ impl NodeConfig {
             ));
         }
         let s = &self.stream;
-        if s.duplicate_window_ms == 0 || (s.max_age_ms > 0 && s.duplicate_window_ms > s.max_age_ms)
+        if s.duplicate_window.is_zero() || (!s.max_age.is_zero() && s.duplicate_window > s.max_age)
         {
-            return bad("stream.duplicate_window_ms must be > 0 and <= stream.max_age_ms".into());
+            return bad("stream.duplicate_window must be > 0 and <= stream.max_age".into());
         }
         if self.max_message_bytes as i64 >= self.stream.max_message_size as i64 {
             return bad(format!(
@@ -347,10 +363,10 @@ impl NodeConfig {
                 self.max_message_bytes, self.stream.max_message_size
             ));
         }
-        if self.store.flush_stall_ms < 1000 {
+        if self.store.flush_stall < Duration::from_secs(1) {
             return bad(format!(
-                "store.flush_stall_ms must be at least 1000 (the watchdog looks once a second), got {}",
-                self.store.flush_stall_ms
+                "store.flush_stall must be at least 1s (the watchdog looks once a second), got {}",
+                duration::format(self.store.flush_stall)
             ));
         }
         #[cfg(feature = "faults")]
@@ -388,10 +404,10 @@ impl NodeConfig {
     pub fn stream_spec(&self) -> crate::wire::bus::StreamSpec {
         let s = &self.stream;
         crate::wire::bus::StreamSpec {
-            max_age: Duration::from_millis(s.max_age_ms),
+            max_age: s.max_age,
             max_bytes: s.max_bytes,
             max_message_size: s.max_message_size,
-            duplicate_window: Duration::from_millis(s.duplicate_window_ms),
+            duplicate_window: s.duplicate_window,
             file_storage: s.file_storage,
         }
     }
@@ -406,7 +422,7 @@ impl NodeConfig {
     }
 
     pub fn ack_wait(&self) -> Duration {
-        Duration::from_millis(self.consumer.ack_wait_ms)
+        self.consumer.ack_wait
     }
 
     /// The retry policy of a handler (component).
@@ -455,11 +471,11 @@ mod tests {
         c.contexts = vec!["shop".into()];
         assert!(refusal(&c).contains("unknown context"));
         let mut c = valid();
-        c.consumer.ack_wait_ms = 1_000;
+        c.consumer.ack_wait = Duration::from_secs(1);
         assert!(refusal(&c).contains("3x"));
         let mut c = valid();
-        c.store.flush_stall_ms = 500;
-        assert!(refusal(&c).contains("store.flush_stall_ms must be at least 1000"));
+        c.store.flush_stall = Duration::from_millis(500);
+        assert!(refusal(&c).contains("store.flush_stall must be at least 1s"));
         let mut c = valid();
         c.max_message_bytes = 2 << 20;
         assert!(c.validate(KNOWN).is_err());
@@ -473,7 +489,7 @@ mod tests {
         let c: NodeConfig =
             toml::from_str("contexts=['orders']\n[consumer]\nmax_deliver=5\n").unwrap();
         assert_eq!(c.consumer.max_deliver, 5);
-        assert_eq!(c.consumer.ack_wait_ms, 30_000);
+        assert_eq!(c.consumer.ack_wait, Duration::from_secs(30));
         assert!(toml::from_str::<NodeConfig>("bogus = 1").is_err());
     }
 
@@ -493,11 +509,11 @@ mod tests {
             (8, 64)
         );
         let mut bad = c.clone();
-        bad.retry.handler_timeout_ms = bad.consumer.ack_wait_ms;
+        bad.retry.handler_timeout = bad.consumer.ack_wait;
         assert!(bad
             .validate(KNOWN)
             .unwrap_err()
             .to_string()
-            .contains("handler_timeout_ms"));
+            .contains("handler_timeout"));
     }
 }
