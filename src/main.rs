@@ -14,7 +14,7 @@ const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
 
 /// mimalloc instead of glibc malloc: in the profile of the orders node at full load,
 /// malloc, free and `malloc_consolidate` took about a fifth of its CPU (bench/PROFILE.md).
-/// Built without transparent huge pages (`no_thp`): with them idle RSS was 55 MiB a node.
+/// Built without transparent huge pages (`no_thp`), which cost a node about 40 MiB idle.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -498,7 +498,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         Cmd::Node(a) => run_node(a).map(|_| true),
         // One thread: the simulators stand in for systems on other machines, and their
         // little work, done where the request arrives, wakes no second worker on the
-        // shop's cores (bench/PROFILE.md, session 20).
+        // shop's cores (bench/PROFILE.md).
         Cmd::Sim(a) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?

@@ -55,7 +55,11 @@ fn bad_config_files_are_refused_with_the_reason() {
 
     // Durations are written with their unit.
     let bare = dir.path().join("bare.toml");
-    std::fs::write(&bare, "contexts = [\"orders\"]\n[consumer]\nack_wait = 30\n").unwrap();
+    std::fs::write(
+        &bare,
+        "contexts = [\"orders\"]\n[consumer]\nack_wait = 30\n",
+    )
+    .unwrap();
     let (code, out) = choreo(&["node", "--config", bare.to_str().unwrap()]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("30 has no unit"), "{out}");

@@ -232,20 +232,7 @@ async fn prometheus_evaluates_every_panel_and_rule() {
         .await
         .unwrap();
     assert!(report.ok());
-    let env = runtime::Envelope::first(
-        runtime::wire::envelope::new_id(),
-        "PlaceOrder",
-        "test",
-        runtime::wire::envelope::now_ms(),
-    );
-    t.bus
-        .publish(
-            &runtime::wire::subjects::command("orders", "PlaceOrder"),
-            &env,
-            "{not json".into(),
-        )
-        .await
-        .unwrap();
+    publish_malformed_order(&t.bus).await;
     // Saga gauges are refreshed every 5 s, lag every 5 s; scrapes every 1 s.
     let ready = || async {
         query(port, "choreo_saga_instances{state=\"Completed\"} > 0").unwrap_or(0) > 0
@@ -313,6 +300,23 @@ async fn prometheus_evaluates_every_panel_and_rule() {
     t.shop.stop().unwrap();
 }
 
+/// Publishes a `PlaceOrder` whose body is not JSON: one dead letter.
+async fn publish_malformed_order(bus: &runtime::wire::bus::Bus) {
+    let env = runtime::Envelope::first(
+        runtime::wire::envelope::new_id(),
+        "PlaceOrder",
+        "test",
+        runtime::wire::envelope::now_ms(),
+    );
+    bus.publish(
+        &runtime::wire::subjects::command("orders", "PlaceOrder"),
+        &env,
+        "{not json".into(),
+    )
+    .await
+    .unwrap();
+}
+
 /// Counters exist at 0 from a node's start, so the first dead letter is an increase that
 /// Prometheus sees (a series that first appears at 1 is not), and every breaker state and
 /// dead-letter reason is there before anything happened.
@@ -353,20 +357,7 @@ async fn prometheus_sees_the_first_dead_letter_of_a_node() {
         eventually(Duration::from_secs(30), scraped).await,
         "the series scraped at 0"
     );
-    let env = runtime::Envelope::first(
-        runtime::wire::envelope::new_id(),
-        "PlaceOrder",
-        "test",
-        runtime::wire::envelope::now_ms(),
-    );
-    t.bus
-        .publish(
-            &runtime::wire::subjects::command("orders", "PlaceOrder"),
-            &env,
-            "{not json".into(),
-        )
-        .await
-        .unwrap();
+    publish_malformed_order(&t.bus).await;
     let seen = || async {
         query(
             port,

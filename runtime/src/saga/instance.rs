@@ -334,14 +334,22 @@ mod tests {
     use crate::saga::{Definition, Step};
     use crate::store::{DecideError, Effects, Store};
 
-    /// A counter saga: every message adds one.
-    struct Counter;
+    /// A counter saga: every message adds one; with `ends`, its only state is terminal.
+    struct Counter {
+        name: &'static str,
+        ends: bool,
+    }
+
+    const COUNTER: Counter = Counter {
+        name: "counter",
+        ends: false,
+    };
 
     impl ProcessManager for Counter {
         type State = u64;
         type Input = ();
         fn name(&self) -> &'static str {
-            "counter"
+            self.name
         }
         fn subscriptions(&self) -> Vec<Subscription> {
             vec![]
@@ -361,13 +369,23 @@ mod tests {
             Ok(Some(Step::to(s.copied().unwrap_or(0) + 1)))
         }
         fn state_name(&self, _: &u64) -> &'static str {
-            "Counting"
+            if self.ends {
+                "Done"
+            } else {
+                "Counting"
+            }
         }
         fn definition(&self) -> Definition {
+            let state = crate::saga::StateDef {
+                name: self.state_name(&0),
+                terminal: self.ends,
+                deadline: None,
+                waits_without_deadline: None,
+            };
             Definition {
-                name: "counter",
-                initial: "Counting",
-                states: vec![],
+                name: self.name,
+                initial: state.name,
+                states: vec![state],
                 transitions: vec![],
             }
         }
@@ -390,7 +408,7 @@ mod tests {
                         };
                         store
                             .commit::<HandleError, _>(&format!("c/{t}/{i}"), 1, |tx| {
-                                apply(&Counter, tx, "one", Trigger::Message(&()), &cause, 1)
+                                apply(&COUNTER, tx, "one", Trigger::Message(&()), &cause, 1)
                                     .map_err(|e| match e {
                                         HandleError::State(StateError::Tx(t)) => DecideError::Tx(t),
                                         other => DecideError::Handler(other),
@@ -458,50 +476,6 @@ mod tests {
         assert_eq!(oldest, Some(6));
     }
 
-    /// A saga that ends on its first message.
-    struct Once;
-
-    impl ProcessManager for Once {
-        type State = u8;
-        type Input = ();
-        fn name(&self) -> &'static str {
-            "once"
-        }
-        fn subscriptions(&self) -> Vec<Subscription> {
-            vec![]
-        }
-        fn decode(&self, _: &str, _: &[u8]) -> Result<(), DecodeError> {
-            Ok(())
-        }
-        fn correlate(&self, _: &()) -> String {
-            "one".into()
-        }
-        fn transition(
-            &self,
-            _: Option<&u8>,
-            _: Trigger<'_, ()>,
-            _: u64,
-        ) -> Result<Option<Step<u8>>, HandleError> {
-            Ok(Some(Step::to(1)))
-        }
-        fn state_name(&self, _: &u8) -> &'static str {
-            "Done"
-        }
-        fn definition(&self) -> Definition {
-            Definition {
-                name: "once",
-                initial: "Done",
-                states: vec![crate::saga::StateDef {
-                    name: "Done",
-                    terminal: true,
-                    deadline: None,
-                    waits_without_deadline: None,
-                }],
-                transitions: vec![],
-            }
-        }
-    }
-
     #[test]
     fn an_ended_instance_is_indexed_and_forgotten_with_its_history() {
         let dir = tempfile::tempdir().unwrap();
@@ -513,7 +487,11 @@ mod tests {
         };
         let moved = store
             .commit::<HandleError, _>("c/1", 7, |tx| {
-                let d = apply(&Once, tx, "one", Trigger::Message(&()), &cause, 7)
+                let once = Counter {
+                    name: "once",
+                    ends: true,
+                };
+                let d = apply(&once, tx, "one", Trigger::Message(&()), &cause, 7)
                     .map_err(DecideError::Handler)?;
                 Ok(Effects {
                     saga_moves: d.saga_move.into_iter().collect(),

@@ -191,11 +191,7 @@ impl Bus {
         filters: Vec<String>,
         spec: &ConsumerSpec,
     ) -> Result<consumer::PullConsumer, BusError> {
-        let stream = self
-            .js
-            .get_stream(subjects::stream(source))
-            .await
-            .map_err(|e| js_err(format!("get stream of {source}"), e))?;
+        let stream = self.context_stream(source).await?;
         // No back-off list: with one, the server adds its steps to every nak's own delay (a
         // message naked for 5 s on its second delivery came back after 35 s). Redelivery
         // after a crash comes from `redeliver_unacked` at start, after a stall from ack_wait.
@@ -217,16 +213,20 @@ impl Bus {
             .map_err(|e| js_err(format!("create consumer {durable}"), e))
     }
 
+    /// The stream of context `source`.
+    async fn context_stream(&self, source: &str) -> Result<jetstream::stream::Stream, BusError> {
+        self.js
+            .get_stream(subjects::stream(source))
+            .await
+            .map_err(|e| js_err(format!("get stream of {source}"), e))
+    }
+
     /// Makes the durable consumer `durable` on the stream of `source` deliver again, now,
     /// every message it has not acked (delivery starts over from its ack floor). A node that
     /// starts does this once per consumer: what a previous run of it had in flight (killed,
     /// say) comes back at once instead of after `ack_wait`. Needs nats-server 2.14.
     pub async fn redeliver_unacked(&self, source: &str, durable: &str) -> Result<(), BusError> {
-        let stream = self
-            .js
-            .get_stream(subjects::stream(source))
-            .await
-            .map_err(|e| js_err(format!("get stream of {source}"), e))?;
+        let stream = self.context_stream(source).await?;
         stream
             .reset_consumer(durable, None)
             .await
