@@ -2,6 +2,7 @@
 //! sled. It knows nothing about the shop.
 //!
 //! The rooms, lowest first (a room uses only the rooms above it in this list):
+//! - [`duration`]: durations as written in config and on the command line (`"30s"`);
 //! - [`telemetry`]: metrics, readiness, the HTTP endpoint, saga counts;
 //! - [`wire`]: the envelope, subjects and streams, the NATS connection, external requests;
 //! - [`store`]: sled behind the state API, the batch transaction, inbox, outbox table;
@@ -58,6 +59,7 @@ macro_rules! fault {
 pub mod component;
 pub mod config;
 pub mod context;
+pub mod duration;
 #[cfg(feature = "faults")]
 pub mod faults;
 pub mod node;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub mod duration;
+pub use crate::duration;
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]

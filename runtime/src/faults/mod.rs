@@ -140,13 +140,13 @@ pub struct FaultRule {
     pub payload_contains: Option<String>,
     #[serde(default = "one")]
     pub probability: f64,
-    #[serde(default, with = "crate::config::duration")]
+    #[serde(default, with = "crate::duration")]
     pub delay: Duration,
     /// The rule expires this long after it is installed.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        with = "crate::config::duration::option"
+        with = "crate::duration::option"
     )]
     pub duration: Option<Duration>,
 }

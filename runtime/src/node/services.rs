@@ -216,7 +216,7 @@ pub(crate) async fn rotate_inbox(context: &'static str, store: Store, cfg: Arc<N
             Ok(Ok(false)) => {}
             Ok(Ok(true)) => tracing::info!(
                 context,
-                retention = %crate::config::duration::format(retention),
+                retention = %crate::duration::format(retention),
                 "inbox rotated: a new generation started, marks older than one retention period dropped"
             ),
             Ok(Err(e)) => tracing::warn!(context, error = %e, "inbox rotation failed"),

@@ -25,7 +25,7 @@ pub struct BreakerConfig {
     /// Failure rate (0.0 to 1.0) that opens the breaker.
     pub failure_rate: f64,
     /// How long the breaker stays open before letting probes through.
-    #[serde(with = "crate::config::duration")]
+    #[serde(with = "crate::duration")]
     pub open: Duration,
     /// Calls let through at once while half-open.
     pub half_open_probes: u32,

@@ -15,10 +15,10 @@ pub struct RetryPolicy {
     /// Retries inside the same delivery, without delay, before the message is naked.
     pub immediate: u32,
     /// First delayed retry.
-    #[serde(with = "crate::config::duration")]
+    #[serde(with = "crate::duration")]
     pub base: Duration,
     /// Longest delay between deliveries.
-    #[serde(with = "crate::config::duration")]
+    #[serde(with = "crate::duration")]
     pub max: Duration,
     /// Growth factor of the delay.
     pub factor: f32,
@@ -27,7 +27,7 @@ pub struct RetryPolicy {
     /// Failed deliveries before the message is dead-lettered.
     pub budget: u32,
     /// Longest handling of one message before it counts as a transient failure.
-    #[serde(with = "crate::config::duration")]
+    #[serde(with = "crate::duration")]
     pub handler_timeout: Duration,
 }
 

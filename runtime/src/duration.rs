@@ -135,9 +135,9 @@ mod tests {
 
     #[derive(Debug, serde::Deserialize, serde::Serialize, PartialEq)]
     struct T {
-        #[serde(with = "super")]
+        #[serde(with = "crate::duration")]
         d: Duration,
-        #[serde(with = "super::list")]
+        #[serde(with = "crate::duration::list")]
         l: Vec<Duration>,
     }
 
