@@ -5,116 +5,16 @@
 
 use std::sync::Arc;
 
-use runtime::component::DynComponent;
+use runtime::app::App;
 use runtime::config::NodeConfig;
-use runtime::saga::DynSaga;
-use runtime::{Context, QueryError, StateRead};
+use runtime::context::ContextBuilder;
+use runtime::Context;
 
 /// Every context a node can host, in start order.
 pub const KNOWN: &[&str] = &["customers", "orders", "inventory", "payments", "shipping"];
 
-type QueryFn = fn(&dyn StateRead, &str, &[u8]) -> Result<serde_json::Value, QueryError>;
-
-/// A part of a context: components plus the queries they answer.
-struct Part {
-    components: Vec<Arc<dyn DynComponent>>,
-    queries: &'static [&'static str],
-    query: QueryFn,
-}
-
-/// A context assembled from parts.
-pub struct Hosted {
-    name: &'static str,
-    parts: Vec<Part>,
-    sagas: Vec<Arc<dyn DynSaga>>,
-}
-
-impl Context for Hosted {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-    fn components(&self) -> Vec<Arc<dyn DynComponent>> {
-        self.parts
-            .iter()
-            .flat_map(|p| p.components.iter().cloned())
-            .collect()
-    }
-    fn queries(&self) -> Vec<&'static str> {
-        self.parts
-            .iter()
-            .flat_map(|p| p.queries.iter().copied())
-            .collect()
-    }
-    fn sagas(&self) -> Vec<Arc<dyn DynSaga>> {
-        self.sagas.clone()
-    }
-    fn query(
-        &self,
-        state: &dyn StateRead,
-        name: &str,
-        request: &[u8],
-    ) -> Result<serde_json::Value, QueryError> {
-        match self.parts.iter().find(|p| p.queries.contains(&name)) {
-            Some(p) => (p.query)(state, name, request),
-            None => Err(QueryError::Unknown(name.to_string())),
-        }
-    }
-}
-
 /// Builds one context by name with the node's configuration (saga settings).
 pub fn build(name: &str, cfg: &NodeConfig) -> Result<Arc<dyn Context>, String> {
-    let part = |components, queries, query| Part {
-        components,
-        queries,
-        query,
-    };
-    let mut sagas: Vec<Arc<dyn DynSaga>> = Vec::new();
-    let (name, parts): (&'static str, Vec<Part>) = match name {
-        "customers" => (
-            "customers",
-            vec![part(
-                customers::components(),
-                customers::QUERIES,
-                customers::query,
-            )],
-        ),
-        "orders" => {
-            let (component, saga) = sagas::order_fulfilment(&cfg.sagas)?;
-            sagas.push(saga);
-            (
-                "orders",
-                vec![
-                    part(orders::components(), orders::QUERIES, orders::query),
-                    part(vec![component], &[], no_query),
-                ],
-            )
-        }
-        "inventory" => (
-            "inventory",
-            vec![part(
-                inventory::components(),
-                inventory::QUERIES,
-                inventory::query,
-            )],
-        ),
-        "payments" => (
-            "payments",
-            vec![part(
-                payments::components(),
-                payments::QUERIES,
-                payments::query,
-            )],
-        ),
-        "shipping" => (
-            "shipping",
-            vec![part(
-                shipping::components(),
-                shipping::QUERIES,
-                shipping::query,
-            )],
-        ),
-        other => return Err(format!("unknown context {other:?}")),
-    };
     for key in cfg.sagas.keys() {
         if sagas::definition(key).is_none() {
             return Err(format!(
@@ -123,11 +23,33 @@ pub fn build(name: &str, cfg: &NodeConfig) -> Result<Arc<dyn Context>, String> {
             ));
         }
     }
-    Ok(Arc::new(Hosted { name, parts, sagas }))
+    let context = match name {
+        "customers" => ContextBuilder::new("customers")
+            .components(customers::components())
+            .queries(customers::QUERIES, customers::query),
+        "orders" => ContextBuilder::new("orders")
+            .components(orders::components())
+            .queries(orders::QUERIES, orders::query)
+            .saga(sagas::order_fulfilment(&cfg.sagas)?),
+        "inventory" => ContextBuilder::new("inventory")
+            .components(inventory::components())
+            .queries(inventory::QUERIES, inventory::query),
+        "payments" => ContextBuilder::new("payments")
+            .components(payments::components())
+            .queries(payments::QUERIES, payments::query),
+        "shipping" => ContextBuilder::new("shipping")
+            .components(shipping::components())
+            .queries(shipping::QUERIES, shipping::query),
+        other => return Err(format!("unknown context {other:?}")),
+    };
+    context.build().map_err(|e| e.to_string())
 }
 
-fn no_query(_: &dyn StateRead, name: &str, _: &[u8]) -> Result<serde_json::Value, QueryError> {
-    Err(QueryError::Unknown(name.to_string()))
+/// The shop as an application: a node of it hosts any of its contexts (`choreo node`).
+pub fn app() -> App {
+    KNOWN.iter().fold(App::new("choreo"), |app, &name| {
+        app.context(name, move |cfg| Ok(build(name, cfg)?))
+    })
 }
 
 /// Every context, by name, in start order.
@@ -147,16 +69,7 @@ pub fn ensure_known(name: &str) -> anyhow::Result<()> {
 
 /// Expands a `--context` list: names separated by commas, or `all`.
 pub fn expand(list: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        if item == "all" {
-            out.extend(all());
-        } else {
-            out.push(item.to_string());
-        }
-    }
-    out.dedup();
-    out
+    app().expand(list)
 }
 
 #[cfg(test)]

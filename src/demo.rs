@@ -91,7 +91,7 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<bool> {
     };
     let outcome = tokio::select! {
         r = work => Some(r),
-        _ = crate::shutdown_signal() => None,
+        _ = runtime::app::shutdown_signal() => None,
     };
     let dlq = bus
         .js
@@ -125,7 +125,7 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<bool> {
             "still running (NATS {}); Prometheus: `make prometheus`; Ctrl-C stops everything",
             shop.nats.url
         );
-        crate::shutdown_signal().await;
+        runtime::app::shutdown_signal().await;
     }
     shop.stop()?;
     println!("stopped cleanly");

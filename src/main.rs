@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use choreo::contexts;
 use choreo::load::LoadConfig;
-use clap::{Args, Parser, Subcommand};
-use runtime::config::NodeConfig;
-use runtime::node::Exit;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use runtime::app::{init_tracing, shutdown_signal, HostArgs};
 
 const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
 
@@ -29,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a node hosting one or more bounded contexts until SIGINT/SIGTERM.
-    Node(NodeArgs),
+    Node(HostArgs),
     /// Run the payment gateway and carrier simulators (NATS request/reply).
     Sim(SimArgs),
     /// Place orders, wait for each to end, print counts, throughput and latency.
@@ -293,26 +292,6 @@ struct NatsArg {
 }
 
 #[derive(Args)]
-struct NodeArgs {
-    /// Contexts to host: a comma-separated list of customers, orders, inventory, payments,
-    /// shipping, or `all`.
-    #[arg(long, env = "CHOREO_CONTEXT")]
-    context: Option<String>,
-    /// NATS server URL [default: nats://127.0.0.1:4222, or the config file's nats_url].
-    #[arg(long = "nats", env = "NATS_URL")]
-    nats: Option<String>,
-    /// Directory for the contexts' sled databases (one subdirectory each).
-    #[arg(long, env = "CHOREO_DATA")]
-    data: Option<PathBuf>,
-    /// Address for /metrics, /healthz and /readyz [default: 127.0.0.1:9464].
-    #[arg(long, env = "CHOREO_METRICS_ADDR")]
-    metrics: Option<String>,
-    /// TOML config file (see config/node.example.toml); flags and environment override it.
-    #[arg(long, env = "CHOREO_CONFIG")]
-    config: Option<PathBuf>,
-}
-
-#[derive(Args)]
 struct SimArgs {
     #[command(flatten)]
     nats: NatsArg,
@@ -449,28 +428,14 @@ impl LoadShape {
     }
 }
 
-/// Log level from `CHOREO_LOG` (e.g. `debug`, `runtime=debug,info`); nodes and simulators
-/// default to `info`, the client commands to `warn`. `CHOREO_LOG_FORMAT=json` for JSON lines.
-fn init_tracing(default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CHOREO_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    let json = std::env::var("CHOREO_LOG_FORMAT").is_ok_and(|v| v == "json");
-    // Colours only on a terminal: nodes started by the demo, the bench and the tests log to
-    // files, where escape codes are noise (and formatting them cost ~1% of a busy node).
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `choreo node --help` lists the shop's contexts.
+    let help = contexts::app().context_help();
+    let matches = Cli::command()
+        .mut_subcommand("node", |node| node.mut_arg("context", |a| a.help(help)))
+        .get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // Nodes and simulators log at `info`, the client commands at `warn` (`CHOREO_LOG`).
     init_tracing(if matches!(cli.command, Cmd::Node(_) | Cmd::Sim(_)) {
         "info"
     } else {
@@ -495,7 +460,10 @@ fn tokio_rt() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
-        Cmd::Node(a) => run_node(a).map(|_| true),
+        Cmd::Node(a) => contexts::app()
+            .run_with(a)
+            .map(|_| true)
+            .map_err(Into::into),
         // One thread: the simulators stand in for systems on other machines, and their
         // little work, done where the request arrives, wakes no second worker on the
         // shop's cores (bench/PROFILE.md).
@@ -513,7 +481,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 };
                 tokio::select! {
                     r = choreo::sim::run(bus.client.clone(), cfg) => r?,
-                    _ = choreo::shutdown_signal() => {}
+                    _ = shutdown_signal() => {}
                 }
                 Ok(true)
             }),
@@ -778,58 +746,4 @@ fn run_saga(cmd: SagaCmd) -> anyhow::Result<bool> {
         }
         Ok(true)
     })
-}
-
-fn run_node(a: NodeArgs) -> anyhow::Result<()> {
-    let mut cfg = match &a.config {
-        Some(path) => NodeConfig::from_file(path)?,
-        None => NodeConfig::default(),
-    };
-    if let Some(c) = &a.context {
-        cfg.contexts = contexts::expand(c);
-    }
-    cfg.contexts = cfg
-        .contexts
-        .iter()
-        .flat_map(|c| contexts::expand(c))
-        .collect();
-    if let Some(n) = a.nats {
-        cfg.nats_url = n;
-    }
-    if let Some(d) = a.data {
-        cfg.data_dir = d;
-    }
-    if let Some(m) = a.metrics {
-        cfg.metrics_addr = m;
-    }
-    cfg.validate(contexts::KNOWN)?;
-    let hosted = cfg
-        .contexts
-        .iter()
-        .map(|c| {
-            contexts::build(c, &cfg).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    match runtime::node::run(cfg, hosted, choreo::shutdown_signal())? {
-        Exit::Stopped => Ok(()),
-        Exit::Stalled => std::process::exit(70),
-        Exit::RestartInPlace(why) => restart_in_place(why),
-    }
-}
-
-/// Replaces this process with a fresh run of the same command line (same pid; every file
-/// and socket is closed on exec), its restarts in place counted in the environment.
-fn restart_in_place(why: runtime::node::Restart) -> ! {
-    use std::os::unix::process::CommandExt;
-    let (name, value) = why.env_for_next_run();
-    let err = std::env::current_exe()
-        .map(|exe| {
-            std::process::Command::new(exe)
-                .args(std::env::args_os().skip(1))
-                .env(name, value)
-                .exec()
-        })
-        .unwrap_or_else(|e| e);
-    eprintln!("error: cannot restart in place: {err}");
-    std::process::exit(70);
 }

@@ -90,20 +90,10 @@ impl Cli {
     }
 }
 
-/// Log level from `CHOREO_LOG` (default `warn`), as the `choreo` client commands.
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CHOREO_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // Log level from `CHOREO_LOG` (default `warn`), as the `choreo` client commands.
+    runtime::app::init_tracing("warn");
     match bench(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -14,7 +14,8 @@
 //!   commit and the outbox relay;
 //! - [`saga`]: process managers, their deadlines and inspection;
 //! - [`context`]: a bounded context as a node hosts it;
-//! - [`node`]: one process hosting contexts, its services and its store watchdog.
+//! - [`node`]: one process hosting contexts, its services and its store watchdog;
+//! - [`app`]: an application's `main`: its contexts, the command line, logging, signals.
 //!
 //! Path of one message: the [`pipeline`] pulls it from a durable consumer, reads its
 //! envelope, checks the inbox and runs the component's decision in one [`store`]
@@ -56,6 +57,7 @@ macro_rules! fault {
     ($($t:tt)*) => {};
 }
 
+pub mod app;
 pub mod component;
 pub mod config;
 pub mod context;

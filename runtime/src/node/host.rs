@@ -130,7 +130,7 @@ impl ContextHost {
         init_series(&ctx, shared);
         let mut actors = Vec::new();
         let mut polled = Vec::new();
-        for comp in ctx.components() {
+        for comp in ctx.message_handlers() {
             for sub in comp.subscriptions() {
                 let durable = durable_name(name, comp.name(), &sub);
                 polled.push((name, subjects::stream(sub.source), durable));
@@ -249,7 +249,7 @@ fn init_series(ctx: &Arc<dyn Context>, shared: &Shared) {
             .with_label_values(&[name, result])
             .inc_by(0);
     }
-    for comp in ctx.components() {
+    for comp in ctx.message_handlers() {
         for system in comp.external_systems() {
             // Created now, with its series.
             shared.breakers.get(system);
@@ -283,6 +283,9 @@ fn init_series(ctx: &Arc<dyn Context>, shared: &Shared) {
             metrics::SAGA_DEADLINES_FIRED
                 .with_label_values(&[saga.name(), deadline])
                 .inc_by(0);
+            metrics::SAGA_DEADLINES_DROPPED
+                .with_label_values(&[saga.name(), deadline])
+                .inc_by(0);
         }
     }
 }
@@ -298,7 +301,7 @@ fn same_context_chain(ctx: &Arc<dyn Context>, shared: &Shared) -> Option<SameCon
     if shared.cfg.danger.any() {
         return None;
     }
-    let chain = SameContext::new(ctx.name(), &ctx.components());
+    let chain = SameContext::new(ctx.name(), &ctx.message_handlers());
     #[cfg(feature = "faults")]
     let chain = chain.with_faults(shared.faults.clone());
     (!chain.is_empty()).then_some(chain)

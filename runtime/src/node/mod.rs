@@ -125,7 +125,7 @@ async fn serve(
     let mut streams = BTreeSet::new();
     for c in &contexts {
         streams.insert(c.name());
-        for comp in c.components() {
+        for comp in c.message_handlers() {
             for s in comp.subscriptions() {
                 streams.insert(s.source);
             }
@@ -224,11 +224,12 @@ async fn serve(
 }
 
 /// Commands are addressed to a context and consumed whole (`cmd.>`) by exactly one of its
-/// components; a component may not consume another context's commands.
+/// components; a component may not consume another context's commands. Every saga's
+/// declared graph checks out (each waiting state has a deadline or says why not).
 fn check_routing(contexts: &[Arc<dyn Context>]) -> Result<(), NodeError> {
     for c in contexts {
         let mut handlers = Vec::new();
-        for comp in c.components() {
+        for comp in c.message_handlers() {
             for s in comp.subscriptions() {
                 if s.kind == Kind::Command {
                     if s.source != c.name() {
@@ -247,6 +248,17 @@ fn check_routing(contexts: &[Arc<dyn Context>]) -> Result<(), NodeError> {
                 c.name(),
                 handlers.join(", ")
             )));
+        }
+        for saga in c.sagas() {
+            let problems = saga.definition().problems();
+            if !problems.is_empty() {
+                return Err(NodeError::Other(format!(
+                    "context {}: saga {} is declared wrongly: {}",
+                    c.name(),
+                    saga.name(),
+                    problems.join("; ")
+                )));
+            }
         }
     }
     Ok(())

@@ -12,8 +12,16 @@ use crate::component::{
 };
 use crate::store::{StateRead, StateTx};
 
-/// A process manager as a runtime component (its message subscriptions).
-pub struct SagaComponent<P>(pub Arc<P>);
+/// A process manager as the runtime hosts it: a component (its message subscriptions) and
+/// a [`DynSaga`]. Made only by [`hosted`], so a saga's messages are never handled without
+/// its deadlines and inspection.
+pub(crate) struct SagaComponent<P>(pub(crate) Arc<P>);
+
+/// A process manager ready to be hosted by a context ([`crate::Context::sagas`]): its
+/// messages, its deadlines, its operator retries and its inspection, from one registration.
+pub fn hosted<P: ProcessManager>(saga: P) -> Arc<dyn DynSaga> {
+    Arc::new(SagaComponent(Arc::new(saga)))
+}
 
 impl<P: ProcessManager> DynComponent for SagaComponent<P> {
     fn name(&self) -> &'static str {
@@ -64,6 +72,8 @@ impl<P: ProcessManager> DynComponent for SagaComponent<P> {
 pub trait DynSaga: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn definition(&self) -> Definition;
+    /// The component that handles the saga's messages.
+    fn component(&self) -> Arc<dyn DynComponent>;
     fn fire(
         &self,
         tx: &dyn StateTx,
@@ -87,6 +97,9 @@ impl<P: ProcessManager> DynSaga for SagaComponent<P> {
     }
     fn definition(&self) -> Definition {
         self.0.definition()
+    }
+    fn component(&self) -> Arc<dyn DynComponent> {
+        Arc::new(SagaComponent(self.0.clone()))
     }
     fn fire(
         &self,

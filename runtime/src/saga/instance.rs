@@ -180,6 +180,14 @@ pub fn apply<P: ProcessManager>(
     };
     let def = pm.definition();
     let to = pm.state_name(&step.state);
+    check_declared(
+        &def,
+        current.as_ref().map(|i| i.status.as_str()),
+        trigger,
+        cause,
+        to,
+    )
+    .map_err(|e| HandleError::Permanent(format!("saga {} instance {id}: {e}", pm.name())))?;
     let terminal = def.is_terminal(to);
     let prior_terminal = current.as_ref().map(|i| i.terminal);
     let mut inst = current.unwrap_or_else(|| Instance {
@@ -266,6 +274,36 @@ pub fn apply<P: ProcessManager>(
     })
 }
 
+/// Refuses a transition the declared graph does not have: a new instance enters the
+/// initial state (or goes on from it in the same step), an instance moves only along a
+/// declared edge (staying put is always allowed). The edge's label is the message type,
+/// `deadline:<name>` or `retry`. A message refused here is dead-lettered with the reason; a
+/// deadline is dropped, counted and logged; either way the instance stays as it was.
+fn check_declared<I>(
+    def: &super::Definition,
+    from: Option<&str>,
+    trigger: Trigger<'_, I>,
+    cause: &Cause<'_>,
+    to: &str,
+) -> Result<(), String> {
+    let on = match trigger {
+        Trigger::Message(_) => std::borrow::Cow::Borrowed(cause.message_type),
+        Trigger::Deadline(name) => std::borrow::Cow::Owned(format!("deadline:{name}")),
+        Trigger::Retry => std::borrow::Cow::Borrowed("retry"),
+    };
+    let declared = match from {
+        Some(from) => def.allows(from, &on, to),
+        None => to == def.initial || def.allows(def.initial, &on, to),
+    };
+    if declared {
+        return Ok(());
+    }
+    let from = from.unwrap_or("(start)");
+    Err(format!(
+        "undeclared transition {from} -{on}-> {to}; declare it in the saga's definition"
+    ))
+}
+
 /// A summary line of an instance, for `list` and `stuck`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceSummary {
@@ -330,66 +368,9 @@ pub fn count(state: &dyn StateRead, saga: &'static str) -> Result<usize, StateEr
 mod tests {
     use super::*;
 
-    use crate::component::{DecodeError, HandleError, Subscription};
-    use crate::saga::{Definition, Step};
+    use crate::component::HandleError;
+    use crate::saga::testing::fixtures::{Counter, COUNTER, STEPPER};
     use crate::store::{DecideError, Effects, Store};
-
-    /// A counter saga: every message adds one; with `ends`, its only state is terminal.
-    struct Counter {
-        name: &'static str,
-        ends: bool,
-    }
-
-    const COUNTER: Counter = Counter {
-        name: "counter",
-        ends: false,
-    };
-
-    impl ProcessManager for Counter {
-        type State = u64;
-        type Input = ();
-        fn name(&self) -> &'static str {
-            self.name
-        }
-        fn subscriptions(&self) -> Vec<Subscription> {
-            vec![]
-        }
-        fn decode(&self, _: &str, _: &[u8]) -> Result<(), DecodeError> {
-            Ok(())
-        }
-        fn correlate(&self, _: &()) -> String {
-            "one".into()
-        }
-        fn transition(
-            &self,
-            s: Option<&u64>,
-            _: Trigger<'_, ()>,
-            _: u64,
-        ) -> Result<Option<Step<u64>>, HandleError> {
-            Ok(Some(Step::to(s.copied().unwrap_or(0) + 1)))
-        }
-        fn state_name(&self, _: &u64) -> &'static str {
-            if self.ends {
-                "Done"
-            } else {
-                "Counting"
-            }
-        }
-        fn definition(&self) -> Definition {
-            let state = crate::saga::StateDef {
-                name: self.state_name(&0),
-                terminal: self.ends,
-                deadline: None,
-                waits_without_deadline: None,
-            };
-            Definition {
-                name: self.name,
-                initial: state.name,
-                states: vec![state],
-                transitions: vec![],
-            }
-        }
-    }
 
     /// Racing deliveries on one instance serialize: none is lost, none applied twice.
     #[test]
@@ -431,6 +412,43 @@ mod tests {
             .scan_prefix(&history_prefix("counter", "one"))
             .unwrap();
         assert_eq!((inst.state, inst.version, history.len()), (200, 200, 200));
+    }
+
+    /// A transition the graph does not declare is refused and changes nothing; the same
+    /// step along a declared edge goes through.
+    #[test]
+    fn an_undeclared_transition_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let step = |n: u32, msg_type: &str| {
+            let cause = Cause {
+                trigger: "message",
+                message_id: "m",
+                message_type: msg_type,
+            };
+            store.commit::<HandleError, _>(&format!("in/{n}"), 1, |tx| {
+                apply(&STEPPER, tx, "one", Trigger::Message(&()), &cause, 1)
+                    .map_err(DecideError::Handler)?;
+                Ok(Effects::default())
+            })
+        };
+        let status = || {
+            let inst: Instance<u64> =
+                crate::store::read(store.reader(), &instance_key("stepper", "one"))
+                    .unwrap()
+                    .unwrap();
+            (inst.status, inst.version)
+        };
+        step(1, "Begin").unwrap();
+        assert_eq!(status(), ("Start".to_string(), 1));
+        let refused = format!("{:?}", step(2, "Other").err().unwrap());
+        assert!(
+            refused.contains("undeclared transition Start -Other-> Done"),
+            "{refused}"
+        );
+        assert_eq!(status(), ("Start".to_string(), 1));
+        step(3, "Finish").unwrap();
+        assert_eq!(status(), ("Done".to_string(), 2));
     }
 
     #[test]
@@ -490,6 +508,7 @@ mod tests {
                 let once = Counter {
                     name: "once",
                     ends: true,
+                    steps: false,
                 };
                 let d = apply(&once, tx, "one", Trigger::Message(&()), &cause, 7)
                     .map_err(DecideError::Handler)?;

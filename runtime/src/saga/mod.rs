@@ -26,7 +26,7 @@ pub mod instance;
 pub mod service;
 pub mod testing;
 
-pub use adapter::{DynSaga, SagaComponent};
+pub use adapter::{hosted, DynSaga};
 pub use definition::{Definition, StateDef, TransitionDef};
 pub use instance::{
     deadline_key, ended_key, history_prefix, instance_key, instances, parse_deadline_key, show,
@@ -42,6 +42,15 @@ pub struct Deadline {
 }
 
 impl Deadline {
+    /// The deadline `name`, due at `at_ms` (milliseconds since the Unix epoch).
+    pub fn at(name: &str, at_ms: u64) -> Self {
+        Deadline {
+            name: name.to_string(),
+            at_ms,
+        }
+    }
+
+    /// The deadline `name`, due `ms` after `now_ms`.
     pub fn after(name: &str, now_ms: u64, ms: u64) -> Self {
         Deadline {
             name: name.to_string(),
@@ -62,6 +71,7 @@ pub struct Step<S> {
 }
 
 impl<S> Step<S> {
+    /// Moves to `state`, sending nothing and leaving the deadlines as they are.
     pub fn to(state: S) -> Self {
         Step {
             state,
@@ -69,6 +79,24 @@ impl<S> Step<S> {
             set: vec![],
             cancel: vec![],
         }
+    }
+
+    /// Also sends `message` (through the outbox, in the transition's transaction).
+    pub fn send(mut self, message: Outgoing) -> Self {
+        self.send.push(message);
+        self
+    }
+
+    /// Also sets (or moves) a deadline.
+    pub fn set(mut self, deadline: Deadline) -> Self {
+        self.set.push(deadline);
+        self
+    }
+
+    /// Also cancels the deadline `name`.
+    pub fn cancel(mut self, name: &str) -> Self {
+        self.cancel.push(name.to_string());
+        self
     }
 }
 

@@ -102,7 +102,10 @@ async fn fire_one(rt: &ContextRuntime, sagas: &[Arc<dyn DynSaga>], key: &str) {
             let _ = rt.store.state_remove(&due.key);
         }
         Err(LocalError::Handler(crate::component::HandleError::Permanent(m))) => {
-            tracing::error!(saga = saga.name(), id = %due.id, deadline = %due.name, error = %m, "deadline cannot fire; removed");
+            metrics::SAGA_DEADLINES_DROPPED
+                .with_label_values(&[saga.name(), &due.name])
+                .inc();
+            tracing::error!(saga = saga.name(), id = %due.id, deadline = %due.name, error = %m, "deadline cannot fire; dropped");
             let _ = rt.store.state_remove(&due.key);
         }
         Err(e) => {

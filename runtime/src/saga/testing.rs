@@ -116,3 +116,90 @@ impl<'a, P: ProcessManager> Scenario<'a, P> {
         Ok(())
     }
 }
+
+/// Sagas for the runtime's own tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use crate::component::{DecodeError, HandleError, Subscription};
+    use crate::saga::{Definition, ProcessManager, StateDef, Step, TransitionDef, Trigger};
+
+    /// A counter saga: every message adds one. Its graph: one state, `Counting`, or with
+    /// `ends` a terminal `Done`; with `steps`, `Start` (count 1) then `Done`, the graph
+    /// declaring only `Start -Finish-> Done`.
+    pub(crate) struct Counter {
+        pub name: &'static str,
+        pub ends: bool,
+        pub steps: bool,
+    }
+
+    pub(crate) const COUNTER: Counter = Counter {
+        name: "counter",
+        ends: false,
+        steps: false,
+    };
+
+    pub(crate) const STEPPER: Counter = Counter {
+        name: "stepper",
+        ends: false,
+        steps: true,
+    };
+
+    impl ProcessManager for Counter {
+        type State = u64;
+        type Input = ();
+        fn name(&self) -> &'static str {
+            self.name
+        }
+        fn subscriptions(&self) -> Vec<Subscription> {
+            vec![]
+        }
+        fn decode(&self, _: &str, _: &[u8]) -> Result<(), DecodeError> {
+            Ok(())
+        }
+        fn correlate(&self, _: &()) -> String {
+            "one".into()
+        }
+        fn transition(
+            &self,
+            s: Option<&u64>,
+            _: Trigger<'_, ()>,
+            _: u64,
+        ) -> Result<Option<Step<u64>>, HandleError> {
+            Ok(Some(Step::to(s.copied().unwrap_or(0) + 1)))
+        }
+        fn state_name(&self, n: &u64) -> &'static str {
+            match (self.steps, self.ends) {
+                (true, _) if *n <= 1 => "Start",
+                (true, _) | (false, true) => "Done",
+                (false, false) => "Counting",
+            }
+        }
+        fn definition(&self) -> Definition {
+            let state = |name, terminal| StateDef {
+                name,
+                terminal,
+                deadline: None,
+                waits_without_deadline: (self.steps && !terminal).then_some("a test"),
+            };
+            let (states, transitions) = if self.steps {
+                let finish = TransitionDef {
+                    from: "Start",
+                    on: "Finish",
+                    to: "Done",
+                };
+                (
+                    vec![state("Start", false), state("Done", true)],
+                    vec![finish],
+                )
+            } else {
+                (vec![state(self.state_name(&1), self.ends)], vec![])
+            };
+            Definition {
+                name: self.name,
+                initial: states[0].name,
+                states,
+                transitions,
+            }
+        }
+    }
+}

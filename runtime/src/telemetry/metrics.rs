@@ -198,6 +198,16 @@ pub static SAGA_DEADLINES_FIRED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Saga deadlines that could not fire and were dropped (the saga refused the transition:
+/// an undeclared one, or an instance that is gone); the instance stays where it was.
+pub static SAGA_DEADLINES_DROPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_saga_deadlines_dropped_total",
+        "Saga deadlines dropped because the saga refused to fire them (an undeclared transition), by saga and deadline name.",
+        &["saga", "deadline"],
+    )
+});
+
 /// How late deadlines fired (after a restart, by the downtime).
 pub static SAGA_DEADLINE_LATENESS: LazyLock<HistogramVec> = LazyLock::new(|| {
     histogram(
@@ -443,6 +453,7 @@ pub fn init() {
     LazyLock::force(&SAGA_OLDEST_ACTIVE_SECONDS);
     LazyLock::force(&SAGA_DURATION);
     LazyLock::force(&SAGA_DEADLINES_FIRED);
+    LazyLock::force(&SAGA_DEADLINES_DROPPED);
     LazyLock::force(&SAGA_DEADLINE_LATENESS);
 }
 
