@@ -44,6 +44,22 @@ pub async fn send_command<M: Message>(
     publish_command(bus, context, msg, env).await
 }
 
+/// Publishes a command given as JSON, of type `msg_type`, to `context` (any application's:
+/// `choreo send`); waits for JetStream's ack.
+pub async fn send_json(
+    bus: &Bus,
+    context: &str,
+    msg_type: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<Envelope> {
+    let env = Envelope::first(new_id(), msg_type, CLIENT_SOURCE, now_ms());
+    let payload = Bytes::from(body.to_string());
+    bus.publish(&subjects::command(context, msg_type), &env, payload)
+        .await
+        .with_context(|| format!("send {msg_type} to {context}"))?;
+    Ok(env)
+}
+
 /// Like [`send_command`], with a business correlation id (e.g. the order id): every message
 /// the command causes carries it, so one order can be followed through every context's logs.
 pub async fn send_correlated<M: Message>(

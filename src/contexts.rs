@@ -57,7 +57,7 @@ pub fn all() -> Vec<String> {
     KNOWN.iter().map(|s| s.to_string()).collect()
 }
 
-/// A context name given on the command line must be one of [`KNOWN`].
+/// A context name must be one of [`KNOWN`] (the bench's `--node` lists).
 pub fn ensure_known(name: &str) -> anyhow::Result<()> {
     anyhow::ensure!(
         KNOWN.contains(&name),

@@ -33,6 +33,30 @@ enum Cmd {
     Sim(SimArgs),
     /// Place orders, wait for each to end, print counts, throughput and latency.
     Load(LoadArgs),
+    /// Send a command given as JSON to any context: prints its message id.
+    Send {
+        /// The addressee, e.g. orders.
+        context: String,
+        /// The command's type, e.g. PlaceOrder.
+        msg_type: String,
+        /// The payload, a JSON object.
+        #[arg(value_parser = json_value)]
+        json: serde_json::Value,
+        #[command(flatten)]
+        nats: NatsArg,
+    },
+    /// Ask any context's read-model query; prints the answer as JSON.
+    Query {
+        /// The context, e.g. orders.
+        context: String,
+        /// The query's name, e.g. order.
+        name: String,
+        /// The request, a JSON object.
+        #[arg(value_parser = json_value, default_value = "{}")]
+        json: serde_json::Value,
+        #[command(flatten)]
+        nats: NatsArg,
+    },
     /// Read models of the orders context.
     Orders {
         #[command(subcommand)]
@@ -233,13 +257,16 @@ struct SagaTarget {
 
 #[derive(Subcommand)]
 enum SagaCmd {
-    /// Print a saga's states and transitions from its definition (Mermaid, or DOT).
+    /// Print a saga's states and transitions from its definition (Mermaid, or DOT): the
+    /// running node's, or without one the shop's built into this binary.
     Graph {
         /// Saga name, e.g. order-fulfilment.
         name: String,
         /// Graphviz DOT instead of Mermaid.
         #[arg(long)]
         dot: bool,
+        #[command(flatten)]
+        nats: NatsArg,
     },
     /// List instances, optionally by state and age.
     List {
@@ -384,6 +411,15 @@ struct DemoArgs {
     shape: LoadShape,
 }
 
+/// A JSON object argument.
+fn json_value(s: &str) -> Result<serde_json::Value, String> {
+    match serde_json::from_str(s) {
+        Ok(v @ serde_json::Value::Object(_)) => Ok(v),
+        Ok(_) => Err("not a JSON object".into()),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
+}
+
 fn pct(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     if (0.0..=100.0).contains(&v) {
@@ -508,6 +544,28 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 Ok(report.ok())
             })
         }
+        Cmd::Send {
+            context,
+            msg_type,
+            json,
+            nats,
+        } => tokio_rt()?.block_on(async {
+            let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
+            let env = choreo::client::send_json(&bus, &context, &msg_type, &json).await?;
+            println!("{}", env.id);
+            Ok(true)
+        }),
+        Cmd::Query {
+            context,
+            name,
+            json,
+            nats,
+        } => tokio_rt()?.block_on(async {
+            let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
+            let v = choreo::client::query(&bus, &context, &name, json).await?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(true)
+        }),
         Cmd::Orders {
             command: OrdersCmd::Show { id, nats },
         } => tokio_rt()?.block_on(async {
@@ -693,10 +751,8 @@ fn run_chaos(cmd: ChaosCmd) -> anyhow::Result<bool> {
         ChaosCmd::Clear { context, nats } => (context, nats, serde_json::json!({ "op": "clear" })),
         ChaosCmd::List { context, nats } => (context, nats, serde_json::json!({ "op": "list" })),
     };
+    // `all` is the shop's contexts; any other name goes to the node hosting it.
     let targets = contexts::expand(&context);
-    for t in &targets {
-        contexts::ensure_known(t)?;
-    }
     tokio_rt()?.block_on(async {
         let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
         for t in &targets {
@@ -710,9 +766,12 @@ fn run_chaos(cmd: ChaosCmd) -> anyhow::Result<bool> {
 fn run_saga(cmd: SagaCmd) -> anyhow::Result<bool> {
     use choreo::saga_cli;
     let (target, op, body) = match cmd {
-        SagaCmd::Graph { name, dot } => {
-            print!("{}", saga_cli::graph(&name, dot)?);
-            return Ok(true);
+        SagaCmd::Graph { name, dot, nats } => {
+            return tokio_rt()?.block_on(async {
+                let bus = choreo::client::connect(&nats.url, Duration::from_millis(500)).await;
+                print!("{}", saga_cli::graph(bus.as_ref().ok(), &name, dot).await?);
+                Ok(true)
+            });
         }
         SagaCmd::List {
             state,
@@ -736,7 +795,7 @@ fn run_saga(cmd: SagaCmd) -> anyhow::Result<bool> {
     };
     tokio_rt()?.block_on(async {
         let bus = choreo::client::connect(&target.nats.url, Duration::from_secs(5)).await?;
-        let v = saga_cli::request(&bus, &target.saga, op, body).await?;
+        let v = choreo::client::saga(&bus, &target.saga, op, body).await?;
         if target.json {
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else if op == "list" || op == "stuck" {

@@ -3,16 +3,34 @@
 
 use std::io::Write;
 
-use anyhow::{anyhow, bail};
+use anyhow::anyhow;
 use runtime::wire::bus::Bus;
 use serde_json::{json, Value};
 
 use crate::client;
 
-/// The graph of a saga by name, as Mermaid or DOT.
-pub fn graph(name: &str, dot: bool) -> anyhow::Result<String> {
-    let def = sagas::definition(name)
-        .ok_or_else(|| anyhow!("unknown saga {name:?}; known: {}", sagas::NAMES.join(", ")))?;
+/// The graph of a saga by name, as Mermaid or DOT: from the node hosting it (its own
+/// declaration), or, when no node answers, from the shop's sagas built into this binary.
+pub async fn graph(bus: Option<&Bus>, name: &str, dot: bool) -> anyhow::Result<String> {
+    let format = if dot { "dot" } else { "mermaid" };
+    if let Some(bus) = bus {
+        match client::saga(bus, name, "graph", json!({})).await {
+            Ok(v) => {
+                let text = v[format]
+                    .as_str()
+                    .ok_or_else(|| anyhow!("no {format} in {v}"))?;
+                return Ok(text.to_string());
+            }
+            Err(e) if sagas::definition(name).is_none() => return Err(e),
+            Err(e) => tracing::warn!(error = %e, "no node answered; the built-in definition"),
+        }
+    }
+    let def = sagas::definition(name).ok_or_else(|| {
+        anyhow!(
+            "no node hosts saga {name:?}, and this binary knows only {}",
+            sagas::NAMES.join(", ")
+        )
+    })?;
     Ok(if dot { def.dot() } else { def.mermaid() })
 }
 
@@ -129,14 +147,6 @@ pub fn print_instance(v: &Value) {
     }
 }
 
-/// Runs `list`, `stuck`, `show` or `retry` against the node hosting the saga.
-pub async fn request(bus: &Bus, saga: &str, op: &str, body: Value) -> anyhow::Result<Value> {
-    if sagas::definition(saga).is_none() {
-        bail!("unknown saga {saga:?}; known: {}", sagas::NAMES.join(", "));
-    }
-    client::saga(bus, saga, op, body).await
-}
-
 /// The request body of `retry`, with an id so that a repeated request retries once.
 pub fn retry_body(id: &str) -> Value {
     json!({ "id": id, "request_id": runtime::wire::envelope::new_id() })
@@ -146,14 +156,13 @@ pub fn retry_body(id: &str) -> Value {
 mod tests {
     use super::*;
 
-    #[test]
-    fn graph_by_name() {
-        assert!(graph("order-fulfilment", false)
-            .unwrap()
-            .contains("stateDiagram-v2"));
-        assert!(graph("order-fulfilment", true)
-            .unwrap()
-            .starts_with("digraph"));
-        assert!(graph("nope", false).is_err());
+    #[tokio::test]
+    async fn without_a_node_the_built_in_graph_or_a_clear_refusal() {
+        let mermaid = graph(None, "order-fulfilment", false).await.unwrap();
+        assert!(mermaid.contains("stateDiagram-v2"));
+        let dot = graph(None, "order-fulfilment", true).await.unwrap();
+        assert!(dot.starts_with("digraph"));
+        let e = graph(None, "loan", false).await.unwrap_err().to_string();
+        assert!(e.contains("no node hosts saga \"loan\""), "{e}");
     }
 }

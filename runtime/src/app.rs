@@ -98,6 +98,14 @@ impl App {
         self
     }
 
+    /// A context that needs nothing from the node's config: assembled here, checked when
+    /// the node starts.
+    pub fn with(self, context: crate::context::ContextBuilder) -> Self {
+        let name = context.name();
+        let built = context.build().map_err(|e| e.to_string());
+        self.context(name, move |_| Ok(built.clone()?))
+    }
+
     /// The names of the contexts, in the order they were added.
     pub fn context_names(&self) -> Vec<&'static str> {
         self.contexts.iter().map(|(n, _)| *n).collect()

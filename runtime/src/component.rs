@@ -39,10 +39,15 @@ impl Kind {
 pub trait Message: Serialize + DeserializeOwned {
     const TYPE: &'static str;
     const KIND: Kind;
+    /// The context it belongs to (the publisher of an event, the addressee of a command),
+    /// if declared: sagas subscribe to a message by it, [`Outgoing::message`] addresses
+    /// a command to it. Empty when not declared.
+    const CONTEXT: &'static str = "";
 }
 
-/// Implements [`Message`] for a struct, with its type name as the wire type:
-/// `runtime::message!(OrderPlaced, Event);`
+/// Implements [`Message`] for a struct, with its type name as the wire type and,
+/// optionally, the context it belongs to:
+/// `runtime::message!(OrderPlaced, Event, "orders");`
 #[macro_export]
 macro_rules! message {
     ($name:ident, $kind:ident) => {
@@ -50,6 +55,108 @@ macro_rules! message {
             const TYPE: &'static str = stringify!($name);
             const KIND: $crate::component::Kind = $crate::component::Kind::$kind;
         }
+    };
+    ($name:ident, $kind:ident, $context:expr) => {
+        impl $crate::component::Message for $name {
+            const TYPE: &'static str = stringify!($name);
+            const KIND: $crate::component::Kind = $crate::component::Kind::$kind;
+            const CONTEXT: &'static str = $context;
+        }
+    };
+}
+
+/// A closed set of message types as one enum: decoded by type name without a hand-written
+/// table, and sent as what each variant is. Made by [`messages!`](crate::messages).
+pub trait Messages: Sized + Send + Sync + 'static {
+    /// The wire type names, in declaration order.
+    const TYPES: &'static [&'static str];
+    /// The variant for `msg_type`, decoded from `payload`.
+    fn decode(msg_type: &str, payload: &[u8]) -> Result<Self, DecodeError>;
+    /// The message to send (see [`Outgoing::message`]).
+    fn outgoing(&self) -> Outgoing;
+}
+
+/// Declares an enum with one variant per message type (each variant named after its type
+/// and holding it), implements [`Messages`] for it and `From` each type. Two forms:
+///
+/// - `enum E { A, B }` for types declared elsewhere with [`message!`](crate::message);
+/// - `enum E: Kind in CONTEXT { A { field: Type, .. }, .. }` also declares each type, as a
+///   struct (its fields with the enum's visibility) deriving `Debug`, `Clone`, `PartialEq` and serde's
+///   `Serialize` and `Deserialize` (the crate must depend on `serde` with `derive`), of
+///   that kind and context.
+///
+/// ```
+/// runtime::messages! {
+///     /// What the loans context publishes.
+///     pub enum LoanEvent: Event in "loans" {
+///         /// A book left the library.
+///         BookLent { loan: String, book: String },
+///         BookReturned { loan: String },
+///     }
+/// }
+///
+/// use runtime::{Message, Messages};
+/// assert_eq!(LoanEvent::TYPES, ["BookLent", "BookReturned"]);
+/// assert_eq!(BookLent::CONTEXT, "loans");
+/// let e = LoanEvent::decode("BookReturned", br#"{"loan":"l-1"}"#).unwrap();
+/// assert_eq!(e, LoanEvent::BookReturned(BookReturned { loan: "l-1".into() }));
+/// assert!(LoanEvent::decode("BookLost", b"{}").is_err());
+/// assert!(LoanEvent::decode("BookLent", br#"{"loan":"l-1"}"#).is_err());
+/// let lent: LoanEvent = BookLent { loan: "l-2".into(), book: "Emma".into() }.into();
+/// assert_eq!(lent.outgoing().msg_type, "BookLent");
+/// ```
+#[macro_export]
+macro_rules! messages {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident : $kind:ident in $context:tt {
+            $($(#[$tmeta:meta])* $ty:ident { $($field:ident : $fty:ty),* $(,)? }),+ $(,)?
+        }
+    ) => {
+        $(
+            $(#[$tmeta])*
+            #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+            $vis struct $ty {
+                $($vis $field: $fty),*
+            }
+            $crate::message!($ty, $kind, $context);
+        )+
+        $crate::messages!($(#[$meta])* #[derive(Debug, Clone, PartialEq)] $vis enum $name { $($ty),+ });
+    };
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($ty:ident),+ $(,)? }) => {
+        $(#[$meta])*
+        // Variants are named after their message types, whatever those share.
+        #[allow(clippy::enum_variant_names)]
+        $vis enum $name {
+            $($ty($ty)),+
+        }
+        impl $crate::component::Messages for $name {
+            const TYPES: &'static [&'static str] =
+                &[$(<$ty as $crate::component::Message>::TYPE),+];
+            fn decode(
+                msg_type: &str,
+                payload: &[u8],
+            ) -> Result<Self, $crate::component::DecodeError> {
+                $(
+                    if msg_type == <$ty as $crate::component::Message>::TYPE {
+                        return $crate::component::decode_as::<$ty>(payload).map($name::$ty);
+                    }
+                )+
+                Err($crate::component::DecodeError::UnknownType(msg_type.to_string()))
+            }
+            fn outgoing(&self) -> $crate::component::Outgoing {
+                match self {
+                    $($name::$ty(m) => $crate::component::Outgoing::message(m)),+
+                }
+            }
+        }
+        $(
+            impl From<$ty> for $name {
+                fn from(m: $ty) -> Self {
+                    $name::$ty(m)
+                }
+            }
+        )+
     };
 }
 
@@ -130,6 +237,17 @@ impl Outgoing {
             amount_cents: 0,
         }
     }
+    /// An event, or a command addressed to the context its [`Message`] declares.
+    pub fn message<M: Message>(m: &M) -> Self {
+        match M::KIND {
+            Kind::Event => Outgoing::event(m),
+            Kind::Command => {
+                debug_assert!(!M::CONTEXT.is_empty(), "{} names no context", M::TYPE);
+                Outgoing::command(M::CONTEXT, m)
+            }
+        }
+    }
+
     /// A command addressed to `context`.
     pub fn command<M: Message>(context: &str, m: &M) -> Self {
         debug_assert_eq!(M::KIND, Kind::Command);

@@ -7,6 +7,7 @@
 //! - [`wire`]: the envelope, subjects and streams, the NATS connection, external requests;
 //! - [`store`]: sled behind the state API, the batch transaction, inbox, outbox table;
 //! - [`component`]: what a context provides (components, messages, handler errors);
+//! - [`aggregate`]: command handlers in the decider shape, hosted as components;
 //! - `faults` (cargo feature `faults`): fault injection for chaos tests;
 //! - [`resilience`]: bulkhead, handler guard, retry, circuit breaker, external calls;
 //! - [`config`]: the node's settings;
@@ -57,6 +58,7 @@ macro_rules! fault {
     ($($t:tt)*) => {};
 }
 
+pub mod aggregate;
 pub mod app;
 pub mod component;
 pub mod config;
@@ -72,9 +74,19 @@ pub mod store;
 pub mod telemetry;
 pub mod wire;
 
+/// What an application's code usually needs, in one `use runtime::prelude::*;`.
+pub mod prelude {
+    pub use crate::aggregate::{Aggregate, Decided, Rejection};
+    pub use crate::app::App;
+    pub use crate::component::{Message, Messages, Outgoing};
+    pub use crate::context::ContextBuilder;
+    pub use crate::saga::{Deadline, Saga, Step};
+}
+
+pub use aggregate::{Aggregate, Decided, Rejection};
 pub use component::{
     decode_as, Component, DecodeError, ExternalCall, HandleCtx, HandleError, Kind, Message,
-    Outgoing, Subscription,
+    Messages, Outgoing, Subscription,
 };
 pub use context::{request_field, Context, QueryError};
 pub use store::{load, read, read_all, save, StateError, StateRead, StateTx};

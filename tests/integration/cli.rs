@@ -84,6 +84,13 @@ fn bad_arguments_are_refused() {
     let (code, out) = choreo(&["load", "--timeout", "60"]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("not a duration"), "{out}");
+    // A command's payload is a JSON object, checked before anything is sent.
+    let (code, out) = choreo(&["send", "loans", "LendBook", "{oops"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("not JSON"), "{out}");
+    let (code, out) = choreo(&["query", "loans", "loan", "[1]"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("not a JSON object"), "{out}");
 }
 
 /// A refused connection is retried, and says so while it waits.

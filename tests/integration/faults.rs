@@ -42,11 +42,14 @@ async fn chaos_cli_injects_counts_and_clears_faults() {
     let (ok, out) = harness::choreo(&t, &["chaos", "clear", "--context", "inventory"]);
     assert!(ok && out.contains("\"cleared\":1"), "{out}");
 
-    // Refused: a bad rule (by the node), an unknown context (before anything is sent).
+    // Refused: a bad rule (by the node); a context no node hosts (no responder).
     let (ok, out) = inject(&t, "inventory", "handler", "delay", &[]);
     assert!(!ok && out.contains("needs a delay"), "{out}");
     let (ok, out) = inject(&t, "warehouse", "handler", "error", &[]);
-    assert!(!ok && out.contains("unknown context"), "{out}");
+    assert!(
+        !ok && out.contains("is a node hosting warehouse running?"),
+        "{out}"
+    );
     t.shop.stop().unwrap();
 }
 

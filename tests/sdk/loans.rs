@@ -1,200 +1,143 @@
-//! A library's loans, built on Choreo's runtime from outside its workspace: a context that
-//! lends books and a saga that marks a loan overdue when its due date passes.
+//! A library's loans, built on Choreo's runtime from outside its workspace: an aggregate
+//! that lends books and takes them back, and a saga that marks a loan overdue when its due
+//! date passes.
 
-use runtime::app::App;
-use runtime::component::{decode_as, DecodeError, HandleCtx, HandleError, Outgoing};
-use runtime::context::ContextBuilder;
-use runtime::saga::{Deadline, Definition, ProcessManager, StateDef, Step, TransitionDef, Trigger};
-use runtime::{load, read, save, Component, Message, StateTx, Subscription};
+use runtime::prelude::*;
 use serde::{Deserialize, Serialize};
 
 const CONTEXT: &str = "loans";
 
-#[derive(Serialize, Deserialize)]
-struct LendBook {
-    loan: String,
-    book: String,
-    due_in_ms: u64,
+runtime::messages! {
+    enum LoanCommand: Command in CONTEXT {
+        LendBook { loan: String, book: String, due_in_ms: u64 },
+        ReturnBook { loan: String },
+        MarkOverdue { loan: String },
+    }
 }
-runtime::message!(LendBook, Command);
 
-#[derive(Serialize, Deserialize)]
-struct MarkOverdue {
-    loan: String,
+runtime::messages! {
+    enum LoanEvent: Event in CONTEXT {
+        BookLent { loan: String, book: String, due_at_ms: u64 },
+        BookReturned { loan: String },
+        LoanOverdue { loan: String },
+    }
 }
-runtime::message!(MarkOverdue, Command);
 
-#[derive(Serialize, Deserialize)]
-struct BookLent {
-    loan: String,
-    due_at_ms: u64,
-}
-runtime::message!(BookLent, Event);
-
-#[derive(Serialize, Deserialize)]
+/// A loan: no book until it is lent; lends a book once per loan id, takes it back, marks
+/// it overdue.
+#[derive(Default, Serialize, Deserialize)]
 struct Loan {
-    book: String,
-    status: String,
-}
-
-enum Command {
-    Lend(LendBook),
-    Overdue(MarkOverdue),
-}
-
-/// The loans aggregate: lends a book once per loan id, marks a loan overdue.
-struct Loans;
-
-impl Component for Loans {
-    type Input = Command;
-    fn name(&self) -> &'static str {
-        "loans"
-    }
-    fn subscriptions(&self) -> Vec<Subscription> {
-        vec![Subscription::commands(
-            CONTEXT,
-            &[LendBook::TYPE, MarkOverdue::TYPE],
-        )]
-    }
-    fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Command, DecodeError> {
-        match msg_type {
-            LendBook::TYPE => Ok(Command::Lend(decode_as(payload)?)),
-            MarkOverdue::TYPE => Ok(Command::Overdue(decode_as(payload)?)),
-            other => Err(DecodeError::UnknownType(other.to_string())),
-        }
-    }
-    fn handle(
-        &self,
-        tx: &dyn StateTx,
-        input: &Command,
-        ctx: &HandleCtx<'_>,
-    ) -> Result<Vec<Outgoing>, HandleError> {
-        match input {
-            Command::Lend(c) => {
-                let key = format!("loan/{}", c.loan);
-                if load::<Loan>(tx, &key)?.is_some() {
-                    return Ok(vec![]);
-                }
-                let loan = Loan {
-                    book: c.book.clone(),
-                    status: "lent".into(),
-                };
-                save(tx, &key, &loan)?;
-                let due_at_ms = ctx.now_ms + c.due_in_ms;
-                Ok(vec![Outgoing::event(&BookLent {
-                    loan: c.loan.clone(),
-                    due_at_ms,
-                })])
-            }
-            Command::Overdue(c) => {
-                let key = format!("loan/{}", c.loan);
-                let mut loan: Loan = load(tx, &key)?
-                    .ok_or_else(|| HandleError::Permanent(format!("no loan {}", c.loan)))?;
-                loan.status = "overdue".into();
-                save(tx, &key, &loan)?;
-                Ok(vec![])
-            }
-        }
-    }
-}
-
-/// A loan's saga: lent until its due date, then overdue.
-struct LoanSaga;
-
-#[derive(Clone, Serialize, Deserialize)]
-struct LoanState {
-    loan: String,
+    book: Option<String>,
+    returned: bool,
     overdue: bool,
 }
 
-impl ProcessManager for LoanSaga {
-    type State = LoanState;
-    type Input = BookLent;
-    fn name(&self) -> &'static str {
-        "loan"
-    }
-    fn subscriptions(&self) -> Vec<Subscription> {
-        vec![Subscription::events(CONTEXT, &[BookLent::TYPE])]
-    }
-    fn decode(&self, _: &str, payload: &[u8]) -> Result<BookLent, DecodeError> {
-        decode_as(payload)
-    }
-    fn correlate(&self, lent: &BookLent) -> String {
-        lent.loan.clone()
-    }
-    fn transition(
-        &self,
-        state: Option<&LoanState>,
-        trigger: Trigger<'_, BookLent>,
-        _now_ms: u64,
-    ) -> Result<Option<Step<LoanState>>, HandleError> {
-        Ok(match (state, trigger) {
-            (None, Trigger::Message(lent)) => Some(
-                Step::to(LoanState {
-                    loan: lent.loan.clone(),
-                    overdue: false,
-                })
-                .set(Deadline::at("due", lent.due_at_ms)),
-            ),
-            (Some(s), Trigger::Deadline("due")) if !s.overdue => Some(
-                Step::to(LoanState {
-                    overdue: true,
-                    ..s.clone()
-                })
-                .send(Outgoing::command(
-                    CONTEXT,
-                    &MarkOverdue {
-                        loan: s.loan.clone(),
-                    },
-                )),
-            ),
-            _ => None,
+impl Aggregate for Loan {
+    const NAME: &'static str = "loan";
+    const ID: &'static str = "loan";
+    type Command = LoanCommand;
+    type Event = LoanEvent;
+
+    fn decide(&self, command: &LoanCommand, now: u64) -> Decided<LoanEvent> {
+        let open = self.book.is_some() && !self.returned;
+        Ok(match command {
+            LoanCommand::LendBook(c) if self.book.is_none() => {
+                let due_at_ms = now + c.due_in_ms;
+                let (loan, book) = (c.loan.clone(), c.book.clone());
+                vec![BookLent {
+                    loan,
+                    book,
+                    due_at_ms,
+                }
+                .into()]
+            }
+            LoanCommand::LendBook(_) => vec![], // the same loan again: already lent
+            _ if self.book.is_none() => return Err(Rejection::new("no such loan")),
+            LoanCommand::ReturnBook(c) if open => vec![BookReturned {
+                loan: c.loan.clone(),
+            }
+            .into()],
+            LoanCommand::MarkOverdue(c) if open && !self.overdue => {
+                vec![LoanOverdue {
+                    loan: c.loan.clone(),
+                }
+                .into()]
+            }
+            _ => vec![], // returned already, or overdue already
         })
     }
-    fn state_name(&self, state: &LoanState) -> &'static str {
-        if state.overdue {
-            "Overdue"
-        } else {
-            "Lent"
-        }
-    }
-    fn definition(&self) -> Definition {
-        let state = |name, deadline, terminal| StateDef {
-            name,
-            terminal,
-            deadline,
-            waits_without_deadline: None,
-        };
-        Definition {
-            name: "loan",
-            initial: "Lent",
-            states: vec![
-                state("Lent", Some("due"), false),
-                state("Overdue", None, true),
-            ],
-            transitions: vec![TransitionDef {
-                from: "Lent",
-                on: "deadline:due",
-                to: "Overdue",
-            }],
+
+    fn apply(&mut self, event: &LoanEvent) {
+        match event {
+            LoanEvent::BookLent(e) => self.book = Some(e.book.clone()),
+            LoanEvent::BookReturned(_) => self.returned = true,
+            LoanEvent::LoanOverdue(_) => self.overdue = true,
         }
     }
 }
 
-fn main() -> std::process::ExitCode {
-    App::new("loans")
-        .context(CONTEXT, |_config| {
-            Ok(ContextBuilder::new(CONTEXT)
-                .component(Loans)
-                .saga(LoanSaga)
-                .query("loan", |state, request| {
-                    let id = runtime::request_field(request, "loan")?;
-                    Ok(serde_json::json!(read::<Loan>(
-                        state,
-                        &format!("loan/{id}")
-                    )?))
-                })
-                .build()?)
+/// Watches a loan's due date: returned in time, or overdue (the saga's data is the loan id).
+fn due_date() -> Saga<String> {
+    Saga::new("due-date")
+        .correlated_by("loan")
+        .starts_with("Lent", |lent: &BookLent, _now| {
+            Step::to(lent.loan.clone()).set(Deadline::at("due", lent.due_at_ms))
         })
-        .run()
+        .on("Lent", "Returned", |loan, _: &BookReturned, _now| {
+            Step::to(loan.clone())
+        })
+        .on_deadline("Lent", "due", "Overdue", |loan, _now| {
+            let mark = MarkOverdue { loan: loan.clone() };
+            Step::to(loan.clone()).send(Outgoing::message(&mark))
+        })
+        .terminal("Returned")
+        .terminal("Overdue")
+}
+
+fn main() -> std::process::ExitCode {
+    let loans = ContextBuilder::new(CONTEXT)
+        .aggregate::<Loan>()
+        .saga(due_date());
+    App::new("loans").with(loans).run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runtime::saga::testing::Scenario;
+
+    #[test]
+    fn a_loan_is_overdue_once_its_due_date_passes() {
+        let saga = due_date();
+        let lent = BookLent {
+            loan: "l-1".into(),
+            book: "Dune".into(),
+            due_at_ms: 1_000,
+        };
+        let s = Scenario::new(&saga).receive(lent).advance(999);
+        assert_eq!(s.status(), "Lent");
+        let s = s.advance(1);
+        assert_eq!(s.status(), "Overdue");
+        assert_eq!(s.sent, ["MarkOverdue"]);
+    }
+
+    #[test]
+    fn a_book_is_lent_once_and_a_returned_loan_is_not_overdue() {
+        let lend = LendBook {
+            loan: "l-1".into(),
+            book: "Dune".into(),
+            due_in_ms: 10,
+        }
+        .into();
+        let mut loan = Loan::default();
+        let lent = loan.decide(&lend, 5).unwrap();
+        assert!(matches!(&lent[..], [LoanEvent::BookLent(e)] if e.due_at_ms == 15));
+        loan.apply(&lent[0]);
+        assert!(loan.decide(&lend, 6).unwrap().is_empty());
+        loan.apply(&BookReturned { loan: "l-1".into() }.into());
+        let overdue = loan.decide(&MarkOverdue { loan: "l-1".into() }.into(), 20);
+        assert!(overdue.unwrap().is_empty());
+        let unknown = Loan::default().decide(&ReturnBook { loan: "x".into() }.into(), 0);
+        assert_eq!(unknown.unwrap_err(), Rejection::new("no such loan"));
+    }
 }

@@ -282,6 +282,17 @@ impl NodeConfig {
         })
     }
 
+    /// The duration `[sagas.<saga>] <name>` sets, if it is set; a count there is an error.
+    pub fn saga_duration(&self, saga: &str, name: &str) -> Result<Option<Duration>, ConfigError> {
+        match self.sagas.get(saga).and_then(|s| s.get(name)) {
+            None => Ok(None),
+            Some(duration::Setting::Duration(d)) => Ok(Some(*d)),
+            Some(duration::Setting::Count(n)) => Err(ConfigError::Invalid(format!(
+                "[sagas.{saga}] {name} = {n}: a duration such as \"30s\" is expected"
+            ))),
+        }
+    }
+
     /// Checks the values that would make the node misbehave rather than fail.
     pub fn validate(&self, known_contexts: &[&str]) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));

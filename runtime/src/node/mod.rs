@@ -244,13 +244,13 @@ fn check_routing(contexts: &[Arc<dyn Context>]) -> Result<(), NodeError> {
         }
         if handlers.len() > 1 {
             return Err(NodeError::Other(format!(
-                "context {} has more than one command handler ({}); merge them into one component",
+                "context {} has more than one command handler ({}); assemble it with ContextBuilder, which routes each command to its handler",
                 c.name(),
                 handlers.join(", ")
             )));
         }
         for saga in c.sagas() {
-            let problems = saga.definition().problems();
+            let problems = saga.problems();
             if !problems.is_empty() {
                 return Err(NodeError::Other(format!(
                     "context {}: saga {} is declared wrongly: {}",

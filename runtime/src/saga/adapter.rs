@@ -72,6 +72,8 @@ impl<P: ProcessManager> DynComponent for SagaComponent<P> {
 pub trait DynSaga: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn definition(&self) -> Definition;
+    /// What is wrong with the declaration ([`ProcessManager::problems`]).
+    fn problems(&self) -> Vec<String>;
     /// The component that handles the saga's messages.
     fn component(&self) -> Arc<dyn DynComponent>;
     fn fire(
@@ -97,6 +99,9 @@ impl<P: ProcessManager> DynSaga for SagaComponent<P> {
     }
     fn definition(&self) -> Definition {
         self.0.definition()
+    }
+    fn problems(&self) -> Vec<String> {
+        self.0.problems()
     }
     fn component(&self) -> Arc<dyn DynComponent> {
         Arc::new(SagaComponent(self.0.clone()))

@@ -180,14 +180,9 @@ pub fn apply<P: ProcessManager>(
     };
     let def = pm.definition();
     let to = pm.state_name(&step.state);
-    check_declared(
-        &def,
-        current.as_ref().map(|i| i.status.as_str()),
-        trigger,
-        cause,
-        to,
-    )
-    .map_err(|e| HandleError::Permanent(format!("saga {} instance {id}: {e}", pm.name())))?;
+    let on = edge_label(trigger, cause.message_type);
+    check_declared(&def, current.as_ref().map(|i| i.status.as_str()), &on, to)
+        .map_err(|e| HandleError::Permanent(format!("saga {} instance {id}: {e}", pm.name())))?;
     let terminal = def.is_terminal(to);
     let prior_terminal = current.as_ref().map(|i| i.terminal);
     let mut inst = current.unwrap_or_else(|| Instance {
@@ -274,26 +269,30 @@ pub fn apply<P: ProcessManager>(
     })
 }
 
-/// Refuses a transition the declared graph does not have: a new instance enters the
-/// initial state (or goes on from it in the same step), an instance moves only along a
-/// declared edge (staying put is always allowed). The edge's label is the message type,
-/// `deadline:<name>` or `retry`. A message refused here is dead-lettered with the reason; a
-/// deadline is dropped, counted and logged; either way the instance stays as it was.
-fn check_declared<I>(
-    def: &super::Definition,
-    from: Option<&str>,
-    trigger: Trigger<'_, I>,
-    cause: &Cause<'_>,
-    to: &str,
-) -> Result<(), String> {
-    let on = match trigger {
-        Trigger::Message(_) => std::borrow::Cow::Borrowed(cause.message_type),
+/// The label of the edge a trigger takes in the declared graph: the message type,
+/// `deadline:<name>` or `retry`.
+fn edge_label<'a, I>(trigger: Trigger<'_, I>, message_type: &'a str) -> std::borrow::Cow<'a, str> {
+    match trigger {
+        Trigger::Message(_) => std::borrow::Cow::Borrowed(message_type),
         Trigger::Deadline(name) => std::borrow::Cow::Owned(format!("deadline:{name}")),
         Trigger::Retry => std::borrow::Cow::Borrowed("retry"),
-    };
+    }
+}
+
+/// Refuses a transition the declared graph does not have: a new instance enters the
+/// initial state (or goes on from it in the same step), an instance moves only along a
+/// declared edge (staying put is always allowed). A message refused here is dead-lettered
+/// with the reason; a deadline is dropped, counted and logged; either way the instance
+/// stays as it was. [`super::testing::Scenario`] refuses the same transitions.
+pub(crate) fn check_declared(
+    def: &super::Definition,
+    from: Option<&str>,
+    on: &str,
+    to: &str,
+) -> Result<(), String> {
     let declared = match from {
-        Some(from) => def.allows(from, &on, to),
-        None => to == def.initial || def.allows(def.initial, &on, to),
+        Some(from) => def.allows(from, on, to),
+        None => to == def.initial || def.allows(def.initial, on, to),
     };
     if declared {
         return Ok(());

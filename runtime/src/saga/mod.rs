@@ -11,6 +11,9 @@
 //! - checks the declared graph ([`definition`]) and drives a saga by hand in tests
 //!   ([`testing`]).
 //!
+//! A saga is written either as a [`Saga`] builder, whose rules are the graph ([`builder`]),
+//! or as an implementation of [`ProcessManager`] with its graph declared beside it.
+//!
 //! Concurrency: a context's transactions run one after the other on its commit thread, and
 //! each transition re-reads the instance inside its transaction and writes `version + 1`, so
 //! two deliveries racing on one instance serialize.
@@ -21,12 +24,14 @@ use serde::{Deserialize, Serialize};
 use crate::component::{DecodeError, HandleError, Outgoing, Subscription};
 
 pub mod adapter;
+pub mod builder;
 pub mod definition;
 pub mod instance;
 pub mod service;
 pub mod testing;
 
 pub use adapter::{hosted, DynSaga};
+pub use builder::{Saga, SagaMessage, Tracked};
 pub use definition::{Definition, StateDef, TransitionDef};
 pub use instance::{
     deadline_key, ended_key, history_prefix, instance_key, instances, parse_deadline_key, show,
@@ -139,4 +144,9 @@ pub trait ProcessManager: Send + Sync + 'static {
     /// The name of the state in the declared graph.
     fn state_name(&self, state: &Self::State) -> &'static str;
     fn definition(&self) -> Definition;
+    /// What is wrong with the declaration; a context with a saga that has problems does not
+    /// start.
+    fn problems(&self) -> Vec<String> {
+        self.definition().problems()
+    }
 }

@@ -323,8 +323,14 @@ async fn answer(
                 .map_err(|e| format!("store: {e:?}"))?;
             Ok(v.unwrap_or_default())
         }
+        "graph" => {
+            let def = saga.definition();
+            Ok(serde_json::json!({
+                "definition": def, "mermaid": def.mermaid(), "dot": def.dot(),
+            }))
+        }
         other => Err(format!(
-            "unknown operation {other:?} (list, show, stuck, retry)"
+            "unknown operation {other:?} (list, show, stuck, retry, graph)"
         )),
     }
 }

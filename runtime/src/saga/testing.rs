@@ -6,7 +6,9 @@ use super::{ProcessManager, Trigger};
 use crate::component::HandleError;
 
 /// A saga instance driven by hand. Deadlines behave as in the runtime: setting one by
-/// name replaces it, entering a terminal state cancels all, firing consumes it.
+/// name replaces it, entering a terminal state cancels all, firing consumes it; and as in
+/// the runtime a labelled transition (`when`, `advance`, `retry`) the declared graph does
+/// not have is refused (`try_when` says why; `when` leaves the instance as it was).
 pub struct Scenario<'a, P: ProcessManager> {
     pm: &'a P,
     pub state: Option<P::State>,
@@ -16,6 +18,21 @@ pub struct Scenario<'a, P: ProcessManager> {
     pub sent: Vec<&'static str>,
     /// Every transition taken: (from, trigger, to).
     pub path: Vec<(String, String, String)>,
+}
+
+impl<'a, D> Scenario<'a, super::Saga<D>>
+where
+    D: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    /// Applies a typed message to a saga declared with [`super::Saga`], labelled with its
+    /// type. Panics if the message does not name its instance.
+    pub fn receive<M: crate::component::Message + Send + Sync + 'static>(self, m: M) -> Self {
+        let input = self
+            .pm
+            .message(m)
+            .expect("the message names its saga instance");
+        self.when(input, M::TYPE)
+    }
 }
 
 impl<'a, P: ProcessManager> Scenario<'a, P> {
@@ -98,10 +115,16 @@ impl<'a, P: ProcessManager> Scenario<'a, P> {
         else {
             return Ok(());
         };
+        let to = self.pm.state_name(&step.state);
+        // `given` does not label its inputs: only labelled steps are checked.
+        if let Some(on) = on {
+            let was = self.state.as_ref().map(|_| from.as_str());
+            super::instance::check_declared(&self.pm.definition(), was, on, to)
+                .map_err(HandleError::Permanent)?;
+        }
         for c in &step.cancel {
             self.deadlines.remove(c);
         }
-        let to = self.pm.state_name(&step.state);
         if self.pm.definition().is_terminal(to) {
             self.deadlines.clear();
         } else {
@@ -201,5 +224,27 @@ pub(crate) mod fixtures {
                 transitions,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::STEPPER;
+    use super::Scenario;
+
+    /// As in the runtime, a labelled step the graph does not declare is refused.
+    #[test]
+    fn an_undeclared_step_is_refused_as_in_the_runtime() {
+        let mut s = Scenario::new(&STEPPER).when((), "Begin");
+        assert_eq!(s.status(), "Start");
+        let e = format!("{:?}", s.try_when(&(), "Other").unwrap_err());
+        assert!(
+            e.contains("undeclared transition Start -Other-> Done"),
+            "{e}"
+        );
+        assert_eq!(s.status(), "Start");
+        let s = s.when((), "Finish");
+        assert_eq!(s.status(), "Done");
+        assert_eq!(s.path.len(), 2);
     }
 }

@@ -5,8 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::component::DynComponent;
+
+mod commands;
 use crate::saga::DynSaga;
 use crate::store::{StateError, StateRead};
+pub use commands::NAME as COMMANDS;
 
 /// A read-model query failed.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +101,11 @@ pub enum ContextError {
         context: &'static str,
         query: &'static str,
     },
+    #[error("context {context}: its command handlers cannot share its commands: {problem}")]
+    Commands {
+        context: &'static str,
+        problem: String,
+    },
     #[error("context {context}: saga {saga} is declared wrongly: {problems}")]
     Saga {
         context: &'static str,
@@ -142,6 +150,11 @@ impl ContextBuilder {
         }
     }
 
+    /// The context's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
     /// Adds a component (a message handler).
     pub fn component(mut self, component: impl crate::component::Component) -> Self {
         self.components.push(Arc::new(component));
@@ -155,6 +168,13 @@ impl ContextBuilder {
     ) -> Self {
         self.components.extend(components);
         self
+    }
+
+    /// Adds an aggregate: its commands (see [`crate::aggregate`]) and its state as the query
+    /// named after it.
+    pub fn aggregate<A: crate::aggregate::Aggregate>(self) -> Self {
+        let decider = crate::aggregate::Decider::<A>::new(self.name);
+        self.component(decider).query(A::NAME, aggregate_state::<A>)
     }
 
     /// Adds a saga: its messages, its deadlines and its inspection.
@@ -189,8 +209,10 @@ impl ContextBuilder {
         self
     }
 
-    /// The context, once its parts check out.
-    pub fn build(self) -> Result<Arc<dyn Context>, ContextError> {
+    /// The context, once its parts check out. Several command handlers (two aggregates,
+    /// say) share the context's command consumer as one component named [`COMMANDS`],
+    /// which hands each command to the handler that declares its type.
+    pub fn build(mut self) -> Result<Arc<dyn Context>, ContextError> {
         let context = self.name;
         let mut seen = std::collections::BTreeSet::new();
         let names = self.components.iter().map(|c| c.name());
@@ -209,7 +231,7 @@ impl ContextBuilder {
             }
         }
         for s in &self.sagas {
-            let problems = s.definition().problems();
+            let problems = s.problems();
             if !problems.is_empty() {
                 return Err(ContextError::Saga {
                     context,
@@ -218,8 +240,37 @@ impl ContextBuilder {
                 });
             }
         }
+        let (handlers, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.components)
+            .into_iter()
+            .partition(|c| commands::handles_commands(&**c, context));
+        self.components = others;
+        if handlers.len() > 1 {
+            let names = self.components.iter().map(|c| c.name());
+            if let Some(component) = names
+                .chain(self.sagas.iter().map(|s| s.name()))
+                .find(|n| *n == COMMANDS)
+            {
+                return Err(ContextError::DuplicateComponent { context, component });
+            }
+            let router = commands::Commands::new(context, handlers)
+                .map_err(|problem| ContextError::Commands { context, problem })?;
+            self.components.insert(0, Arc::new(router));
+        } else {
+            self.components.splice(0..0, handlers);
+        }
         Ok(Arc::new(Assembled(self)))
     }
+}
+
+/// Answers an aggregate's query: `{"<ID>": "..."}` gives the instance's state (its `Default`
+/// if it has none yet).
+fn aggregate_state<A: crate::aggregate::Aggregate>(
+    state: &dyn StateRead,
+    request: &[u8],
+) -> Result<serde_json::Value, QueryError> {
+    let id = request_field(request, A::ID)?;
+    let found: A = crate::store::read(state, &crate::aggregate::key::<A>(&id))?.unwrap_or_default();
+    serde_json::to_value(found).map_err(|e| QueryError::Store(e.to_string()))
 }
 
 /// A context built by [`ContextBuilder`].
@@ -254,6 +305,7 @@ impl Context for Assembled {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::component::{DecodeError, HandleCtx};
     use crate::saga::testing::fixtures::Counter;
 
     fn answer(_: &dyn StateRead, name: &str, _: &[u8]) -> Result<serde_json::Value, QueryError> {
@@ -330,6 +382,144 @@ mod tests {
                 assert!(problems.contains("Counting"), "{problems}");
             }
             other => panic!("expected a saga problem, got {:?}", other.map(|c| c.name())),
+        }
+    }
+
+    mod two_aggregates {
+        use serde::{Deserialize, Serialize};
+
+        use crate::aggregate::{Aggregate, Decided};
+
+        crate::messages! {
+            pub(super) enum LendCmd: Command in "lib" { Lend { loan: String } }
+        }
+        crate::messages! {
+            pub(super) enum JoinCmd: Command in "lib" { Join { member: String } }
+        }
+        crate::messages! {
+            pub(super) enum LibEvt: Event in "lib" { Lent { loan: String }, Joined { member: String } }
+        }
+
+        #[derive(Default, Serialize, Deserialize)]
+        pub(super) struct Loan(bool);
+        impl Aggregate for Loan {
+            const NAME: &'static str = "loan";
+            const ID: &'static str = "loan";
+            type Command = LendCmd;
+            type Event = LibEvt;
+            fn decide(&self, LendCmd::Lend(c): &LendCmd, _: u64) -> Decided<LibEvt> {
+                Ok(vec![Lent {
+                    loan: c.loan.clone(),
+                }
+                .into()])
+            }
+            fn apply(&mut self, _: &LibEvt) {
+                self.0 = true;
+            }
+        }
+
+        #[derive(Default, Serialize, Deserialize)]
+        pub(super) struct Member(bool);
+        impl Aggregate for Member {
+            const NAME: &'static str = "member";
+            const ID: &'static str = "member";
+            type Command = JoinCmd;
+            type Event = LibEvt;
+            fn decide(&self, JoinCmd::Join(c): &JoinCmd, _: u64) -> Decided<LibEvt> {
+                Ok(vec![Joined {
+                    member: c.member.clone(),
+                }
+                .into()])
+            }
+            fn apply(&mut self, _: &LibEvt) {
+                self.0 = true;
+            }
+        }
+
+        /// A second handler of `Lend`.
+        #[derive(Default, Serialize, Deserialize)]
+        pub(super) struct Rival;
+        impl Aggregate for Rival {
+            const NAME: &'static str = "rival";
+            const ID: &'static str = "loan";
+            type Command = LendCmd;
+            type Event = LibEvt;
+            fn decide(&self, _: &LendCmd, _: u64) -> Decided<LibEvt> {
+                Ok(vec![])
+            }
+            fn apply(&mut self, _: &LibEvt) {}
+        }
+    }
+
+    #[test]
+    fn several_command_handlers_share_the_context_s_command_consumer() {
+        use two_aggregates::{Loan, Member, Rival};
+        let ctx = ContextBuilder::new("lib")
+            .aggregate::<Loan>()
+            .aggregate::<Member>()
+            .build()
+            .unwrap();
+        let handlers = ctx.message_handlers();
+        assert_eq!(handlers.len(), 1);
+        let router = &handlers[0];
+        assert_eq!(router.name(), COMMANDS);
+        let subs = router.subscriptions();
+        assert_eq!(subs.len(), 1);
+        assert_eq!(subs[0].types, ["Join", "Lend"]);
+        assert_eq!(subs[0].filter_subjects(), ["choreo.lib.cmd.>"]);
+        assert_eq!(ctx.queries(), ["loan", "member"]);
+
+        // Each command reaches the handler that declares it, in a real store.
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path(), 1 << 20).unwrap();
+        for (ty, payload, sent) in [
+            ("Lend", r#"{"loan": "l-1"}"#, "Lent"),
+            ("Join", r#"{"member": "m-1"}"#, "Joined"),
+        ] {
+            let input = router.decode(ty, payload.as_bytes()).unwrap();
+            let env = crate::Envelope::first(ty.to_lowercase(), ty, "test", 0);
+            let ctx = HandleCtx {
+                envelope: &env,
+                now_ms: 0,
+                external: None,
+            };
+            let decision = std::cell::RefCell::new(None);
+            store
+                .commit(&env.id, 0, |tx| {
+                    let d = router.handle(tx, &*input, &ctx).unwrap();
+                    *decision.borrow_mut() = Some(d.send[0].msg_type);
+                    Ok::<_, crate::store::DecideError<String>>(Default::default())
+                })
+                .unwrap();
+            assert_eq!(decision.into_inner(), Some(sent));
+        }
+        let state = |q, req: &str| ctx.query(&store, q, req.as_bytes()).unwrap();
+        assert_eq!(state("loan", r#"{"loan": "l-1"}"#), serde_json::json!(true));
+        assert_eq!(
+            state("member", r#"{"member": "m-1"}"#),
+            serde_json::json!(true)
+        );
+        assert_eq!(
+            state("member", r#"{"member": "m-2"}"#),
+            serde_json::json!(false)
+        );
+        assert!(matches!(
+            router.decode("Leave", b"{}"),
+            Err(DecodeError::UnknownType(t)) if t == "Leave"
+        ));
+
+        let both = ContextBuilder::new("lib")
+            .aggregate::<Loan>()
+            .aggregate::<Rival>()
+            .build();
+        match both {
+            Err(ContextError::Commands { problem, .. }) => {
+                assert!(
+                    problem.contains("Lend is handled by both loan and rival"),
+                    "{problem}"
+                )
+            }
+            other => panic!("expected a refusal, got {:?}", other.map(|c| c.name())),
         }
     }
 }
