@@ -95,7 +95,7 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<bool> {
     };
     let dlq = bus
         .js
-        .get_stream(runtime::wire::subjects::DLQ_STREAM)
+        .get_stream(runtime::wire::subjects::dlq_stream())
         .await
         .ok();
     let dead_letters = match dlq {

@@ -62,7 +62,7 @@ impl Filter {
 pub async fn list(bus: &Bus, filter: &Filter) -> anyhow::Result<Vec<DeadLetter>> {
     let stream = bus
         .js
-        .get_stream(subjects::DLQ_STREAM)
+        .get_stream(subjects::dlq_stream())
         .await
         .context("dead-letter stream (has a node run yet?)")?;
     let c = stream
@@ -79,7 +79,7 @@ pub async fn list(bus: &Bus, filter: &Filter) -> anyhow::Result<Vec<DeadLetter>>
         let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
         let d = DeadLetter {
             seq,
-            context: m.subject.trim_start_matches("choreo.dlq.").to_string(),
+            context: subjects::dead_letter_context(&m.subject).to_string(),
             consumer: header(&h, headers::DLQ_CONSUMER),
             reason: header(&h, headers::DLQ_REASON),
             subject: header(&h, headers::DLQ_SUBJECT),
@@ -101,7 +101,7 @@ pub async fn list(bus: &Bus, filter: &Filter) -> anyhow::Result<Vec<DeadLetter>>
 /// Publishes dead letter `seq` again on its original subject, then removes it. Returns the
 /// subject and message id it was replayed with.
 pub async fn replay(bus: &Bus, seq: u64) -> anyhow::Result<(String, String)> {
-    let stream = bus.js.get_stream(subjects::DLQ_STREAM).await?;
+    let stream = bus.js.get_stream(subjects::dlq_stream()).await?;
     let m = stream
         .get_raw_message(seq)
         .await
@@ -136,7 +136,7 @@ pub async fn replay(bus: &Bus, seq: u64) -> anyhow::Result<(String, String)> {
 
 /// Removes dead letter `seq` for good.
 pub async fn discard(bus: &Bus, seq: u64) -> anyhow::Result<()> {
-    let stream = bus.js.get_stream(subjects::DLQ_STREAM).await?;
+    let stream = bus.js.get_stream(subjects::dlq_stream()).await?;
     if !stream
         .delete_message(seq)
         .await

@@ -316,6 +316,9 @@ struct NatsArg {
     /// NATS server URL.
     #[arg(long = "nats", env = "NATS_URL", default_value = DEFAULT_NATS)]
     url: String,
+    /// The application's namespace (subject and stream prefix) [default: choreo].
+    #[arg(long, env = "CHOREO_NAMESPACE")]
+    namespace: Option<String>,
 }
 
 #[derive(Args)]
@@ -471,6 +474,14 @@ fn main() -> ExitCode {
         .mut_subcommand("node", |node| node.mut_arg("context", |a| a.help(help)))
         .get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // One namespace per process, and the processes it starts (demo, chaos) inherit it.
+    if let Some(ns) = namespace_of(&matches).or_else(|| std::env::var("CHOREO_NAMESPACE").ok()) {
+        if let Err(e) = runtime::wire::subjects::set_namespace(&ns) {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+        std::env::set_var("CHOREO_NAMESPACE", &ns);
+    }
     // Nodes and simulators log at `info`, the client commands at `warn` (`CHOREO_LOG`).
     init_tracing(if matches!(cli.command, Cmd::Node(_) | Cmd::Sim(_)) {
         "info"
@@ -485,6 +496,14 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The `--namespace` given to the innermost subcommand that has one.
+fn namespace_of(m: &clap::ArgMatches) -> Option<String> {
+    let here = m.try_get_one::<String>("namespace").ok().flatten().cloned();
+    m.subcommand()
+        .and_then(|(_, sub)| namespace_of(sub))
+        .or(here)
 }
 
 fn tokio_rt() -> anyhow::Result<tokio::runtime::Runtime> {

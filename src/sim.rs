@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use runtime::wire::subjects;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -72,10 +73,10 @@ pub async fn run(client: async_nats::Client, cfg: SimConfig) -> anyhow::Result<(
     });
     let mut subs = futures::stream::select(
         client
-            .queue_subscribe("choreo.ext.payment-gateway.*", "sim".into())
+            .queue_subscribe(subjects::external("payment-gateway", "*"), "sim".into())
             .await?,
         client
-            .queue_subscribe("choreo.ext.carrier.*", "sim".into())
+            .queue_subscribe(subjects::external("carrier", "*"), "sim".into())
             .await?,
     );
     tracing::info!("simulators ready: payment-gateway, carrier");

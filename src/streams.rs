@@ -66,10 +66,11 @@ impl From<StreamState> for Shown {
     }
 }
 
-/// Every stream whose name starts with `CHOREO_`, in name order.
+/// Every stream of this namespace (its name starts with `CHOREO_` by default), in name order.
 pub async fn list(bus: &Bus) -> anyhow::Result<Vec<Shown>> {
     let mut names: Vec<String> = bus.js.stream_names().try_collect().await?;
-    names.retain(|n| n.starts_with("CHOREO_"));
+    let prefix = runtime::wire::subjects::stream_prefix();
+    names.retain(|n| n.starts_with(&prefix));
     names.sort();
     let mut out = Vec::new();
     for name in names {

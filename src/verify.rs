@@ -350,7 +350,7 @@ async fn stock_sent(bus: &Bus) -> anyhow::Result<Option<BTreeMap<String, u64>>> 
     }
     let sent = read_all(&mut stream, &subject).await?;
     let mut dead = Vec::new();
-    if let Ok(mut dlq) = bus.js.get_stream(subjects::DLQ_STREAM).await {
+    if let Ok(mut dlq) = bus.js.get_stream(subjects::dlq_stream()).await {
         let context_dlq = subjects::dead_letter(inventory::CONTEXT);
         for m in read_all_messages(&mut dlq, &context_dlq).await? {
             let original = m

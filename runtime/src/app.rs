@@ -53,6 +53,10 @@ pub struct HostArgs {
     /// TOML config file (see config/node.example.toml); flags and environment override it.
     #[arg(long, env = "CHOREO_CONFIG")]
     pub config: Option<PathBuf>,
+    /// The application's namespace (subject and stream prefix) [default: choreo, or the
+    /// config file's namespace].
+    #[arg(long, env = "CHOREO_NAMESPACE")]
+    pub namespace: Option<String>,
 }
 
 /// Why an application's node could not run.
@@ -173,6 +177,9 @@ impl App {
         if let Some(m) = args.metrics {
             cfg.metrics_addr = m;
         }
+        if let Some(ns) = args.namespace {
+            cfg.namespace = ns;
+        }
         cfg.validate(&self.context_names())?;
         let hosted = cfg
             .contexts
@@ -281,6 +288,19 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(app().configure(one).unwrap().1[0].name(), "b");
+    }
+
+    #[test]
+    fn the_namespace_comes_from_the_flag_and_a_bad_one_is_refused() {
+        let args = |ns: &str| HostArgs {
+            context: Some("a".into()),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        };
+        let (cfg, _) = app().configure(args("east")).unwrap();
+        assert_eq!(cfg.namespace, "east");
+        let e = app().configure(args("East.1")).err().unwrap().to_string();
+        assert!(e.contains("namespace \"East.1\""), "{e}");
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub(crate) async fn start_config(contexts: &[&str], sim: bool, config: &str) -> 
 
 /// Every message in the dead-letter stream: (headers, payload).
 pub(crate) async fn dead_letters(bus: &Bus) -> Vec<(HeaderMap, Bytes)> {
-    let Ok(stream) = bus.js.get_stream(subjects::DLQ_STREAM).await else {
+    let Ok(stream) = bus.js.get_stream(subjects::dlq_stream()).await else {
         return vec![];
     };
     let c = stream

@@ -37,7 +37,13 @@ struct Nodes {
 
 impl Nodes {
     fn start(&self, context: &str) -> Proc {
-        let data = self.dir.join(context).display().to_string();
+        self.start_in(context, context, &[])
+    }
+
+    /// A node hosting `context`, named `name` (its data directory and log), with `extra`
+    /// arguments.
+    fn start_in(&self, name: &str, context: &str, extra: &[&str]) -> Proc {
+        let data = self.dir.join(name).display().to_string();
         let metrics = format!("127.0.0.1:{}", free_port());
         let config = self.config.display().to_string();
         let args: Vec<String> = [
@@ -53,17 +59,12 @@ impl Nodes {
             &config,
         ]
         .iter()
+        .chain(extra)
         .map(|s| s.to_string())
         .collect();
-        let log = self.dir.join(format!("{context}.log"));
-        Proc::spawn(
-            context,
-            Path::new(env!("CARGO_BIN_EXE_sales")),
-            &args,
-            &log,
-            &[],
-        )
-        .unwrap()
+        let log = self.dir.join(format!("{name}.log"));
+        let bin = Path::new(env!("CARGO_BIN_EXE_sales"));
+        Proc::spawn(name, bin, &args, &log, &[]).unwrap()
     }
 
     fn log(&self, context: &str) -> String {
@@ -257,5 +258,81 @@ async fn orders_are_fulfilled_or_cancelled_and_late_billing_is_compensated() {
             "{context}: {status:?}\n{}",
             nodes.log(context)
         );
+    }
+}
+
+/// Two copies of the application in two namespaces on one nats-server: each has its own
+/// streams and subjects, the same order id lives once in each, and neither sees the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_namespaces_share_one_server_without_seeing_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(&dir.path().join("nats"), None, false).unwrap();
+    let config = dir.path().join("sales.toml");
+    std::fs::write(&config, "").unwrap();
+    let nodes = Nodes {
+        dir: dir.path().to_path_buf(),
+        nats_url: nats.url.clone(),
+        config,
+    };
+    let run = |ns: &str, args: &[&str]| {
+        Command::new(choreo_bin())
+            .args(args)
+            .args(["--nats", &nats.url, "--namespace", ns])
+            .output()
+            .unwrap()
+    };
+    let choreo = |ns: &str, args: &[&str]| {
+        let out = run(ns, args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "choreo {args:?}: {text}{err}");
+        text
+    };
+    let mut apps = Vec::new();
+    for ns in ["east", "west"] {
+        apps.push(nodes.start_in(ns, "all", &["--namespace", ns]));
+    }
+    for (ns, cents) in [("east", 1100), ("west", 2200)] {
+        // It may have to wait for the node to create its streams.
+        let order = format!(r#"{{"order": "o-1", "customer": "c-{ns}", "cents": {cents}}}"#);
+        eventually(&format!("{ns} to take the order"), || async {
+            let sent = run(ns, &["send", "sales", "PlaceOrder", &order]);
+            sent.status.success().then_some(())
+        })
+        .await;
+    }
+    let only_east = r#"{"order": "o-east", "customer": "c", "cents": 10}"#;
+    choreo("east", &["send", "sales", "PlaceOrder", only_east]);
+    for (ns, order, cents) in [
+        ("east", "o-1", 1100),
+        ("west", "o-1", 2200),
+        ("east", "o-east", 10),
+    ] {
+        let request = format!(r#"{{"order": "{order}"}}"#);
+        eventually(&format!("{ns} {order} approved"), || async {
+            let out = run(ns, &["query", "sales", "order", &request]);
+            let o: Value = serde_json::from_slice(&out.stdout).ok()?;
+            (o["status"] == "approved" && o["cents"] == cents).then_some(())
+        })
+        .await;
+    }
+    let west = choreo(
+        "west",
+        &["query", "sales", "order", r#"{"order": "o-east"}"#],
+    );
+    let west: Value = serde_json::from_str(&west).unwrap();
+    assert_eq!(west["status"], Value::Null, "west saw east's order: {west}");
+    let listed = choreo("west", &["saga", "list", "--saga", "order-fulfilment"]);
+    assert!(
+        listed.contains("o-1") && !listed.contains("o-east"),
+        "{listed}"
+    );
+    let streams = choreo("east", &["streams"]);
+    assert!(streams.contains("EAST_SALES"), "{streams}");
+    assert!(!streams.contains("WEST_"), "{streams}");
+
+    for (ns, mut app) in ["east", "west"].into_iter().zip(apps) {
+        let status = app.terminate(Duration::from_secs(20)).unwrap();
+        assert!(status.success(), "{ns}: {status:?}\n{}", nodes.log(ns));
     }
 }

@@ -33,6 +33,9 @@ pub struct NodeConfig {
     pub contexts: Vec<String>,
     /// NATS server URL.
     pub nats_url: String,
+    /// The application's namespace: prefix of its subjects (`<ns>.<ctx>.evt.<Type>`) and
+    /// streams (`<NS>_<CTX>`), so several applications share one NATS server.
+    pub namespace: String,
     /// Directory holding one sled database per context.
     pub data_dir: PathBuf,
     /// Address of the HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`.
@@ -215,6 +218,7 @@ impl Default for NodeConfig {
         NodeConfig {
             contexts: vec![],
             nats_url: "nats://127.0.0.1:4222".into(),
+            namespace: crate::wire::subjects::DEFAULT_NAMESPACE.into(),
             data_dir: PathBuf::from(".choreo/data"),
             metrics_addr: "127.0.0.1:9464".into(),
             stream: StreamConfig::default(),
@@ -296,6 +300,7 @@ impl NodeConfig {
     /// Checks the values that would make the node misbehave rather than fail.
     pub fn validate(&self, known_contexts: &[&str]) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        crate::wire::subjects::check_namespace(&self.namespace).map_err(ConfigError::Invalid)?;
         if self.contexts.is_empty() {
             return bad("no context to host (use --context, CHOREO_CONTEXT or `contexts`)".into());
         }

@@ -102,6 +102,7 @@ async fn serve(
     exit: mpsc::Sender<Result<Exit, NodeError>>,
 ) -> Result<(), NodeError> {
     let cfg = Arc::new(cfg);
+    subjects::set_namespace(&cfg.namespace).map_err(NodeError::Other)?;
     metrics::init();
     restart::count_restarts_in_place();
     let health = Health::default();
@@ -181,7 +182,7 @@ async fn serve(
     }
     let polled: Vec<host::Polled> = hosts.iter().flat_map(|h| h.polled().to_vec()).collect();
     let mut watched_streams: Vec<String> = streams.iter().map(|s| subjects::stream(s)).collect();
-    watched_streams.push(subjects::DLQ_STREAM.to_string());
+    watched_streams.push(subjects::dlq_stream());
     let services = [
         tokio::spawn(services::watch_streams(
             bus.clone(),

@@ -31,8 +31,11 @@ pub(crate) async fn serve_queries(client: async_nats::Client, ctx: Arc<dyn Conte
         .stats_handler(
             move |_, _| serde_json::json!({ "messages_handled": metrics::handled(context) }),
         )
-        .queue_group(format!("choreo-{context}"))
-        .start(format!("choreo-{context}"), env!("CARGO_PKG_VERSION"))
+        .queue_group(format!("{}-{context}", subjects::namespace()))
+        .start(
+            format!("{}-{context}", subjects::namespace()),
+            env!("CARGO_PKG_VERSION"),
+        )
         .await;
     let service = match service {
         Ok(s) => s,

@@ -133,8 +133,8 @@ impl Bus {
         self.ensure_stream(
             "create dead-letter stream".to_string(),
             stream::Config {
-                name: subjects::DLQ_STREAM.to_string(),
-                subjects: vec![subjects::DLQ_SUBJECTS.to_string()],
+                name: subjects::dlq_stream(),
+                subjects: vec![subjects::dlq_subjects()],
                 max_age: spec.max_age,
                 max_bytes: spec.max_bytes,
                 max_message_size: spec.max_message_size + 4096,
