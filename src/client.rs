@@ -1,4 +1,5 @@
-//! Client side of the wire format: send commands, query read models, wait for contexts.
+//! The shop's client side: the runtime's client (`runtime::client`) with `anyhow` errors,
+//! plus what only the shop has (readiness by its `summary` query, the simulators' ledgers).
 //! Used by `load`, `demo`, `orders show` and the black-box tests.
 
 use std::time::Duration;
@@ -9,14 +10,13 @@ use runtime::wire::bus::Bus;
 use runtime::wire::envelope::{new_id, now_ms};
 use runtime::{wire::subjects, Envelope, Message};
 
-/// The `source` stamped on messages sent from outside any context.
-pub const CLIENT_SOURCE: &str = "client";
+pub use runtime::client::CLIENT_SOURCE;
 
 /// Connects to NATS. What may pass (refused, no answer, an unresolved host) is retried for
 /// `wait` and said so on stderr (a warning, shown at the CLI's default log level) with the
 /// URL and the reason; what cannot (not a NATS URL, TLS, credentials) fails at once.
 pub async fn connect(url: &str, wait: Duration) -> anyhow::Result<Bus> {
-    Ok(Bus::connect(url, "choreo-client", wait).await?)
+    Ok(runtime::client::connect(url, wait).await?)
 }
 
 /// A stream and its last sequence now (what is stored later comes after it).
@@ -52,12 +52,9 @@ pub async fn send_json(
     msg_type: &str,
     body: &serde_json::Value,
 ) -> anyhow::Result<Envelope> {
-    let env = Envelope::first(new_id(), msg_type, CLIENT_SOURCE, now_ms());
-    let payload = Bytes::from(body.to_string());
-    bus.publish(&subjects::command(context, msg_type), &env, payload)
+    runtime::client::send_json(bus, context, msg_type, body)
         .await
-        .with_context(|| format!("send {msg_type} to {context}"))?;
-    Ok(env)
+        .with_context(|| format!("send {msg_type} to {context}"))
 }
 
 /// Like [`send_command`], with a business correlation id (e.g. the order id): every message
@@ -100,10 +97,9 @@ async fn publish_command<M: Message>(
     env: Envelope,
 ) -> anyhow::Result<Envelope> {
     let payload = Bytes::from(serde_json::to_vec(msg)?);
-    bus.publish(&subjects::command(context, M::TYPE), &env, payload)
+    runtime::client::publish(bus, context, env, payload)
         .await
-        .with_context(|| format!("send {} to {context}", M::TYPE))?;
-    Ok(env)
+        .with_context(|| format!("send {} to {context}", M::TYPE))
 }
 
 /// Asks a context's read model. Replies are `{"ok": value}` or `{"error": "..."}`.
@@ -113,8 +109,7 @@ pub async fn query(
     name: &str,
     request: serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
-    let hint = format!("is a node hosting {context} running?");
-    self::request(bus, &subjects::query(context, name), &hint, request).await
+    Ok(runtime::client::query(bus, context, name, request).await?)
 }
 
 /// Sends an inspection or operator request to a saga (`list`, `show`, `stuck`, `retry`).
@@ -124,8 +119,7 @@ pub async fn saga(
     op: &str,
     request: serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
-    let hint = format!("is the node hosting saga {saga} running?");
-    self::request(bus, &subjects::saga(saga, op), &hint, request).await
+    Ok(runtime::client::saga(bus, saga, op, request).await?)
 }
 
 /// Sends a fault-injection request (`inject`, `clear`, `list`) to the node hosting
@@ -136,30 +130,8 @@ pub async fn faults(
     request: serde_json::Value,
 ) -> anyhow::Result<serde_json::Value> {
     let hint = format!("is a node hosting {context} running?");
-    self::request(bus, &subjects::admin(context, "faults"), &hint, request).await
-}
-
-/// Request/reply with Choreo's reply convention: `{"ok": value}` or `{"error": "..."}`.
-async fn request(
-    bus: &Bus,
-    subject: &str,
-    hint: &str,
-    body: serde_json::Value,
-) -> anyhow::Result<serde_json::Value> {
-    let req = async_nats::Request::new()
-        .payload(Bytes::from(body.to_string()))
-        .timeout(Some(Duration::from_secs(10)));
-    let reply = bus
-        .client
-        .send_request(subject.to_string(), req)
-        .await
-        .map_err(|e| anyhow!("{subject}: {e} ({hint})"))?;
-    let v: serde_json::Value = serde_json::from_slice(&reply.payload)
-        .with_context(|| format!("{subject}: reply is not JSON"))?;
-    if let Some(e) = v.get("error") {
-        bail!("{subject}: {}", e.as_str().unwrap_or("error"));
-    }
-    Ok(v.get("ok").cloned().unwrap_or(serde_json::Value::Null))
+    let subject = subjects::admin(context, "faults");
+    Ok(runtime::client::request(bus, &subject, &hint, request).await?)
 }
 
 /// Waits until every context answers its `summary` query (orders answers `sagas` too).

@@ -16,7 +16,8 @@
 //! - [`saga`]: process managers, their deadlines and inspection;
 //! - [`context`]: a bounded context as a node hosts it;
 //! - [`node`]: one process hosting contexts, its services and its store watchdog;
-//! - [`app`]: an application's `main`: its contexts, the command line, logging, signals.
+//! - [`app`]: an application's `main`: its contexts, the command line, logging, signals;
+//! - [`client`]: send a command, ask a query, wait for an event, from any process.
 //!
 //! Path of one message: the [`pipeline`] pulls it from a durable consumer, reads its
 //! envelope, checks the inbox and runs the component's decision in one [`store`]
@@ -60,6 +61,7 @@ macro_rules! fault {
 
 pub mod aggregate;
 pub mod app;
+pub mod client;
 pub mod component;
 pub mod config;
 pub mod context;

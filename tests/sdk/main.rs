@@ -86,13 +86,13 @@ async fn an_out_of_tree_crate_runs_a_context_and_a_saga_whose_deadline_fires() {
         assert!(out.status.success(), "choreo {args:?}: {text}{err}");
         text
     };
-    let bus = choreo::client::connect(&nats.url, Duration::from_secs(15))
+    let bus = runtime::client::connect(&nats.url, Duration::from_secs(15))
         .await
         .unwrap();
     let loan = |id: &str| {
         let bus = bus.clone();
         let req = serde_json::json!({ "loan": id });
-        async move { choreo::client::query(&bus, "loans", "loan", req).await }
+        async move { runtime::client::query(&bus, "loans", "loan", req).await }
     };
     let until = Instant::now() + Duration::from_secs(30);
     while loan("l-1").await.is_err() {

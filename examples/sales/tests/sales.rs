@@ -8,10 +8,26 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use choreo::client;
 use choreo::procs::{free_port, NatsServer, Proc};
+use runtime::client;
 use runtime::wire::bus::Bus;
 use serde_json::{json, Value};
+
+/// What a client of the application declares of its wire contract: the messages it sends
+/// and waits for (JSON on the wire; no dependency on the application's crate).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PlaceOrder {
+    order: String,
+    customer: String,
+    cents: u64,
+}
+runtime::message!(PlaceOrder, Command, "sales");
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct OrderApproved {
+    order: String,
+}
+runtime::message!(OrderApproved, Event, "sales");
 
 const ORDERS: usize = 20;
 /// Every seventh order is over Billing's credit limit.
@@ -128,12 +144,27 @@ async fn orders_are_fulfilled_or_cancelled_and_late_billing_is_compensated() {
             1_000 + i as u64
         }
     };
+    // A client's typed API: watch for an event, send the commands, wait for the event.
+    let approved = client::watch::<OrderApproved>(&bus).await.unwrap();
     for i in 0..ORDERS {
-        let order = json!({ "order": format!("o-{i}"), "customer": "c-1", "cents": cents(i) });
-        client::send_json(&bus, "sales", "PlaceOrder", &order)
-            .await
-            .unwrap();
+        let (order, customer) = (format!("o-{i}"), "c-1".to_string());
+        let cents = cents(i);
+        client::send(
+            &bus,
+            &PlaceOrder {
+                order,
+                customer,
+                cents,
+            },
+        )
+        .await
+        .unwrap();
     }
+    let last = format!("o-{}", ORDERS - 1);
+    let seen = approved
+        .until(|e| e.order == last, Duration::from_secs(30))
+        .await;
+    assert_eq!(seen.unwrap().order, last);
     for i in 0..ORDERS {
         let order = format!("o-{i}");
         let (status, want) = match DECLINED.contains(&i) {

@@ -1,0 +1,222 @@
+//! The client side of an application: send a command, ask a query, wait for an event, from
+//! any process (a web handler, a script, a test), in the application's namespace.
+//!
+//! ```no_run
+//! # use serde::{Deserialize, Serialize};
+//! # #[derive(Serialize, Deserialize)] struct LendBook { loan: String, book: String }
+//! # runtime::message!(LendBook, Command, "loans");
+//! # #[derive(Serialize, Deserialize)] struct BookLent { loan: String }
+//! # runtime::message!(BookLent, Event, "loans");
+//! # async fn run() -> Result<(), runtime::client::ClientError> {
+//! use std::time::Duration;
+//! use runtime::client;
+//!
+//! let bus = client::connect("nats://127.0.0.1:4222", Duration::from_secs(5)).await?;
+//! let lent = client::watch::<BookLent>(&bus).await?; // before sending: nothing is missed
+//! client::send(&bus, &LendBook { loan: "l-1".into(), book: "Dune".into() }).await?;
+//! let event = lent.until(|e| e.loan == "l-1", Duration::from_secs(10)).await?;
+//! let loan = client::query(&bus, "loans", "loan", serde_json::json!({ "loan": "l-1" })).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Commands go to the addressee's stream with a fresh envelope (a message id the
+//! addressee's inbox deduplicates on); queries and saga requests are NATS request/reply,
+//! answered `{"ok": value}` or `{"error": "..."}`.
+
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::component::{Kind, Message};
+use crate::wire::bus::{Bus, BusError};
+use crate::wire::envelope::{new_id, now_ms, Envelope};
+use crate::wire::subjects;
+
+/// The `source` stamped on messages sent from outside any context.
+pub const CLIENT_SOURCE: &str = "client";
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("{0}: not a command (an event is published by its own context)")]
+    NotACommand(&'static str),
+    #[error("{0} names no context: declare it with message!({0}, Command, \"<context>\")")]
+    NoContext(&'static str),
+    #[error("{subject}: {reason} ({hint})")]
+    NoAnswer {
+        subject: String,
+        reason: String,
+        hint: String,
+    },
+    #[error("{subject}: {reason}")]
+    Refused { subject: String, reason: String },
+    #[error("{0}")]
+    Other(String),
+    #[error("no matching {msg_type} within {waited:?}")]
+    Timeout {
+        msg_type: &'static str,
+        waited: Duration,
+    },
+}
+
+/// Connects to NATS, retrying what may pass (refused, no answer) for `wait`.
+pub async fn connect(url: &str, wait: Duration) -> Result<Bus, ClientError> {
+    Ok(Bus::connect(url, "choreo-client", wait).await?)
+}
+
+/// Sends a command to the context its [`Message`] declares; waits for JetStream's ack.
+pub async fn send<M: Message>(bus: &Bus, command: &M) -> Result<Envelope, ClientError> {
+    if M::KIND != Kind::Command {
+        return Err(ClientError::NotACommand(M::TYPE));
+    }
+    if M::CONTEXT.is_empty() {
+        return Err(ClientError::NoContext(M::TYPE));
+    }
+    send_to(bus, M::CONTEXT, command).await
+}
+
+/// Sends a command to `context`; waits for JetStream's ack.
+pub async fn send_to<M: Message>(
+    bus: &Bus,
+    context: &str,
+    command: &M,
+) -> Result<Envelope, ClientError> {
+    let env = Envelope::first(new_id(), M::TYPE, CLIENT_SOURCE, now_ms());
+    let payload = serde_json::to_vec(command).map_err(|e| ClientError::Other(e.to_string()))?;
+    publish(bus, context, env, Bytes::from(payload)).await
+}
+
+/// Sends a command given as JSON, of type `msg_type`, to `context`.
+pub async fn send_json(
+    bus: &Bus,
+    context: &str,
+    msg_type: &str,
+    body: &serde_json::Value,
+) -> Result<Envelope, ClientError> {
+    let env = Envelope::first(new_id(), msg_type, CLIENT_SOURCE, now_ms());
+    publish(bus, context, env, Bytes::from(body.to_string())).await
+}
+
+/// Publishes a command with the envelope given (a resend keeps its message id, so the
+/// addressee handles it once).
+pub async fn publish(
+    bus: &Bus,
+    context: &str,
+    env: Envelope,
+    payload: Bytes,
+) -> Result<Envelope, ClientError> {
+    let subject = subjects::command(context, &env.msg_type);
+    bus.publish(&subject, &env, payload).await?;
+    Ok(env)
+}
+
+/// Asks a context's query `name` (an aggregate's query is named after it).
+pub async fn query(
+    bus: &Bus,
+    context: &str,
+    name: &str,
+    request: serde_json::Value,
+) -> Result<serde_json::Value, ClientError> {
+    let hint = format!("is a node hosting {context} running?");
+    self::request(bus, &subjects::query(context, name), &hint, request).await
+}
+
+/// Sends an inspection or operator request to a saga (`list`, `show`, `stuck`, `retry`,
+/// `graph`).
+pub async fn saga(
+    bus: &Bus,
+    saga: &str,
+    op: &str,
+    request: serde_json::Value,
+) -> Result<serde_json::Value, ClientError> {
+    let hint = format!("is the node hosting saga {saga} running?");
+    self::request(bus, &subjects::saga(saga, op), &hint, request).await
+}
+
+/// Request/reply with the runtime's convention: `{"ok": value}` or `{"error": "..."}`.
+pub async fn request(
+    bus: &Bus,
+    subject: &str,
+    hint: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value, ClientError> {
+    let req = async_nats::Request::new()
+        .payload(Bytes::from(body.to_string()))
+        .timeout(Some(Duration::from_secs(10)));
+    let reply = bus
+        .client
+        .send_request(subject.to_string(), req)
+        .await
+        .map_err(|e| ClientError::NoAnswer {
+            subject: subject.to_string(),
+            reason: e.to_string(),
+            hint: hint.to_string(),
+        })?;
+    let refused = |reason: String| ClientError::Refused {
+        subject: subject.to_string(),
+        reason,
+    };
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload)
+        .map_err(|e| refused(format!("reply is not JSON: {e}")))?;
+    if let Some(e) = v.get("error") {
+        return Err(refused(e.as_str().unwrap_or("error").to_string()));
+    }
+    Ok(v.get("ok").cloned().unwrap_or(serde_json::Value::Null))
+}
+
+/// The events of type `M` published from now on (see [`watch`]).
+pub struct Watch<M> {
+    sub: async_nats::Subscriber,
+    _m: PhantomData<fn() -> M>,
+}
+
+/// Starts watching the events of type `M` (published by the context its [`Message`]
+/// declares). Start watching before sending what causes the event: events published before
+/// are not seen.
+pub async fn watch<M: Message>(bus: &Bus) -> Result<Watch<M>, ClientError> {
+    if M::CONTEXT.is_empty() {
+        return Err(ClientError::NoContext(M::TYPE));
+    }
+    let sub = bus
+        .client
+        .subscribe(subjects::event(M::CONTEXT, M::TYPE))
+        .await
+        .map_err(|e| ClientError::Other(e.to_string()))?;
+    Ok(Watch {
+        sub,
+        _m: PhantomData,
+    })
+}
+
+impl<M: Message> Watch<M> {
+    /// The first event that `matches`, waiting at most `timeout`. Events that do not decode
+    /// or do not match are skipped.
+    pub async fn until(
+        mut self,
+        matches: impl Fn(&M) -> bool,
+        timeout: Duration,
+    ) -> Result<M, ClientError> {
+        let found = tokio::time::timeout(timeout, async {
+            while let Some(msg) = self.sub.next().await {
+                if let Ok(m) = serde_json::from_slice::<M>(&msg.payload) {
+                    if matches(&m) {
+                        return Some(m);
+                    }
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(m)) => Ok(m),
+            _ => Err(ClientError::Timeout {
+                msg_type: M::TYPE,
+                waited: timeout,
+            }),
+        }
+    }
+}
