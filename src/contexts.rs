@@ -42,6 +42,14 @@ pub fn build(name: &str, cfg: &NodeConfig) -> Result<Arc<dyn Context>, String> {
             .queries(shipping::QUERIES, shipping::query),
         other => return Err(format!("unknown context {other:?}")),
     };
+    // Every node exports the metric, with a zero series for each type that carries money.
+    std::sync::LazyLock::force(&crate::business::AMOUNT);
+    let amounts = crate::business::types(name);
+    let context = if amounts.is_empty() {
+        context
+    } else {
+        context.on_published(&amounts, crate::business::count)
+    };
     context.build().map_err(|e| e.to_string())
 }
 

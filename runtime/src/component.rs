@@ -214,18 +214,9 @@ pub struct Outgoing {
     pub context: Option<String>,
     pub msg_type: &'static str,
     pub payload: String,
-    /// A business amount this message carries (in cents), counted per type in
-    /// `choreo_business_amount_cents_total` once published.
-    pub amount_cents: u64,
 }
 
 impl Outgoing {
-    /// Marks the business amount this message carries.
-    pub fn with_amount(mut self, cents: u64) -> Self {
-        self.amount_cents = cents;
-        self
-    }
-
     /// An event published on the handling context's own prefix.
     pub fn event<M: Message>(m: &M) -> Self {
         debug_assert_eq!(M::KIND, Kind::Event);
@@ -234,7 +225,6 @@ impl Outgoing {
             context: None,
             msg_type: M::TYPE,
             payload: serde_json::to_string(m).expect("message serializes"),
-            amount_cents: 0,
         }
     }
     /// An event, or a command addressed to the context its [`Message`] declares.
@@ -256,8 +246,32 @@ impl Outgoing {
             context: Some(context.to_string()),
             msg_type: M::TYPE,
             payload: serde_json::to_string(m).expect("message serializes"),
-            amount_cents: 0,
         }
+    }
+}
+
+/// A message a context's outbox published and JetStream stored (not a duplicate), as a
+/// hook registered with `ContextBuilder::on_published` sees it: where an application
+/// counts its own business metrics (registered in `telemetry::metrics::REGISTRY`).
+#[derive(Debug, Clone, Copy)]
+pub struct Published<'a> {
+    pub context: &'a str,
+    pub msg_type: &'a str,
+    /// The JSON payload, as sent.
+    pub payload: &'a str,
+}
+
+/// A hook on published messages and the types it is called for.
+#[derive(Clone)]
+pub struct PublishedHook {
+    pub types: Vec<&'static str>,
+    pub hook: Arc<dyn Fn(&Published<'_>) + Send + Sync>,
+}
+
+impl PublishedHook {
+    /// Whether the hook wants messages of `msg_type`.
+    pub fn wants(&self, msg_type: &str) -> bool {
+        self.types.contains(&msg_type)
     }
 }
 

@@ -98,9 +98,11 @@ fn panel_queries() -> Vec<(String, String, String, bool)> {
     out
 }
 
-/// Every `choreo_*` metric name registered in `runtime/src/telemetry/metrics.rs`.
+/// Every `choreo_*` metric name registered in `runtime/src/telemetry/metrics.rs` and by the
+/// shop (`src/business.rs`).
 fn code_metrics() -> BTreeSet<String> {
-    let src = std::fs::read_to_string(root().join("runtime/src/telemetry/metrics.rs")).unwrap();
+    let read = |f: &str| std::fs::read_to_string(root().join(f)).unwrap();
+    let src = read("runtime/src/telemetry/metrics.rs") + &read("src/business.rs");
     src.split('"')
         .filter(|s| s.starts_with("choreo_") && !s.contains(' '))
         .map(str::to_string)
@@ -210,7 +212,7 @@ fn start_prometheus(dir: &Path, targets: &[String]) -> (Proc, u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_evaluates_every_panel_and_rule() {
-    let t = harness::start(choreo::contexts::KNOWN, true, "").await;
+    let mut t = harness::start(choreo::contexts::KNOWN, true, "").await;
     let dir = tempfile::tempdir().unwrap();
     let targets: Vec<String> = t
         .shop
@@ -232,6 +234,13 @@ async fn prometheus_evaluates_every_panel_and_rule() {
         .await
         .unwrap();
     assert!(report.ok());
+    // The shop's own business metric, counted by its hook on published messages.
+    for (context, msg_type) in [("orders", "OrderPlaced"), ("payments", "PaymentCaptured")] {
+        let addr = t.shop.node(context).unwrap().metrics_addr.clone();
+        let labels = [("msg_type", msg_type)];
+        let cents = harness::metric(&addr, "choreo_business_amount_cents_total", &labels);
+        assert!(cents > 0.0, "{context} counted no {msg_type} amount");
+    }
     publish_malformed_order(&t.bus).await;
     // Saga gauges are refreshed every 5 s, lag every 5 s; scrapes every 1 s.
     let ready = || async {

@@ -86,7 +86,7 @@ pub enum Event {
 impl Event {
     pub fn outgoing(&self) -> Outgoing {
         match self {
-            Event::Placed(e) => Outgoing::event(e).with_amount(e.total_cents),
+            Event::Placed(e) => Outgoing::event(e),
             Event::Confirmed(e) => Outgoing::event(e),
             Event::Completed(e) => Outgoing::event(e),
             Event::Cancelled(e) => Outgoing::event(e),

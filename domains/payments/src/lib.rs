@@ -250,8 +250,7 @@ pub fn decide(
                         order_id: p.order_id.clone(),
                         amount_cents: p.total_cents,
                         auth_id,
-                    })
-                    .with_amount(p.total_cents)],
+                    })],
                 ),
                 Err(reason) => (
                     base,
@@ -297,10 +296,7 @@ pub fn decide(
                 order_id: pay.order_id.clone(),
                 amount_cents: pay.amount_cents,
             };
-            Ok(Some((
-                next,
-                vec![Outgoing::event(&ev).with_amount(ev.amount_cents)],
-            )))
+            Ok(Some((next, vec![Outgoing::event(&ev)])))
         }
         (Input::Capture(_), Some(pay)) if pay.status == S::Captured => Ok(None),
         (Input::Capture(_), None) => Err(HandleError::Retry(format!(
@@ -322,10 +318,7 @@ pub fn decide(
                 order_id: pay.order_id.clone(),
                 amount_cents: pay.amount_cents,
             };
-            Ok(Some((
-                next,
-                vec![Outgoing::event(&ev).with_amount(ev.amount_cents)],
-            )))
+            Ok(Some((next, vec![Outgoing::event(&ev)])))
         }
         (Input::Cancel(c), None) => {
             let r: CancelReply =

@@ -63,6 +63,11 @@ pub trait Context: Send + Sync + 'static {
     fn sagas(&self) -> Vec<Arc<dyn DynSaga>> {
         vec![]
     }
+    /// The application's hooks on the messages it publishes
+    /// ([`ContextBuilder::on_published`]).
+    fn published_hooks(&self) -> Vec<crate::component::PublishedHook> {
+        vec![]
+    }
     /// Answers a read-model query with a JSON value.
     fn query(
         &self,
@@ -134,6 +139,7 @@ pub enum ContextError {
 /// ```
 pub struct ContextBuilder {
     name: &'static str,
+    hooks: Vec<crate::component::PublishedHook>,
     components: Vec<Arc<dyn DynComponent>>,
     sagas: Vec<Arc<dyn DynSaga>>,
     queries: Vec<(&'static str, QueryFn)>,
@@ -144,6 +150,7 @@ impl ContextBuilder {
     pub fn new(name: &'static str) -> Self {
         ContextBuilder {
             name,
+            hooks: Vec::new(),
             components: Vec::new(),
             sagas: Vec::new(),
             queries: Vec::new(),
@@ -175,6 +182,21 @@ impl ContextBuilder {
     pub fn aggregate<A: crate::aggregate::Aggregate>(self) -> Self {
         let decider = crate::aggregate::Decider::<A>::new(self.name);
         self.component(decider).query(A::NAME, aggregate_state::<A>)
+    }
+
+    /// Calls `hook` for each message of `types` the context publishes, once JetStream has
+    /// stored it (not for a duplicate): where the application counts its own business
+    /// metrics, such as the amounts its messages carry.
+    pub fn on_published(
+        mut self,
+        types: &[&'static str],
+        hook: impl Fn(&crate::component::Published<'_>) + Send + Sync + 'static,
+    ) -> Self {
+        self.hooks.push(crate::component::PublishedHook {
+            types: types.to_vec(),
+            hook: Arc::new(hook),
+        });
+        self
     }
 
     /// Adds a saga: its messages, its deadlines and its inspection.
@@ -285,6 +307,9 @@ impl Context for Assembled {
     }
     fn queries(&self) -> Vec<&'static str> {
         self.0.queries.iter().map(|(q, _)| *q).collect()
+    }
+    fn published_hooks(&self) -> Vec<crate::component::PublishedHook> {
+        self.0.hooks.clone()
     }
     fn sagas(&self) -> Vec<Arc<dyn DynSaga>> {
         self.0.sagas.clone()

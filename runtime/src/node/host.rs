@@ -82,7 +82,7 @@ impl ContextHost {
             name,
             store.clone(),
             bus.clone(),
-            relay_options(shared),
+            relay_options(shared, ctx.published_hooks()),
             stopping.clone(),
         );
         let failed = shared.health.store_flag();
@@ -322,8 +322,9 @@ fn store_options(cfg: &NodeConfig) -> store::Options {
     not(any(feature = "faults", feature = "danger")),
     allow(unused_variables)
 )]
-fn relay_options(shared: &Shared) -> RelayOptions {
+fn relay_options(shared: &Shared, hooks: Vec<crate::component::PublishedHook>) -> RelayOptions {
     RelayOptions {
+        hooks,
         #[cfg(feature = "faults")]
         faults: Some(shared.faults.clone()),
         #[cfg(feature = "danger")]

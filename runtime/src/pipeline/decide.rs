@@ -69,7 +69,6 @@ fn to_outbox(
                 subject,
                 envelope: Envelope::caused_by(cause, scope, i, o.msg_type, context, now),
                 payload: o.payload,
-                amount_cents: o.amount_cents,
             }
         })
         .collect()
@@ -113,14 +112,12 @@ mod tests {
                     context: None,
                     msg_type: "StockReserved",
                     payload: "{}".into(),
-                    amount_cents: 0,
                 },
                 Outgoing {
                     kind: Kind::Command,
                     context: Some("shipping".into()),
                     msg_type: "ShipOrder",
                     payload: "{}".into(),
-                    amount_cents: 7,
                 },
             ],
             saga_move: None,
@@ -139,7 +136,6 @@ mod tests {
             Envelope::caused_by(&cause, "scope", 0, "StockReserved", "inventory", 6)
         );
         assert_ne!(e.outbox[0].envelope.id, e.outbox[1].envelope.id);
-        assert_eq!(e.outbox[1].amount_cents, 7);
         assert!(e.saga_moves.is_empty());
     }
 

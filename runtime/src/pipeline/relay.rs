@@ -19,6 +19,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use tokio::sync::{mpsc, watch};
 
+use crate::component::{Published, PublishedHook};
 use crate::store::{KeyedEntries, OutboxEntry, Store};
 use crate::telemetry::metrics;
 use crate::wire::bus::Bus;
@@ -47,6 +48,8 @@ pub struct RelayOptions {
     /// deleted at start, not published.
     #[cfg(feature = "danger")]
     pub forget_at_start: bool,
+    /// The application's hooks on published messages (`ContextBuilder::on_published`).
+    pub hooks: Vec<PublishedHook>,
 }
 
 impl Relay {
@@ -119,7 +122,6 @@ struct Out {
     context: &'static str,
     store: Store,
     bus: Bus,
-    #[cfg_attr(not(any(feature = "faults", feature = "danger")), allow(dead_code))]
     options: RelayOptions,
 }
 
@@ -229,7 +231,10 @@ async fn publish_batch(
                 Err(e) => return Err(e.to_string()),
             },
         };
-        let (entry_type, entry_amount) = (entry.envelope.msg_type.clone(), entry.amount_cents);
+        let entry_type = entry.envelope.msg_type.clone();
+        // The payload is kept past the publish only for a hook that wants it.
+        let hooked = out.options.hooks.iter().any(|h| h.wants(&entry_type));
+        let kept = hooked.then(|| entry.payload.clone());
         #[allow(unused_mut)]
         let mut ack_lost = false;
         #[cfg(feature = "faults")]
@@ -259,7 +264,7 @@ async fn publish_batch(
             acks_lost += 1;
             continue;
         }
-        sends.push((k, (entry_type, entry_amount), fut));
+        sends.push((k, (entry_type, kept), fut));
     }
     let mut sent = Vec::with_capacity(sends.len());
     let mut futs = Vec::with_capacity(sends.len());
@@ -269,7 +274,7 @@ async fn publish_batch(
     }
     let results = join_all(futs.into_iter().map(std::future::IntoFuture::into_future)).await;
     let mut first_err = None;
-    for ((k, (msg_type, amount)), r) in sent.into_iter().zip(results) {
+    for ((k, (msg_type, kept)), r) in sent.into_iter().zip(results) {
         match r {
             Ok(ack) => {
                 store.outbox_published(k);
@@ -277,10 +282,15 @@ async fn publish_batch(
                     metrics::PUBLISHED
                         .with_label_values(&[context, &msg_type])
                         .inc();
-                    if amount > 0 {
-                        metrics::PUBLISHED_AMOUNT
-                            .with_label_values(&[context, &msg_type])
-                            .inc_by(amount);
+                    if let Some(payload) = &kept {
+                        let published = Published {
+                            context,
+                            msg_type: &msg_type,
+                            payload,
+                        };
+                        for h in out.options.hooks.iter().filter(|h| h.wants(&msg_type)) {
+                            (h.hook)(&published);
+                        }
                     }
                 }
                 let result = if ack.duplicate { "duplicate" } else { "stored" };

@@ -113,7 +113,6 @@ mod tests {
             subject: format!("choreo.t.evt.{msg_type}"),
             envelope: crate::wire::envelope::Envelope::first(id, msg_type, "t", 1),
             payload: format!("{{\"n\":{n}}}"),
-            amount_cents: 0,
         }
     }
 

@@ -227,7 +227,6 @@ pub(crate) mod testing {
             subject: "choreo.t.evt.X".into(),
             envelope: Envelope::first(format!("id{n}"), "X", "t", 1),
             payload: format!("{{\"n\":{n}}}"),
-            amount_cents: 0,
         }
     }
 

@@ -13,9 +13,6 @@ pub struct OutboxEntry {
     pub envelope: Envelope,
     /// JSON payload, as sent on the wire.
     pub payload: String,
-    /// Business amount carried (metrics only).
-    #[serde(default)]
-    pub amount_cents: u64,
 }
 
 /// Outbox entries with their keys: what a commit wrote, what the relay is handed, what the

@@ -323,16 +323,6 @@ pub static PUBLISHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
-/// Business amounts carried by published messages, by type.
-pub static PUBLISHED_AMOUNT: LazyLock<IntCounterVec> = LazyLock::new(|| {
-    counter(
-        "choreo_business_amount_cents_total",
-        "Sum of the business amount (in cents) carried by published messages, by context and type \
-         (e.g. PaymentAuthorized, PaymentCaptured, PaymentVoided).",
-        &["context", "msg_type"],
-    )
-});
-
 /// Saga instances by saga and state.
 pub static SAGA_INSTANCES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauge(
@@ -448,7 +438,6 @@ pub fn init() {
     LazyLock::force(&STREAM_FILL);
     LazyLock::force(&STREAM_TRIMMED);
     LazyLock::force(&PUBLISHED);
-    LazyLock::force(&PUBLISHED_AMOUNT);
     LazyLock::force(&SAGA_INSTANCES);
     LazyLock::force(&SAGA_OLDEST_ACTIVE_SECONDS);
     LazyLock::force(&SAGA_DURATION);

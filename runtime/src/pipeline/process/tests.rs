@@ -74,7 +74,6 @@ impl Component for Counter {
             context: None,
             msg_type: "Added",
             payload: format!("{{\"total\":{}}}", total + input.1),
-            amount_cents: 0,
         }])
     }
 }
