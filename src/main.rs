@@ -80,6 +80,15 @@ enum Cmd {
         #[command(subcommand)]
         command: SagaCmd,
     },
+    /// The contexts running nodes host in this namespace, with their queries and sagas
+    /// (from the NATS service API); exits 1 if none answers.
+    Contexts {
+        #[command(flatten)]
+        nats: NatsArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Streams: how full each is, how far each durable consumer has got, messages removed
     /// before a consumer acked them; exits 1 if a consumer may have missed messages.
     Streams {
@@ -610,6 +619,29 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(report.violations() == 0)
         }),
         Cmd::Saga { command } => run_saga(command),
+        Cmd::Contexts { nats, json } => tokio_rt()?.block_on(async {
+            let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
+            let found = runtime::client::discover(&bus, Duration::from_secs(1)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+            } else {
+                println!(
+                    "{:<14} {:<24} {:<30} sagas",
+                    "context", "instance", "queries"
+                );
+                for c in &found {
+                    println!(
+                        "{:<14} {:<24} {:<30} {}",
+                        c.context,
+                        c.instance,
+                        c.queries.join(","),
+                        c.sagas.join(",")
+                    );
+                }
+                println!("{} running", found.len());
+            }
+            Ok(!found.is_empty())
+        }),
         Cmd::Streams { nats, json } => tokio_rt()?.block_on(async {
             let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
             let streams = choreo::streams::list(&bus).await?;

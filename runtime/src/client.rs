@@ -220,3 +220,61 @@ impl<M: Message> Watch<M> {
         }
     }
 }
+
+/// A context a running node hosts, as it registered itself with the NATS service API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RunningContext {
+    pub context: String,
+    /// The service instance (one per node hosting the context).
+    pub instance: String,
+    pub queries: Vec<String>,
+    pub sagas: Vec<String>,
+}
+
+/// The contexts of this namespace that running nodes host, found with the NATS service
+/// API (`$SRV.INFO`), answers collected for `wait`; sorted by context, then instance.
+pub async fn discover(bus: &Bus, wait: Duration) -> Result<Vec<RunningContext>, ClientError> {
+    let inbox = bus.client.new_inbox();
+    let mut sub = bus
+        .client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| ClientError::Other(e.to_string()))?;
+    bus.client
+        .publish_with_reply("$SRV.INFO".to_string(), inbox, Bytes::new())
+        .await
+        .map_err(|e| ClientError::Other(e.to_string()))?;
+    let mut found = Vec::new();
+    let until = tokio::time::Instant::now() + wait;
+    while let Ok(Some(m)) = tokio::time::timeout_at(until, sub.next()).await {
+        let Ok(info) = serde_json::from_slice::<serde_json::Value>(&m.payload) else {
+            continue;
+        };
+        let meta = |k: &str| info["metadata"][k].as_str().unwrap_or("").to_string();
+        if meta("namespace") != subjects::namespace() || meta("context").is_empty() {
+            continue;
+        }
+        let list = |s: String| -> Vec<String> {
+            s.split(',')
+                .filter(|x| !x.is_empty())
+                .map(str::to_string)
+                .collect()
+        };
+        let queries = info["endpoints"]
+            .as_array()
+            .map(|es| {
+                es.iter()
+                    .filter_map(|e| e["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        found.push(RunningContext {
+            context: meta("context"),
+            instance: info["id"].as_str().unwrap_or("").to_string(),
+            queries,
+            sagas: list(meta("sagas")),
+        });
+    }
+    found.sort_by(|a, b| (&a.context, &a.instance).cmp(&(&b.context, &b.instance)));
+    Ok(found)
+}

@@ -241,6 +241,34 @@ async fn orders_are_fulfilled_or_cancelled_and_late_billing_is_compensated() {
         println!("$ choreo {}\n{text}", args.join(" "));
         text
     };
+    let running = choreo(&["contexts", "--json"]);
+    let running: Value = serde_json::from_str(&running).unwrap();
+    let found: Vec<(String, Value, Value)> = running
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["context"].as_str().unwrap().to_string(),
+                c["queries"].clone(),
+                c["sagas"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("billing".to_string(), json!(["bill"]), json!([])),
+            (
+                "sales".to_string(),
+                json!(["order"]),
+                json!(["order-fulfilment"])
+            ),
+            ("shipping".to_string(), json!(["shipment"]), json!([])),
+        ],
+        "{running}"
+    );
+    choreo(&["contexts"]);
     let graph = choreo(&["saga", "graph", "order-fulfilment"]);
     assert!(
         graph.contains("Billing --> Cancelled: deadline:billing"),
@@ -358,6 +386,15 @@ async fn two_namespaces_share_one_server_without_seeing_each_other() {
         listed.contains("o-1") && !listed.contains("o-east"),
         "{listed}"
     );
+    // Discovery sees one namespace: west's three contexts, not east's.
+    let running: Value = serde_json::from_str(&choreo("west", &["contexts", "--json"])).unwrap();
+    let contexts: Vec<&str> = running
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["context"].as_str().unwrap())
+        .collect();
+    assert_eq!(contexts, ["billing", "sales", "shipping"], "{running}");
     let streams = choreo("east", &["streams"]);
     assert!(streams.contains("EAST_SALES"), "{streams}");
     assert!(!streams.contains("WEST_"), "{streams}");

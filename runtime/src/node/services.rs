@@ -24,10 +24,18 @@ pub(crate) async fn serve_queries(client: async_nats::Client, ctx: Arc<dyn Conte
     let service = client
         .service_builder()
         .description(format!("Choreo context {context}: read-model queries"))
-        .metadata(std::collections::HashMap::from([(
-            "context".to_string(),
-            context.to_string(),
-        )]))
+        .metadata(std::collections::HashMap::from([
+            ("context".to_string(), context.to_string()),
+            ("namespace".to_string(), subjects::namespace().to_string()),
+            (
+                "sagas".to_string(),
+                ctx.sagas()
+                    .iter()
+                    .map(|s| s.name())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        ]))
         .stats_handler(
             move |_, _| serde_json::json!({ "messages_handled": metrics::handled(context) }),
         )
