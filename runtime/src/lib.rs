@@ -23,6 +23,53 @@
 //! envelope, checks the inbox and runs the component's decision in one [`store`]
 //! transaction with the outbox entries and the inbox mark; the group commit makes that
 //! durable; the message is acked and the outbox relay publishes what it caused.
+//!
+//! # Example
+//!
+//! An application with one context holding one aggregate, run as a node with the flags of
+//! `choreo node` (`--context counters --nats URL --data DIR`). The repository's
+//! `docs/guide.md` walks through a whole one, with a saga and its tests.
+//!
+//! ```no_run
+//! use runtime::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! runtime::messages! {
+//!     enum CounterCommand: Command in "counters" { Add { counter: String, by: u64 } }
+//! }
+//! runtime::messages! {
+//!     enum CounterEvent: Event in "counters" { Added { counter: String, total: u64 } }
+//! }
+//!
+//! /// A counter: its total so far.
+//! #[derive(Default, Serialize, Deserialize)]
+//! struct Counter {
+//!     total: u64,
+//! }
+//!
+//! impl Aggregate for Counter {
+//!     const NAME: &'static str = "counter";
+//!     const ID: &'static str = "counter";
+//!     type Command = CounterCommand;
+//!     type Event = CounterEvent;
+//!
+//!     fn decide(&self, command: &CounterCommand, _now: u64) -> Decided<CounterEvent> {
+//!         let CounterCommand::Add(add) = command;
+//!         let total = self.total + add.by;
+//!         Ok(vec![Added { counter: add.counter.clone(), total }.into()])
+//!     }
+//!
+//!     fn apply(&mut self, event: &CounterEvent) {
+//!         let CounterEvent::Added(added) = event;
+//!         self.total = added.total;
+//!     }
+//! }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     let counters = ContextBuilder::new("counters").aggregate::<Counter>();
+//!     App::new("counters").with(counters).run()
+//! }
+//! ```
 
 /// A fault point (see `faults`): fires the matching rule, carries out its action (crash,
 /// panic, delay) and runs the given closure body with what is left for the point
