@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::component::{
-    Component, DecodeError, HandleCtx, HandleError, Messages, Outgoing, Subscription,
+    instance_id, Component, DecodeError, HandleCtx, HandleError, Messages, Outgoing, Subscription,
 };
 use crate::store::{load, save, StateTx};
 
@@ -98,17 +98,7 @@ impl<A: Aggregate> Component for Decider<A> {
         };
         let value: serde_json::Value =
             serde_json::from_slice(payload).map_err(|e| malformed(e.to_string()))?;
-        let id = match value.get(A::ID) {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            _ => {
-                return Err(malformed(format!(
-                    "no string or number field {:?} naming the {}",
-                    A::ID,
-                    A::NAME
-                )))
-            }
-        };
+        let id = instance_id(msg_type, &value, A::ID, A::NAME)?;
         Ok(Addressed { id, command })
     }
 

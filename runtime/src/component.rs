@@ -315,6 +315,24 @@ pub enum DecodeError {
     Malformed { msg_type: String, error: String },
 }
 
+/// The value of `field` in a decoded payload (a string, or a number as its text): the
+/// instance of `what` (an aggregate, a saga) a message is for.
+pub fn instance_id(
+    msg_type: &str,
+    payload: &serde_json::Value,
+    field: &str,
+    what: &str,
+) -> Result<String, DecodeError> {
+    match payload.get(field) {
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
+        _ => Err(DecodeError::Malformed {
+            msg_type: msg_type.to_string(),
+            error: format!("no string or number field {field:?} naming the {what}"),
+        }),
+    }
+}
+
 /// Decodes a JSON payload into `M`, naming the type on failure.
 pub fn decode_as<M: Message>(payload: &[u8]) -> Result<M, DecodeError> {
     serde_json::from_slice(payload).map_err(|e| DecodeError::Malformed {

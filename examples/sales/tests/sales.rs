@@ -52,6 +52,39 @@ struct Nodes {
 }
 
 impl Nodes {
+    /// A nats-server in `dir`, and nodes against it reading `config` (a TOML text).
+    fn new(dir: &Path, config: &str) -> (NatsServer, Nodes) {
+        let nats = NatsServer::start(&dir.join("nats"), None, false).unwrap();
+        let path = dir.join("sales.toml");
+        std::fs::write(&path, config).unwrap();
+        let nodes = Nodes {
+            dir: dir.to_path_buf(),
+            nats_url: nats.url.clone(),
+            config: path,
+        };
+        (nats, nodes)
+    }
+
+    /// Runs `choreo ARGS` against this server, in namespace `ns` if given.
+    fn choreo(&self, ns: Option<&str>, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(choreo_bin());
+        cmd.args(args).args(["--nats", &self.nats_url]);
+        if let Some(ns) = ns {
+            cmd.args(["--namespace", ns]);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// Like [`Nodes::choreo`], asserting success; prints and returns the output.
+    fn choreo_ok(&self, ns: Option<&str>, args: &[&str]) -> String {
+        let out = self.choreo(ns, args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "choreo {args:?}: {text}{err}");
+        println!("$ choreo {}\n{text}", args.join(" "));
+        text
+    }
+
     fn start(&self, context: &str) -> Proc {
         self.start_in(context, context, &[])
     }
@@ -112,14 +145,8 @@ async fn state(bus: &Bus, context: &str, aggregate: &str, order: &str) -> Option
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_are_fulfilled_or_cancelled_and_late_billing_is_compensated() {
     let dir = tempfile::tempdir().unwrap();
-    let nats = NatsServer::start(&dir.path().join("nats"), None, false).unwrap();
-    let config = dir.path().join("sales.toml");
-    std::fs::write(&config, "[sagas.order-fulfilment]\nbilling = \"2s\"\n").unwrap();
-    let nodes = Nodes {
-        dir: dir.path().to_path_buf(),
-        nats_url: nats.url.clone(),
-        config,
-    };
+    let config = "[sagas.order-fulfilment]\nbilling = \"2s\"\n";
+    let (nats, nodes) = Nodes::new(dir.path(), config);
     let sales = nodes.start("sales");
     let mut billing = nodes.start("billing");
     let shipping = nodes.start("shipping");
@@ -229,18 +256,7 @@ async fn orders_are_fulfilled_or_cancelled_and_late_billing_is_compensated() {
         .await
         .unwrap();
 
-    let choreo = |args: &[&str]| {
-        let out = Command::new(choreo_bin())
-            .args(args)
-            .args(["--nats", &nats.url])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "choreo {args:?}: {text}{err}");
-        println!("$ choreo {}\n{text}", args.join(" "));
-        text
-    };
+    let choreo = |args: &[&str]| nodes.choreo_ok(None, args);
     let running = choreo(&["contexts", "--json"]);
     let running: Value = serde_json::from_str(&running).unwrap();
     let found: Vec<(String, Value, Value)> = running
@@ -325,28 +341,9 @@ async fn orders_are_fulfilled_or_cancelled_and_late_billing_is_compensated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_namespaces_share_one_server_without_seeing_each_other() {
     let dir = tempfile::tempdir().unwrap();
-    let nats = NatsServer::start(&dir.path().join("nats"), None, false).unwrap();
-    let config = dir.path().join("sales.toml");
-    std::fs::write(&config, "").unwrap();
-    let nodes = Nodes {
-        dir: dir.path().to_path_buf(),
-        nats_url: nats.url.clone(),
-        config,
-    };
-    let run = |ns: &str, args: &[&str]| {
-        Command::new(choreo_bin())
-            .args(args)
-            .args(["--nats", &nats.url, "--namespace", ns])
-            .output()
-            .unwrap()
-    };
-    let choreo = |ns: &str, args: &[&str]| {
-        let out = run(ns, args);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "choreo {args:?}: {text}{err}");
-        text
-    };
+    let (_nats, nodes) = Nodes::new(dir.path(), "");
+    let run = |ns: &str, args: &[&str]| nodes.choreo(Some(ns), args);
+    let choreo = |ns: &str, args: &[&str]| nodes.choreo_ok(Some(ns), args);
     let mut apps = Vec::new();
     for ns in ["east", "west"] {
         apps.push(nodes.start_in(ns, "all", &["--namespace", ns]));

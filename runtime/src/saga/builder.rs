@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{Definition, ProcessManager, StateDef, Step, TransitionDef, Trigger};
-use crate::component::{DecodeError, HandleError, Kind, Message, Subscription};
+use crate::component::{instance_id, DecodeError, HandleError, Kind, Message, Subscription};
 
 /// A saga instance's data with the name of the state it is in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -230,7 +230,7 @@ where
         let value = serde_json::to_value(&m).map_err(|e| malformed(M::TYPE, e))?;
         Ok(SagaMessage {
             msg_type: M::TYPE,
-            id: correlation(M::TYPE, &value, self.field)?,
+            id: instance_id(M::TYPE, &value, self.field, "saga instance")?,
             body: Box::new(m),
         })
     }
@@ -341,7 +341,7 @@ where
             .ok_or_else(|| DecodeError::UnknownType(msg_type.to_string()))?;
         let value: serde_json::Value =
             serde_json::from_slice(payload).map_err(|e| malformed(input.msg_type, e))?;
-        let id = correlation(input.msg_type, &value, self.field)?;
+        let id = instance_id(input.msg_type, &value, self.field, "saga instance")?;
         Ok(SagaMessage {
             msg_type: input.msg_type,
             id,
@@ -460,21 +460,6 @@ fn malformed(msg_type: &str, e: serde_json::Error) -> DecodeError {
     DecodeError::Malformed {
         msg_type: msg_type.to_string(),
         error: e.to_string(),
-    }
-}
-
-fn correlation(
-    msg_type: &str,
-    value: &serde_json::Value,
-    field: &str,
-) -> Result<String, DecodeError> {
-    match value.get(field) {
-        Some(serde_json::Value::String(s)) => Ok(s.clone()),
-        Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
-        _ => Err(DecodeError::Malformed {
-            msg_type: msg_type.to_string(),
-            error: format!("no string or number field {field:?} naming the saga instance"),
-        }),
     }
 }
 
