@@ -89,6 +89,13 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Who serves each context: its partition's owner and fencing epoch, the nodes standing
+    /// by, the changelog's last record (from the lease bucket); exits 1 if a partition has
+    /// no owner.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCmd,
+    },
     /// Streams: how full each is, how far each durable consumer has got, messages removed
     /// before a consumer acked them; exits 1 if a consumer may have missed messages.
     Streams {
@@ -120,6 +127,18 @@ enum Cmd {
         latency: Option<Duration>,
         #[command(flatten)]
         nats: NatsArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Each partition's owner, epoch, last renewal, standbys and changelog sequence.
+    Status {
+        #[command(flatten)]
+        nats: NatsArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -322,7 +341,7 @@ fn duration(s: &str) -> Result<Duration, String> {
 
 #[derive(Args, Clone)]
 struct NatsArg {
-    /// NATS server URL.
+    /// NATS server URL, or several comma-separated (a cluster's servers).
     #[arg(long = "nats", env = "NATS_URL", default_value = DEFAULT_NATS)]
     url: String,
     /// The application's namespace (subject and stream prefix) [default: choreo].
@@ -619,6 +638,41 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(report.violations() == 0)
         }),
         Cmd::Saga { command } => run_saga(command),
+        Cmd::Cluster {
+            command: ClusterCmd::Status { nats, json },
+        } => tokio_rt()?.block_on(async {
+            let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
+            let partitions = runtime::client::partitions(&bus).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&partitions)?);
+            } else if partitions.is_empty() {
+                println!("no partition leases in this namespace (no node runs with ownership)");
+            } else {
+                println!(
+                    "{:<12} {:<4} {:<36} {:>6} {:>9} {:>10}  standby",
+                    "context", "part", "owner", "epoch", "renewed", "changelog"
+                );
+                for p in &partitions {
+                    println!(
+                        "{:<12} {:<4} {:<36} {:>6} {:>9} {:>10}  {}",
+                        p.context,
+                        p.partition,
+                        p.owner.as_deref().unwrap_or("NONE"),
+                        p.epoch.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
+                        p.renewed_ms_ago
+                            .map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0))
+                            .unwrap_or_else(|| "-".into()),
+                        p.changelog_last,
+                        if p.standby.is_empty() {
+                            "-".to_string()
+                        } else {
+                            p.standby.join(", ")
+                        }
+                    );
+                }
+            }
+            Ok(partitions.iter().all(|p| p.owner.is_some()))
+        }),
         Cmd::Contexts { nats, json } => tokio_rt()?.block_on(async {
             let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
             let found = runtime::client::discover(&bus, Duration::from_secs(1)).await?;

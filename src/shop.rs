@@ -236,6 +236,20 @@ impl Shop {
         Ok(())
     }
 
+    /// Starts one more node for `ctx` (a standby while another owns the context), with a
+    /// data directory and a log of its own (`data-<name>`, `logs/<name>.log`); the caller
+    /// keeps it. It does not answer before it owns the context, so nothing waits for it.
+    pub fn spawn_standby(&self, ctx: &str, name: &str) -> anyhow::Result<Node> {
+        let nats = self.node_nats.get(ctx).unwrap_or(&self.nats.url);
+        Node::spawn(
+            ctx,
+            nats,
+            &self.opts.dir.join(format!("data-{name}")),
+            &self.logs().join(format!("{name}.log")),
+            self.opts.node_config.as_deref(),
+        )
+    }
+
     /// Starts a node for `ctx` that was not started with the shop, and waits until it answers.
     pub async fn add_node(&mut self, ctx: &str) -> anyhow::Result<()> {
         let node = self.spawn_node(ctx)?;

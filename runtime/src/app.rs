@@ -41,7 +41,8 @@ pub struct HostArgs {
     /// Contexts to host, comma-separated, or `all`.
     #[arg(long, env = "CHOREO_CONTEXT")]
     pub context: Option<String>,
-    /// NATS server URL [default: nats://127.0.0.1:4222, or the config file's nats_url].
+    /// NATS server URL, or several comma-separated (a cluster's servers) [default:
+    /// nats://127.0.0.1:4222, or the config file's nats_url].
     #[arg(long = "nats", env = "NATS_URL")]
     pub nats: Option<String>,
     /// Directory for the contexts' sled databases (one subdirectory each).

@@ -221,6 +221,78 @@ impl<M: Message> Watch<M> {
     }
 }
 
+/// One partition of a context as the lease bucket and its changelog show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Partition {
+    pub context: String,
+    pub partition: String,
+    /// The node serving it, none while nobody holds the lease.
+    pub owner: Option<String>,
+    /// The owner's fencing epoch.
+    pub epoch: Option<u64>,
+    /// Milliseconds since the owner last renewed its lease.
+    pub renewed_ms_ago: Option<u64>,
+    /// The owner's metrics address.
+    pub metrics: Option<String>,
+    /// Nodes standing by to take it over.
+    pub standby: Vec<String>,
+    /// The sequence of its changelog's last record (0: none).
+    pub changelog_last: u64,
+}
+
+/// Every partition with a lease or a standby in this namespace (empty when no node runs
+/// with ownership); sorted by context.
+pub async fn partitions(bus: &Bus) -> Result<Vec<Partition>, ClientError> {
+    use crate::wire::lease::Leases;
+    let Some(leases) = Leases::existing(bus).await? else {
+        return Ok(Vec::new());
+    };
+    let mut out: Vec<Partition> = Vec::new();
+    let now = now_ms();
+    for (key, holder) in leases.all().await? {
+        let mut tokens = key.splitn(3, '.');
+        let (Some(context), Some(partition)) = (tokens.next(), tokens.next()) else {
+            continue;
+        };
+        let i = match out
+            .iter()
+            .position(|p| p.context == context && p.partition == partition)
+        {
+            Some(i) => i,
+            None => {
+                let n: u32 = partition.trim_start_matches('p').parse().unwrap_or(0);
+                let changelog_last = crate::wire::changelog::Changelog::bind(bus, context, n)
+                    .last()
+                    .await
+                    .unwrap_or_default();
+                out.push(Partition {
+                    context: context.to_string(),
+                    partition: partition.to_string(),
+                    owner: None,
+                    epoch: None,
+                    renewed_ms_ago: None,
+                    metrics: None,
+                    standby: Vec::new(),
+                    changelog_last,
+                });
+                out.len() - 1
+            }
+        };
+        let p = &mut out[i];
+        match tokens.next() {
+            None => {
+                p.owner = Some(holder.node);
+                p.epoch = Some(holder.epoch);
+                p.renewed_ms_ago = Some(now.saturating_sub(holder.renewed_at_ms));
+                p.metrics = Some(holder.metrics);
+            }
+            Some(_) => p.standby.push(holder.node),
+        }
+    }
+    out.sort_by(|a, b| (&a.context, &a.partition).cmp(&(&b.context, &b.partition)));
+    Ok(out)
+}
+
 /// A context a running node hosts, as it registered itself with the NATS service API.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RunningContext {

@@ -6,6 +6,7 @@ mod bad_input;
 mod cli;
 mod crash;
 mod duplicates;
+mod failover;
 mod failure;
 mod faults;
 mod harness;

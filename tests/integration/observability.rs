@@ -295,7 +295,7 @@ async fn prometheus_evaluates_every_panel_and_rule() {
         }
     }
     println!("{}", listed.join("\n"));
-    assert_eq!(n_rules, 17, "every rule loaded");
+    assert_eq!(n_rules, 20, "every rule loaded");
     assert!(problems.is_empty(), "problems:\n{}", problems.join("\n"));
     // A few figures must be right, not just present.
     assert!(

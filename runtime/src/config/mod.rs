@@ -31,7 +31,7 @@ pub enum ConfigError {
 pub struct NodeConfig {
     /// Contexts hosted by this node (`all` expands to every known context).
     pub contexts: Vec<String>,
-    /// NATS server URL.
+    /// NATS server URL, or several comma-separated (the servers of a cluster).
     pub nats_url: String,
     /// The application's namespace: prefix of its subjects (`<ns>.<ctx>.evt.<Type>`) and
     /// streams (`<NS>_<CTX>`), so several applications share one NATS server.
@@ -43,6 +43,9 @@ pub struct NodeConfig {
     pub stream: StreamConfig,
     pub consumer: ConsumerConfig,
     pub store: StoreConfig,
+    /// Who serves each context (one owner at a time, standbys) and its replicated
+    /// changelog.
+    pub ownership: OwnershipConfig,
     /// Timeout of one request to an external system.
     #[serde(with = "duration")]
     pub external_timeout: Duration,
@@ -132,6 +135,9 @@ pub struct StreamConfig {
     /// every durable consumer has acked. Unacked messages are never removed; a stream full
     /// of them refuses new messages and publishers wait (backpressure).
     pub history: f64,
+    /// Copies JetStream keeps of every stream, consumer, changelog and the lease bucket:
+    /// 1 on one server, 3 (or 5) on a cluster of at least that many servers.
+    pub replicas: usize,
 }
 
 /// Settings of every durable consumer.
@@ -189,6 +195,32 @@ impl Default for SupervisionConfig {
     }
 }
 
+/// Ownership of a context's partition (one partition per context for now): a lease in the
+/// JetStream key-value bucket `<NS>_LEASES`, and the changelog that lets another node take
+/// the partition over (see `node::ownership` and docs/runtime-semantics.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OwnershipConfig {
+    /// `false`: no lease and no changelog; the node serves its contexts at once and their
+    /// state lives only on its disk (a second node of a context must not be started).
+    pub enabled: bool,
+    /// How long a lease lasts without renewal: a standby takes over at most this long
+    /// (plus its polling interval, a fifth of it) after the owner stops renewing. The owner
+    /// renews every fifth of it and stops serving by itself when four fifths have passed
+    /// since its last renewal was sent.
+    #[serde(with = "duration")]
+    pub lease_ttl: Duration,
+}
+
+impl Default for OwnershipConfig {
+    fn default() -> Self {
+        OwnershipConfig {
+            enabled: true,
+            lease_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
 /// Settings of each context's sled store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -224,6 +256,7 @@ impl Default for NodeConfig {
             stream: StreamConfig::default(),
             consumer: ConsumerConfig::default(),
             store: StoreConfig::default(),
+            ownership: OwnershipConfig::default(),
             external_timeout: Duration::from_secs(5),
             max_message_bytes: 64 * 1024,
             faults: Default::default(),
@@ -246,6 +279,7 @@ impl Default for StreamConfig {
             max_message_size: 1024 * 1024 - 4096,
             file_storage: true,
             history: 0.5,
+            replicas: 1,
         }
     }
 }
@@ -407,6 +441,18 @@ impl NodeConfig {
                     .into(),
             );
         }
+        if !matches!(self.stream.replicas, 1 | 3 | 5) {
+            return bad(format!(
+                "stream.replicas must be 1, 3 or 5, got {}",
+                self.stream.replicas
+            ));
+        }
+        if self.ownership.lease_ttl < Duration::from_secs(1) {
+            return bad(format!(
+                "ownership.lease_ttl must be at least 1s, got {}",
+                duration::format(self.ownership.lease_ttl)
+            ));
+        }
         if self.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
             return bad(format!(
                 "metrics address {:?} is not host:port",
@@ -425,6 +471,7 @@ impl NodeConfig {
             max_message_size: s.max_message_size,
             duplicate_window: s.duplicate_window,
             file_storage: s.file_storage,
+            replicas: s.replicas,
         }
     }
 

@@ -11,6 +11,7 @@ use actix::{Addr, Supervisor};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::ownership::{self, Ownership};
 use super::services::{rotate_inbox, serve_queries};
 use super::watchdog::Watched;
 use super::NodeError;
@@ -22,6 +23,7 @@ use crate::pipeline::consumer::{ConsumerActor, TakeRun};
 use crate::pipeline::decide::durable_name;
 use crate::pipeline::disposition::{Disposition, DlqReason};
 use crate::pipeline::relay::{Relay, RelayOptions};
+use crate::pipeline::replicate::Replication;
 use crate::pipeline::ContextRuntime;
 use crate::resilience::breaker::Breakers;
 use crate::resilience::external::ExternalCalls;
@@ -29,6 +31,7 @@ use crate::saga::{instance, service};
 use crate::store::{self, Store};
 use crate::telemetry::{metrics, Health};
 use crate::wire::bus::Bus;
+use crate::wire::changelog::Changelog;
 use crate::wire::subjects;
 
 /// What every context of a node shares.
@@ -39,6 +42,12 @@ pub(crate) struct Shared {
     pub(crate) breakers: Arc<Breakers>,
     #[cfg(feature = "faults")]
     pub(crate) faults: Arc<crate::faults::Faults>,
+}
+
+/// A partition this node owns, with its changelog.
+pub(crate) struct Owned {
+    pub(crate) own: Arc<Ownership>,
+    pub(crate) changelog: Changelog,
 }
 
 /// A durable consumer the node polls for lag: (context, stream, durable name).
@@ -59,22 +68,44 @@ pub struct ContextHost {
 }
 
 impl ContextHost {
-    /// Opens the context's store in `<data_dir>/<context>` and starts everything that serves
-    /// it, on `bus`.
+    /// Opens the context's store in `<data_dir>/<context>`.
+    pub(crate) fn open_store(cfg: &NodeConfig, name: &str) -> Result<Store, NodeError> {
+        let mut options = store_options(cfg);
+        options.log_changes = cfg.ownership.enabled;
+        Store::open_with(&cfg.data_dir.join(name), &options).map_err(|source| NodeError::Store {
+            context: name.into(),
+            source,
+        })
+    }
+
+    /// Starts everything that serves the context, on `bus`, with its `store` (see
+    /// [`ContextHost::open_store`]). With `owned`, the store is first restored from the
+    /// partition's changelog, and every flush is appended to it.
     pub(crate) async fn start(
         ctx: Arc<dyn Context>,
         shared: &Shared,
         bus: Bus,
+        store: Store,
+        owned: Option<Owned>,
     ) -> Result<ContextHost, NodeError> {
         let cfg = &shared.cfg;
         let name = ctx.name();
         let (stop, stopping) = watch::channel(false);
         let dir: PathBuf = cfg.data_dir.join(name);
-        let store =
-            Store::open_with(&dir, &store_options(cfg)).map_err(|source| NodeError::Store {
-                context: name.into(),
-                source,
-            })?;
+        let replication = match owned {
+            Some(Owned { own, changelog }) => {
+                let last = ownership::restore(name, &store, &changelog, &own).await?;
+                Some(Replication {
+                    context: name,
+                    changelog,
+                    lease: own,
+                    last,
+                    runtime: tokio::runtime::Handle::current(),
+                    store: store.clone(),
+                })
+            }
+            None => None,
+        };
         if let Some(chain) = same_context_chain(&ctx, shared) {
             store.link_with(Arc::new(chain));
         }
@@ -93,7 +124,7 @@ impl ContextHost {
             name,
             failed.clone(),
             relay.clone(),
-            commit_options(shared),
+            commit_options(shared, replication),
         )
         .map_err(|e| NodeError::Other(e.to_string()))?;
         let watched = Watched::new(name, dir, commit.clone(), failed, stalled);
@@ -336,8 +367,9 @@ fn relay_options(shared: &Shared, hooks: Vec<crate::component::PublishedHook>) -
     not(any(feature = "faults", feature = "danger")),
     allow(unused_variables)
 )]
-fn commit_options(shared: &Shared) -> CommitOptions {
+fn commit_options(shared: &Shared, replication: Option<Replication>) -> CommitOptions {
     CommitOptions {
+        replication,
         #[cfg(feature = "faults")]
         faults: Some(shared.faults.clone()),
         #[cfg(feature = "danger")]

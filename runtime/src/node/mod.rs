@@ -27,9 +27,12 @@ use crate::resilience::breaker::Breakers;
 use crate::store::StoreError;
 use crate::telemetry::{endpoint, metrics, Health};
 use crate::wire::bus::{Bus, BusError};
+use crate::wire::changelog::Changelog;
+use crate::wire::lease::Leases;
 use crate::wire::subjects;
 
 pub mod host;
+mod ownership;
 pub mod restart;
 mod services;
 mod watchdog;
@@ -159,12 +162,42 @@ async fn serve(
     if cfg.danger.any() {
         tracing::error!(danger = ?cfg.danger, "SAFETY MECHANISMS DISABLED ([danger]): messages can be lost or doubled");
     }
+    // Each context's store, then (with ownership) its partition's lease: the node stands by
+    // until every one of its contexts is its own.
+    let mut stores = Vec::new();
+    for c in &contexts {
+        stores.push(ContextHost::open_store(&cfg, c.name())?);
+    }
+    let mut shutdown = std::pin::pin!(shutdown);
+    let owned = if cfg.ownership.enabled {
+        let taking = take_all(&bus, &cfg, &contexts, exit.clone());
+        tokio::select! {
+            owned = taking => owned?,
+            () = &mut shutdown => {
+                tracing::info!("stopped while standing by");
+                let _ = bus.client.drain().await;
+                metrics_task.abort();
+                return Ok(());
+            }
+        }
+    } else {
+        contexts.iter().map(|_| None).collect()
+    };
+    let leases: Vec<Arc<ownership::Ownership>> = owned
+        .iter()
+        .flatten()
+        .map(|o: &host::Owned| o.own.clone())
+        .collect();
+    let keepers: Vec<_> = leases
+        .iter()
+        .map(|own| tokio::spawn(own.clone().keep()))
+        .collect();
     // Contexts hosted together get a connection each for their consumers and relay, as
     // they would in processes of their own: one context's deliveries, acks and publishes
     // do not queue behind another's on one socket (and in one server-side reader).
     let mut buses = Vec::new();
     let mut hosts = Vec::new();
-    for c in &contexts {
+    for ((c, store), owned) in contexts.iter().zip(stores).zip(owned) {
         let context_bus = if contexts.len() > 1 {
             let own = Bus::connect(
                 &cfg.nats_url,
@@ -178,7 +211,7 @@ async fn serve(
         } else {
             bus.clone()
         };
-        hosts.push(ContextHost::start(c.clone(), &shared, context_bus).await?);
+        hosts.push(ContextHost::start(c.clone(), &shared, context_bus, store, owned).await?);
     }
     let polled: Vec<host::Polled> = hosts.iter().flat_map(|h| h.polled().to_vec()).collect();
     let mut watched_streams: Vec<String> = streams.iter().map(|s| subjects::stream(s)).collect();
@@ -205,12 +238,27 @@ async fn serve(
     health.watch_nats(bus.client.clone());
     health.set_ready(true);
     tracing::info!(contexts = ?names, nats = %cfg.nats_url, metrics = %cfg.metrics_addr, "node ready");
+    for (c, own) in contexts.iter().zip(&leases) {
+        if let Some(since) = own.previous_renewal_ms {
+            let took = crate::wire::envelope::now_ms().saturating_sub(since) as f64 / 1000.0;
+            metrics::TAKEOVER_SECONDS
+                .with_label_values(&[c.name()])
+                .observe(took);
+            tracing::warn!(context = c.name(), seconds = took, "took the partition over from another node (from its last lease renewal until serving)");
+        }
+    }
 
     shutdown.await;
     tracing::info!("shutting down: stop pulling, finish in-flight work");
     health.set_ready(false);
     watchdog.shutting_down();
     futures::future::join_all(hosts.into_iter().map(ContextHost::stop)).await;
+    for k in keepers {
+        k.abort();
+    }
+    for own in &leases {
+        own.release().await;
+    }
     for s in services {
         s.abort();
     }
@@ -222,6 +270,27 @@ async fn serve(
     metrics_task.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Takes the lease of every context's partition, in order, standing by while another node
+/// holds one; then opens each partition's changelog.
+async fn take_all(
+    bus: &Bus,
+    cfg: &NodeConfig,
+    contexts: &[Arc<dyn Context>],
+    exit: mpsc::Sender<Result<Exit, NodeError>>,
+) -> Result<Vec<Option<host::Owned>>, NodeError> {
+    let leases = Leases::open(bus, cfg.ownership.lease_ttl, cfg.stream.replicas).await?;
+    let mut owned = Vec::new();
+    for c in contexts {
+        let id = ownership::store_id(&cfg.data_dir.join(c.name()))?;
+        let own =
+            ownership::acquire(&leases, c.name(), &id, &cfg.metrics_addr, exit.clone()).await?;
+        let changelog =
+            Changelog::open(bus, c.name(), ownership::PARTITION, &cfg.stream_spec()).await?;
+        owned.push(Some(host::Owned { own, changelog }));
+    }
+    Ok(owned)
 }
 
 /// Commands are addressed to a context and consumed whole (`cmd.>`) by exactly one of its

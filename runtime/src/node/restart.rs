@@ -12,15 +12,23 @@ pub enum Restart {
     FlushFailed,
     /// A store's flush did not return.
     FlushStalled,
+    /// The node lost (or could not renew in time) the lease of a partition it served: it
+    /// stops serving at once and comes back as a standby (see `node::ownership`).
+    LeaseLost,
 }
 
 impl Restart {
-    pub const ALL: [Restart; 2] = [Restart::FlushFailed, Restart::FlushStalled];
+    pub const ALL: [Restart; 3] = [
+        Restart::FlushFailed,
+        Restart::FlushStalled,
+        Restart::LeaseLost,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Restart::FlushFailed => "flush_failed",
             Restart::FlushStalled => "flush_stalled",
+            Restart::LeaseLost => "lease_lost",
         }
     }
 
@@ -34,13 +42,13 @@ impl Restart {
 }
 
 /// The environment variable that carries the restarts in place so far across the exec:
-/// `flush_failed=N,flush_stalled=M`.
+/// `flush_failed=N,flush_stalled=M,lease_lost=L`.
 pub const RESTARTS_ENV: &str = "CHOREO_RESTARTS_IN_PLACE";
 
 /// Restarts in place so far, by [`Restart::ALL`], read from `value` (unknown or malformed
 /// parts count nothing).
-fn restarts_from(value: Option<&str>) -> [u64; 2] {
-    let mut counts = [0; 2];
+fn restarts_from(value: Option<&str>) -> [u64; Restart::ALL.len()] {
+    let mut counts = [0; Restart::ALL.len()];
     for part in value.unwrap_or_default().split(',') {
         let Some((label, n)) = part.split_once('=') else {
             continue;
@@ -55,7 +63,7 @@ fn restarts_from(value: Option<&str>) -> [u64; 2] {
     counts
 }
 
-fn restarts_value(counts: [u64; 2]) -> String {
+fn restarts_value(counts: [u64; Restart::ALL.len()]) -> String {
     Restart::ALL
         .iter()
         .zip(counts)
@@ -84,13 +92,13 @@ mod tests {
 
     #[test]
     fn restarts_in_place_are_counted_across_the_environment() {
-        assert_eq!(restarts_from(None), [0, 0]);
+        assert_eq!(restarts_from(None), [0, 0, 0]);
         let mut counts = restarts_from(Some("flush_failed=2,flush_stalled=1"));
-        assert_eq!(counts, [2, 1]);
+        assert_eq!(counts, [2, 1, 0]);
         counts[Restart::FlushStalled as usize] += 1;
         assert_eq!(
             restarts_from(Some(&restarts_value(counts))),
-            [2, 2],
+            [2, 2, 0],
             "{}",
             restarts_value(counts)
         );
@@ -100,7 +108,7 @@ mod tests {
         // What cannot be read counts nothing.
         assert_eq!(
             restarts_from(Some("flush_failed=x,bogus=3,,flush_stalled")),
-            [0, 0]
+            [0, 0, 0]
         );
     }
 }

@@ -60,8 +60,10 @@ struct Job {
 }
 
 /// What a group commit may be set up with besides its store.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub struct CommitOptions {
+    /// The partition's changelog, for a node that owns it with replication on.
+    pub replication: Option<super::replicate::Replication>,
     /// Rules at the `store_flush` point (stall, fail or crash a flush).
     #[cfg(feature = "faults")]
     pub faults: Option<Arc<crate::faults::Faults>>,
@@ -89,10 +91,6 @@ impl GroupCommit {
         context: &str,
         failed: Arc<AtomicBool>,
         relay: Relay,
-        #[cfg_attr(
-            not(any(feature = "faults", feature = "danger")),
-            allow(unused_variables)
-        )]
         options: CommitOptions,
     ) -> std::io::Result<Self> {
         let (flush, flush_rx) = mpsc::channel::<Request>();
@@ -115,6 +113,7 @@ impl GroupCommit {
             #[cfg(feature = "faults")]
             faults: options.faults.clone(),
             mark: flushing.clone(),
+            replication: options.replication,
         };
         std::thread::Builder::new()
             .name(format!("flusher-{context}"))

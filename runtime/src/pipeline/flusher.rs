@@ -96,6 +96,8 @@ pub(super) struct Flusher {
     #[cfg(feature = "faults")]
     pub(super) faults: Option<Arc<crate::faults::Faults>>,
     pub(super) mark: Arc<FlushMark>,
+    /// The changelog the batches go to before they are answered (an owned partition).
+    pub(super) replication: Option<super::replicate::Replication>,
 }
 
 impl Flusher {
@@ -121,7 +123,8 @@ impl Flusher {
         flush_and_sync(&self.db, &self.db_file)
     }
 
-    pub(super) fn run(self, rx: mpsc::Receiver<Request>) {
+    pub(super) fn run(mut self, rx: mpsc::Receiver<Request>) {
+        let mut replication = self.replication.take();
         let Flusher {
             context,
             failed,
@@ -138,7 +141,10 @@ impl Flusher {
                 batch.push(r);
             }
             let started = Instant::now();
-            let result = self.flush();
+            let mut result = self.flush();
+            if let (Ok(()), Some(replication)) = (&result, replication.as_mut()) {
+                result = replication.append(take_changes(&mut batch));
+            }
             metrics::STORE_COMMIT_SECONDS
                 .with_label_values(&[&context])
                 .observe(started.elapsed().as_secs_f64());
@@ -187,6 +193,21 @@ impl Flusher {
             }
         }
     }
+}
+
+/// The writes of every message of `batch` that wrote, in order (taken out of the answers).
+fn take_changes(batch: &mut [Request]) -> Vec<Vec<crate::store::Change>> {
+    let mut out = Vec::new();
+    for r in batch {
+        if let Request::Batch(answers) = r {
+            for a in answers {
+                if let Ok(Ok(Committed::Written { changes, .. })) = &mut a.outcome {
+                    out.push(std::mem::take(changes));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A committed message whose flush failed must not be acked: its result becomes the error.

@@ -32,6 +32,7 @@ pub mod flusher;
 pub mod process;
 pub mod pull;
 pub mod relay;
+pub mod replicate;
 pub mod settle;
 
 pub use context::{ContextRuntime, LocalError};

@@ -14,6 +14,7 @@ use sled::transaction::{
 use sled::Transactional;
 
 use super::chain::run_links;
+use super::changes::Change;
 use super::outbox::{KeyedEntries, OutboxEntry};
 use super::state::{StateTx, TxError};
 use super::{Store, StoreError};
@@ -58,6 +59,8 @@ pub enum Committed {
         saga_moves: Vec<SagaMove>,
         /// Consumers that handled some of the entries in the same transaction.
         chained: Vec<Arc<str>>,
+        /// Every write of the message, in order, when the store logs its changes.
+        changes: Vec<Change>,
     },
     /// The inbox already held the mark: nothing was written.
     Duplicate,
@@ -70,6 +73,7 @@ impl Committed {
             outbox: Vec::new(),
             saga_moves: Vec::new(),
             chained: Vec::new(),
+            changes: Vec::new(),
         }
     }
 }
@@ -157,6 +161,7 @@ impl Store {
             Err(e) => return failed(items, &e.to_string()),
         };
         let trees = (&self.state, &self.outbox, &generations.current);
+        let (log, base) = (self.log_changes, self.outbox_base());
         let result = trees.transaction(|(state, outbox, inbox)| {
             let mut results = Vec::with_capacity(items.len());
             for (item, seen_before) in items.iter().zip(&seen_before) {
@@ -164,7 +169,9 @@ impl Store {
                     results.push(Ok(Ok(Committed::Duplicate)));
                     continue;
                 }
-                let (mut effects, mut values) = match decide_in(state, item.decide)? {
+                let mut changes = Vec::new();
+                let decided = decide_in(state, item.decide, log.then_some(&mut changes))?;
+                let (mut effects, mut values) = match decided {
                     Decided::Applied(effects, values) => (effects, values),
                     Decided::Handler(e) => {
                         results.push(Ok(Err(CommitError::Handler(e))));
@@ -186,24 +193,34 @@ impl Store {
                     run_links(
                         &**chain,
                         dedupe,
-                        state,
-                        inbox,
+                        (state, inbox),
                         item.now_ms,
                         &mut effects,
                         &mut values,
+                        log.then_some(&mut changes),
                     )?;
                 }
                 let mut written = Vec::with_capacity(effects.outbox.len());
                 for (entry, value) in effects.outbox.into_iter().zip(values) {
-                    let key = outbox.generate_id()?;
+                    let key = base + outbox.generate_id()?;
+                    if log {
+                        changes.push(Change::Outbox(key, value.clone()));
+                    }
                     outbox.insert_blind(&key.to_be_bytes(), value)?;
                     written.push((key, entry));
                 }
                 inbox.insert_blind(item.inbox_key.as_bytes(), &item.now_ms.to_be_bytes())?;
+                if log {
+                    changes.push(Change::Inbox(
+                        item.inbox_key.as_bytes().to_vec(),
+                        item.now_ms,
+                    ));
+                }
                 results.push(Ok(Ok(Committed::Written {
                     outbox: written,
                     saga_moves: effects.saga_moves,
                     chained: effects.chained,
+                    changes,
                 })));
             }
             Ok::<_, ConflictableTransactionError<()>>(results)
@@ -276,9 +293,11 @@ pub(super) enum Decided<E> {
 /// Runs `decide` on its own overlay of `state` and, if it succeeds and its entries
 /// serialize, writes its state changes into the transaction; otherwise it writes nothing.
 /// A transaction error is returned for sled to retry.
+/// With `log`, the state changes are also appended to it.
 pub(super) fn decide_in<E>(
     state: &TransactionalTree,
     decide: &DecideFn<'_, E>,
+    log: Option<&mut Vec<Change>>,
 ) -> Result<Decided<E>, UnabortableTransactionError> {
     let tx = Overlay {
         tree: state,
@@ -288,7 +307,15 @@ pub(super) fn decide_in<E>(
     Ok(match decided {
         Ok(Ok(effects)) => match to_values(&effects.outbox) {
             Ok(values) => {
-                apply(state, tx.writes.into_inner())?;
+                let writes = tx.writes.into_inner();
+                if let Some(log) = log {
+                    log.extend(
+                        writes
+                            .iter()
+                            .map(|(k, v)| Change::State(k.clone(), v.clone())),
+                    );
+                }
+                apply(state, writes)?;
                 Decided::Applied(effects, values)
             }
             Err(e) => Decided::Unserializable(e),

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use sled::transaction::{TransactionalTree, UnabortableTransactionError};
 
 use super::batch::{decide_in, DecideFn, Decided, Effects};
+use super::changes::Change;
 use super::outbox::OutboxEntry;
 use super::state::{StateRead, StateTx};
 use super::StoreError;
@@ -58,11 +59,11 @@ impl StateRead for TxRead<'_> {
 pub(super) fn run_links(
     chain: &dyn Chain,
     dedupe: bool,
-    state: &TransactionalTree,
-    inbox: &TransactionalTree,
+    (state, inbox): (&TransactionalTree, &TransactionalTree),
     now_ms: u64,
     effects: &mut Effects,
     values: &mut Vec<Vec<u8>>,
+    mut log: Option<&mut Vec<Change>>,
 ) -> Result<(), UnabortableTransactionError> {
     let (mut next, mut ran) = (0, 0);
     while next < effects.outbox.len() && ran < MAX_LINKS {
@@ -76,7 +77,7 @@ pub(super) fn run_links(
                 continue;
             }
             ran += 1;
-            let (out, out_values) = match decide_in(state, &*link.decide)? {
+            let (out, out_values) = match decide_in(state, &*link.decide, log.as_deref_mut())? {
                 Decided::Applied(out, out_values) => (out, out_values),
                 Decided::Handler(reason) => {
                     tracing::debug!(consumer = %link.consumer, %reason, "left to its JetStream copy");
@@ -85,6 +86,9 @@ pub(super) fn run_links(
                 Decided::Panicked(_) | Decided::Unserializable(_) => continue,
             };
             inbox.insert_blind(link.inbox_key.as_bytes(), &now_ms.to_be_bytes())?;
+            if let Some(log) = log.as_deref_mut() {
+                log.push(Change::Inbox(link.inbox_key.as_bytes().to_vec(), now_ms));
+            }
             effects.chained.push(link.consumer);
             effects.absorb(out);
             values.extend(out_values);

@@ -7,17 +7,26 @@
 //! - `inbox-<start ms>`: `<consumer>/<message id>` of every message processed since that
 //!   generation started ([`inbox`]);
 //! - `failures`, `dead_letters`: failed-delivery counts and local dead-letter records
-//!   ([`records`]).
+//!   ([`records`]);
+//! - `meta`: `outbox_base`, added to sled's id generator for outbox keys, so that a store
+//!   restored from a changelog takes new keys above every replayed one ([`changes`]).
+//!
+//! With a changelog, every write of a transaction is also returned as data
+//! ([`changes::Change`], in [`Committed::Written`]), and writes outside transactions are
+//! kept for the next record ([`Store::take_unlogged`]); local records (`failures`,
+//! `dead_letters`) are not replicated.
 //!
 //! Architecture invariant: one sled transaction writes the state change, the outbox entries
 //! and the inbox mark together ([`batch`]), so a message's effect and the messages it causes
 //! are all or nothing. Durability comes only from the pipeline's group commit.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard};
 
 pub mod batch;
 pub mod chain;
+pub mod changes;
 pub mod inbox;
 pub mod outbox;
 pub mod records;
@@ -25,10 +34,13 @@ pub mod state;
 
 pub use batch::{BatchItem, CommitError, Committed, DecideError, DecideFn, Effects, ItemResult};
 pub use chain::{Chain, Link, TxRead, MAX_LINKS};
+pub use changes::Change;
 pub use outbox::{KeyedEntries, OutboxEntry};
 pub use state::{load, read, read_all, save, StateError, StateRead, StateTx, TxError};
 
 use inbox::Inbox;
+
+const OUTBOX_BASE: &[u8] = b"outbox_base";
 
 /// A store operation failed below the domain (IO, corruption). Transient from the message's
 /// point of view: it is retried, never acked.
@@ -50,6 +62,8 @@ pub enum StoreError {
 pub struct Options {
     /// sled's page cache in bytes.
     pub cache_capacity_bytes: u64,
+    /// Record every write as data for a changelog ([`changes`]).
+    pub log_changes: bool,
     /// The chaos suite's `[danger] disable_inbox`: no inbox check.
     #[cfg(feature = "danger")]
     pub no_inbox: bool,
@@ -64,6 +78,7 @@ impl Options {
     pub fn with_cache(cache_capacity_bytes: u64) -> Self {
         Options {
             cache_capacity_bytes,
+            log_changes: false,
             #[cfg(feature = "danger")]
             no_inbox: false,
             #[cfg(feature = "danger")]
@@ -89,6 +104,12 @@ pub struct Store {
     published: Arc<Mutex<Vec<u64>>>,
     /// Consumers that handle entries in the transaction that wrote them (see [`chain`]).
     chain: Arc<OnceLock<Arc<dyn Chain>>>,
+    meta: sled::Tree,
+    /// Added to sled's generated ids for outbox keys (see the module doc).
+    outbox_base: Arc<AtomicU64>,
+    log_changes: bool,
+    /// Writes outside transactions not yet in a changelog record.
+    unlogged: Arc<Mutex<Vec<Change>>>,
 }
 
 impl Store {
@@ -113,6 +134,16 @@ impl Store {
             .mode(sled::Mode::LowSpace)
             .flush_every_ms(flush_every_ms)
             .open()?;
+        let meta = db.open_tree("meta")?;
+        let outbox_base = match meta.get(OUTBOX_BASE)? {
+            Some(v) => {
+                u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+                    key: "meta/outbox_base".into(),
+                    message: format!("{} bytes, not 8", v.len()),
+                })?)
+            }
+            None => 0,
+        };
         Ok(Store {
             #[cfg(feature = "danger")]
             dedupe: !options.no_inbox,
@@ -126,8 +157,26 @@ impl Store {
             dead_letters: db.open_tree("dead_letters")?,
             published: Arc::default(),
             chain: Arc::default(),
+            meta,
+            outbox_base: Arc::new(AtomicU64::new(outbox_base)),
+            log_changes: options.log_changes,
+            unlogged: Arc::default(),
             db,
         })
+    }
+
+    /// The next outbox keys are at least `base` (kept in `meta`).
+    fn raise_outbox_base(&self, base: u64) -> Result<(), StoreError> {
+        if base > self.outbox_base.load(Ordering::SeqCst) {
+            self.meta.insert(OUTBOX_BASE, &base.to_be_bytes())?;
+            self.outbox_base.store(base, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// What outbox keys are generated above.
+    pub(crate) fn outbox_base(&self) -> u64 {
+        self.outbox_base.load(Ordering::SeqCst)
     }
 
     /// Lets `chain`'s consumers handle entries in the transaction that wrote them (once;
@@ -191,6 +240,7 @@ impl Store {
     /// Removes one state key outside a transaction (index clean-up only).
     pub fn state_remove(&self, key: &str) -> Result<(), StoreError> {
         self.state.remove(key)?;
+        self.log_outside(|| Change::State(key.as_bytes().to_vec(), None));
         Ok(())
     }
 

@@ -42,6 +42,7 @@ impl Store {
     /// Removes an entry now (start-up only: the chaos suite's "no outbox" switch).
     pub fn outbox_remove(&self, key: u64) -> Result<(), StoreError> {
         self.outbox.remove(key.to_be_bytes())?;
+        self.log_outside(|| super::Change::Published(key));
         Ok(())
     }
 
@@ -71,6 +72,7 @@ impl Store {
                 self.published().extend(&keys[i..]);
                 return Err(e.into());
             }
+            self.log_outside(|| super::Change::Published(*key));
         }
         Ok(())
     }

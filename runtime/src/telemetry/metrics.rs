@@ -178,14 +178,89 @@ pub static FAULTS_INJECTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 });
 
 /// Restarts in place of this node process (it executed itself again: a store it could not
-/// recover in the process), by reason: `flush_failed` | `flush_stalled`. The count is
+/// recover in the process, or a lease it lost), by reason: `flush_failed` | `flush_stalled` |
+/// `lease_lost`. The count is
 /// carried across the restart in the environment, so it goes on where the process's other
 /// counters start again from zero.
 pub static RESTARTS_IN_PLACE: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
         "choreo_node_restarts_in_place_total",
-        "Restarts in place of this node process (same pid, executed again) since it was started, by reason (flush_failed, flush_stalled).",
+        "Restarts in place of this node process (same pid, executed again) since it was started, by reason (flush_failed, flush_stalled, lease_lost).",
         &["reason"],
+    )
+});
+
+/// 1 while this node owns the context's partition, 0 while it stands by.
+pub static PARTITION_OWNED: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "choreo_partition_owned",
+        "1 while this node owns the partition (serves it), 0 while it stands by for it.",
+        &["context", "partition"],
+    )
+});
+
+/// Leases taken (a start, or a takeover from another node).
+pub static LEASE_ACQUIRED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_lease_acquisitions_total",
+        "Partition leases this node took, by how (fresh: nobody held it; own: from an earlier run on the same data directory; takeover: from another node).",
+        &["context", "how"],
+    )
+});
+
+/// Leases lost: taken over by another node, or not renewed in time.
+pub static LEASE_LOST: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_lease_losses_total",
+        "Partition leases this node lost (taken: another node wrote it; expired: not renewed in time), after which it stops serving the partition.",
+        &["context", "reason"],
+    )
+});
+
+/// What a node that lost its lease did not do: changelog appends refused by the server
+/// (`refused`) and appends it did not try because its lease had run out (`self_fenced`).
+pub static FENCED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_fenced_total",
+        "Changelog appends of a node without a valid lease: refused by JetStream (refused) or not attempted because its own clock said the lease had run out (self_fenced). Nothing they carried was acked or published.",
+        &["context", "how"],
+    )
+});
+
+/// Records appended to the changelog, and their size.
+pub static CHANGELOG_APPENDS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_changelog_appends_total",
+        "Records appended to the context's changelog (one per group-commit flush, or more when large).",
+        &["context"],
+    )
+});
+
+/// The changelog's last sequence as this node knows it.
+pub static CHANGELOG_SEQUENCE: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "choreo_changelog_sequence",
+        "The last changelog sequence this node appended or restored, by context.",
+        &["context"],
+    )
+});
+
+/// Time from the previous owner's last renewal until this node served the partition.
+pub static TAKEOVER_SECONDS: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram(
+        "choreo_takeover_seconds",
+        "From the previous owner's last lease renewal until this node served the partition (restore included).",
+        &["context"],
+        vec![0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0, 120.0],
+    )
+});
+
+/// Records replayed from the changelog when this node took a partition.
+pub static CHANGELOG_RESTORED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_changelog_restored_records_total",
+        "Changelog records replayed into the local store when this node took the partition.",
+        &["context"],
     )
 });
 
@@ -428,6 +503,14 @@ pub fn init() {
     LazyLock::force(&EXTERNAL_SECONDS);
     LazyLock::force(&FAULTS_INJECTED);
     LazyLock::force(&RESTARTS_IN_PLACE);
+    LazyLock::force(&PARTITION_OWNED);
+    LazyLock::force(&LEASE_ACQUIRED);
+    LazyLock::force(&LEASE_LOST);
+    LazyLock::force(&FENCED);
+    LazyLock::force(&CHANGELOG_APPENDS);
+    LazyLock::force(&CHANGELOG_SEQUENCE);
+    LazyLock::force(&TAKEOVER_SECONDS);
+    LazyLock::force(&CHANGELOG_RESTORED);
     LazyLock::force(&BREAKER_STATE);
     LazyLock::force(&BREAKER_TRANSITIONS);
     LazyLock::force(&BULKHEAD_IN_USE);

@@ -52,7 +52,8 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Connects. A failure that may pass (refused, no answer in time, a host name not
+    /// Connects to `url`, or to any of several comma-separated URLs (the servers of a
+    /// cluster; the client moves to another when one goes). A failure that may pass (refused, no answer in time, a host name not
     /// resolved, another I/O error) is retried every 200 ms for up to `wait`, and logged as
     /// a warning with the URL and the reason (at the first failure, then every 5 s); one
     /// that cannot (not a NATS URL, TLS, credentials refused) fails at once.
@@ -71,7 +72,9 @@ impl Bus {
                 .name(name)
                 .connection_timeout(TIMEOUT)
                 .request_timeout(Some(Duration::from_secs(10)));
-            let e = match opts.connect(url).await {
+            // Several servers of a cluster: `nats://a:4222,nats://b:4222`.
+            let servers: Vec<&str> = url.split(',').map(str::trim).collect();
+            let e = match opts.connect(servers).await {
                 Ok(client) => {
                     if log.logged() {
                         let after = secs(started.elapsed());
@@ -121,7 +124,7 @@ impl Bus {
                     stream::StorageType::Memory
                 },
                 discard: stream::DiscardPolicy::New,
-                num_replicas: 1,
+                num_replicas: spec.replicas,
                 ..Default::default()
             },
         )
@@ -140,7 +143,7 @@ impl Bus {
                 max_message_size: spec.max_message_size + 4096,
                 storage: stream::StorageType::File,
                 discard: stream::DiscardPolicy::New,
-                num_replicas: 1,
+                num_replicas: spec.replicas,
                 ..Default::default()
             },
         )
@@ -153,7 +156,11 @@ impl Bus {
     /// [`STREAM_SETUP_WAIT`]; a refusal by the server (a conflicting stream, no storage
     /// left) fails at once with the server's reason. An existing stream that discards old
     /// messages when full is switched to refusing new ones (see [`StreamSpec`]).
-    async fn ensure_stream(&self, what: String, config: stream::Config) -> Result<(), BusError> {
+    pub(crate) async fn ensure_stream(
+        &self,
+        what: String,
+        config: stream::Config,
+    ) -> Result<(), BusError> {
         let deadline = tokio::time::Instant::now() + STREAM_SETUP_WAIT;
         loop {
             match self.js.get_or_create_stream(config.clone()).await {
@@ -291,6 +298,9 @@ pub struct StreamSpec {
     pub max_message_size: i32,
     pub duplicate_window: Duration,
     pub file_storage: bool,
+    /// Copies of every stream, consumer and key-value bucket: 1 on one server, 3 on a
+    /// cluster of three or more.
+    pub replicas: usize,
 }
 
 /// The settings a durable consumer is created with.

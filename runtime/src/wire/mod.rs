@@ -6,8 +6,10 @@
 //! inputs and return `Outgoing` values.
 
 pub mod bus;
+pub mod changelog;
 mod connect;
 pub mod envelope;
 pub mod external;
+pub mod lease;
 pub mod streams;
 pub mod subjects;

@@ -7,10 +7,12 @@
 //! - `<ns>.<ctx>.cmd.<Type>`   commands addressed to the context (anyone may publish);
 //! - `<ns>.<ctx>.query.<name>` request/reply read models (core NATS, not stored);
 //! - `<ns>.dlq.<ctx>`          dead letters given up by that context's consumers;
+//! - `<ns>.changelog.<ctx>.p<n>` the committed batches of a context's partition;
 //! - `<ns>.saga.<name>.<op>`, `<ns>.admin.<ctx>.<op>`, `<ns>.ext.<system>.<op>`.
 //!
 //! The stream `<NS>_<CTX>` (`CHOREO_ORDERS`) stores `evt.>` and `cmd.>` of one context;
-//! `<NS>_DLQ` stores dead letters. Rights can therefore be granted per prefix.
+//! `<NS>_<CTX>_CHANGELOG` its changelog; `<NS>_DLQ` stores dead letters; the key-value bucket
+//! `<NS>_LEASES` holds who owns each partition. Rights can therefore be granted per prefix.
 //!
 //! The namespace is one per process (a process belongs to one application), set once
 //! before the first subject is made ([`set_namespace`]).
@@ -134,6 +136,27 @@ pub fn dead_letter_context(subject: &str) -> &str {
         .unwrap_or(subject)
 }
 
+/// Name of the JetStream key-value bucket holding the partition leases (and the standby
+/// registrations) of this namespace.
+pub fn lease_bucket() -> String {
+    format!("{}LEASES", stream_prefix())
+}
+
+/// The lease key of one partition of `context` in [`lease_bucket`]: `orders.p0`.
+pub fn lease_key(context: &str, partition: u32) -> String {
+    format!("{context}.p{partition}")
+}
+
+/// Name of the stream holding the changelog of `context`'s partitions.
+pub fn changelog_stream(context: &str) -> String {
+    format!("{}_CHANGELOG", stream(context))
+}
+
+/// Subject of one partition's changelog: `choreo.changelog.orders.p0`.
+pub fn changelog(context: &str, partition: u32) -> String {
+    format!("{}.changelog.{context}.p{partition}", namespace())
+}
+
 /// Subject of a request to an external system (simulated by `choreo sim`).
 pub fn external(system: &str, operation: &str) -> String {
     format!("{}.ext.{system}.{operation}", namespace())
@@ -163,6 +186,10 @@ mod tests {
         assert_eq!(dead_letter("orders"), "choreo.dlq.orders");
         assert_eq!(dead_letter_context("choreo.dlq.orders"), "orders");
         assert_eq!(dlq_stream(), "CHOREO_DLQ");
+        assert_eq!(lease_bucket(), "CHOREO_LEASES");
+        assert_eq!(lease_key("orders", 0), "orders.p0");
+        assert_eq!(changelog_stream("orders"), "CHOREO_ORDERS_CHANGELOG");
+        assert_eq!(changelog("orders", 0), "choreo.changelog.orders.p0");
     }
 
     #[test]

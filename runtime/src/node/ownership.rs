@@ -1,0 +1,331 @@
+//! Who serves a context: at most one node owns a partition (one per context for now) at a
+//! time, by a lease in the JetStream key-value bucket `<NS>_LEASES` (see
+//! [`crate::wire::lease`]). A node that finds the lease held stands by (registered in the
+//! bucket, `choreo_partition_owned` 0, not ready) and tries again every fifth of the lease's
+//! time to live; it takes the partition when the lease expires or is released.
+//!
+//! The owner renews every fifth of the time to live and considers the lease valid until
+//! four fifths of it have passed since it *sent* its last successful renewal (its monotonic
+//! clock; the server's expiry counts from when it stored the renewal, later). When that
+//! time passes without a renewal, or a renewal is refused, or the changelog refuses an
+//! append, the node stops serving the partition by itself: it restarts in place
+//! ([`Restart::LeaseLost`]), which ends every pull, ack and publish of the old process at
+//! once, and comes back as a standby (or takes the lease again if nobody did).
+//!
+//! A node started again on the data directory of an earlier run (same store id, a file in
+//! the directory, whose sled lock it holds, so that run is gone) takes its own lease over
+//! at once instead of waiting for it to expire.
+//!
+//! Taking a partition: the local store is emptied and the partition's changelog replayed
+//! into it; then the node appends a first record of its own after the last one it read. If
+//! the old owner appended in between, that append is refused, the node reads the rest and
+//! tries again; once it lands, every later append of the old owner names a stale sequence
+//! and is refused (the fence).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::{Exit, NodeError, Restart};
+use crate::pipeline::replicate::Lease;
+use crate::store::{changes, Store};
+use crate::telemetry::metrics;
+use crate::wire::changelog::{AppendError, Changelog};
+use crate::wire::envelope::now_ms;
+use crate::wire::lease::{Acquired, Held, Holder, Leases, RenewError};
+use crate::wire::subjects;
+
+/// The one partition of a context, for now.
+pub(crate) const PARTITION: u32 = 0;
+
+/// A lease this node holds.
+pub(crate) struct Ownership {
+    context: &'static str,
+    leases: Leases,
+    held: tokio::sync::Mutex<Held>,
+    epoch: u64,
+    /// The previous owner's last renewal (wall-clock ms), when this node took over.
+    pub(crate) previous_renewal_ms: Option<u64>,
+    anchor: Instant,
+    /// Nanoseconds after `anchor` until which the lease is valid.
+    valid_until: AtomicU64,
+    lost: AtomicBool,
+    exit: Mutex<mpsc::Sender<Result<Exit, NodeError>>>,
+}
+
+impl Lease for Ownership {
+    fn valid(&self) -> bool {
+        !self.lost.load(Ordering::SeqCst)
+            && (self.anchor.elapsed().as_nanos() as u64) < self.valid_until.load(Ordering::SeqCst)
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    fn lose(&self, reason: &'static str) {
+        if self.lost.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        metrics::LEASE_LOST
+            .with_label_values(&[self.context, reason])
+            .inc();
+        metrics::PARTITION_OWNED
+            .with_label_values(&[self.context, &PARTITION.to_string()])
+            .set(0);
+        tracing::error!(
+            context = self.context,
+            reason,
+            epoch = self.epoch,
+            "lost the partition's lease: this node stops serving it and restarts as a standby"
+        );
+        let exit = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = exit.send(Ok(Exit::RestartInPlace(Restart::LeaseLost)));
+    }
+}
+
+impl Ownership {
+    fn extend(&self, sent: Instant) {
+        let ttl = self.leases.ttl;
+        let until = sent.duration_since(self.anchor) + ttl * 4 / 5;
+        self.valid_until
+            .store(until.as_nanos() as u64, Ordering::SeqCst);
+    }
+
+    /// Renews the lease every fifth of its time to live until it is lost or released.
+    pub(crate) async fn keep(self: Arc<Self>) {
+        let every = self.leases.ttl / 5;
+        loop {
+            tokio::time::sleep(every).await;
+            if self.lost.load(Ordering::SeqCst) {
+                return;
+            }
+            // Asleep past the deadline (a stopped process, a starved runtime): fenced,
+            // whatever a renewal would say now.
+            if !self.valid() {
+                self.lose("expired");
+                return;
+            }
+            let sent = Instant::now();
+            let renewed = {
+                let mut held = self.held.lock().await;
+                tokio::time::timeout(every, self.leases.renew(&mut held, now_ms())).await
+            };
+            match renewed {
+                Ok(Ok(())) => self.extend(sent),
+                Ok(Err(RenewError::Lost)) => {
+                    self.lose("taken");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(context = self.context, error = %e, "lease renewal failed")
+                }
+                Err(_) => tracing::warn!(
+                    context = self.context,
+                    "lease renewal got no answer in time"
+                ),
+            }
+        }
+    }
+
+    /// Gives the lease up (graceful stop, after the context stopped).
+    pub(crate) async fn release(&self) {
+        if self.lost.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let held = self.held.lock().await;
+        match self.leases.release(&held).await {
+            Ok(()) => tracing::info!(context = self.context, "released the partition's lease"),
+            Err(e) => {
+                tracing::warn!(context = self.context, error = %e, "could not release the lease; it expires by itself")
+            }
+        }
+        metrics::PARTITION_OWNED
+            .with_label_values(&[self.context, &PARTITION.to_string()])
+            .set(0);
+    }
+}
+
+/// The id of the data directory `dir` (created on first use).
+pub(crate) fn store_id(dir: &std::path::Path) -> Result<String, NodeError> {
+    let path = dir.join("choreo-store-id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        _ => {}
+    }
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".into());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let id = crate::wire::lease::key_safe(&format!(
+        "{host}-{:x}",
+        nanos ^ ((std::process::id() as u128) << 64)
+    ));
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&path, &id))
+        .map_err(|e| NodeError::Other(format!("write {}: {e}", path.display())))?;
+    Ok(id)
+}
+
+/// Takes the lease of `context`'s partition, standing by (registered, polled every fifth of
+/// the time to live) while another node holds it. Returns once this node owns it; the
+/// caller races it against its shutdown.
+pub(crate) async fn acquire(
+    leases: &Leases,
+    context: &'static str,
+    store_id: &str,
+    metrics_addr: &str,
+    exit: mpsc::Sender<Result<Exit, NodeError>>,
+) -> Result<Arc<Ownership>, NodeError> {
+    let key = subjects::lease_key(context, PARTITION);
+    let partition = PARTITION.to_string();
+    let me = Holder {
+        node: format!("{store_id}/{}", std::process::id()),
+        store: store_id.to_string(),
+        epoch: 0,
+        renewed_at_ms: now_ms(),
+        metrics: metrics_addr.to_string(),
+    };
+    metrics::PARTITION_OWNED
+        .with_label_values(&[context, &partition])
+        .set(0);
+    let mut last_seen: Option<Holder> = None;
+    let mut standing_by = false;
+    loop {
+        let sent = Instant::now();
+        let holder = Holder {
+            renewed_at_ms: now_ms(),
+            ..me.clone()
+        };
+        let (held, how) = match leases.acquire(&key, holder.clone()).await? {
+            Acquired::Held(held) => {
+                let how = if last_seen.is_some() {
+                    "takeover"
+                } else {
+                    "fresh"
+                };
+                (Some(held), how)
+            }
+            Acquired::Taken(Some((other, revision))) if other.store == store_id => {
+                // An earlier run on this directory: gone, since this process holds the
+                // directory's store.
+                (
+                    leases.take_over(&key, holder.clone(), revision).await?,
+                    "own",
+                )
+            }
+            Acquired::Taken(other) => {
+                if let Some((other, _)) = other {
+                    if !standing_by || last_seen.as_ref().map(|h| &h.node) != Some(&other.node) {
+                        tracing::warn!(context, owner = %other.node, epoch = other.epoch, "the partition is owned by another node: standing by");
+                    }
+                    last_seen = Some(other);
+                }
+                standing_by = true;
+                if let Err(e) = leases.stand_by(&key, &holder).await {
+                    tracing::warn!(context, error = %e, "could not register as standby");
+                }
+                (None, "")
+            }
+        };
+        if let Some(held) = held {
+            if standing_by {
+                leases.stop_standing_by(&key, &me.node).await;
+            }
+            metrics::LEASE_ACQUIRED
+                .with_label_values(&[context, how])
+                .inc();
+            metrics::PARTITION_OWNED
+                .with_label_values(&[context, &partition])
+                .set(1);
+            tracing::info!(
+                context,
+                epoch = held.holder.epoch,
+                how,
+                "took the partition's lease"
+            );
+            let own = Ownership {
+                context,
+                leases: leases.clone(),
+                epoch: held.holder.epoch,
+                held: tokio::sync::Mutex::new(held),
+                previous_renewal_ms: last_seen.map(|h| h.renewed_at_ms),
+                anchor: sent,
+                valid_until: AtomicU64::new(0),
+                lost: AtomicBool::new(false),
+                exit: Mutex::new(exit),
+            };
+            own.extend(sent);
+            return Ok(Arc::new(own));
+        }
+        tokio::time::sleep(leases.ttl / 5).await;
+    }
+}
+
+/// Makes `store` the partition's state as its changelog holds it, then fences the log
+/// against the previous owner (see the module doc). Returns the log's last sequence.
+pub(crate) async fn restore(
+    context: &'static str,
+    store: &Store,
+    changelog: &Changelog,
+    own: &Ownership,
+) -> Result<u64, NodeError> {
+    let failed = |e: String| NodeError::Other(format!("restore {context} from its changelog: {e}"));
+    let started = Instant::now();
+    store
+        .clear_replicated()
+        .map_err(|e| failed(e.to_string()))?;
+    let mut last = 0;
+    let mut records = 0u64;
+    loop {
+        for (seq, record) in changelog
+            .read_after(last)
+            .await
+            .map_err(|e| failed(e.to_string()))?
+        {
+            let changes =
+                changes::decode(&record).map_err(|e| failed(format!("record {seq}: {e}")))?;
+            store.replay(&changes).map_err(|e| failed(e.to_string()))?;
+            last = seq;
+            records += 1;
+        }
+        let fence = format!("{context}-{}-fence", own.epoch);
+        match changelog
+            .append(Bytes::new(), last, &fence, own.epoch)
+            .await
+        {
+            Ok(seq) => {
+                last = seq;
+                break;
+            }
+            Err(AppendError::Fenced { .. }) => continue,
+            Err(e) => return Err(failed(e.to_string())),
+        }
+    }
+    store
+        .db()
+        .flush_async()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    metrics::CHANGELOG_RESTORED
+        .with_label_values(&[context])
+        .inc_by(records);
+    metrics::CHANGELOG_SEQUENCE
+        .with_label_values(&[context])
+        .set(last as i64);
+    tracing::info!(
+        context,
+        records,
+        last,
+        took_ms = started.elapsed().as_millis() as u64,
+        "restored the partition from its changelog"
+    );
+    Ok(last)
+}

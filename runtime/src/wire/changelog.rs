@@ -1,0 +1,180 @@
+//! A partition's changelog on JetStream: one stream per context (`<NS>_<CTX>_CHANGELOG`), one
+//! subject per partition, one message per record (opaque bytes to this module: the store
+//! encodes them). Appends name the sequence they follow (`Nats-Expected-Last-Subject-
+//! Sequence`), so the server refuses an append from a node that has been fenced off: once
+//! the new owner has appended its first record, every append of the old one names a stale
+//! sequence. Each append carries a `Nats-Msg-Id`, so a retry of an append whose answer was
+//! lost is not stored twice.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, context::PublishErrorKind, stream};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::bus::{Bus, BusError, StreamSpec};
+use super::subjects;
+
+/// The header naming the fencing epoch of the owner that appended a record.
+pub const EPOCH_HEADER: &str = "Choreo-Epoch";
+
+/// How long an append waits for JetStream's answer.
+const APPEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why an append did not land.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// The log has moved past the sequence this node expected: another node appended, this
+    /// one no longer owns the partition.
+    #[error("changelog append refused: another node has appended since sequence {expected}")]
+    Fenced { expected: u64 },
+    /// No answer, or another failure: the append may be retried (same id).
+    #[error("changelog append failed: {0}")]
+    Failed(String),
+}
+
+/// One partition's changelog.
+#[derive(Clone)]
+pub struct Changelog {
+    js: jetstream::Context,
+    stream: String,
+    subject: String,
+}
+
+impl Changelog {
+    /// Creates the context's changelog stream (or keeps it) and returns partition
+    /// `partition`'s log. Nothing is removed by age or size: records go only when a snapshot
+    /// covers them.
+    pub async fn open(
+        bus: &Bus,
+        context: &str,
+        partition: u32,
+        spec: &StreamSpec,
+    ) -> Result<Self, BusError> {
+        let stream = subjects::changelog_stream(context);
+        bus.ensure_stream(
+            format!("create changelog stream for {context}"),
+            stream::Config {
+                name: stream.clone(),
+                subjects: vec![format!("{}.changelog.{context}.>", subjects::namespace())],
+                max_message_size: 1 << 20,
+                duplicate_window: spec.duplicate_window,
+                storage: stream::StorageType::File,
+                discard: stream::DiscardPolicy::New,
+                num_replicas: spec.replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
+        Ok(Changelog {
+            js: bus.js.clone(),
+            stream,
+            subject: subjects::changelog(context, partition),
+        })
+    }
+
+    /// Partition `partition`'s log in a stream some node created (for operators' tools).
+    pub fn bind(bus: &Bus, context: &str, partition: u32) -> Self {
+        Changelog {
+            js: bus.js.clone(),
+            stream: subjects::changelog_stream(context),
+            subject: subjects::changelog(context, partition),
+        }
+    }
+
+    /// The sequence of the partition's last record (0: none yet).
+    pub async fn last(&self) -> Result<u64, BusError> {
+        let stream = self.stream_handle().await?;
+        match stream.get_last_raw_message_by_subject(&self.subject).await {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(0)
+            }
+            Err(e) => Err(js_err("read the changelog's last record", e)),
+        }
+    }
+
+    /// Appends `record` after the record `expected` (0: the first); returns its sequence.
+    /// `id` names the record for deduplication (the same record retried keeps its id);
+    /// `epoch` (the appending owner's, header [`EPOCH_HEADER`]) is for operators and tests.
+    pub async fn append(
+        &self,
+        record: Bytes,
+        expected: u64,
+        id: &str,
+        epoch: u64,
+    ) -> Result<u64, AppendError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(EPOCH_HEADER, epoch.to_string().as_str());
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            expected.to_string().as_str(),
+        );
+        headers.insert("Nats-Msg-Id", id);
+        let ack = self
+            .js
+            .publish_with_headers(self.subject.clone(), headers, record)
+            .await
+            .map_err(|e| AppendError::Failed(e.to_string()))?;
+        match tokio::time::timeout(APPEND_TIMEOUT, ack).await {
+            Err(_) => Err(AppendError::Failed("no answer in time".into())),
+            Ok(Ok(ack)) => Ok(ack.sequence),
+            Ok(Err(e)) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                Err(AppendError::Fenced { expected })
+            }
+            Ok(Err(e)) => Err(AppendError::Failed(e.to_string())),
+        }
+    }
+
+    /// Every record after sequence `after`, in order, up to the last one at the time of the
+    /// call: `(sequence, record)`.
+    pub async fn read_after(&self, after: u64) -> Result<Vec<(u64, Bytes)>, BusError> {
+        let last = self.last().await?;
+        let mut out = Vec::new();
+        if last <= after {
+            return Ok(out);
+        }
+        let stream = self.stream_handle().await?;
+        let reader = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.subject.clone(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err("read the changelog", e))?;
+        let mut messages = reader
+            .messages()
+            .await
+            .map_err(|e| js_err("read the changelog", e))?;
+        while let Some(m) = messages.next().await {
+            let m = m.map_err(|e| js_err("read the changelog", e))?;
+            let seq = m
+                .info()
+                .map_err(|e| js_err("read the changelog", e))?
+                .stream_sequence;
+            out.push((seq, m.message.payload.clone()));
+            if seq >= last {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn stream_handle(&self) -> Result<jetstream::stream::Stream, BusError> {
+        self.js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| js_err("open the changelog stream", e))
+    }
+}
+
+fn js_err(what: &str, e: impl std::fmt::Display) -> BusError {
+    BusError::JetStream {
+        what: what.into(),
+        message: e.to_string(),
+    }
+}

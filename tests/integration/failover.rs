@@ -1,0 +1,278 @@
+//! Two nodes of one context: one owns the partition, the other stands by and takes it over
+//! when the owner is killed (its disk lost or not) or stopped for longer than its lease,
+//! restoring the state from the changelog on JetStream. Every order ends as set up and
+//! nothing is doubled.
+
+use std::time::{Duration, Instant};
+
+use choreo::shop::Node;
+use choreo::{load, verify};
+use nix::sys::signal::Signal;
+
+use crate::harness::{self, metric, TestShop};
+use crate::order_flow::mix;
+
+/// A short lease, so that takeovers come within seconds.
+const TTL: Duration = Duration::from_secs(3);
+
+fn config() -> String {
+    format!("[ownership]\nlease_ttl = \"{}s\"\n", TTL.as_secs())
+}
+
+fn owned(addr: &str) -> Option<f64> {
+    harness::try_metric(
+        addr,
+        "choreo_partition_owned",
+        &[("context", "orders"), ("partition", "0")],
+    )
+}
+
+/// The shop with a second orders node, once that one says it stands by.
+async fn with_standby() -> (TestShop, Node) {
+    let t = harness::start(choreo::contexts::KNOWN, true, &config()).await;
+    let standby = t.shop.spawn_standby("orders", "orders-2").unwrap();
+    let addr = standby.metrics_addr.clone();
+    assert!(
+        harness::eventually(Duration::from_secs(20), || {
+            let addr = addr.clone();
+            async move { owned(&addr) == Some(0.0) }
+        })
+        .await,
+        "the second orders node stands by"
+    );
+    (t, standby)
+}
+
+/// The orders node that owns the partition: the first one, as it started first.
+fn owner_addr(t: &mut TestShop) -> String {
+    t.shop.node("orders").unwrap().metrics_addr.clone()
+}
+
+/// The epoch of every record of the orders changelog, in order.
+async fn changelog_epochs(t: &TestShop) -> Vec<u64> {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt;
+    let stream = t
+        .bus
+        .js
+        .get_stream(runtime::wire::subjects::changelog_stream("orders"))
+        .await
+        .unwrap();
+    let last = stream.get_info().await.unwrap().state.last_sequence;
+    let reader = stream
+        .create_consumer(consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = reader.messages().await.unwrap();
+    let mut epochs = Vec::new();
+    while let Some(m) = messages.next().await {
+        let m = m.unwrap();
+        let epoch = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(runtime::wire::changelog::EPOCH_HEADER))
+            .and_then(|v| v.as_str().parse().ok())
+            .expect("every record names its epoch");
+        epochs.push(epoch);
+        if m.info().unwrap().stream_sequence >= last {
+            break;
+        }
+    }
+    epochs
+}
+
+/// No record of an earlier owner after a later owner's first: the fence held.
+fn fenced_in_order(epochs: &[u64]) -> Vec<(u64, usize)> {
+    assert!(
+        epochs.windows(2).all(|w| w[0] <= w[1]),
+        "an old owner's record landed after a newer owner's: {epochs:?}"
+    );
+    let mut runs: Vec<(u64, usize)> = Vec::new();
+    for e in epochs {
+        match runs.last_mut() {
+            Some((last, n)) if last == e => *n += 1,
+            _ => runs.push((*e, 1)),
+        }
+    }
+    runs
+}
+
+async fn finish_clean(
+    t: &TestShop,
+    run: tokio::task::JoinHandle<anyhow::Result<load::LoadReport>>,
+    n: usize,
+) {
+    let report = run.await.unwrap().expect("load completes");
+    assert_eq!(report.placed, n);
+    assert_eq!(report.unfinished, 0, "no order lost");
+    assert!(report.unexpected.is_empty(), "{:?}", report.unexpected);
+    let v = verify::run(&t.bus, Some(&report.run_id)).await.unwrap();
+    assert!(v.ledgers_checked);
+    assert_eq!(v.checks["once"].checked, n);
+    assert_eq!(
+        v.violations(),
+        0,
+        "nothing doubled, nothing half done: {:#?}",
+        v.checks
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_of_a_context_one_owns_the_other_stands_by() {
+    let (mut t, mut standby) = with_standby().await;
+    let owner = owner_addr(&mut t);
+    assert_eq!(
+        owned(&owner),
+        Some(1.0),
+        "the first node owns the partition"
+    );
+
+    let (ok, out) = harness::choreo(&t, &["cluster", "status"]);
+    assert!(ok, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("orders "))
+        .unwrap_or_default();
+    assert!(
+        line.contains("p0") && line.contains(" 1 ") || line.contains("p0"),
+        "{out}"
+    );
+    assert!(
+        !line.contains("NONE") && line.contains('/'),
+        "an owner and a standby: {out}"
+    );
+    assert_eq!(line.matches('/').count(), 2, "owner and one standby: {out}");
+
+    let bus = t.bus.clone();
+    let run = tokio::spawn(async move { load::run(&bus, &mix(400, 100.0), |_| {}).await });
+    finish_clean(&t, run, 400).await;
+    assert_eq!(owned(&standby.metrics_addr), Some(0.0), "still standing by");
+    assert_eq!(owned(&owner), Some(1.0));
+    standby.proc.kill9();
+    t.shop.stop().unwrap();
+}
+
+/// Kills the owner under load (and with `lose_disk` deletes its data directory): the standby
+/// takes over within the lease's time to live plus 5 s and the run ends clean.
+async fn kill_the_owner(lose_disk: bool) {
+    let (mut t, standby) = with_standby().await;
+    let bus = t.bus.clone();
+    let run = tokio::spawn(async move { load::run(&bus, &mix(400, 100.0), |_| {}).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    t.shop.kill9("orders").unwrap();
+    let killed = Instant::now();
+    if lose_disk {
+        std::fs::remove_dir_all(t.shop.data_dir().join("orders")).unwrap();
+    }
+    let addr = standby.metrics_addr.clone();
+    assert!(
+        harness::eventually(TTL + Duration::from_secs(5), || {
+            let addr = addr.clone();
+            async move { owned(&addr) == Some(1.0) && harness::http_status(&addr, "/readyz") == 200 }
+        })
+        .await,
+        "the standby serves within the lease TTL + 5 s"
+    );
+    println!(
+        "takeover after kill -9{}: {:.1} s (lease TTL {} s)",
+        if lose_disk { " and the lost disk" } else { "" },
+        killed.elapsed().as_secs_f64(),
+        TTL.as_secs()
+    );
+    finish_clean(&t, run, 400).await;
+    let runs = fenced_in_order(&changelog_epochs(&t).await);
+    assert_eq!(
+        runs.len(),
+        2,
+        "two owners appended, one after the other: {runs:?}"
+    );
+    assert!(
+        metric(
+            &standby.metrics_addr,
+            "choreo_changelog_restored_records_total",
+            &[("context", "orders")]
+        ) > 0.0,
+        "the standby restored the state from the changelog"
+    );
+    // The standby now stands in for the killed node.
+    *t.shop.node("orders").unwrap() = standby;
+    t.shop.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_owner_the_standby_takes_over() {
+    kill_the_owner(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owners_disk_lost_the_standby_restores_from_jetstream() {
+    kill_the_owner(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_owner_loses_its_lease_and_lands_nothing_after_it() {
+    let (mut t, standby) = with_standby().await;
+    let owner = owner_addr(&mut t);
+    let bus = t.bus.clone();
+    let run = tokio::spawn(async move { load::run(&bus, &mix(400, 100.0), |_| {}).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    t.shop
+        .node("orders")
+        .unwrap()
+        .proc
+        .signal(Signal::SIGSTOP)
+        .unwrap();
+    let addr = standby.metrics_addr.clone();
+    assert!(
+        harness::eventually(TTL * 2 + Duration::from_secs(5), || {
+            let addr = addr.clone();
+            async move { owned(&addr) == Some(1.0) }
+        })
+        .await,
+        "the standby takes over from the stopped owner"
+    );
+    tokio::time::sleep(TTL * 2).await;
+    t.shop
+        .node("orders")
+        .unwrap()
+        .proc
+        .signal(Signal::SIGCONT)
+        .unwrap();
+    // The old owner notices and restarts in place as a standby; what it tried to append
+    // meanwhile was refused or not tried.
+    assert!(
+        harness::eventually(Duration::from_secs(20), || {
+            let owner = owner.clone();
+            async move { owned(&owner) == Some(0.0) }
+        })
+        .await,
+        "the old owner stands by after SIGCONT"
+    );
+    let restarts = metric(
+        &owner,
+        "choreo_node_restarts_in_place_total",
+        &[("reason", "lease_lost")],
+    );
+    assert_eq!(
+        restarts, 1.0,
+        "it gave the partition up by restarting in place"
+    );
+    finish_clean(&t, run, 400).await;
+    let log = std::fs::read_to_string(t.shop.logs().join("orders.log")).unwrap();
+    let lost = log.matches("lost the partition's lease").count();
+    let refused = log.matches("append refused").count() + log.matches("not appended").count();
+    let runs = fenced_in_order(&changelog_epochs(&t).await);
+    println!(
+        "old owner after SIGCONT: lease loss logged {lost}x, appends refused or not tried {refused}, \
+         restarts in place {restarts}; changelog records by epoch {runs:?}"
+    );
+    assert!(lost >= 1, "the old owner logged its loss");
+    assert_eq!(
+        runs.len(),
+        2,
+        "two owners appended, one after the other: {runs:?}"
+    );
+    let mut old = std::mem::replace(t.shop.node("orders").unwrap(), standby);
+    old.proc.kill9();
+    t.shop.stop().unwrap();
+}
