@@ -18,31 +18,49 @@ pub struct DemoConfig {
     pub sync_always: bool,
     /// Keep the shop running after the summary until Ctrl-C.
     pub keep_running: bool,
+    /// Three nats-servers in a cluster, everything replicated three times.
+    pub cluster: bool,
     pub load: LoadConfig,
 }
 
 /// Runs the demo. Returns true if every order ended as set up and verify found nothing.
 pub async fn run(cfg: DemoConfig) -> anyhow::Result<bool> {
     println!(
-        "choreo demo: starting nats-server, {} context nodes and the simulators in {}",
+        "choreo demo: starting {}, {} context nodes and the simulators in {}",
+        if cfg.cluster {
+            "a cluster of 3 nats-servers"
+        } else {
+            "nats-server"
+        },
         KNOWN.len(),
         cfg.dir.display()
     );
+    let node_config = if cfg.cluster {
+        std::fs::create_dir_all(&cfg.dir)?;
+        let path = cfg.dir.join("node-cluster.toml");
+        std::fs::write(&path, "[stream]\nreplicas = 3\n")?;
+        Some(path)
+    } else {
+        None
+    };
     let shop = Shop::start(ShopOptions {
         port: cfg.port,
         sync_always: cfg.sync_always,
+        servers: if cfg.cluster { 3 } else { 1 },
+        node_config,
         ..ShopOptions::new(cfg.dir.clone())
     })
     .await?;
     println!(
-        "nats-server {} (JetStream store {}, sync_interval {})",
+        "nats-server {} (JetStream store {}, sync_interval {}{})",
         shop.nats.url,
         shop.nats.dir.join("jetstream").display(),
         if cfg.sync_always {
             "always"
         } else {
             "default (2 min)"
-        }
+        },
+        if cfg.cluster { "; R3" } else { "" }
     );
     // Scrape targets for dashboards/prometheus.yml (file_sd).
     let targets: Vec<serde_json::Value> = shop

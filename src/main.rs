@@ -438,6 +438,10 @@ struct DemoArgs {
     /// `make prometheus`).
     #[arg(long)]
     keep_running: bool,
+    /// Run a cluster of three nats-servers on loopback, with every stream, consumer,
+    /// changelog and the lease bucket replicated three times (R3).
+    #[arg(long, conflicts_with = "port")]
+    cluster: bool,
     #[command(flatten)]
     shape: LoadShape,
 }
@@ -735,6 +739,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 port: a.port,
                 sync_always: a.sync_always,
                 keep_running: a.keep_running,
+                cluster: a.cluster,
                 load: a.shape.config()?,
             };
             tokio_rt()?.block_on(choreo::demo::run(cfg))

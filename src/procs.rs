@@ -282,10 +282,23 @@ fn nats_version(bin: &Path) -> Option<(u32, u32, u32)> {
 pub struct NatsServer {
     pub proc: Proc,
     pub port: u16,
+    /// Its URL; for the first server of a cluster, every server's, comma-separated.
     pub url: String,
     pub dir: PathBuf,
     bin: PathBuf,
     sync_always: bool,
+    cluster: Option<ClusterSpec>,
+}
+
+/// A server's place in a cluster on loopback.
+#[derive(Clone)]
+struct ClusterSpec {
+    /// `n0`, `n1`, ...: the server name JetStream reports (stream leaders, peers).
+    name: String,
+    /// This server's route port.
+    route_port: u16,
+    /// Every server's route port.
+    routes: Vec<u16>,
 }
 
 impl NatsServer {
@@ -295,18 +308,67 @@ impl NatsServer {
         let bin = find_nats_server()?;
         let port = port.unwrap_or_else(free_port);
         let mut s = NatsServer {
-            proc: Self::launch(&bin, dir, port, sync_always)?,
+            proc: Self::launch(&bin, dir, port, sync_always, None)?,
             port,
             url: format!("nats://127.0.0.1:{port}"),
             dir: dir.to_path_buf(),
             bin,
             sync_always,
+            cluster: None,
         };
         s.wait_listening(Duration::from_secs(15))?;
         Ok(s)
     }
 
-    fn launch(bin: &Path, dir: &Path, port: u16, sync_always: bool) -> anyhow::Result<Proc> {
+    /// Starts a cluster of `n` servers on loopback (`dir/n0`, `dir/n1`, ...; free client and
+    /// route ports; every server routes to every other). The first server's `url` lists
+    /// every server's.
+    pub fn start_cluster(
+        dir: &Path,
+        n: usize,
+        sync_always: bool,
+    ) -> anyhow::Result<Vec<NatsServer>> {
+        let bin = find_nats_server()?;
+        let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let mut servers = Vec::new();
+        for (i, route_port) in routes.iter().enumerate() {
+            let port = free_port();
+            let spec = ClusterSpec {
+                name: format!("n{i}"),
+                route_port: *route_port,
+                routes: routes.clone(),
+            };
+            let dir = dir.join(&spec.name);
+            servers.push(NatsServer {
+                proc: Self::launch(&bin, &dir, port, sync_always, Some(&spec))?,
+                port,
+                url: format!("nats://127.0.0.1:{port}"),
+                dir,
+                bin: bin.clone(),
+                sync_always,
+                cluster: Some(spec),
+            });
+        }
+        for s in &mut servers {
+            s.wait_listening(Duration::from_secs(15))?;
+        }
+        let all: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
+        servers[0].url = all.join(",");
+        Ok(servers)
+    }
+
+    /// The server's name in its cluster (`n0`, ...), if it is in one.
+    pub fn name(&self) -> Option<&str> {
+        self.cluster.as_ref().map(|c| c.name.as_str())
+    }
+
+    fn launch(
+        bin: &Path,
+        dir: &Path,
+        port: u16,
+        sync_always: bool,
+        cluster: Option<&ClusterSpec>,
+    ) -> anyhow::Result<Proc> {
         std::fs::create_dir_all(dir)?;
         let conf = dir.join("nats-server.conf");
         let store = dir.join("jetstream");
@@ -315,13 +377,25 @@ impl NatsServer {
         } else {
             ""
         };
-        std::fs::write(
-            &conf,
-            format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 1MB\njetstream {{\n  store_dir: {:?}\n  max_file_store: 4GB\n  max_memory_store: 256MB{sync}\n}}\n",
-                store.display().to_string()
-            ),
-        )?;
+        let mut text = format!(
+            "listen: 127.0.0.1:{port}\nmax_payload: 1MB\njetstream {{\n  store_dir: {:?}\n  max_file_store: 4GB\n  max_memory_store: 256MB{sync}\n}}\n",
+            store.display().to_string()
+        );
+        if let Some(c) = cluster {
+            let routes: Vec<String> = c
+                .routes
+                .iter()
+                .filter(|p| **p != c.route_port)
+                .map(|p| format!("nats-route://127.0.0.1:{p}"))
+                .collect();
+            text.push_str(&format!(
+                "server_name: {}\ncluster {{\n  name: choreo\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                c.name,
+                c.route_port,
+                routes.join(", ")
+            ));
+        }
+        std::fs::write(&conf, text)?;
         Proc::spawn(
             "nats-server",
             bin,
@@ -348,7 +422,13 @@ impl NatsServer {
 
     /// Starts the server again on the same port and store.
     pub fn start_again(&mut self) -> anyhow::Result<()> {
-        self.proc = Self::launch(&self.bin, &self.dir, self.port, self.sync_always)?;
+        self.proc = Self::launch(
+            &self.bin,
+            &self.dir,
+            self.port,
+            self.sync_always,
+            self.cluster.as_ref(),
+        )?;
         self.wait_listening(Duration::from_secs(15))
     }
 }

@@ -26,6 +26,9 @@ pub struct ShopOptions {
     pub sim: Option<Vec<String>>,
     /// Node config file passed with `--config`.
     pub node_config: Option<PathBuf>,
+    /// Servers of the NATS cluster (1: a single server, no cluster; 3: a cluster of three on
+    /// loopback, every node given every server).
+    pub servers: usize,
 }
 
 impl ShopOptions {
@@ -38,6 +41,7 @@ impl ShopOptions {
             contexts: crate::contexts::all(),
             sim: Some(vec![]),
             node_config: None,
+            servers: 1,
         }
     }
 }
@@ -90,7 +94,10 @@ impl Node {
 
 /// A running shop.
 pub struct Shop {
+    /// The server (the first of a cluster, whose `url` lists them all).
     pub nats: NatsServer,
+    /// The other servers of a cluster.
+    pub peers: Vec<NatsServer>,
     pub nodes: Vec<Node>,
     pub sim: Option<Proc>,
     pub opts: ShopOptions,
@@ -105,10 +112,19 @@ impl Shop {
             let _ = std::fs::remove_dir_all(opts.dir.join(sub));
         }
         let (nats_dir, port, sync) = (opts.dir.join("nats"), opts.port, opts.sync_always);
-        let nats =
-            tokio::task::spawn_blocking(move || NatsServer::start(&nats_dir, port, sync)).await??;
+        let n = opts.servers;
+        let mut servers = tokio::task::spawn_blocking(move || {
+            if n > 1 {
+                NatsServer::start_cluster(&nats_dir, n, sync)
+            } else {
+                NatsServer::start(&nats_dir, port, sync).map(|s| vec![s])
+            }
+        })
+        .await??;
+        let nats = servers.remove(0);
         let mut shop = Shop {
             nats,
+            peers: servers,
             nodes: Vec::new(),
             sim: None,
             opts,
@@ -236,6 +252,13 @@ impl Shop {
         Ok(())
     }
 
+    /// The cluster's server named `name` (`n0`, `n1`, ...).
+    pub fn server(&mut self, name: &str) -> Option<&mut NatsServer> {
+        std::iter::once(&mut self.nats)
+            .chain(self.peers.iter_mut())
+            .find(|s| s.name() == Some(name))
+    }
+
     /// Starts one more node for `ctx` (a standby while another owns the context), with a
     /// data directory and a log of its own (`data-<name>`, `logs/<name>.log`); the caller
     /// keeps it. It does not answer before it owns the context, so nothing waits for it.
@@ -273,6 +296,9 @@ impl Shop {
         }
         if let Some(sim) = &mut self.sim {
             let _ = sim.terminate(Duration::from_secs(5));
+        }
+        for s in &mut self.peers {
+            let _ = s.proc.terminate(Duration::from_secs(10));
         }
         let _ = self.nats.proc.terminate(Duration::from_secs(10));
         anyhow::ensure!(problems.is_empty(), "unclean stop: {}", problems.join("; "));

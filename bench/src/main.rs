@@ -52,6 +52,17 @@ struct Cli {
     /// targets in the README are stated.
     #[arg(long = "node", value_name = "CONTEXTS")]
     nodes: Vec<String>,
+    /// nats-servers: 1, or 3 (a cluster on loopback, everything replicated three times).
+    #[arg(long, default_value_t = 1, value_parser = servers)]
+    servers: usize,
+}
+
+fn servers(s: &str) -> Result<usize, String> {
+    match s {
+        "1" => Ok(1),
+        "3" => Ok(3),
+        _ => Err(format!("1 or 3 servers, not {s:?}")),
+    }
 }
 
 impl Cli {
@@ -86,6 +97,7 @@ impl Cli {
             sync_modes,
             settle: !self.no_settle,
             nodes,
+            servers: self.servers,
         })
     }
 }

@@ -42,6 +42,8 @@ pub struct BenchConfig {
     /// Node processes: the contexts each one hosts, comma-separated (see
     /// [`check_nodes`](crate::layout::check_nodes)).
     pub nodes: Vec<String>,
+    /// nats-servers: 1, or 3 in a cluster with everything replicated three times.
+    pub servers: usize,
 }
 
 fn clk_tck() -> f64 {
@@ -81,6 +83,9 @@ fn processes(shop: &Shop) -> Vec<(String, u32)> {
         .map(|n| (n.context.clone(), n.proc.pid()))
         .collect();
     p.push(("nats-server".into(), shop.nats.proc.pid()));
+    for (i, peer) in shop.peers.iter().enumerate() {
+        p.push((format!("nats-server-{}", i + 1), peer.proc.pid()));
+    }
     if let Some(s) = &shop.sim {
         p.push(("sim".into(), s.pid()));
     }
@@ -158,9 +163,18 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
     };
     for &sync in &cfg.sync_modes {
         let sync_name = if sync { "always" } else { "default" };
+        let node_config = if cfg.servers > 1 {
+            let path = cfg.dir.join("node-cluster.toml");
+            std::fs::write(&path, format!("[stream]\nreplicas = {}\n", cfg.servers))?;
+            Some(path)
+        } else {
+            None
+        };
         let shop = Shop::start(ShopOptions {
             sync_always: sync,
             contexts: cfg.nodes.clone(),
+            servers: cfg.servers,
+            node_config,
             ..ShopOptions::new(cfg.dir.join(sync_name))
         })
         .await?;

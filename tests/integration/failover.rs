@@ -1,7 +1,9 @@
 //! Two nodes of one context: one owns the partition, the other stands by and takes it over
 //! when the owner is killed (its disk lost or not) or stopped for longer than its lease,
-//! restoring the state from the changelog on JetStream. Every order ends as set up and
-//! nothing is doubled.
+//! restoring the state from the changelog on JetStream; and the loss of a stream's leader
+//! among three nats-servers. Every order ends as set up and nothing is doubled. The runs are
+//! on a cluster of three nats-servers on loopback with everything replicated three times
+//! (R3), except one takeover on the single server of the default set-up.
 
 use std::time::{Duration, Instant};
 
@@ -27,9 +29,14 @@ fn owned(addr: &str) -> Option<f64> {
     )
 }
 
-/// The shop with a second orders node, once that one says it stands by.
-async fn with_standby() -> (TestShop, Node) {
-    let t = harness::start(choreo::contexts::KNOWN, true, &config()).await;
+/// The shop (on `servers` nats-servers) with a second orders node, once that one says it
+/// stands by.
+async fn with_standby(servers: usize) -> (TestShop, Node) {
+    let t = if servers > 1 {
+        harness::start_cluster(choreo::contexts::KNOWN, true, &config()).await
+    } else {
+        harness::start(choreo::contexts::KNOWN, true, &config()).await
+    };
     let standby = t.shop.spawn_standby("orders", "orders-2").unwrap();
     let addr = standby.metrics_addr.clone();
     assert!(
@@ -119,7 +126,7 @@ async fn finish_clean(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_of_a_context_one_owns_the_other_stands_by() {
-    let (mut t, mut standby) = with_standby().await;
+    let (mut t, mut standby) = with_standby(3).await;
     let owner = owner_addr(&mut t);
     assert_eq!(
         owned(&owner),
@@ -154,8 +161,8 @@ async fn two_nodes_of_a_context_one_owns_the_other_stands_by() {
 
 /// Kills the owner under load (and with `lose_disk` deletes its data directory): the standby
 /// takes over within the lease's time to live plus 5 s and the run ends clean.
-async fn kill_the_owner(lose_disk: bool) {
-    let (mut t, standby) = with_standby().await;
+async fn kill_the_owner(lose_disk: bool, servers: usize) {
+    let (mut t, standby) = with_standby(servers).await;
     let bus = t.bus.clone();
     let run = tokio::spawn(async move { load::run(&bus, &mix(400, 100.0), |_| {}).await });
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -201,17 +208,22 @@ async fn kill_the_owner(lose_disk: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_owner_the_standby_takes_over() {
-    kill_the_owner(false).await;
+    kill_the_owner(false, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_single_server_too_the_standby_takes_over() {
+    kill_the_owner(false, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_owners_disk_lost_the_standby_restores_from_jetstream() {
-    kill_the_owner(true).await;
+    kill_the_owner(true, 3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_owner_loses_its_lease_and_lands_nothing_after_it() {
-    let (mut t, standby) = with_standby().await;
+    let (mut t, standby) = with_standby(3).await;
     let owner = owner_addr(&mut t);
     let bus = t.bus.clone();
     let run = tokio::spawn(async move { load::run(&bus, &mix(400, 100.0), |_| {}).await });
@@ -274,5 +286,37 @@ async fn a_stopped_owner_loses_its_lease_and_lands_nothing_after_it() {
     );
     let mut old = std::mem::replace(t.shop.node("orders").unwrap(), standby);
     old.proc.kill9();
+    t.shop.stop().unwrap();
+}
+
+async fn stream_leader(t: &TestShop, stream: &str) -> String {
+    let mut s = t.bus.js.get_stream(stream).await.unwrap();
+    let info = s.info().await.unwrap();
+    info.cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("a replicated stream has a leader")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_stream_leader_publishing_resumes() {
+    let mut t = harness::start_cluster(choreo::contexts::KNOWN, true, &config()).await;
+    let orders = runtime::wire::subjects::stream("orders");
+    let bus = t.bus.clone();
+    let run = tokio::spawn(async move { load::run(&bus, &mix(400, 100.0), |_| {}).await });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let leader = stream_leader(&t, &orders).await;
+    t.shop
+        .server(&leader)
+        .expect("the leader is one of ours")
+        .kill9();
+    let killed = Instant::now();
+    finish_clean(&t, run, 400).await;
+    let new_leader = stream_leader(&t, &orders).await;
+    println!(
+        "killed {leader}, the leader of {orders}; {new_leader} leads it now; the run ended clean {:.1} s after the kill",
+        killed.elapsed().as_secs_f64()
+    );
+    assert_ne!(new_leader, leader);
     t.shop.stop().unwrap();
 }

@@ -41,8 +41,19 @@ pub(crate) async fn start(contexts: &[&str], sim: bool, extra_config: &str) -> T
     start_config(contexts, sim, &format!("{TEST_CONFIG}\n{extra_config}")).await
 }
 
+/// Like [`start`] on a cluster of three nats-servers on loopback, every stream, consumer,
+/// changelog and the lease bucket replicated three times.
+pub(crate) async fn start_cluster(contexts: &[&str], sim: bool, extra_config: &str) -> TestShop {
+    let config = format!("{TEST_CONFIG}\n{extra_config}\n[stream]\nreplicas = 3\n");
+    start_on(contexts, sim, &config, 3).await
+}
+
 /// Like [`start`] with a whole node config instead of [`TEST_CONFIG`] plus extras.
 pub(crate) async fn start_config(contexts: &[&str], sim: bool, config: &str) -> TestShop {
+    start_on(contexts, sim, config, 1).await
+}
+
+async fn start_on(contexts: &[&str], sim: bool, config: &str, servers: usize) -> TestShop {
     let dir = tempfile::tempdir().expect("tempdir");
     if std::env::var("CHOREO_TEST_KEEP").is_ok() {
         eprintln!("test directory kept: {}", dir.path().display());
@@ -53,6 +64,7 @@ pub(crate) async fn start_config(contexts: &[&str], sim: bool, config: &str) -> 
         contexts: contexts.iter().map(|s| s.to_string()).collect(),
         sim: sim.then(Vec::new),
         node_config: Some(cfg),
+        servers,
         ..ShopOptions::new(dir.path().to_path_buf())
     };
     let shop = Shop::start(opts).await.expect("shop starts");

@@ -94,7 +94,10 @@ impl ContextHost {
         let dir: PathBuf = cfg.data_dir.join(name);
         let replication = match owned {
             Some(Owned { own, changelog }) => {
-                let last = ownership::restore(name, &store, &changelog, &own).await?;
+                let last = ownership::patiently("restore from the changelog", || {
+                    ownership::restore(name, &store, &changelog, &own)
+                })
+                .await?;
                 Some(Replication {
                     context: name,
                     changelog,

@@ -280,12 +280,13 @@ async fn take_all(
     contexts: &[Arc<dyn Context>],
     exit: mpsc::Sender<Result<Exit, NodeError>>,
 ) -> Result<Vec<Option<host::Owned>>, NodeError> {
-    let leases = Leases::open(bus, cfg.ownership.lease_ttl, cfg.stream.replicas).await?;
+    let (ttl, replicas) = (cfg.ownership.lease_ttl, cfg.stream.replicas);
+    let leases =
+        ownership::patiently("open the lease bucket", || Leases::open(bus, ttl, replicas)).await?;
     let mut owned = Vec::new();
     for c in contexts {
         let id = ownership::store_id(&cfg.data_dir.join(c.name()))?;
-        let own =
-            ownership::acquire(&leases, c.name(), &id, &cfg.metrics_addr, exit.clone()).await?;
+        let own = ownership::acquire(&leases, c.name(), &id, &cfg.metrics_addr, exit.clone()).await;
         let changelog =
             Changelog::open(bus, c.name(), ownership::PARTITION, &cfg.stream_spec()).await?;
         owned.push(Some(host::Owned { own, changelog }));

@@ -148,6 +148,31 @@ impl Ownership {
     }
 }
 
+/// How long a node keeps trying while JetStream does not answer lease requests (a cluster
+/// still electing its leaders, a bucket just created whose replicas are not all up).
+const SETUP_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs `attempt` until it succeeds, trying again every 0.5 s (with a warning) for up to
+/// [`SETUP_WAIT`].
+pub(crate) async fn patiently<T, E, F, Fut>(what: &str, mut attempt: F) -> Result<T, NodeError>
+where
+    E: Into<NodeError> + std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let deadline = Instant::now() + SETUP_WAIT;
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "{what}: JetStream did not answer as it should; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// The id of the data directory `dir` (created on first use).
 pub(crate) fn store_id(dir: &std::path::Path) -> Result<String, NodeError> {
     let path = dir.join("choreo-store-id");
@@ -175,15 +200,15 @@ pub(crate) fn store_id(dir: &std::path::Path) -> Result<String, NodeError> {
 }
 
 /// Takes the lease of `context`'s partition, standing by (registered, polled every fifth of
-/// the time to live) while another node holds it. Returns once this node owns it; the
-/// caller races it against its shutdown.
+/// the time to live) while another node holds it or JetStream does not answer. Returns once
+/// this node owns it; the caller races it against its shutdown.
 pub(crate) async fn acquire(
     leases: &Leases,
     context: &'static str,
     store_id: &str,
     metrics_addr: &str,
     exit: mpsc::Sender<Result<Exit, NodeError>>,
-) -> Result<Arc<Ownership>, NodeError> {
+) -> Arc<Ownership> {
     let key = subjects::lease_key(context, PARTITION);
     let partition = PARTITION.to_string();
     let me = Holder {
@@ -204,7 +229,15 @@ pub(crate) async fn acquire(
             renewed_at_ms: now_ms(),
             ..me.clone()
         };
-        let (held, how) = match leases.acquire(&key, holder.clone()).await? {
+        let acquired = match leases.acquire(&key, holder.clone()).await {
+            Ok(acquired) => acquired,
+            Err(e) => {
+                tracing::warn!(context, error = %e, "could not ask for the lease; trying again");
+                tokio::time::sleep(leases.ttl / 5).await;
+                continue;
+            }
+        };
+        let (held, how) = match acquired {
             Acquired::Held(held) => {
                 let how = if last_seen.is_some() {
                     "takeover"
@@ -216,10 +249,12 @@ pub(crate) async fn acquire(
             Acquired::Taken(Some((other, revision))) if other.store == store_id => {
                 // An earlier run on this directory: gone, since this process holds the
                 // directory's store.
-                (
-                    leases.take_over(&key, holder.clone(), revision).await?,
-                    "own",
-                )
+                let taken = leases.take_over(&key, holder.clone(), revision).await;
+                let taken = taken.unwrap_or_else(|e| {
+                    tracing::warn!(context, error = %e, "could not take the lease back; trying again");
+                    None
+                });
+                (taken, "own")
             }
             Acquired::Taken(other) => {
                 if let Some((other, _)) = other {
@@ -263,7 +298,7 @@ pub(crate) async fn acquire(
                 exit: Mutex::new(exit),
             };
             own.extend(sent);
-            return Ok(Arc::new(own));
+            return Arc::new(own);
         }
         tokio::time::sleep(leases.ttl / 5).await;
     }
