@@ -17,9 +17,19 @@ use crate::order_flow::mix;
 /// A short lease, so that takeovers come within seconds.
 const TTL: Duration = Duration::from_secs(3);
 
-fn config() -> String {
-    format!("[ownership]\nlease_ttl = \"{}s\"\n", TTL.as_secs())
+/// A short lease, so that takeovers come within seconds; a snapshot whenever a takeover
+/// replays `snapshot_after` records or more.
+fn config(snapshot_after: u64) -> String {
+    format!(
+        "[ownership]\nlease_ttl = \"{}s\"\nsnapshot_after = {snapshot_after}\n",
+        TTL.as_secs()
+    )
 }
+
+/// Snapshots after 20 records: every takeover here puts one.
+const SNAPSHOTS: u64 = 20;
+/// No snapshot: the whole log stays, with every owner's records.
+const NO_SNAPSHOTS: u64 = 1_000_000;
 
 fn owned(addr: &str) -> Option<f64> {
     harness::try_metric(
@@ -31,11 +41,12 @@ fn owned(addr: &str) -> Option<f64> {
 
 /// The shop (on `servers` nats-servers) with a second orders node, once that one says it
 /// stands by.
-async fn with_standby(servers: usize) -> (TestShop, Node) {
+async fn with_standby(servers: usize, snapshot_after: u64) -> (TestShop, Node) {
+    let config = config(snapshot_after);
     let t = if servers > 1 {
-        harness::start_cluster(choreo::contexts::KNOWN, true, &config()).await
+        harness::start_cluster(choreo::contexts::KNOWN, true, &config).await
     } else {
-        harness::start(choreo::contexts::KNOWN, true, &config()).await
+        harness::start(choreo::contexts::KNOWN, true, &config).await
     };
     let standby = t.shop.spawn_standby("orders", "orders-2").unwrap();
     let addr = standby.metrics_addr.clone();
@@ -126,7 +137,7 @@ async fn finish_clean(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_of_a_context_one_owns_the_other_stands_by() {
-    let (mut t, mut standby) = with_standby(3).await;
+    let (mut t, mut standby) = with_standby(3, SNAPSHOTS).await;
     let owner = owner_addr(&mut t);
     assert_eq!(
         owned(&owner),
@@ -162,7 +173,7 @@ async fn two_nodes_of_a_context_one_owns_the_other_stands_by() {
 /// Kills the owner under load (and with `lose_disk` deletes its data directory): the standby
 /// takes over within the lease's time to live plus 5 s and the run ends clean.
 async fn kill_the_owner(lose_disk: bool, servers: usize) {
-    let (mut t, standby) = with_standby(servers).await;
+    let (mut t, standby) = with_standby(servers, SNAPSHOTS).await;
     let bus = t.bus.clone();
     let run = tokio::spawn(async move { load::run(&bus, &mix(400, 100.0), |_| {}).await });
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -187,12 +198,10 @@ async fn kill_the_owner(lose_disk: bool, servers: usize) {
         TTL.as_secs()
     );
     finish_clean(&t, run, 400).await;
+    // The snapshot the takeover put removed the old owner's records; what is left is the
+    // new owner's, from its fence record on.
     let runs = fenced_in_order(&changelog_epochs(&t).await);
-    assert_eq!(
-        runs.len(),
-        2,
-        "two owners appended, one after the other: {runs:?}"
-    );
+    assert_eq!(runs.len(), 1, "{runs:?}");
     assert!(
         metric(
             &standby.metrics_addr,
@@ -201,8 +210,35 @@ async fn kill_the_owner(lose_disk: bool, servers: usize) {
         ) > 0.0,
         "the standby restored the state from the changelog"
     );
+    let snapshots = metric(
+        &standby.metrics_addr,
+        "choreo_snapshots_total",
+        &[("context", "orders")],
+    );
+    assert_eq!(
+        snapshots, 1.0,
+        "the takeover replayed enough to put a snapshot"
+    );
     // The standby now stands in for the killed node.
     *t.shop.node("orders").unwrap() = standby;
+    if lose_disk {
+        // Its disk goes too: a third node restores from the snapshot and the records after.
+        t.shop.kill9("orders").unwrap();
+        std::fs::remove_dir_all(t.shop.data_dir().join("../data-orders-2")).unwrap();
+        let third = t.shop.spawn_standby("orders", "orders-3").unwrap();
+        *t.shop.node("orders").unwrap() = third;
+        t.shop.wait_ready(Duration::from_secs(60)).await.unwrap();
+        let log = std::fs::read_to_string(t.shop.logs().join("orders-3.log")).unwrap();
+        assert!(log.contains("restored the partition's snapshot"), "{log}");
+        let v = verify::run(&t.bus, None).await.unwrap();
+        assert_eq!(v.checks["once"].checked, 400);
+        assert_eq!(
+            v.violations(),
+            0,
+            "the snapshot and its tail hold every order: {:#?}",
+            v.checks
+        );
+    }
     t.shop.stop().unwrap();
 }
 
@@ -223,7 +259,7 @@ async fn the_owners_disk_lost_the_standby_restores_from_jetstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_owner_loses_its_lease_and_lands_nothing_after_it() {
-    let (mut t, standby) = with_standby(3).await;
+    let (mut t, standby) = with_standby(3, NO_SNAPSHOTS).await;
     let owner = owner_addr(&mut t);
     let bus = t.bus.clone();
     let run = tokio::spawn(async move { load::run(&bus, &mix(400, 100.0), |_| {}).await });
@@ -300,7 +336,7 @@ async fn stream_leader(t: &TestShop, stream: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_stream_leader_publishing_resumes() {
-    let mut t = harness::start_cluster(choreo::contexts::KNOWN, true, &config()).await;
+    let mut t = harness::start_cluster(choreo::contexts::KNOWN, true, &config(SNAPSHOTS)).await;
     let orders = runtime::wire::subjects::stream("orders");
     let bus = t.bus.clone();
     let run = tokio::spawn(async move { load::run(&bus, &mix(400, 100.0), |_| {}).await });

@@ -210,6 +210,10 @@ pub struct OwnershipConfig {
     /// since its last renewal was sent.
     #[serde(with = "duration")]
     pub lease_ttl: Duration,
+    /// A node that replayed at least this many changelog records when it took the partition
+    /// puts a snapshot of the state in `<NS>_SNAPSHOTS` and removes the records it covers,
+    /// so the next takeover replays the snapshot and what came after it.
+    pub snapshot_after: u64,
 }
 
 impl Default for OwnershipConfig {
@@ -217,6 +221,7 @@ impl Default for OwnershipConfig {
         OwnershipConfig {
             enabled: true,
             lease_ttl: Duration::from_secs(5),
+            snapshot_after: 10_000,
         }
     }
 }

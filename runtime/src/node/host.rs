@@ -31,7 +31,7 @@ use crate::saga::{instance, service};
 use crate::store::{self, Store};
 use crate::telemetry::{metrics, Health};
 use crate::wire::bus::Bus;
-use crate::wire::changelog::Changelog;
+use crate::wire::changelog::{Changelog, Snapshots};
 use crate::wire::subjects;
 
 /// What every context of a node shares.
@@ -48,6 +48,7 @@ pub(crate) struct Shared {
 pub(crate) struct Owned {
     pub(crate) own: Arc<Ownership>,
     pub(crate) changelog: Changelog,
+    pub(crate) snapshots: Snapshots,
 }
 
 /// A durable consumer the node polls for lag: (context, stream, durable name).
@@ -93,9 +94,14 @@ impl ContextHost {
         let (stop, stopping) = watch::channel(false);
         let dir: PathBuf = cfg.data_dir.join(name);
         let replication = match owned {
-            Some(Owned { own, changelog }) => {
+            Some(Owned {
+                own,
+                changelog,
+                snapshots,
+            }) => {
+                let snapshot_after = cfg.ownership.snapshot_after;
                 let last = ownership::patiently("restore from the changelog", || {
-                    ownership::restore(name, &store, &changelog, &own)
+                    ownership::restore(name, &store, &changelog, &snapshots, &own, snapshot_after)
                 })
                 .await?;
                 Some(Replication {

@@ -27,7 +27,7 @@ use crate::resilience::breaker::Breakers;
 use crate::store::StoreError;
 use crate::telemetry::{endpoint, metrics, Health};
 use crate::wire::bus::{Bus, BusError};
-use crate::wire::changelog::Changelog;
+use crate::wire::changelog::{Changelog, Snapshots};
 use crate::wire::lease::Leases;
 use crate::wire::subjects;
 
@@ -283,13 +283,21 @@ async fn take_all(
     let (ttl, replicas) = (cfg.ownership.lease_ttl, cfg.stream.replicas);
     let leases =
         ownership::patiently("open the lease bucket", || Leases::open(bus, ttl, replicas)).await?;
+    let snapshots = ownership::patiently("open the snapshot bucket", || {
+        Snapshots::open(bus, replicas)
+    })
+    .await?;
     let mut owned = Vec::new();
     for c in contexts {
         let id = ownership::store_id(&cfg.data_dir.join(c.name()))?;
         let own = ownership::acquire(&leases, c.name(), &id, &cfg.metrics_addr, exit.clone()).await;
         let changelog =
             Changelog::open(bus, c.name(), ownership::PARTITION, &cfg.stream_spec()).await?;
-        owned.push(Some(host::Owned { own, changelog }));
+        owned.push(Some(host::Owned {
+            own,
+            changelog,
+            snapshots: snapshots.clone(),
+        }));
     }
     Ok(owned)
 }

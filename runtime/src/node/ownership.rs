@@ -32,7 +32,7 @@ use super::{Exit, NodeError, Restart};
 use crate::pipeline::replicate::Lease;
 use crate::store::{changes, Store};
 use crate::telemetry::metrics;
-use crate::wire::changelog::{AppendError, Changelog};
+use crate::wire::changelog::{AppendError, Changelog, Snapshots};
 use crate::wire::envelope::now_ms;
 use crate::wire::lease::{Acquired, Held, Holder, Leases, RenewError};
 use crate::wire::subjects;
@@ -304,13 +304,17 @@ pub(crate) async fn acquire(
     }
 }
 
-/// Makes `store` the partition's state as its changelog holds it, then fences the log
-/// against the previous owner (see the module doc). Returns the log's last sequence.
+/// Makes `store` the partition's state as its newest snapshot and its changelog hold it,
+/// then fences the log against the previous owner (see the module doc). When it replayed at
+/// least `snapshot_after` records it puts a snapshot of the state as of the fence record and
+/// removes the records before it. Returns the log's last sequence.
 pub(crate) async fn restore(
     context: &'static str,
     store: &Store,
     changelog: &Changelog,
+    snapshots: &Snapshots,
     own: &Ownership,
+    snapshot_after: u64,
 ) -> Result<u64, NodeError> {
     let failed = |e: String| NodeError::Other(format!("restore {context} from its changelog: {e}"));
     let started = Instant::now();
@@ -318,6 +322,29 @@ pub(crate) async fn restore(
         .clear_replicated()
         .map_err(|e| failed(e.to_string()))?;
     let mut last = 0;
+    if let Some((seq, data)) = snapshots
+        .latest(context, PARTITION)
+        .await
+        .map_err(|e| failed(e.to_string()))?
+    {
+        let changes = changes::decode(&data).map_err(|e| failed(format!("snapshot {seq}: {e}")))?;
+        store.replay(&changes).map_err(|e| failed(e.to_string()))?;
+        last = seq;
+        tracing::info!(
+            context,
+            seq,
+            bytes = data.len(),
+            "restored the partition's snapshot"
+        );
+    }
+    let first = changelog.first().await.map_err(|e| failed(e.to_string()))?;
+    if first > last + 1 {
+        return Err(failed(format!(
+            "records {} to {} are gone and no snapshot covers them",
+            last + 1,
+            first - 1
+        )));
+    }
     let mut records = 0u64;
     loop {
         for (seq, record) in changelog
@@ -349,9 +376,33 @@ pub(crate) async fn restore(
         .flush_async()
         .await
         .map_err(|e| failed(e.to_string()))?;
+    let mut since_snapshot = records;
+    if records >= snapshot_after {
+        since_snapshot = 0;
+        let mut data = Vec::new();
+        changes::encode(&store.dump().map_err(|e| failed(e.to_string()))?, &mut data);
+        snapshots
+            .put(context, PARTITION, last, &data)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        changelog
+            .remove_before(last)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        metrics::SNAPSHOTS_TAKEN.with_label_values(&[context]).inc();
+        tracing::info!(
+            context,
+            seq = last,
+            bytes = data.len(),
+            "put a snapshot and removed the records it covers"
+        );
+    }
     metrics::CHANGELOG_RESTORED
         .with_label_values(&[context])
         .inc_by(records);
+    metrics::CHANGELOG_SINCE_SNAPSHOT
+        .with_label_values(&[context])
+        .set(since_snapshot as i64);
     metrics::CHANGELOG_SEQUENCE
         .with_label_values(&[context])
         .set(last as i64);

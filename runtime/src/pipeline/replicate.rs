@@ -99,6 +99,9 @@ impl Replication {
                     metrics::CHANGELOG_SEQUENCE
                         .with_label_values(&[self.context])
                         .set(seq as i64);
+                    metrics::CHANGELOG_SINCE_SNAPSHOT
+                        .with_label_values(&[self.context])
+                        .inc();
                     return Ok(());
                 }
                 Err(e @ AppendError::Fenced { .. }) => {

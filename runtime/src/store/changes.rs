@@ -3,6 +3,8 @@
 //! the order it made them, encoded compactly; and their replay into an empty store on the
 //! node that takes a partition over.
 //!
+//! A snapshot is the same encoding of everything replicated ([`Store::dump`]).
+//!
 //! A change carries the value written, never a delta, so replaying a record twice, or a
 //! record the store already holds, leaves the store as replaying it once.
 
@@ -19,6 +21,8 @@ pub enum Change {
     Published(u64),
     /// An inbox mark: `<consumer>/<message id>` handled at this time (ms).
     Inbox(Vec<u8>, u64),
+    /// New outbox keys are at least this (in snapshots).
+    OutboxBase(u64),
 }
 
 const STATE_PUT: u8 = 1;
@@ -26,6 +30,7 @@ const STATE_REMOVE: u8 = 2;
 const OUTBOX: u8 = 3;
 const PUBLISHED: u8 = 4;
 const INBOX: u8 = 5;
+const OUTBOX_BASE: u8 = 6;
 
 /// Appends `changes` to `out`: a tag byte, then length-prefixed keys and values.
 pub fn encode(changes: &[Change], out: &mut Vec<u8>) {
@@ -58,6 +63,10 @@ pub fn encode(changes: &[Change], out: &mut Vec<u8>) {
                 bytes(out, k);
                 out.extend_from_slice(&at.to_be_bytes());
             }
+            Change::OutboxBase(base) => {
+                out.push(OUTBOX_BASE);
+                out.extend_from_slice(&base.to_be_bytes());
+            }
         }
     }
 }
@@ -68,7 +77,7 @@ pub fn encoded_len(c: &Change) -> usize {
         Change::State(k, Some(v)) => 8 + k.len() + v.len(),
         Change::State(k, None) => 4 + k.len(),
         Change::Outbox(_, v) => 12 + v.len(),
-        Change::Published(_) => 8,
+        Change::Published(_) | Change::OutboxBase(_) => 8,
         Change::Inbox(k, _) => 12 + k.len(),
     }
 }
@@ -104,6 +113,7 @@ pub fn decode(mut data: &[u8]) -> Result<Vec<Change>, String> {
             OUTBOX => Change::Outbox(u64_of(&mut data)?, bytes(&mut data)?),
             PUBLISHED => Change::Published(u64_of(&mut data)?),
             INBOX => Change::Inbox(bytes(&mut data)?, u64_of(&mut data)?),
+            OUTBOX_BASE => Change::OutboxBase(u64_of(&mut data)?),
             other => return Err(format!("unknown change tag {other}")),
         });
     }
@@ -129,6 +139,37 @@ impl Store {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(change());
         }
+    }
+
+    /// Everything a changelog replicates, as changes that rebuild it in an empty store (for
+    /// a snapshot): state, pending outbox entries, the outbox key base, inbox marks.
+    pub fn dump(&self) -> Result<Vec<Change>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.state.iter() {
+            let (k, v) = kv?;
+            out.push(Change::State(k.to_vec(), Some(v.to_vec())));
+        }
+        for kv in self.outbox.iter() {
+            let (k, v) = kv?;
+            out.push(Change::Outbox(super::outbox::decode_key(&k), v.to_vec()));
+        }
+        // Above every key this store has handed out, pending or not.
+        out.push(Change::OutboxBase(
+            self.outbox_base() + self.db.generate_id()? + 1,
+        ));
+        let inbox = self.inbox();
+        for tree in inbox.previous.iter().chain(std::iter::once(&inbox.current)) {
+            for kv in tree.iter() {
+                let (k, v) = kv?;
+                let at = v
+                    .as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .unwrap_or_default();
+                out.push(Change::Inbox(k.to_vec(), at));
+            }
+        }
+        Ok(out)
     }
 
     /// Empties what a changelog replicates (state, outbox, inbox, `meta`), before a replay
@@ -172,6 +213,7 @@ impl Store {
                 Change::Inbox(k, at) => {
                     inbox.current.insert(k.as_slice(), &at.to_be_bytes())?;
                 }
+                Change::OutboxBase(base) => top = top.max(*base),
             }
         }
         self.raise_outbox_base(top)
@@ -180,7 +222,40 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::bump;
+    use super::super::{Options, StateRead};
     use super::*;
+
+    #[test]
+    fn a_dump_rebuilds_the_store_in_an_empty_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = Options {
+            log_changes: true,
+            ..Options::with_cache(1 << 20)
+        };
+        let a = Store::open_with(&dir.path().join("a"), &options).unwrap();
+        for i in 0..3u64 {
+            a.commit(&format!("c/m{i}"), 10 + i, bump).unwrap();
+        }
+        let pending = a.outbox_pending().unwrap();
+        assert_eq!(pending.len(), 3);
+        a.outbox_published(pending[0].0);
+        a.remove_published().unwrap();
+        assert_eq!(a.take_unlogged(), vec![Change::Published(pending[0].0)]);
+
+        let b = Store::open(&dir.path().join("b"), 1 << 20).unwrap();
+        let mut data = Vec::new();
+        encode(&a.dump().unwrap(), &mut data);
+        b.replay(&decode(&data).unwrap()).unwrap();
+        assert_eq!(b.scan_prefix("").unwrap(), a.scan_prefix("").unwrap());
+        assert_eq!(b.outbox_pending().unwrap(), a.outbox_pending().unwrap());
+        assert!(b.seen("c/m1").unwrap() && !b.seen("c/m9").unwrap());
+        let handed_out = pending.iter().map(|(k, _)| *k).max().unwrap();
+        assert!(
+            b.outbox_base() > handed_out,
+            "new keys above every key handed out"
+        );
+    }
 
     #[test]
     fn changes_round_trip_and_garbage_is_refused() {
@@ -190,6 +265,7 @@ mod tests {
             Change::Outbox(7, b"{\"x\":1}".to_vec()),
             Change::Published(3),
             Change::Inbox(b"c/m1".to_vec(), 42),
+            Change::OutboxBase(9),
         ];
         let mut data = Vec::new();
         encode(&changes, &mut data);

@@ -90,7 +90,7 @@ impl Store {
     }
 }
 
-fn decode_key(k: &[u8]) -> u64 {
+pub(super) fn decode_key(k: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&k[..8]);
     u64::from_be_bytes(b)

@@ -264,6 +264,24 @@ pub static CHANGELOG_RESTORED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Records a takeover would replay after the newest snapshot.
+pub static CHANGELOG_SINCE_SNAPSHOT: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "choreo_changelog_records_since_snapshot",
+        "Changelog records after the partition's newest snapshot (what the next takeover replays), as the owner counts them.",
+        &["context"],
+    )
+});
+
+/// Snapshots put when taking a partition.
+pub static SNAPSHOTS_TAKEN: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "choreo_snapshots_total",
+        "Snapshots of the partition put in the object store by this node when it took the partition (after replaying at least ownership.snapshot_after records); the records they cover are removed from the changelog.",
+        &["context"],
+    )
+});
+
 /// Saga deadlines fired.
 pub static SAGA_DEADLINES_FIRED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
@@ -511,6 +529,8 @@ pub fn init() {
     LazyLock::force(&CHANGELOG_SEQUENCE);
     LazyLock::force(&TAKEOVER_SECONDS);
     LazyLock::force(&CHANGELOG_RESTORED);
+    LazyLock::force(&SNAPSHOTS_TAKEN);
+    LazyLock::force(&CHANGELOG_SINCE_SNAPSHOT);
     LazyLock::force(&BREAKER_STATE);
     LazyLock::force(&BREAKER_TRANSITIONS);
     LazyLock::force(&BULKHEAD_IN_USE);

@@ -127,6 +127,33 @@ impl Changelog {
         }
     }
 
+    /// Removes the partition's records before `seq` (a snapshot covers them; the record
+    /// `seq` stays, so that the next append still names the last one).
+    pub async fn remove_before(&self, seq: u64) -> Result<(), BusError> {
+        let stream = self.stream_handle().await?;
+        stream
+            .purge()
+            .filter(&self.subject)
+            .sequence(seq)
+            .await
+            .map(|_| ())
+            .map_err(|e| js_err("remove records a snapshot covers", e))
+    }
+
+    /// The sequence of the partition's first record still stored (0: none).
+    pub async fn first(&self) -> Result<u64, BusError> {
+        let mut stream = self.stream_handle().await?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| js_err("read the changelog stream", e))?;
+        Ok(if info.state.messages == 0 {
+            0
+        } else {
+            info.state.first_sequence
+        })
+    }
+
     /// Every record after sequence `after`, in order, up to the last one at the time of the
     /// call: `(sequence, record)`.
     pub async fn read_after(&self, after: u64) -> Result<Vec<(u64, Bytes)>, BusError> {
@@ -176,5 +203,115 @@ fn js_err(what: &str, e: impl std::fmt::Display) -> BusError {
     BusError::JetStream {
         what: what.into(),
         message: e.to_string(),
+    }
+}
+
+/// The snapshots of a namespace's partitions, in the JetStream object store
+/// `<NS>_SNAPSHOTS`: one object per snapshot, `<ctx>.p<n>.<sequence>`, holding the
+/// partition's state as of that changelog sequence (the store encodes it). A new one is put
+/// before older ones and the records it covers are removed, so a reader always finds a
+/// snapshot and every record after it; the highest sequence wins, so an older snapshot put
+/// late (by a fenced node) never hides a newer one.
+#[derive(Clone)]
+pub struct Snapshots {
+    store: jetstream::object_store::ObjectStore,
+}
+
+impl Snapshots {
+    /// Creates the bucket (or binds to it).
+    pub async fn open(bus: &Bus, replicas: usize) -> Result<Self, BusError> {
+        let bucket = subjects::snapshot_bucket();
+        let store = match bus.js.get_object_store(&bucket).await {
+            Ok(store) => store,
+            Err(_) => bus
+                .js
+                .create_object_store(jetstream::object_store::Config {
+                    bucket,
+                    description: Some("choreo partition snapshots".into()),
+                    num_replicas: replicas,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| js_err("create the snapshot bucket", e))?,
+        };
+        Ok(Snapshots { store })
+    }
+
+    fn prefix(context: &str, partition: u32) -> String {
+        format!("{context}.p{partition}.")
+    }
+
+    /// The sequences of the partition's snapshots, highest first.
+    async fn sequences(&self, context: &str, partition: u32) -> Result<Vec<u64>, BusError> {
+        let prefix = Self::prefix(context, partition);
+        let mut list = self
+            .store
+            .list()
+            .await
+            .map_err(|e| js_err("list snapshots", e))?;
+        let mut out = Vec::new();
+        while let Some(info) = list.next().await {
+            let info = info.map_err(|e| js_err("list snapshots", e))?;
+            if info.deleted {
+                continue;
+            }
+            if let Some(seq) = info
+                .name
+                .strip_prefix(&prefix)
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                out.push(seq);
+            }
+        }
+        out.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(out)
+    }
+
+    /// The partition's newest snapshot: its sequence and content.
+    pub async fn latest(
+        &self,
+        context: &str,
+        partition: u32,
+    ) -> Result<Option<(u64, Vec<u8>)>, BusError> {
+        use tokio::io::AsyncReadExt;
+        let Some(seq) = self.sequences(context, partition).await?.first().copied() else {
+            return Ok(None);
+        };
+        let name = format!("{}{seq}", Self::prefix(context, partition));
+        let mut object = self
+            .store
+            .get(&name)
+            .await
+            .map_err(|e| js_err("read a snapshot", e))?;
+        let mut data = Vec::new();
+        object
+            .read_to_end(&mut data)
+            .await
+            .map_err(|e| js_err("read a snapshot", e))?;
+        Ok(Some((seq, data)))
+    }
+
+    /// Puts the partition's snapshot as of `seq`, then removes its older ones.
+    pub async fn put(
+        &self,
+        context: &str,
+        partition: u32,
+        seq: u64,
+        data: &[u8],
+    ) -> Result<(), BusError> {
+        let name = format!("{}{seq}", Self::prefix(context, partition));
+        let mut reader = data;
+        self.store
+            .put(name.as_str(), &mut reader)
+            .await
+            .map_err(|e| js_err("put a snapshot", e))?;
+        for older in self.sequences(context, partition).await? {
+            if older < seq {
+                let name = format!("{}{older}", Self::prefix(context, partition));
+                let _ = self.store.delete(&name).await;
+            }
+        }
+        Ok(())
     }
 }

@@ -12,7 +12,8 @@
 //!
 //! The stream `<NS>_<CTX>` (`CHOREO_ORDERS`) stores `evt.>` and `cmd.>` of one context;
 //! `<NS>_<CTX>_CHANGELOG` its changelog; `<NS>_DLQ` stores dead letters; the key-value bucket
-//! `<NS>_LEASES` holds who owns each partition. Rights can therefore be granted per prefix.
+//! `<NS>_LEASES` holds who owns each partition and the object store `<NS>_SNAPSHOTS` the
+//! partitions' snapshots. Rights can therefore be granted per prefix.
 //!
 //! The namespace is one per process (a process belongs to one application), set once
 //! before the first subject is made ([`set_namespace`]).
@@ -140,6 +141,11 @@ pub fn dead_letter_context(subject: &str) -> &str {
 /// registrations) of this namespace.
 pub fn lease_bucket() -> String {
     format!("{}LEASES", stream_prefix())
+}
+
+/// Name of the JetStream object store holding the partitions' snapshots.
+pub fn snapshot_bucket() -> String {
+    format!("{}SNAPSHOTS", stream_prefix())
 }
 
 /// The lease key of one partition of `context` in [`lease_bucket`]: `orders.p0`.
