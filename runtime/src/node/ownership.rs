@@ -218,9 +218,6 @@ pub(crate) async fn acquire(
         renewed_at_ms: now_ms(),
         metrics: metrics_addr.to_string(),
     };
-    metrics::PARTITION_OWNED
-        .with_label_values(&[context, &partition])
-        .set(0);
     let mut last_seen: Option<Holder> = None;
     let mut standing_by = false;
     loop {
@@ -264,8 +261,12 @@ pub(crate) async fn acquire(
                     last_seen = Some(other);
                 }
                 standing_by = true;
-                if let Err(e) = leases.stand_by(&key, &holder).await {
-                    tracing::warn!(context, error = %e, "could not register as standby");
+                // Registered first, so whoever sees the gauge at 0 finds the registration.
+                match leases.stand_by(&key, &holder).await {
+                    Ok(()) => metrics::PARTITION_OWNED
+                        .with_label_values(&[context, &partition])
+                        .set(0),
+                    Err(e) => tracing::warn!(context, error = %e, "could not register as standby"),
                 }
                 (None, "")
             }
