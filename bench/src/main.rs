@@ -55,6 +55,10 @@ struct Cli {
     /// nats-servers: 1, or 3 (a cluster on loopback, everything replicated three times).
     #[arg(long, default_value_t = 1, value_parser = servers)]
     servers: usize,
+    /// A node config file for every node (TOML; with `--servers 3`, `[stream] replicas = 3`
+    /// is added unless it sets `[stream]` itself).
+    #[arg(long)]
+    node_config: Option<PathBuf>,
 }
 
 fn servers(s: &str) -> Result<usize, String> {
@@ -98,6 +102,11 @@ impl Cli {
             settle: !self.no_settle,
             nodes,
             servers: self.servers,
+            node_config: self
+                .node_config
+                .map(std::fs::read_to_string)
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }

@@ -44,6 +44,8 @@ pub struct BenchConfig {
     pub nodes: Vec<String>,
     /// nats-servers: 1, or 3 in a cluster with everything replicated three times.
     pub servers: usize,
+    /// Node config (TOML) for every node; empty: the defaults.
+    pub node_config: String,
 }
 
 fn clk_tck() -> f64 {
@@ -163,12 +165,16 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
     };
     for &sync in &cfg.sync_modes {
         let sync_name = if sync { "always" } else { "default" };
-        let node_config = if cfg.servers > 1 {
-            let path = cfg.dir.join("node-cluster.toml");
-            std::fs::write(&path, format!("[stream]\nreplicas = {}\n", cfg.servers))?;
-            Some(path)
-        } else {
+        let mut config = cfg.node_config.clone();
+        if cfg.servers > 1 && !config.contains("[stream]") {
+            config.push_str(&format!("\n[stream]\nreplicas = {}\n", cfg.servers));
+        }
+        let node_config = if config.trim().is_empty() {
             None
+        } else {
+            let path = cfg.dir.join("node.toml");
+            std::fs::write(&path, &config)?;
+            Some(path)
         };
         let shop = Shop::start(ShopOptions {
             sync_always: sync,

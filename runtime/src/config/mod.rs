@@ -214,6 +214,11 @@ pub struct OwnershipConfig {
     /// puts a snapshot of the state in `<NS>_SNAPSHOTS` and removes the records it covers,
     /// so the next takeover replays the snapshot and what came after it.
     pub snapshot_after: u64,
+    /// `true`: a flush is made durable on the local disk (sled flush and fsync) before it
+    /// is appended to the changelog and acked. `false`: the changelog append alone is the
+    /// durable record (meant for R3 on a cluster; on one server with its default sync
+    /// interval an acked message then waits in two page caches). See bench/PROFILE.md.
+    pub local_sync: bool,
 }
 
 impl Default for OwnershipConfig {
@@ -222,6 +227,7 @@ impl Default for OwnershipConfig {
             enabled: true,
             lease_ttl: Duration::from_secs(5),
             snapshot_after: 10_000,
+            local_sync: true,
         }
     }
 }
@@ -452,6 +458,13 @@ impl NodeConfig {
                 self.stream.replicas
             ));
         }
+        if !self.ownership.local_sync && !self.ownership.enabled {
+            return bad(
+                "ownership.local_sync = false needs ownership.enabled: without the changelog \
+                 the local fsync is the only durable record"
+                    .into(),
+            );
+        }
         if self.ownership.lease_ttl < Duration::from_secs(1) {
             return bad(format!(
                 "ownership.lease_ttl must be at least 1s, got {}",
@@ -550,6 +563,15 @@ mod tests {
         let mut c = valid();
         c.metrics_addr = "nowhere".into();
         assert!(c.validate(KNOWN).is_err());
+        let mut c = valid();
+        c.stream.replicas = 2;
+        assert!(refusal(&c).contains("stream.replicas must be 1, 3 or 5"));
+        let mut c = valid();
+        c.ownership.lease_ttl = Duration::from_millis(500);
+        assert!(refusal(&c).contains("ownership.lease_ttl must be at least 1s"));
+        let mut c = valid();
+        (c.ownership.enabled, c.ownership.local_sync) = (false, false);
+        assert!(refusal(&c).contains("local_sync = false needs ownership.enabled"));
     }
 
     #[test]

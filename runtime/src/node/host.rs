@@ -378,6 +378,7 @@ fn relay_options(shared: &Shared, hooks: Vec<crate::component::PublishedHook>) -
 )]
 fn commit_options(shared: &Shared, replication: Option<Replication>) -> CommitOptions {
     CommitOptions {
+        skip_local_sync: !shared.cfg.ownership.local_sync,
         replication,
         #[cfg(feature = "faults")]
         faults: Some(shared.faults.clone()),

@@ -64,6 +64,9 @@ struct Job {
 pub struct CommitOptions {
     /// The partition's changelog, for a node that owns it with replication on.
     pub replication: Option<super::replicate::Replication>,
+    /// With a changelog: skip the local flush and fsync before the answers
+    /// (`[ownership] local_sync = false`).
+    pub skip_local_sync: bool,
     /// Rules at the `store_flush` point (stall, fail or crash a flush).
     #[cfg(feature = "faults")]
     pub faults: Option<Arc<crate::faults::Faults>>,
@@ -113,6 +116,7 @@ impl GroupCommit {
             #[cfg(feature = "faults")]
             faults: options.faults.clone(),
             mark: flushing.clone(),
+            local_sync: !(options.skip_local_sync && options.replication.is_some()),
             replication: options.replication,
         };
         std::thread::Builder::new()

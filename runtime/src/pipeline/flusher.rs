@@ -98,6 +98,9 @@ pub(super) struct Flusher {
     pub(super) mark: Arc<FlushMark>,
     /// The changelog the batches go to before they are answered (an owned partition).
     pub(super) replication: Option<super::replicate::Replication>,
+    /// `false` (only with a changelog): no local flush and fsync before the answers; the
+    /// changelog append is the durable record.
+    pub(super) local_sync: bool,
 }
 
 impl Flusher {
@@ -105,6 +108,9 @@ impl Flusher {
     /// before it (a crash aborts, a delay stalls the flush, an error fails it as a full disk
     /// would).
     fn flush(&self) -> Result<(), String> {
+        if !self.local_sync {
+            return Ok(());
+        }
         self.mark.begin();
         let result = self.flush_unless_injected();
         self.mark.end();
