@@ -109,9 +109,14 @@ impl Ownership {
                 return;
             }
             let sent = Instant::now();
+            // A slow answer is waited for (up to the TTL, when the lease is gone anyway): a
+            // renewal abandoned early may still land, and the next one, at the revision
+            // before it, would be refused as if another node had taken the lease. The
+            // deadline is kept by `valid`, which the flusher checks on its own.
             let renewed = {
                 let mut held = self.held.lock().await;
-                tokio::time::timeout(every, self.leases.renew(&mut held, now_ms())).await
+                let ttl = self.leases.ttl;
+                tokio::time::timeout(ttl, self.leases.renew(&mut held, now_ms())).await
             };
             match renewed {
                 Ok(Ok(())) => self.extend(sent),
