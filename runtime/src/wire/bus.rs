@@ -37,7 +37,7 @@ fn not_answered(e: &jetstream::context::CreateStreamError) -> bool {
     )
 }
 
-fn js_err(what: impl Into<String>, e: impl std::fmt::Display) -> BusError {
+pub(super) fn js_err(what: impl Into<String>, e: impl std::fmt::Display) -> BusError {
     BusError::JetStream {
         what: what.into(),
         message: e.to_string(),

@@ -13,7 +13,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::bus::{Bus, BusError, StreamSpec};
+use super::bus::{js_err, Bus, BusError, StreamSpec};
 use super::subjects;
 
 /// The header naming the fencing epoch of the owner that appended a record.
@@ -196,13 +196,6 @@ impl Changelog {
             .get_stream(&self.stream)
             .await
             .map_err(|e| js_err("open the changelog stream", e))
-    }
-}
-
-fn js_err(what: &str, e: impl std::fmt::Display) -> BusError {
-    BusError::JetStream {
-        what: what.into(),
-        message: e.to_string(),
     }
 }
 

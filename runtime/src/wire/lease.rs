@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::bus::{Bus, BusError};
+use super::bus::{js_err, Bus, BusError};
 use super::subjects;
 
 /// What a lease key holds.
@@ -94,22 +94,11 @@ impl Leases {
     }
 
     /// Tries to take the lease `key` for `holder` (its `epoch` is set to the revision).
-    pub async fn acquire(&self, key: &str, mut holder: Holder) -> Result<Acquired, BusError> {
+    pub async fn acquire(&self, key: &str, holder: Holder) -> Result<Acquired, BusError> {
         match self.kv.create(key, encode(&holder)).await {
-            Ok(revision) => {
-                holder.epoch = revision;
-                // The epoch goes into the value at once (a CAS on the revision just made).
-                let revision = self
-                    .kv
-                    .update(key, encode(&holder), revision)
-                    .await
-                    .map_err(|e| js_err("write the lease's epoch", e))?;
-                Ok(Acquired::Held(Held {
-                    key: key.to_string(),
-                    revision,
-                    holder,
-                }))
-            }
+            Ok(revision) => Ok(Acquired::Held(
+                self.stamp_epoch(key, holder, revision).await?,
+            )),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 Ok(Acquired::Taken(self.entry(key).await.ok().flatten()))
             }
@@ -122,26 +111,35 @@ impl Leases {
     pub async fn take_over(
         &self,
         key: &str,
-        mut holder: Holder,
+        holder: Holder,
         revision: u64,
     ) -> Result<Option<Held>, BusError> {
         match self.kv.update(key, encode(&holder), revision).await {
-            Ok(revision) => {
-                holder.epoch = revision;
-                let revision = self
-                    .kv
-                    .update(key, encode(&holder), revision)
-                    .await
-                    .map_err(|e| js_err("write the lease's epoch", e))?;
-                Ok(Some(Held {
-                    key: key.to_string(),
-                    revision,
-                    holder,
-                }))
-            }
+            Ok(revision) => Ok(Some(self.stamp_epoch(key, holder, revision).await?)),
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
             Err(e) => Err(js_err("take over a lease", e)),
         }
+    }
+
+    /// Writes the revision at which the lease was just taken into its value as the epoch (a
+    /// compare-and-swap on that revision).
+    async fn stamp_epoch(
+        &self,
+        key: &str,
+        mut holder: Holder,
+        taken_at: u64,
+    ) -> Result<Held, BusError> {
+        holder.epoch = taken_at;
+        let revision = self
+            .kv
+            .update(key, encode(&holder), taken_at)
+            .await
+            .map_err(|e| js_err("write the lease's epoch", e))?;
+        Ok(Held {
+            key: key.to_string(),
+            revision,
+            holder,
+        })
     }
 
     /// Renews `held` (compare-and-swap on its revision). An error means the lease may be
@@ -243,11 +241,4 @@ pub fn key_safe(node: &str) -> String {
 
 fn encode(holder: &Holder) -> Bytes {
     Bytes::from(serde_json::to_vec(holder).expect("a holder serializes"))
-}
-
-fn js_err(what: &str, e: impl std::fmt::Display) -> BusError {
-    BusError::JetStream {
-        what: what.into(),
-        message: e.to_string(),
-    }
 }
