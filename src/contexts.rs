@@ -30,7 +30,10 @@ pub fn build(name: &str, cfg: &NodeConfig) -> Result<Arc<dyn Context>, String> {
         "orders" => ContextBuilder::new("orders")
             .components(orders::components())
             .queries(orders::QUERIES, orders::query)
-            .saga(sagas::order_fulfilment(&cfg.sagas)?),
+            .saga(sagas::order_fulfilment(&cfg.sagas)?)
+            .sends(inventory::CONTEXT, &["CommitStock", "ReleaseStock"])
+            .sends(payments::CONTEXT, &["CapturePayment", "CancelPayment"])
+            .sends(shipping::CONTEXT, &["ShipOrder", "CancelShipment"]),
         "inventory" => ContextBuilder::new("inventory")
             .components(inventory::components())
             .queries(inventory::QUERIES, inventory::query),

@@ -4,12 +4,11 @@
 //! and prints a summary. Ctrl-C stops everything cleanly.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use crate::contexts::KNOWN;
 use crate::load::{self, LoadConfig};
 use crate::shop::{Shop, ShopOptions};
-use crate::{client, verify};
+use crate::verify;
 
 #[derive(Debug, Clone)]
 pub struct DemoConfig {
@@ -20,6 +19,8 @@ pub struct DemoConfig {
     pub keep_running: bool,
     /// Three nats-servers in a cluster, everything replicated three times.
     pub cluster: bool,
+    /// Per-process NATS identities, rights and TLS (see `ShopOptions::secure`).
+    pub secure: bool,
     pub load: LoadConfig,
 }
 
@@ -48,9 +49,20 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<bool> {
         sync_always: cfg.sync_always,
         servers: if cfg.cluster { 3 } else { 1 },
         node_config,
+        secure: cfg.secure,
         ..ShopOptions::new(cfg.dir.clone())
     })
     .await?;
+    match &shop.auth {
+        Some(a) => println!(
+            "secured: an nkey per context with only the rights its code needs, TLS (CA {}); rights in {}",
+            a.ca.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            a.conf.display()
+        ),
+        None => println!(
+            "INSECURE (--insecure): no identities, no rights, no TLS; any process on the bus may publish anything"
+        ),
+    }
     println!(
         "nats-server {} (JetStream store {}, sync_interval {}{})",
         shop.nats.url,
@@ -82,7 +94,7 @@ pub async fn run(cfg: DemoConfig) -> anyhow::Result<bool> {
             n.metrics_addr
         );
     }
-    let bus = client::connect(&shop.nats.url, Duration::from_secs(10)).await?;
+    let bus = shop.operator().await?;
     let c = &cfg.load;
     println!(
         "placing {} orders ({}; {}% out of stock, {}% declined, {}% undeliverable)",

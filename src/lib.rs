@@ -2,6 +2,7 @@
 //! start-up, simulators, load, verify, demo). `src/main.rs` is only the command line; the
 //! benchmark is the `choreo-bench` package in `bench/`, built on this library.
 
+pub mod auth;
 pub mod business;
 pub mod client;
 pub mod contexts;

@@ -96,6 +96,11 @@ enum Cmd {
         #[command(subcommand)]
         command: ClusterCmd,
     },
+    /// NATS identities and their rights, derived from the code (docs/security.md).
+    Auth {
+        #[command(subcommand)]
+        command: AuthCmd,
+    },
     /// Streams: how full each is, how far each durable consumer has got, messages removed
     /// before a consumer acked them; exits 1 if a consumer may have missed messages.
     Streams {
@@ -139,6 +144,29 @@ enum ClusterCmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuthCmd {
+    /// Writes an nkey seed per context (all of its nodes share it), for the operator
+    /// (`choreo` commands), client applications and the simulators, keeping those already
+    /// there, and `auth.conf`: a nats-server authorization block (include it in the
+    /// server's config) granting each identity only what its code needs.
+    Gen {
+        /// Directory for the seeds and auth.conf (keep it out of version control).
+        #[arg(long, default_value = ".choreo/auth")]
+        out: PathBuf,
+        /// Contexts to make identities for, comma-separated, or `all`.
+        #[arg(long, default_value = "all")]
+        contexts: String,
+        /// Also a CA and a server certificate for 127.0.0.1 and localhost, and a `tls`
+        /// block in auth.conf (clients then need CHOREO_NATS_CA=<out>/ca.pem).
+        #[arg(long)]
+        tls: bool,
+        /// The application's namespace (subject and stream prefix).
+        #[arg(long, env = "CHOREO_NAMESPACE", default_value = "choreo")]
+        namespace: String,
     },
 }
 
@@ -442,6 +470,10 @@ struct DemoArgs {
     /// changelog and the lease bucket replicated three times (R3).
     #[arg(long, conflicts_with = "port")]
     cluster: bool,
+    /// No identities, no rights, no TLS: every process may publish anything (by default
+    /// each has its own nkey and only the rights its code needs, over TLS).
+    #[arg(long)]
+    insecure: bool,
     #[command(flatten)]
     shape: LoadShape,
 }
@@ -677,6 +709,49 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(partitions.iter().all(|p| p.owner.is_some()))
         }),
+        Cmd::Auth {
+            command:
+                AuthCmd::Gen {
+                    out,
+                    contexts,
+                    tls,
+                    namespace,
+                },
+        } => {
+            runtime::wire::subjects::set_namespace(&namespace).map_err(anyhow::Error::msg)?;
+            let cfg = runtime::config::NodeConfig::default();
+            let built = contexts::expand(&contexts)
+                .iter()
+                .map(|c| Ok(vec![contexts::build(c, &cfg).map_err(anyhow::Error::msg)?]))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let g = choreo::auth::generate(&out, &built, tls)?;
+            println!(
+                "wrote {} (include it in nats-server.conf) and a seed per identity:",
+                g.conf.display()
+            );
+            for c in built.iter().flatten() {
+                let seed = choreo::auth::seed_path(&out, c.name());
+                println!(
+                    "  CHOREO_NATS_SEED={} choreo node --context {}",
+                    seed.display(),
+                    c.name()
+                );
+            }
+            for who in [
+                choreo::auth::OPERATOR,
+                choreo::auth::CLIENT,
+                choreo::auth::SIM,
+            ] {
+                println!("  {who}: {}", choreo::auth::seed_path(&out, who).display());
+            }
+            if let Some(ca) = &g.ca {
+                println!(
+                    "TLS: every process also needs CHOREO_NATS_CA={}",
+                    ca.display()
+                );
+            }
+            Ok(true)
+        }
         Cmd::Contexts { nats, json } => tokio_rt()?.block_on(async {
             let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
             let found = runtime::client::discover(&bus, Duration::from_secs(1)).await?;
@@ -740,6 +815,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 sync_always: a.sync_always,
                 keep_running: a.keep_running,
                 cluster: a.cluster,
+                secure: !a.insecure,
                 load: a.shape.config()?,
             };
             tokio_rt()?.block_on(choreo::demo::run(cfg))

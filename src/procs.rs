@@ -288,6 +288,8 @@ pub struct NatsServer {
     bin: PathBuf,
     sync_always: bool,
     cluster: Option<ClusterSpec>,
+    /// Config appended to the server's (authorization and TLS, from `choreo auth gen`).
+    extra: Option<PathBuf>,
 }
 
 /// A server's place in a cluster on loopback.
@@ -305,16 +307,28 @@ impl NatsServer {
     /// Starts nats-server on `port` (a free one if `None`) with JetStream in `dir/jetstream`.
     /// `sync_always`: fsync every write (see `config/nats-server.conf`).
     pub fn start(dir: &Path, port: Option<u16>, sync_always: bool) -> anyhow::Result<NatsServer> {
+        Self::start_with(dir, port, sync_always, None)
+    }
+
+    /// [`NatsServer::start`] with the config in `extra` appended to the server's (an
+    /// `auth.conf` of `choreo auth gen`: authorization, TLS).
+    pub fn start_with(
+        dir: &Path,
+        port: Option<u16>,
+        sync_always: bool,
+        extra: Option<&Path>,
+    ) -> anyhow::Result<NatsServer> {
         let bin = find_nats_server()?;
         let port = port.unwrap_or_else(free_port);
         let mut s = NatsServer {
-            proc: Self::launch(&bin, dir, port, sync_always, None)?,
+            proc: Self::launch(&bin, dir, port, sync_always, None, extra)?,
             port,
             url: format!("nats://127.0.0.1:{port}"),
             dir: dir.to_path_buf(),
             bin,
             sync_always,
             cluster: None,
+            extra: extra.map(Path::to_path_buf),
         };
         s.wait_listening(Duration::from_secs(15))?;
         Ok(s)
@@ -327,6 +341,7 @@ impl NatsServer {
         dir: &Path,
         n: usize,
         sync_always: bool,
+        extra: Option<&Path>,
     ) -> anyhow::Result<Vec<NatsServer>> {
         let bin = find_nats_server()?;
         let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
@@ -340,13 +355,14 @@ impl NatsServer {
             };
             let dir = dir.join(&spec.name);
             servers.push(NatsServer {
-                proc: Self::launch(&bin, &dir, port, sync_always, Some(&spec))?,
+                proc: Self::launch(&bin, &dir, port, sync_always, Some(&spec), extra)?,
                 port,
                 url: format!("nats://127.0.0.1:{port}"),
                 dir,
                 bin: bin.clone(),
                 sync_always,
                 cluster: Some(spec),
+                extra: extra.map(Path::to_path_buf),
             });
         }
         for s in &mut servers {
@@ -368,6 +384,7 @@ impl NatsServer {
         port: u16,
         sync_always: bool,
         cluster: Option<&ClusterSpec>,
+        extra: Option<&Path>,
     ) -> anyhow::Result<Proc> {
         std::fs::create_dir_all(dir)?;
         let conf = dir.join("nats-server.conf");
@@ -394,6 +411,9 @@ impl NatsServer {
                 c.route_port,
                 routes.join(", ")
             ));
+        }
+        if let Some(extra) = extra {
+            text.push_str(&std::fs::read_to_string(extra)?);
         }
         std::fs::write(&conf, text)?;
         Proc::spawn(
@@ -428,6 +448,7 @@ impl NatsServer {
             self.port,
             self.sync_always,
             self.cluster.as_ref(),
+            self.extra.as_deref(),
         )?;
         self.wait_listening(Duration::from_secs(15))
     }

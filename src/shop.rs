@@ -29,6 +29,9 @@ pub struct ShopOptions {
     /// Servers of the NATS cluster (1: a single server, no cluster; 3: a cluster of three on
     /// loopback, every node given every server).
     pub servers: usize,
+    /// Every process with an identity of its own and only the rights its code needs, over
+    /// TLS (`choreo auth gen --tls` into `auth/`); `false`: anonymous and plaintext.
+    pub secure: bool,
 }
 
 impl ShopOptions {
@@ -42,6 +45,7 @@ impl ShopOptions {
             sim: Some(vec![]),
             node_config: None,
             servers: 1,
+            secure: true,
         }
     }
 }
@@ -62,6 +66,7 @@ impl Node {
         data: &Path,
         log: &Path,
         config: Option<&Path>,
+        env: &[(String, String)],
     ) -> anyhow::Result<Node> {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let data = data.display().to_string();
@@ -83,7 +88,8 @@ impl Node {
             args.push("--config".into());
             args.push(c.display().to_string());
         }
-        let proc = Proc::spawn(ctx, &exe()?, &args, log, &[])?;
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let proc = Proc::spawn(ctx, &exe()?, &args, log, &env)?;
         Ok(Node {
             context: ctx.to_string(),
             proc,
@@ -103,21 +109,54 @@ pub struct Shop {
     pub opts: ShopOptions,
     /// NATS URL a context's node uses instead of the server's (e.g. through a proxy).
     pub node_nats: std::collections::HashMap<String, String>,
+    /// The identities and TLS files, when secure.
+    pub auth: Option<crate::auth::Generated>,
 }
 
 impl Shop {
     /// Starts everything and waits until every started context answers queries.
     pub async fn start(opts: ShopOptions) -> anyhow::Result<Shop> {
-        for sub in ["nats", "data", "logs"] {
+        for sub in ["nats", "data", "logs", "auth"] {
             let _ = std::fs::remove_dir_all(opts.dir.join(sub));
         }
+        let auth = if opts.secure {
+            // Every context (one may be added later), and each node hosting several.
+            let cfg = runtime::config::NodeConfig::default();
+            let mut specs: Vec<Vec<String>> = crate::contexts::all()
+                .into_iter()
+                .map(|c| vec![c])
+                .collect();
+            for spec in &opts.contexts {
+                let names = crate::contexts::expand(spec);
+                if !specs.contains(&names) {
+                    specs.push(names);
+                }
+            }
+            let groups = specs
+                .iter()
+                .map(|names| {
+                    names
+                        .iter()
+                        .map(|c| crate::contexts::build(c, &cfg).map_err(anyhow::Error::msg))
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Some(crate::auth::generate(
+                &opts.dir.join("auth"),
+                &groups,
+                true,
+            )?)
+        } else {
+            None
+        };
         let (nats_dir, port, sync) = (opts.dir.join("nats"), opts.port, opts.sync_always);
         let n = opts.servers;
+        let extra = auth.as_ref().map(|a| a.conf.clone());
         let mut servers = tokio::task::spawn_blocking(move || {
             if n > 1 {
-                NatsServer::start_cluster(&nats_dir, n, sync)
+                NatsServer::start_cluster(&nats_dir, n, sync, extra.as_deref())
             } else {
-                NatsServer::start(&nats_dir, port, sync).map(|s| vec![s])
+                NatsServer::start_with(&nats_dir, port, sync, extra.as_deref()).map(|s| vec![s])
             }
         })
         .await??;
@@ -129,6 +168,7 @@ impl Shop {
             sim: None,
             opts,
             node_nats: Default::default(),
+            auth,
         };
         for ctx in shop.opts.contexts.clone() {
             let node = shop.spawn_node(&ctx)?;
@@ -137,12 +177,15 @@ impl Shop {
         if let Some(extra) = shop.opts.sim.clone() {
             let mut args = vec!["sim".to_string(), "--nats".into(), shop.nats.url.clone()];
             args.extend(extra);
+            let env = shop.env(crate::auth::SIM);
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             shop.sim = Some(Proc::spawn(
                 "sim",
                 &exe()?,
                 &args,
                 &shop.opts.dir.join("logs/sim.log"),
-                &[],
+                &env,
             )?);
         }
         shop.wait_ready(Duration::from_secs(60)).await?;
@@ -158,12 +201,38 @@ impl Shop {
             &self.opts.dir.join("data"),
             &log,
             self.opts.node_config.as_deref(),
+            &self.node_env(ctx),
         )
+    }
+
+    /// The environment of a node for `spec` (a context or a list): its identity's seed and
+    /// the CA, when secure.
+    fn node_env(&self, spec: &str) -> Vec<(String, String)> {
+        let names = crate::contexts::expand(spec);
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.env(&crate::auth::node_identity(&names))
+    }
+
+    /// The environment of a process of identity `who` (a context, `operator`, `client`,
+    /// `sim`): empty when the shop is not secure.
+    pub fn env(&self, who: &str) -> Vec<(String, String)> {
+        self.auth.as_ref().map(|a| a.env(who)).unwrap_or_default()
+    }
+
+    /// How identity `who` connects (anonymous when the shop is not secure).
+    pub fn auth(&self, who: &str) -> runtime::wire::identity::NatsAuth {
+        self.auth.as_ref().map(|a| a.auth(who)).unwrap_or_default()
+    }
+
+    /// A connection as the operator (every right), for inspection and tests.
+    pub async fn operator(&self) -> anyhow::Result<runtime::wire::bus::Bus> {
+        let auth = self.auth(crate::auth::OPERATOR);
+        Ok(runtime::client::connect_as(&self.nats.url, Duration::from_secs(10), auth).await?)
     }
 
     /// Waits until every started context answers, failing early if a node exited.
     pub async fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let bus = client::connect(&self.nats.url, Duration::from_secs(10)).await?;
+        let bus = self.operator().await?;
         let contexts: Vec<String> = self
             .opts
             .contexts
@@ -270,6 +339,7 @@ impl Shop {
             &self.opts.dir.join(format!("data-{name}")),
             &self.logs().join(format!("{name}.log")),
             self.opts.node_config.as_deref(),
+            &self.node_env(ctx),
         )
     }
 
@@ -301,8 +371,25 @@ impl Shop {
             let _ = s.proc.terminate(Duration::from_secs(10));
         }
         let _ = self.nats.proc.terminate(Duration::from_secs(10));
+        problems.extend(self.violations().into_iter().take(5));
         anyhow::ensure!(problems.is_empty(), "unclean stop: {}", problems.join("; "));
         Ok(())
+    }
+
+    /// The permission violations the servers logged (`... - Publish Violation - Subject
+    /// "..."`): none in a shop whose rights match its code.
+    pub fn violations(&self) -> Vec<String> {
+        std::iter::once(&self.nats)
+            .chain(&self.peers)
+            .flat_map(|s| {
+                std::fs::read_to_string(s.dir.join("nats-server.log"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains(" Violation - "))
+                    .map(|l| format!("nats-server: {}", l.trim()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 }
 

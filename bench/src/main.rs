@@ -59,6 +59,10 @@ struct Cli {
     /// is added unless it sets `[stream]` itself).
     #[arg(long)]
     node_config: Option<PathBuf>,
+    /// No NATS identities, rights or TLS (by default the shop runs secured, as `choreo
+    /// demo` does); to measure what security costs.
+    #[arg(long)]
+    insecure: bool,
 }
 
 fn servers(s: &str) -> Result<usize, String> {
@@ -107,6 +111,7 @@ impl Cli {
                 .map(std::fs::read_to_string)
                 .transpose()?
                 .unwrap_or_default(),
+            secure: !self.insecure,
         })
     }
 }

@@ -46,6 +46,8 @@ pub struct BenchConfig {
     pub servers: usize,
     /// Node config (TOML) for every node; empty: the defaults.
     pub node_config: String,
+    /// Per-process NATS identities, rights and TLS (the default), or none.
+    pub secure: bool,
 }
 
 fn clk_tck() -> f64 {
@@ -181,10 +183,11 @@ pub async fn run(cfg: &BenchConfig, mut progress: impl FnMut(&str)) -> anyhow::R
             contexts: cfg.nodes.clone(),
             servers: cfg.servers,
             node_config,
+            secure: cfg.secure,
             ..ShopOptions::new(cfg.dir.join(sync_name))
         })
         .await?;
-        let bus = choreo::client::connect(&shop.nats.url, Duration::from_secs(10)).await?;
+        let bus = shop.operator().await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let procs = processes(&shop);
         report.idle_rss_mib.insert(

@@ -58,6 +58,21 @@ pub struct HostArgs {
     /// config file's namespace].
     #[arg(long, env = "CHOREO_NAMESPACE")]
     pub namespace: Option<String>,
+    /// File holding the node's nkey seed (its NATS identity; `choreo auth gen`).
+    #[arg(long, env = "CHOREO_NATS_SEED")]
+    pub nats_seed: Option<PathBuf>,
+    /// Credentials file (user JWT and seed) instead of a seed.
+    #[arg(long, env = "CHOREO_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// CA certificate (PEM) the server's must chain to; TLS is then required.
+    #[arg(long, env = "CHOREO_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a server that verifies clients.
+    #[arg(long, env = "CHOREO_NATS_CERT", requires = "nats_key")]
+    pub nats_cert: Option<PathBuf>,
+    /// Key (PEM) of --nats-cert.
+    #[arg(long, env = "CHOREO_NATS_KEY", requires = "nats_cert")]
+    pub nats_key: Option<PathBuf>,
 }
 
 /// Why an application's node could not run.
@@ -180,6 +195,17 @@ impl App {
         }
         if let Some(ns) = args.namespace {
             cfg.namespace = ns;
+        }
+        for (arg, slot) in [
+            (args.nats_seed, &mut cfg.nats.seed_file),
+            (args.nats_creds, &mut cfg.nats.credentials_file),
+            (args.nats_ca, &mut cfg.nats.tls_ca),
+            (args.nats_cert, &mut cfg.nats.tls_cert),
+            (args.nats_key, &mut cfg.nats.tls_key),
+        ] {
+            if arg.is_some() {
+                *slot = arg;
+            }
         }
         cfg.validate(&self.context_names())?;
         let hosted = cfg

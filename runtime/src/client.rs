@@ -32,6 +32,7 @@ use futures::StreamExt;
 use crate::component::{Kind, Message};
 use crate::wire::bus::{Bus, BusError};
 use crate::wire::envelope::{new_id, now_ms, Envelope};
+use crate::wire::identity::{Identity, NatsAuth};
 use crate::wire::subjects;
 
 /// The `source` stamped on messages sent from outside any context.
@@ -63,9 +64,21 @@ pub enum ClientError {
     },
 }
 
-/// Connects to NATS, retrying what may pass (refused, no answer) for `wait`.
+/// Connects to NATS, retrying what may pass (refused, no answer) for `wait`, with the
+/// identity and TLS the environment gives (`CHOREO_NATS_SEED`, ...; see
+/// [`NatsAuth::with_env`]).
 pub async fn connect(url: &str, wait: Duration) -> Result<Bus, ClientError> {
-    Ok(Bus::connect(url, "choreo-client", wait).await?)
+    connect_as(url, wait, NatsAuth::from_env()).await
+}
+
+/// Connects to NATS as `auth`, retrying what may pass for `wait`.
+pub async fn connect_as(url: &str, wait: Duration, auth: NatsAuth) -> Result<Bus, ClientError> {
+    let identity = Identity {
+        auth,
+        inbox_prefix: None,
+        label: "client".into(),
+    };
+    Ok(Bus::connect_as(url, "choreo-client", wait, &identity).await?)
 }
 
 /// Sends a command to the context its [`Message`] declares; waits for JetStream's ack.

@@ -105,7 +105,7 @@ async fn snapshots(t: &TestShop) -> usize {
     let store = t
         .bus
         .js
-        .get_object_store(runtime::wire::subjects::snapshot_bucket())
+        .get_object_store(runtime::wire::subjects::snapshot_bucket("orders"))
         .await
         .unwrap();
     let mut list = store.list().await.unwrap();

@@ -68,9 +68,7 @@ async fn start_on(contexts: &[&str], sim: bool, config: &str, servers: usize) ->
         ..ShopOptions::new(dir.path().to_path_buf())
     };
     let shop = Shop::start(opts).await.expect("shop starts");
-    let bus = choreo::client::connect(&shop.nats.url, Duration::from_secs(5))
-        .await
-        .expect("connect");
+    let bus = shop.operator().await.expect("connect");
     let dir = if std::env::var("CHOREO_TEST_KEEP").is_ok() {
         let kept = dir.keep();
         tempfile::tempdir_in(kept.parent().unwrap()).unwrap()
@@ -212,6 +210,7 @@ pub(crate) fn choreo(t: &TestShop, args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new(bin)
         .args(args)
         .args(["--nats", &t.shop.nats.url])
+        .envs(t.shop.env(choreo::auth::OPERATOR))
         .output()
         .expect("run choreo");
     (

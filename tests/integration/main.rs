@@ -15,6 +15,7 @@ mod order_flow;
 mod parent_death;
 mod recovery;
 mod sagas;
+mod security;
 mod setup;
 mod startup;
 mod supervision;

@@ -141,6 +141,7 @@ async fn all_contexts_in_one_process() {
     let (id, _) = &report.orders[0];
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_choreo"))
         .args(["orders", "show", id, "--nats", &t.shop.nats.url])
+        .envs(t.shop.env(choreo::auth::CLIENT))
         .output()
         .unwrap();
     assert!(out.status.success());

@@ -32,7 +32,8 @@ async fn a_node_waits_for_jetstream_to_answer_at_start() {
 
     let log = dir.path().join("customers.log");
     let url = format!("nats://127.0.0.1:{port}");
-    let mut node = Node::spawn("customers", &url, &dir.path().join("data"), &log, None).unwrap();
+    let mut node =
+        Node::spawn("customers", &url, &dir.path().join("data"), &log, None, &[]).unwrap();
     let metrics = node.metrics_addr.clone();
 
     tokio::time::sleep(Duration::from_secs(3)).await;

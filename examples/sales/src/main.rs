@@ -271,6 +271,8 @@ fn main() -> std::process::ExitCode {
             Ok(ContextBuilder::new(SALES)
                 .aggregate::<Order>()
                 .saga(saga)
+                .sends(BILLING, BillingCommand::TYPES)
+                .sends(SHIPPING, ShippingCommand::TYPES)
                 .build()?)
         })
         .with(ContextBuilder::new(BILLING).aggregate::<Bill>())

@@ -33,6 +33,9 @@ pub struct NodeConfig {
     pub contexts: Vec<String>,
     /// NATS server URL, or several comma-separated (the servers of a cluster).
     pub nats_url: String,
+    /// The node's NATS identity (nkey seed or credentials file) and TLS; none: anonymous,
+    /// plaintext (see docs/security.md).
+    pub nats: crate::wire::identity::NatsAuth,
     /// The application's namespace: prefix of its subjects (`<ns>.<ctx>.evt.<Type>`) and
     /// streams (`<NS>_<CTX>`), so several applications share one NATS server.
     pub namespace: String,
@@ -211,7 +214,7 @@ pub struct OwnershipConfig {
     #[serde(with = "duration")]
     pub lease_ttl: Duration,
     /// A node that replayed at least this many changelog records when it took the partition
-    /// puts a snapshot of the state in `<NS>_SNAPSHOTS` and removes the records it covers,
+    /// puts a snapshot of the state in `<NS>_<CTX>_SNAPSHOTS` and removes the records it covers,
     /// so the next takeover replays the snapshot and what came after it.
     pub snapshot_after: u64,
     /// `true`: a flush is made durable on the local disk (sled flush and fsync) before it
@@ -261,6 +264,7 @@ impl Default for NodeConfig {
         NodeConfig {
             contexts: vec![],
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats: Default::default(),
             namespace: crate::wire::subjects::DEFAULT_NAMESPACE.into(),
             data_dir: PathBuf::from(".choreo/data"),
             metrics_addr: "127.0.0.1:9464".into(),
@@ -346,6 +350,7 @@ impl NodeConfig {
     pub fn validate(&self, known_contexts: &[&str]) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         crate::wire::subjects::check_namespace(&self.namespace).map_err(ConfigError::Invalid)?;
+        self.nats.check().map_err(ConfigError::Invalid)?;
         if self.contexts.is_empty() {
             return bad("no context to host (use --context, CHOREO_CONTEXT or `contexts`)".into());
         }

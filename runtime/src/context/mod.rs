@@ -68,6 +68,12 @@ pub trait Context: Send + Sync + 'static {
     fn published_hooks(&self) -> Vec<crate::component::PublishedHook> {
         vec![]
     }
+    /// The commands it sends to other contexts, by addressee ([`ContextBuilder::sends`]):
+    /// its NATS rights let it publish those and no others (its own commands and events it
+    /// may always publish). See `node::rights`.
+    fn sends(&self) -> Vec<crate::component::Subscription> {
+        vec![]
+    }
     /// Answers a read-model query with a JSON value.
     fn query(
         &self,
@@ -143,6 +149,7 @@ pub struct ContextBuilder {
     components: Vec<Arc<dyn DynComponent>>,
     sagas: Vec<Arc<dyn DynSaga>>,
     queries: Vec<(&'static str, QueryFn)>,
+    sends: Vec<crate::component::Subscription>,
 }
 
 impl ContextBuilder {
@@ -154,6 +161,7 @@ impl ContextBuilder {
             components: Vec::new(),
             sagas: Vec::new(),
             queries: Vec::new(),
+            sends: Vec::new(),
         }
     }
 
@@ -196,6 +204,15 @@ impl ContextBuilder {
             types: types.to_vec(),
             hook: Arc::new(hook),
         });
+        self
+    }
+
+    /// Declares the commands of `types` it sends to context `addressee` (its components'
+    /// and sagas' `Outgoing::command`s): a secured deployment grants it the right to publish
+    /// those and no other context's commands (`choreo auth gen`, docs/security.md).
+    pub fn sends(mut self, addressee: &'static str, types: &[&'static str]) -> Self {
+        self.sends
+            .push(crate::component::Subscription::commands(addressee, types));
         self
     }
 
@@ -313,6 +330,9 @@ impl Context for Assembled {
     }
     fn sagas(&self) -> Vec<Arc<dyn DynSaga>> {
         self.0.sagas.clone()
+    }
+    fn sends(&self) -> Vec<crate::component::Subscription> {
+        self.0.sends.clone()
     }
     fn query(
         &self,

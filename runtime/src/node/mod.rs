@@ -28,12 +28,14 @@ use crate::store::StoreError;
 use crate::telemetry::{endpoint, metrics, Health};
 use crate::wire::bus::{Bus, BusError};
 use crate::wire::changelog::{Changelog, Snapshots};
+use crate::wire::identity::{self, Identity};
 use crate::wire::lease::Leases;
 use crate::wire::subjects;
 
 pub mod host;
 mod ownership;
 pub mod restart;
+pub mod rights;
 mod services;
 mod watchdog;
 
@@ -119,10 +121,14 @@ async fn serve(
 
     check_routing(&contexts)?;
     let names: Vec<&'static str> = contexts.iter().map(|c| c.name()).collect();
-    let bus = Bus::connect(
+    if !cfg.nats.is_set() {
+        tracing::warn!("no NATS identity ([nats], --nats-seed, CHOREO_NATS_SEED): connecting anonymously, in plaintext; whoever reaches the server may publish as this node (docs/security.md)");
+    }
+    let bus = Bus::connect_as(
         &cfg.nats_url,
         &format!("choreo-node[{}]", names.join(",")),
         Duration::from_secs(15),
+        &identity(&cfg, &names, names[0]),
     )
     .await?;
     bus.ensure_dlq_stream(&cfg.stream_spec()).await?;
@@ -199,10 +205,11 @@ async fn serve(
     let mut hosts = Vec::new();
     for ((c, store), owned) in contexts.iter().zip(stores).zip(owned) {
         let context_bus = if contexts.len() > 1 {
-            let own = Bus::connect(
+            let own = Bus::connect_as(
                 &cfg.nats_url,
                 &format!("choreo-node[{}]/{}", names.join(","), c.name()),
                 Duration::from_secs(15),
+                &identity(&cfg, &names, c.name()),
             )
             .await?;
             health.watch_nats(own.client.clone());
@@ -220,6 +227,7 @@ async fn serve(
         tokio::spawn(services::watch_streams(
             bus.clone(),
             watched_streams,
+            names.iter().map(|c| subjects::stream(c)).collect(),
             polled.clone(),
             cfg.stream.history,
         )),
@@ -272,6 +280,16 @@ async fn serve(
     Ok(())
 }
 
+/// The node's NATS identity for a connection of context `context` (its inbox prefix); its
+/// violations are counted under every hosted context's name.
+fn identity(cfg: &NodeConfig, names: &[&str], context: &str) -> Identity {
+    Identity {
+        auth: cfg.nats.clone(),
+        inbox_prefix: Some(identity::inbox_prefix(&cfg.namespace, context)),
+        label: names.join(","),
+    }
+}
+
 /// Takes the lease of every context's partition, in order, standing by while another node
 /// holds one; then opens each partition's changelog.
 async fn take_all(
@@ -283,12 +301,12 @@ async fn take_all(
     let (ttl, replicas) = (cfg.ownership.lease_ttl, cfg.stream.replicas);
     let leases =
         ownership::patiently("open the lease bucket", || Leases::open(bus, ttl, replicas)).await?;
-    let snapshots = ownership::patiently("open the snapshot bucket", || {
-        Snapshots::open(bus, replicas)
-    })
-    .await?;
     let mut owned = Vec::new();
     for c in contexts {
+        let snapshots = ownership::patiently("open the snapshot bucket", || {
+            Snapshots::open(bus, c.name(), replicas)
+        })
+        .await?;
         let id = ownership::store_id(&cfg.data_dir.join(c.name()))?;
         let own = ownership::acquire(&leases, c.name(), &id, &cfg.metrics_addr, exit.clone()).await;
         let changelog =
@@ -296,7 +314,7 @@ async fn take_all(
         owned.push(Some(host::Owned {
             own,
             changelog,
-            snapshots: snapshots.clone(),
+            snapshots,
         }));
     }
     Ok(owned)

@@ -14,6 +14,7 @@ use crate::store::Store;
 use crate::telemetry::metrics;
 use crate::wire::bus::{Bus, DeadLetter};
 use crate::wire::envelope::now_ms;
+use crate::wire::identity;
 use crate::wire::streams::trim_point;
 use crate::wire::subjects;
 
@@ -66,6 +67,15 @@ pub(crate) async fn serve_queries(client: async_nats::Client, ctx: Arc<dyn Conte
     }
     let mut requests = futures::stream::select_all(endpoints);
     while let Some(req) = requests.next().await {
+        if let Some(reply) = req
+            .message
+            .reply
+            .as_deref()
+            .filter(|r| !identity::is_inbox(r))
+        {
+            identity::refuse_reply(context, "query", reply);
+            continue;
+        }
         let name = subjects::last_token(&req.message.subject);
         let body = match ctx.query(store.reader(), name, &req.message.payload) {
             Ok(v) => serde_json::json!({ "ok": v }),
@@ -78,8 +88,15 @@ pub(crate) async fn serve_queries(client: async_nats::Client, ctx: Arc<dyn Conte
 /// Watches the streams the node uses, every few seconds: the consumers' lag, each
 /// stream's fill, messages removed before one of this node's consumers acked them (counted
 /// and logged once per gap), and the removal of history every durable consumer has acked
-/// once a stream holds more than `history` of its limit (see `wire::streams`).
-pub(crate) async fn watch_streams(bus: Bus, streams: Vec<String>, own: Vec<Polled>, history: f64) {
+/// once one of `trimmed` (the streams of the node's own contexts: only their identity may
+/// purge them) holds more than `history` of its limit (see `wire::streams`).
+pub(crate) async fn watch_streams(
+    bus: Bus,
+    streams: Vec<String>,
+    trimmed: Vec<String>,
+    own: Vec<Polled>,
+    history: f64,
+) {
     for (context, _, durable) in &own {
         for reason in ["removed", "max_deliveries"] {
             metrics::CONSUMER_MISSED
@@ -137,7 +154,7 @@ pub(crate) async fn watch_streams(bus: Bus, streams: Vec<String>, own: Vec<Polle
                     );
                 }
             }
-            if state.max_bytes > 0 {
+            if state.max_bytes > 0 && trimmed.contains(name) {
                 let keep = (state.max_bytes as f64 * history) as u64;
                 if let Some(point) = trim_point(&state, keep) {
                     match bus.trim(&state, point).await {
@@ -255,6 +272,10 @@ pub(crate) async fn serve_fault_admin(
         let Some(reply) = req.reply.clone() else {
             continue;
         };
+        if !identity::is_inbox(&reply) {
+            identity::refuse_reply(context, "admin", &reply);
+            continue;
+        }
         #[cfg(feature = "faults")]
         let body = crate::faults::admin::answer(&faults, context, &req.payload);
         #[cfg(not(feature = "faults"))]

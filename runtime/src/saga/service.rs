@@ -22,6 +22,7 @@ use crate::pipeline::{ContextRuntime, LocalError};
 use crate::store::Committed;
 use crate::telemetry::{metrics, saga_counts};
 use crate::wire::envelope::{derived_id, now_ms, Envelope};
+use crate::wire::identity;
 use crate::wire::subjects;
 
 /// Most deadlines fired per scan.
@@ -243,6 +244,10 @@ pub async fn serve(
         let Some(reply) = req.reply.clone() else {
             continue;
         };
+        if !identity::is_inbox(&reply) {
+            identity::refuse_reply(rt.context, "saga", &reply);
+            continue;
+        }
         let mut parts = req.subject.rsplitn(2, '.');
         let op = parts.next().unwrap_or("").to_string();
         let name = parts

@@ -19,8 +19,8 @@ impl Health {
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
     }
-    /// Ready: started, not shutting down, connected to NATS, the stores writable, and no
-    /// consumer stopped by its restart limit.
+    /// Ready: started, not shutting down, connected to NATS, the stores writable, no
+    /// consumer stopped by its restart limit, and no subscription refused by the server.
     pub fn is_ready(&self) -> bool {
         let nats_ok = self
             .nats
@@ -32,6 +32,7 @@ impl Health {
             && nats_ok
             && !self.store_failed()
             && self.degraded.load(Ordering::SeqCst) == 0
+            && !super::access::subscription_refused()
     }
     /// A new store's flag: its flusher sets it while flushes fail.
     pub fn store_flag(&self) -> Arc<AtomicBool> {

@@ -11,7 +11,7 @@ use prometheus::{
 
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
 
-fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+pub(crate) fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
     REGISTRY
         .register(Box::new(c.clone()))
@@ -523,6 +523,8 @@ pub fn init() {
     LazyLock::force(&RESTARTS_IN_PLACE);
     LazyLock::force(&PARTITION_OWNED);
     LazyLock::force(&LEASE_ACQUIRED);
+    LazyLock::force(&super::access::PERMISSION_VIOLATIONS);
+    LazyLock::force(&super::access::REFUSED_REPLIES);
     LazyLock::force(&LEASE_LOST);
     LazyLock::force(&FENCED);
     LazyLock::force(&CHANGELOG_APPENDS);

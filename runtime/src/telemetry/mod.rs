@@ -3,6 +3,7 @@
 //!
 //! The lowest room of the runtime: it depends on nothing else in the crate.
 
+pub mod access;
 pub mod endpoint;
 pub mod health;
 pub mod metrics;

@@ -9,6 +9,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 
 use super::envelope::{self, headers, Envelope};
+use super::identity::{self, Identity};
 use super::subjects;
 
 /// Bus failures; all transient from a message's point of view.
@@ -56,8 +57,20 @@ impl Bus {
     /// cluster; the client moves to another when one goes). A failure that may pass (refused, no answer in time, a host name not
     /// resolved, another I/O error) is retried every 200 ms for up to `wait`, and logged as
     /// a warning with the URL and the reason (at the first failure, then every 5 s); one
-    /// that cannot (not a NATS URL, TLS, credentials refused) fails at once.
+    /// that cannot (not a NATS URL, TLS, credentials refused) fails at once. Anonymous; see
+    /// [`Bus::connect_as`].
     pub async fn connect(url: &str, name: &str, wait: Duration) -> Result<Self, BusError> {
+        Self::connect_as(url, name, wait, &Identity::default()).await
+    }
+
+    /// [`Bus::connect`] as `identity`: its credentials and TLS, its inbox prefix, and its
+    /// permission violations counted under its label.
+    pub async fn connect_as(
+        url: &str,
+        name: &str,
+        wait: Duration,
+        identity: &Identity,
+    ) -> Result<Self, BusError> {
         use super::connect::{classify, secs, Failure, RetryLog, RETRY_EVERY};
         const TIMEOUT: Duration = Duration::from_secs(2);
         let started = tokio::time::Instant::now();
@@ -68,10 +81,15 @@ impl Bus {
             message,
         };
         loop {
-            let opts = async_nats::ConnectOptions::new()
+            let mut opts = async_nats::ConnectOptions::new()
                 .name(name)
                 .connection_timeout(TIMEOUT)
-                .request_timeout(Some(Duration::from_secs(10)));
+                .request_timeout(Some(Duration::from_secs(10)))
+                .event_callback(identity::on_event(identity.label.as_str().into()));
+            if let Some(prefix) = &identity.inbox_prefix {
+                opts = opts.custom_inbox_prefix(prefix);
+            }
+            let opts = identity.auth.apply(opts).await.map_err(failed)?;
             // Several servers of a cluster: `nats://a:4222,nats://b:4222`.
             let servers: Vec<&str> = url.split(',').map(str::trim).collect();
             let e = match opts.connect(servers).await {

@@ -200,7 +200,7 @@ impl Changelog {
 }
 
 /// The snapshots of a namespace's partitions, in the JetStream object store
-/// `<NS>_SNAPSHOTS`: one object per snapshot, `<ctx>.p<n>.<sequence>`, holding the
+/// `<NS>_<CTX>_SNAPSHOTS`: one object per snapshot, `<ctx>.p<n>.<sequence>`, holding the
 /// partition's state as of that changelog sequence (the store encodes it). A new one is put
 /// before older ones and the records it covers are removed, so a reader always finds a
 /// snapshot and every record after it; the highest sequence wins, so an older snapshot put
@@ -211,9 +211,9 @@ pub struct Snapshots {
 }
 
 impl Snapshots {
-    /// Creates the bucket (or binds to it).
-    pub async fn open(bus: &Bus, replicas: usize) -> Result<Self, BusError> {
-        let bucket = subjects::snapshot_bucket();
+    /// Creates `context`'s bucket (or binds to it).
+    pub async fn open(bus: &Bus, context: &str, replicas: usize) -> Result<Self, BusError> {
+        let bucket = subjects::snapshot_bucket(context);
         let store = match bus.js.get_object_store(&bucket).await {
             Ok(store) => store,
             Err(_) => bus

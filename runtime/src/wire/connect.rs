@@ -31,12 +31,15 @@ pub(crate) fn classify(e: &ConnectError, timeout: Duration) -> Failure {
     };
     match e.kind() {
         ConnectErrorKind::Io => {
-            let refused = e
+            let kind = e
                 .source()
                 .and_then(|s| s.downcast_ref::<std::io::Error>())
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
-            if refused {
+                .map(std::io::Error::kind);
+            if kind == Some(std::io::ErrorKind::ConnectionRefused) {
                 Failure::Transient("refused the connection".into())
+            } else if kind == Some(std::io::ErrorKind::InvalidData) {
+                // The TLS handshake failed: a certificate that does not chain to the CA.
+                Failure::Permanent(format!("TLS failed ({})", source()))
             } else {
                 Failure::Transient(format!("cannot be reached ({})", source()))
             }
@@ -120,6 +123,21 @@ mod tests {
         assert_eq!(
             classify(&dns, T),
             Failure::Transient("has a host name that does not resolve (no such host)".into())
+        );
+    }
+
+    #[test]
+    fn a_certificate_the_ca_does_not_sign_is_permanent() {
+        let bad = ConnectError::with_source(
+            ConnectErrorKind::Io,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "invalid peer certificate: UnknownIssuer",
+            ),
+        );
+        assert_eq!(
+            classify(&bad, T),
+            Failure::Permanent("TLS failed (invalid peer certificate: UnknownIssuer)".into())
         );
     }
 

@@ -10,6 +10,7 @@ pub mod changelog;
 mod connect;
 pub mod envelope;
 pub mod external;
+pub mod identity;
 pub mod lease;
 pub mod streams;
 pub mod subjects;

@@ -12,8 +12,8 @@
 //!
 //! The stream `<NS>_<CTX>` (`CHOREO_ORDERS`) stores `evt.>` and `cmd.>` of one context;
 //! `<NS>_<CTX>_CHANGELOG` its changelog; `<NS>_DLQ` stores dead letters; the key-value bucket
-//! `<NS>_LEASES` holds who owns each partition and the object store `<NS>_SNAPSHOTS` the
-//! partitions' snapshots. Rights can therefore be granted per prefix.
+//! `<NS>_LEASES` holds who owns each partition and the object store `<NS>_<CTX>_SNAPSHOTS` the
+//! context's snapshots. Rights can therefore be granted per prefix.
 //!
 //! The namespace is one per process (a process belongs to one application), set once
 //! before the first subject is made ([`set_namespace`]).
@@ -143,9 +143,10 @@ pub fn lease_bucket() -> String {
     format!("{}LEASES", stream_prefix())
 }
 
-/// Name of the JetStream object store holding the partitions' snapshots.
-pub fn snapshot_bucket() -> String {
-    format!("{}SNAPSHOTS", stream_prefix())
+/// Name of the JetStream object store holding the snapshots of `context`'s partitions
+/// (one bucket per context, so that each context's rights cover its own only).
+pub fn snapshot_bucket(context: &str) -> String {
+    format!("{}_SNAPSHOTS", stream(context))
 }
 
 /// The lease key of one partition of `context` in [`lease_bucket`]: `orders.p0`.
@@ -196,6 +197,7 @@ mod tests {
         assert_eq!(lease_key("orders", 0), "orders.p0");
         assert_eq!(changelog_stream("orders"), "CHOREO_ORDERS_CHANGELOG");
         assert_eq!(changelog("orders", 0), "choreo.changelog.orders.p0");
+        assert_eq!(snapshot_bucket("orders"), "CHOREO_ORDERS_SNAPSHOTS");
     }
 
     #[test]
