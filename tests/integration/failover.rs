@@ -374,3 +374,55 @@ async fn kill_9_of_a_stream_leader_publishing_resumes() {
     assert_ne!(new_leader, leader);
     t.shop.stop().unwrap();
 }
+
+/// A node of two contexts takes the first lease, then stands by for the second (another
+/// node holds it): the first is renewed all the while, not left to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_kept_while_its_node_stands_by_for_another() {
+    use choreo::shop::{Shop, ShopOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let node_config = dir.path().join("node.toml");
+    let text = format!("{}\n{}", harness::TEST_CONFIG, config(NO_SNAPSHOTS));
+    std::fs::write(&node_config, text).unwrap();
+    // Anonymous: a node of two contexts needs an identity with both contexts' rights, and
+    // the shop makes those only for the nodes it starts itself.
+    let shop = Shop::start(ShopOptions {
+        contexts: vec!["payments".into()],
+        sim: None,
+        node_config: Some(node_config),
+        secure: false,
+        ..ShopOptions::new(dir.path().to_path_buf())
+    })
+    .await
+    .expect("payments starts");
+    let mut both = shop.spawn_standby("orders,payments", "both").unwrap();
+    let bus = shop.operator().await.unwrap();
+    let orders = || async {
+        runtime::client::partitions(&bus)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|p| p.context == "orders")
+    };
+    assert!(
+        harness::eventually(Duration::from_secs(20), || async {
+            orders().await.is_some_and(|p| p.owner.is_some())
+        })
+        .await,
+        "the node of orders and payments takes orders"
+    );
+    let owner = orders().await.and_then(|p| p.owner);
+    tokio::time::sleep(3 * TTL).await;
+    let p = orders().await.expect("orders' lease");
+    assert_eq!(p.owner, owner, "orders changed hands");
+    let renewed = p.renewed_ms_ago.expect("renewed");
+    assert!(
+        renewed < TTL.as_millis() as u64,
+        "orders' lease was last renewed {renewed} ms ago while its node stood by for payments"
+    );
+    let payments = runtime::client::partitions(&bus).await.unwrap();
+    let payments = payments.iter().find(|p| p.context == "payments").unwrap();
+    assert_eq!(payments.standby.len(), 1, "{payments:?}");
+    both.proc.kill9();
+    shop.stop().unwrap();
+}

@@ -175,7 +175,7 @@ async fn serve(
         stores.push(ContextHost::open_store(&cfg, c.name())?);
     }
     let mut shutdown = std::pin::pin!(shutdown);
-    let owned = if cfg.ownership.enabled {
+    let (owned, keepers) = if cfg.ownership.enabled {
         let taking = take_all(&bus, &cfg, &contexts, exit.clone());
         tokio::select! {
             owned = taking => owned?,
@@ -187,16 +187,12 @@ async fn serve(
             }
         }
     } else {
-        contexts.iter().map(|_| None).collect()
+        (contexts.iter().map(|_| None).collect(), Vec::new())
     };
     let leases: Vec<Arc<ownership::Ownership>> = owned
         .iter()
         .flatten()
         .map(|o: &host::Owned| o.own.clone())
-        .collect();
-    let keepers: Vec<_> = leases
-        .iter()
-        .map(|own| tokio::spawn(own.clone().keep()))
         .collect();
     // Contexts hosted together get a connection each for their consumers and relay, as
     // they would in processes of their own: one context's deliveries, acks and publishes
@@ -291,17 +287,19 @@ fn identity(cfg: &NodeConfig, names: &[&str], context: &str) -> Identity {
 }
 
 /// Takes the lease of every context's partition, in order, standing by while another node
-/// holds one; then opens each partition's changelog.
+/// holds one, and opens each partition's changelog. Each lease is kept (renewed) from the
+/// moment it is taken, also while the node stands by for the next one; returns the leases
+/// with their keepers.
 async fn take_all(
     bus: &Bus,
     cfg: &NodeConfig,
     contexts: &[Arc<dyn Context>],
     exit: mpsc::Sender<Result<Exit, NodeError>>,
-) -> Result<Vec<Option<host::Owned>>, NodeError> {
+) -> Result<(Vec<Option<host::Owned>>, Vec<tokio::task::JoinHandle<()>>), NodeError> {
     let (ttl, replicas) = (cfg.ownership.lease_ttl, cfg.stream.replicas);
     let leases =
         ownership::patiently("open the lease bucket", || Leases::open(bus, ttl, replicas)).await?;
-    let mut owned = Vec::new();
+    let (mut owned, mut keepers) = (Vec::new(), Vec::new());
     for c in contexts {
         let snapshots = ownership::patiently("open the snapshot bucket", || {
             Snapshots::open(bus, c.name(), replicas)
@@ -309,6 +307,7 @@ async fn take_all(
         .await?;
         let id = ownership::store_id(&cfg.data_dir.join(c.name()))?;
         let own = ownership::acquire(&leases, c.name(), &id, &cfg.metrics_addr, exit.clone()).await;
+        keepers.push(tokio::spawn(own.clone().keep()));
         let changelog =
             Changelog::open(bus, c.name(), ownership::PARTITION, &cfg.stream_spec()).await?;
         owned.push(Some(host::Owned {
@@ -317,7 +316,7 @@ async fn take_all(
             snapshots,
         }));
     }
-    Ok(owned)
+    Ok((owned, keepers))
 }
 
 /// Commands are addressed to a context and consumed whole (`cmd.>`) by exactly one of its
