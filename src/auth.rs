@@ -30,6 +30,9 @@ pub struct Generated {
     pub conf: PathBuf,
     /// The CA certificate, with TLS.
     pub ca: Option<PathBuf>,
+    /// With TLS, the `tls` block of a server's `cluster` section: routes between servers
+    /// over TLS, each server presenting its certificate and checking the other's.
+    pub route_tls: Option<String>,
 }
 
 impl Generated {
@@ -67,13 +70,13 @@ pub fn node_identity(contexts: &[&str]) -> String {
     contexts.join("+")
 }
 
-/// Writes (or keeps) a seed per identity and `auth.conf` with everyone's rights (and a TLS
-/// block with `tls`) in `dir`. Each group of `nodes` is one identity: one context (every
+/// Writes (or keeps) a seed per identity and `auth.conf` with everyone's rights in `dir`;
+/// with `tls`, a TLS block and certificates for loopback and the host names it lists. Each group of `nodes` is one identity: one context (every
 /// node of it shares it) or the contexts one node hosts together ([`node_identity`]).
 pub fn generate(
     dir: &Path,
     nodes: &[Vec<Arc<dyn Context>>],
-    tls: bool,
+    tls: Option<&[String]>,
 ) -> anyhow::Result<Generated> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let systems: Vec<&'static str> = {
@@ -107,16 +110,28 @@ pub fn generate(
         });
     }
     let mut conf = rights::server_config(&users);
-    let ca = if tls {
-        let t = certificates(dir)?;
-        conf.push_str(&format!(
-            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  timeout: 2\n}}\n",
+    let (ca, route_tls) = if let Some(hosts) = tls {
+        let t = certificates(dir, hosts)?;
+        let (cert, key, ca) = (
             t.cert.display().to_string(),
-            t.key.display().to_string()
+            t.key.display().to_string(),
+            t.ca.display().to_string(),
+        );
+        conf.push_str(&format!(
+            "tls {{\n  cert_file: {cert:?}\n  key_file: {key:?}\n  timeout: 2\n}}\n"
         ));
-        Some(t.ca)
+        let route = format!(
+            "  tls {{\n    cert_file: {cert:?}\n    key_file: {key:?}\n    ca_file: {ca:?}\n    verify: true\n    timeout: 2\n  }}\n"
+        );
+        let snippet = dir.join("route-tls.conf");
+        std::fs::write(
+            &snippet,
+            format!("# Paste into the server's cluster {{ }} block.\n{route}"),
+        )
+        .with_context(|| format!("write {}", snippet.display()))?;
+        (Some(t.ca), Some(route))
     } else {
-        None
+        (None, None)
     };
     let path = dir.join("auth.conf");
     std::fs::write(&path, conf).with_context(|| format!("write {}", path.display()))?;
@@ -124,6 +139,7 @@ pub fn generate(
         dir: dir.to_path_buf(),
         conf: path,
         ca,
+        route_tls,
     })
 }
 
@@ -161,9 +177,9 @@ struct Tls {
     key: PathBuf,
 }
 
-/// A CA and a server certificate for `127.0.0.1` and `localhost` signed by it, made once
-/// (kept when present).
-fn certificates(dir: &Path) -> anyhow::Result<Tls> {
+/// A CA and a server certificate for `127.0.0.1`, `localhost` and `hosts` signed by it,
+/// made once (kept when present).
+fn certificates(dir: &Path, hosts: &[String]) -> anyhow::Result<Tls> {
     let t = Tls {
         ca: dir.join("ca.pem"),
         cert: dir.join("server.pem"),
@@ -174,7 +190,9 @@ fn certificates(dir: &Path) -> anyhow::Result<Tls> {
     }
     let (ca_cert, ca_key) = self_signed_ca("choreo CA")?;
     let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?;
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    names.extend(hosts.iter().cloned());
+    let mut params = rcgen::CertificateParams::new(names)?;
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "choreo nats-server");
@@ -214,7 +232,7 @@ mod tests {
             .iter()
             .map(|c| vec![crate::contexts::build(c, &NodeConfig::default()).unwrap()])
             .collect();
-        let g = generate(dir.path(), &contexts, false).unwrap();
+        let g = generate(dir.path(), &contexts, None).unwrap();
         let first = std::fs::read_to_string(&g.conf).unwrap();
         let orders = std::fs::read_to_string(seed_path(dir.path(), "orders")).unwrap();
         assert!(orders.starts_with("SU"), "a user seed");
@@ -224,7 +242,7 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let again = generate(dir.path(), &contexts, false).unwrap();
+        let again = generate(dir.path(), &contexts, None).unwrap();
         assert_eq!(std::fs::read_to_string(&again.conf).unwrap(), first);
         // Eight identities: five contexts, operator, client, simulators.
         assert_eq!(first.matches("nkey:").count(), 8);

@@ -164,6 +164,10 @@ enum AuthCmd {
         /// block in auth.conf (clients then need CHOREO_NATS_CA=<out>/ca.pem).
         #[arg(long)]
         tls: bool,
+        /// A name or IP address the servers are reached at, for the server certificate
+        /// (repeat for several; 127.0.0.1 and localhost are always in it).
+        #[arg(long = "host", requires = "tls")]
+        hosts: Vec<String>,
         /// The application's namespace (subject and stream prefix).
         #[arg(long, env = "CHOREO_NAMESPACE", default_value = "choreo")]
         namespace: String,
@@ -715,6 +719,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     out,
                     contexts,
                     tls,
+                    hosts,
                     namespace,
                 },
         } => {
@@ -724,6 +729,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 .iter()
                 .map(|c| Ok(vec![contexts::build(c, &cfg).map_err(anyhow::Error::msg)?]))
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            let tls = tls.then_some(hosts.as_slice());
             let g = choreo::auth::generate(&out, &built, tls)?;
             println!(
                 "wrote {} (include it in nats-server.conf) and a seed per identity:",
@@ -748,6 +754,10 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 println!(
                     "TLS: every process also needs CHOREO_NATS_CA={}",
                     ca.display()
+                );
+                println!(
+                    "a cluster's routes: paste {} into each server's cluster block",
+                    out.join("route-tls.conf").display()
                 );
             }
             Ok(true)

@@ -288,8 +288,8 @@ pub struct NatsServer {
     bin: PathBuf,
     sync_always: bool,
     cluster: Option<ClusterSpec>,
-    /// Config appended to the server's (authorization and TLS, from `choreo auth gen`).
-    extra: Option<PathBuf>,
+    /// Identities, rights and TLS (from `choreo auth gen`), when secured.
+    auth: Option<crate::auth::Generated>,
 }
 
 /// A server's place in a cluster on loopback.
@@ -310,25 +310,25 @@ impl NatsServer {
         Self::start_with(dir, port, sync_always, None)
     }
 
-    /// [`NatsServer::start`] with the config in `extra` appended to the server's (an
-    /// `auth.conf` of `choreo auth gen`: authorization, TLS).
+    /// [`NatsServer::start`] secured by `auth` (`choreo auth gen`: its authorization and
+    /// TLS appended to the server's config).
     pub fn start_with(
         dir: &Path,
         port: Option<u16>,
         sync_always: bool,
-        extra: Option<&Path>,
+        auth: Option<&crate::auth::Generated>,
     ) -> anyhow::Result<NatsServer> {
         let bin = find_nats_server()?;
         let port = port.unwrap_or_else(free_port);
         let mut s = NatsServer {
-            proc: Self::launch(&bin, dir, port, sync_always, None, extra)?,
+            proc: Self::launch(&bin, dir, port, sync_always, None, auth)?,
             port,
             url: format!("nats://127.0.0.1:{port}"),
             dir: dir.to_path_buf(),
             bin,
             sync_always,
             cluster: None,
-            extra: extra.map(Path::to_path_buf),
+            auth: auth.cloned(),
         };
         s.wait_listening(Duration::from_secs(15))?;
         Ok(s)
@@ -341,7 +341,7 @@ impl NatsServer {
         dir: &Path,
         n: usize,
         sync_always: bool,
-        extra: Option<&Path>,
+        auth: Option<&crate::auth::Generated>,
     ) -> anyhow::Result<Vec<NatsServer>> {
         let bin = find_nats_server()?;
         let routes: Vec<u16> = (0..n).map(|_| free_port()).collect();
@@ -355,14 +355,14 @@ impl NatsServer {
             };
             let dir = dir.join(&spec.name);
             servers.push(NatsServer {
-                proc: Self::launch(&bin, &dir, port, sync_always, Some(&spec), extra)?,
+                proc: Self::launch(&bin, &dir, port, sync_always, Some(&spec), auth)?,
                 port,
                 url: format!("nats://127.0.0.1:{port}"),
                 dir,
                 bin: bin.clone(),
                 sync_always,
                 cluster: Some(spec),
-                extra: extra.map(Path::to_path_buf),
+                auth: auth.cloned(),
             });
         }
         for s in &mut servers {
@@ -371,6 +371,11 @@ impl NatsServer {
         let all: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
         servers[0].url = all.join(",");
         Ok(servers)
+    }
+
+    /// The port other servers of its cluster route to, if it is in one.
+    pub fn route_port(&self) -> Option<u16> {
+        self.cluster.as_ref().map(|c| c.route_port)
     }
 
     /// The server's name in its cluster (`n0`, ...), if it is in one.
@@ -384,7 +389,7 @@ impl NatsServer {
         port: u16,
         sync_always: bool,
         cluster: Option<&ClusterSpec>,
-        extra: Option<&Path>,
+        auth: Option<&crate::auth::Generated>,
     ) -> anyhow::Result<Proc> {
         std::fs::create_dir_all(dir)?;
         let conf = dir.join("nats-server.conf");
@@ -405,15 +410,16 @@ impl NatsServer {
                 .filter(|p| **p != c.route_port)
                 .map(|p| format!("nats-route://127.0.0.1:{p}"))
                 .collect();
+            let tls = auth.and_then(|a| a.route_tls.as_deref()).unwrap_or("");
             text.push_str(&format!(
-                "server_name: {}\ncluster {{\n  name: choreo\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                "server_name: {}\ncluster {{\n  name: choreo\n  listen: 127.0.0.1:{}\n  routes: [{}]\n{tls}}}\n",
                 c.name,
                 c.route_port,
                 routes.join(", ")
             ));
         }
-        if let Some(extra) = extra {
-            text.push_str(&std::fs::read_to_string(extra)?);
+        if let Some(auth) = auth {
+            text.push_str(&std::fs::read_to_string(&auth.conf)?);
         }
         std::fs::write(&conf, text)?;
         Proc::spawn(
@@ -448,7 +454,7 @@ impl NatsServer {
             self.port,
             self.sync_always,
             self.cluster.as_ref(),
-            self.extra.as_deref(),
+            self.auth.as_ref(),
         )?;
         self.wait_listening(Duration::from_secs(15))
     }

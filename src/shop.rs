@@ -144,19 +144,19 @@ impl Shop {
             Some(crate::auth::generate(
                 &opts.dir.join("auth"),
                 &groups,
-                true,
+                Some(&[]),
             )?)
         } else {
             None
         };
         let (nats_dir, port, sync) = (opts.dir.join("nats"), opts.port, opts.sync_always);
         let n = opts.servers;
-        let extra = auth.as_ref().map(|a| a.conf.clone());
+        let secured = auth.clone();
         let mut servers = tokio::task::spawn_blocking(move || {
             if n > 1 {
-                NatsServer::start_cluster(&nats_dir, n, sync, extra.as_deref())
+                NatsServer::start_cluster(&nats_dir, n, sync, secured.as_ref())
             } else {
-                NatsServer::start_with(&nats_dir, port, sync, extra.as_deref()).map(|s| vec![s])
+                NatsServer::start_with(&nats_dir, port, sync, secured.as_ref()).map(|s| vec![s])
             }
         })
         .await??;
@@ -354,6 +354,16 @@ impl Shop {
     /// SIGTERM to every node and the simulators (they finish in-flight work), then the server.
     pub fn stop(mut self) -> anyhow::Result<()> {
         let mut problems = Vec::new();
+        for n in &mut self.nodes {
+            let refused = n
+                .proc
+                .is_running()
+                .then(|| refusals(&n.metrics_addr))
+                .flatten();
+            if let Some(count) = refused.filter(|c| *c > 0.0) {
+                problems.push(format!("{}: {count} operations refused by NATS", n.context));
+            }
+        }
         for n in &self.nodes {
             let _ = n.proc.signal(Signal::SIGTERM);
         }
@@ -391,6 +401,24 @@ impl Shop {
             })
             .collect()
     }
+}
+
+/// `choreo_nats_permission_violations_total` of the node serving metrics on `addr`, summed
+/// (`None` if it does not answer).
+fn refusals(addr: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let name = "choreo_nats_permission_violations_total{";
+    Some(
+        body.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
 }
 
 /// The `choreo` binary that nodes and simulators run: this executable if it is `choreo`,

@@ -48,6 +48,16 @@ async fn with_standby(servers: usize, snapshot_after: u64) -> (TestShop, Node) {
     } else {
         harness::start(choreo::contexts::KNOWN, true, &config).await
     };
+    if let Some(route) = t.shop.nats.route_port() {
+        // The servers route to each other over TLS: a route port expects the handshake
+        // first and says nothing in plaintext (a plaintext one sends its INFO at once).
+        use std::io::Read;
+        let mut raw = std::net::TcpStream::connect(("127.0.0.1", route)).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut said = [0u8; 4];
+        let n = raw.read(&mut said).unwrap_or(0);
+        assert_ne!(&said[..n], b"INFO", "the route port talks plaintext");
+    }
     let standby = t.shop.spawn_standby("orders", "orders-2").unwrap();
     let addr = standby.metrics_addr.clone();
     assert!(
