@@ -71,12 +71,16 @@ pub fn node_identity(contexts: &[&str]) -> String {
 }
 
 /// Writes (or keeps) a seed per identity and `auth.conf` with everyone's rights in `dir`;
-/// with `tls`, a TLS block and certificates for loopback and the host names it lists. Each group of `nodes` is one identity: one context (every
+/// with `tls`, a TLS block and certificates for loopback and the host names it lists.
+/// `nodes_create`: the contexts may create the streams and consumers they use (a
+/// development set-up); otherwise the operator makes them (`choreo provision`)
+/// before their nodes start. Each group of `nodes` is one identity: one context (every
 /// node of it shares it) or the contexts one node hosts together ([`node_identity`]).
 pub fn generate(
     dir: &Path,
     nodes: &[Vec<Arc<dyn Context>>],
     tls: Option<&[String]>,
+    nodes_create: bool,
 ) -> anyhow::Result<Generated> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let systems: Vec<&'static str> = {
@@ -94,7 +98,7 @@ pub fn generate(
         .iter()
         .map(|group| {
             let names: Vec<&str> = group.iter().map(|c| c.name()).collect();
-            (node_identity(&names), rights::of_node(group))
+            (node_identity(&names), rights::of_node(group, nodes_create))
         })
         .collect();
     identities.push((OPERATOR.into(), rights::operator()));
@@ -232,7 +236,7 @@ mod tests {
             .iter()
             .map(|c| vec![crate::contexts::build(c, &NodeConfig::default()).unwrap()])
             .collect();
-        let g = generate(dir.path(), &contexts, None).unwrap();
+        let g = generate(dir.path(), &contexts, None, false).unwrap();
         let first = std::fs::read_to_string(&g.conf).unwrap();
         let orders = std::fs::read_to_string(seed_path(dir.path(), "orders")).unwrap();
         assert!(orders.starts_with("SU"), "a user seed");
@@ -242,7 +246,7 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let again = generate(dir.path(), &contexts, None).unwrap();
+        let again = generate(dir.path(), &contexts, None, false).unwrap();
         assert_eq!(std::fs::read_to_string(&again.conf).unwrap(), first);
         // Eight identities: five contexts, operator, client, simulators.
         assert_eq!(first.matches("nkey:").count(), 8);

@@ -96,6 +96,19 @@ enum Cmd {
         #[command(subcommand)]
         command: ClusterCmd,
     },
+    /// Creates, as the operator, every stream, bucket and durable consumer the contexts'
+    /// nodes use, with a node config's settings, so that the nodes need no right to create
+    /// them (docs/security.md); keeps what exists.
+    Provision {
+        /// Contexts, comma-separated, or `all`.
+        #[arg(long, default_value = "all")]
+        context: String,
+        /// The nodes' config file (stream limits, replicas, consumer settings).
+        #[arg(long, env = "CHOREO_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        nats: NatsArg,
+    },
     /// NATS identities and their rights, derived from the code (docs/security.md).
     Auth {
         #[command(subcommand)]
@@ -168,6 +181,11 @@ enum AuthCmd {
         /// (repeat for several; 127.0.0.1 and localhost are always in it).
         #[arg(long = "host", requires = "tls")]
         hosts: Vec<String>,
+        /// Let the contexts create the streams, buckets and durable consumers they use (a
+        /// development set-up); without it, run `choreo provision` as the operator before
+        /// the nodes start.
+        #[arg(long)]
+        nodes_create: bool,
         /// The application's namespace (subject and stream prefix).
         #[arg(long, env = "CHOREO_NAMESPACE", default_value = "choreo")]
         namespace: String,
@@ -720,6 +738,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     contexts,
                     tls,
                     hosts,
+                    nodes_create,
                     namespace,
                 },
         } => {
@@ -730,7 +749,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 .map(|c| Ok(vec![contexts::build(c, &cfg).map_err(anyhow::Error::msg)?]))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let tls = tls.then_some(hosts.as_slice());
-            let g = choreo::auth::generate(&out, &built, tls)?;
+            let g = choreo::auth::generate(&out, &built, tls, nodes_create)?;
             println!(
                 "wrote {} (include it in nats-server.conf) and a seed per identity:",
                 g.conf.display()
@@ -762,6 +781,25 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(true)
         }
+        Cmd::Provision {
+            context,
+            config,
+            nats,
+        } => tokio_rt()?.block_on(async {
+            let cfg = match &config {
+                Some(path) => runtime::config::NodeConfig::from_file(path)?,
+                None => runtime::config::NodeConfig::default(),
+            };
+            let built = contexts::expand(&context)
+                .iter()
+                .map(|c| contexts::build(c, &cfg).map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
+            for made in runtime::node::provision::provision(&bus, &cfg, &built).await? {
+                println!("{made}");
+            }
+            Ok(true)
+        }),
         Cmd::Contexts { nats, json } => tokio_rt()?.block_on(async {
             let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
             let found = runtime::client::discover(&bus, Duration::from_secs(1)).await?;

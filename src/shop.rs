@@ -145,6 +145,7 @@ impl Shop {
                 &opts.dir.join("auth"),
                 &groups,
                 Some(&[]),
+                false,
             )?)
         } else {
             None
@@ -170,6 +171,7 @@ impl Shop {
             node_nats: Default::default(),
             auth,
         };
+        shop.provision(&shop.opts.contexts.clone()).await?;
         for ctx in shop.opts.contexts.clone() {
             let node = shop.spawn_node(&ctx)?;
             shop.nodes.push(node);
@@ -190,6 +192,27 @@ impl Shop {
         }
         shop.wait_ready(Duration::from_secs(60)).await?;
         Ok(shop)
+    }
+
+    /// When secure, makes as the operator everything the nodes of `specs` use on JetStream
+    /// (their rights do not let them create streams or durable consumers), with the shop's
+    /// node config.
+    async fn provision(&self, specs: &[String]) -> anyhow::Result<()> {
+        if self.auth.is_none() {
+            return Ok(());
+        }
+        let cfg = match &self.opts.node_config {
+            Some(path) => runtime::config::NodeConfig::from_file(path)?,
+            None => runtime::config::NodeConfig::default(),
+        };
+        let contexts = specs
+            .iter()
+            .flat_map(|spec| crate::contexts::expand(spec))
+            .map(|c| crate::contexts::build(&c, &cfg).map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let bus = self.operator().await?;
+        runtime::node::provision::provision(&bus, &cfg, &contexts).await?;
+        Ok(())
     }
 
     fn spawn_node(&self, ctx: &str) -> anyhow::Result<Node> {
@@ -345,6 +368,7 @@ impl Shop {
 
     /// Starts a node for `ctx` that was not started with the shop, and waits until it answers.
     pub async fn add_node(&mut self, ctx: &str) -> anyhow::Result<()> {
+        self.provision(&[ctx.to_string()]).await?;
         let node = self.spawn_node(ctx)?;
         self.nodes.push(node);
         self.opts.contexts.push(ctx.to_string());

@@ -1,8 +1,9 @@
-//! Security: each context's identity may do only what its code needs. Every refusal is the
-//! server's (nothing changed, checked as the operator), counted by the refused process and
-//! in the server's log; a responder never answers on a reply subject that is not an inbox;
-//! an unknown key, a certificate from another CA and plaintext to the TLS port cannot
-//! connect, each with a clear error.
+//! Security: each context's identity may do only what its code needs (the operator made
+//! its streams and consumers before its nodes started, so it may create none). Every
+//! refusal is the server's (nothing changed, checked as the operator), counted by the
+//! refused process and in the server's log; a responder never answers on a reply subject
+//! that is not an inbox; an unknown key, a certificate from another CA and plaintext to
+//! the TLS port cannot connect, each with a clear error.
 
 use std::time::Duration;
 
@@ -118,6 +119,18 @@ async fn every_forbidden_operation_is_refused_counted_and_changes_nothing() {
             "purge another context's stream",
             Op::Publish,
             "$JS.API.STREAM.PURGE.CHOREO_ORDERS",
+        ),
+        case(
+            "payments",
+            "create a stream",
+            Op::Publish,
+            "$JS.API.STREAM.CREATE.CHOREO_EVIL",
+        ),
+        case(
+            "payments",
+            "change its own stream",
+            Op::Publish,
+            "$JS.API.STREAM.UPDATE.CHOREO_PAYMENTS",
         ),
         case(
             "payments",

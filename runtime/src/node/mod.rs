@@ -13,7 +13,6 @@
 //! (stop pulling, finish in-flight messages, publish what the outbox holds, flush), the
 //! connections drained.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -34,6 +33,7 @@ use crate::wire::subjects;
 
 pub mod host;
 mod ownership;
+pub mod provision;
 pub mod restart;
 pub mod rights;
 mod services;
@@ -131,19 +131,7 @@ async fn serve(
         &identity(&cfg, &names, names[0]),
     )
     .await?;
-    bus.ensure_dlq_stream(&cfg.stream_spec()).await?;
-    let mut streams = BTreeSet::new();
-    for c in &contexts {
-        streams.insert(c.name());
-        for comp in c.message_handlers() {
-            for s in comp.subscriptions() {
-                streams.insert(s.source);
-            }
-        }
-    }
-    for s in &streams {
-        bus.ensure_context_stream(s, &cfg.stream_spec()).await?;
-    }
+    let streams = provision::ensure_streams(&bus, &cfg, &contexts).await?;
 
     let shared = host::Shared {
         cfg: cfg.clone(),

@@ -12,8 +12,9 @@
 //! inspection, its fault-admin subject and its consumers' max-deliveries advisories. No
 //! identity but the operator's may delete a stream or touch another context's consumer.
 //! A context may purge its own stream and changelog (that is how acked history is trimmed;
-//! NATS cannot tell a purge up to a sequence from a whole one), and may create the streams
-//! it uses, so that nodes set up what they need on first start.
+//! NATS cannot tell a purge up to a sequence from a whole one). The operator creates the
+//! streams, buckets and durable consumers before the nodes start (`node::provision`); in a
+//! development set-up (`creates`) the nodes may create what they use themselves.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -56,12 +57,13 @@ impl Rights {
     }
 
     /// Everything on a stream only this identity uses (its changelog, its snapshot bucket),
-    /// its deletion aside: reading, writing through its subjects, purging, any consumer.
-    fn own_stream(&mut self, stream: &str) {
-        self.stream_api(
-            stream,
-            &["INFO", "CREATE", "UPDATE", "PURGE", "MSG.GET", "MSG.DELETE"],
-        );
+    /// its deletion aside: reading, writing through its subjects, purging, any consumer;
+    /// creating and changing it if `creates`.
+    fn own_stream(&mut self, stream: &str, creates: bool) {
+        self.stream_api(stream, &["INFO", "PURGE", "MSG.GET", "MSG.DELETE"]);
+        if creates {
+            self.stream_api(stream, &["CREATE", "UPDATE"]);
+        }
         for api in [
             "CONSUMER.CREATE",
             "CONSUMER.DELETE",
@@ -79,12 +81,14 @@ impl Rights {
         self.publish(format!("$JS.FC.{stream}.>"));
     }
 
-    /// One durable consumer of this identity on `stream`: create, read, pull, ack, reset,
-    /// and its max-deliveries advisory.
-    fn durable(&mut self, stream: &str, durable: &str) {
-        for api in ["CONSUMER.CREATE", "CONSUMER.DURABLE.CREATE"] {
-            self.publish(format!("$JS.API.{api}.{stream}.{durable}"));
-            self.publish(format!("$JS.API.{api}.{stream}.{durable}.>"));
+    /// One durable consumer of this identity on `stream`: read, pull, ack, reset, and its
+    /// max-deliveries advisory; create it if `creates`.
+    fn durable(&mut self, stream: &str, durable: &str, creates: bool) {
+        if creates {
+            for api in ["CONSUMER.CREATE", "CONSUMER.DURABLE.CREATE"] {
+                self.publish(format!("$JS.API.{api}.{stream}.{durable}"));
+                self.publish(format!("$JS.API.{api}.{stream}.{durable}.>"));
+            }
         }
         for api in ["CONSUMER.INFO", "CONSUMER.MSG.NEXT", "CONSUMER.RESET"] {
             self.publish(format!("$JS.API.{api}.{stream}.{durable}"));
@@ -96,8 +100,11 @@ impl Rights {
     }
 }
 
-/// The rights of every node of `ctx` (all its instances share one identity).
-pub fn of_context(ctx: &dyn Context) -> Rights {
+/// The rights of every node of `ctx` (all its instances share one identity). `creates`:
+/// its nodes may also create the streams, buckets and durable consumers they use and change
+/// their own stream (a development set-up); without it the operator makes them first
+/// ([`super::provision::provision`]).
+pub fn of_context(ctx: &dyn Context, creates: bool) -> Rights {
     let name = ctx.name();
     let ns = subjects::namespace();
     let mut r = Rights {
@@ -124,8 +131,14 @@ pub fn of_context(ctx: &dyn Context) -> Rights {
     r.publish("$JS.API.INFO");
 
     // Its own stream: written through its subjects above; trimmed; consumers listed.
+    let made = |r: &mut Rights, stream: &str, ops: &[&str]| {
+        if creates {
+            r.stream_api(stream, ops);
+        }
+    };
     let own = subjects::stream(name);
-    r.stream_api(&own, &["INFO", "CREATE", "UPDATE", "PURGE", "MSG.GET"]);
+    r.stream_api(&own, &["INFO", "PURGE", "MSG.GET"]);
+    made(&mut r, &own, &["CREATE", "UPDATE"]);
     r.publish(format!("$JS.API.CONSUMER.LIST.{own}"));
     r.publish(format!("$JS.API.CONSUMER.NAMES.{own}"));
     // Its durable consumers, on its own stream and its sources'.
@@ -135,28 +148,31 @@ pub fn of_context(ctx: &dyn Context) -> Rights {
         }
         for sub in comp.subscriptions() {
             let stream = subjects::stream(sub.source);
-            r.stream_api(&stream, &["INFO", "CREATE", "MSG.GET"]);
+            r.stream_api(&stream, &["INFO", "MSG.GET"]);
+            made(&mut r, &stream, &["CREATE"]);
             r.publish(format!("$JS.API.CONSUMER.LIST.{stream}"));
             r.publish(format!("$JS.API.CONSUMER.NAMES.{stream}"));
-            r.durable(&stream, &durable_name(name, comp.name(), &sub));
+            r.durable(&stream, &durable_name(name, comp.name(), &sub), creates);
         }
     }
     // Dead letters: the stream is made by whichever node starts first.
     let dlq = subjects::dlq_stream();
-    r.stream_api(&dlq, &["INFO", "CREATE"]);
+    r.stream_api(&dlq, &["INFO"]);
+    made(&mut r, &dlq, &["CREATE"]);
     r.publish(format!("$JS.API.CONSUMER.LIST.{dlq}"));
     r.publish(format!("$JS.API.CONSUMER.NAMES.{dlq}"));
     // Ownership: its changelog and snapshots are its own; the lease bucket is shared, but
     // it writes only its own keys.
     r.publish(format!("{ns}.changelog.{name}.>"));
-    r.own_stream(&subjects::changelog_stream(name));
+    r.own_stream(&subjects::changelog_stream(name), creates);
     let snapshots = subjects::snapshot_bucket(name);
     r.publish(format!("$O.{snapshots}.>"));
-    r.own_stream(&format!("OBJ_{snapshots}"));
+    r.own_stream(&format!("OBJ_{snapshots}"), creates);
     let leases = subjects::lease_bucket();
     r.publish(format!("$KV.{leases}.{name}.>"));
     let kv = format!("KV_{leases}");
-    r.stream_api(&kv, &["INFO", "CREATE", "MSG.GET"]);
+    r.stream_api(&kv, &["INFO", "MSG.GET"]);
+    made(&mut r, &kv, &["CREATE"]);
     r.publish(format!("$JS.API.DIRECT.GET.{kv}"));
     r.publish(format!("$JS.API.DIRECT.GET.{kv}.>"));
     r.publish(format!("$JS.API.CONSUMER.CREATE.{kv}"));
@@ -167,10 +183,10 @@ pub fn of_context(ctx: &dyn Context) -> Rights {
 }
 
 /// The rights of a node hosting all of `contexts`: the union of theirs.
-pub fn of_node(contexts: &[Arc<dyn Context>]) -> Rights {
+pub fn of_node(contexts: &[Arc<dyn Context>], creates: bool) -> Rights {
     let mut r = Rights::default();
     for c in contexts {
-        r.extend(of_context(&**c));
+        r.extend(of_context(&**c, creates));
     }
     r
 }
@@ -293,7 +309,7 @@ mod tests {
 
     #[test]
     fn a_context_may_publish_its_own_and_what_it_declares_only() {
-        let r = of_context(&*payments());
+        let r = of_context(&*payments(), false);
         for may in [
             "choreo.payments.evt.>",
             "choreo.payments.cmd.>",
@@ -329,6 +345,25 @@ mod tests {
         assert!(!all
             .iter()
             .any(|s| s.starts_with("$JS.API.CONSUMER.DELETE.CHOREO_ORDERS")));
+        // The operator made its streams and durable consumers: it creates none.
+        for never in [
+            "STREAM.CREATE",
+            "STREAM.UPDATE",
+            "DURABLE.CREATE",
+            "CREATE.CHOREO_ORDERS",
+        ] {
+            assert!(!all.iter().any(|s| s.contains(never)), "{never}");
+        }
+        let dev = of_context(&*payments(), true);
+        for may in [
+            "$JS.API.STREAM.CREATE.CHOREO_PAYMENTS",
+            "$JS.API.STREAM.UPDATE.CHOREO_PAYMENTS",
+            "$JS.API.STREAM.CREATE.CHOREO_ORDERS",
+            "$JS.API.CONSUMER.CREATE.CHOREO_ORDERS.payments_billing_orders_evt",
+        ] {
+            assert!(dev.publish.contains(may), "{may}");
+        }
+        assert!(!dev.publish.contains("$JS.API.STREAM.UPDATE.CHOREO_ORDERS"));
         assert!(r.subscribe.contains("_INBOX_choreo_payments.>"));
         assert!(r.subscribe.contains("choreo.payments.query.>"));
         assert!(r.responses);
@@ -344,7 +379,7 @@ mod tests {
             })
             .build()
             .unwrap();
-        let r = of_context(&*c);
+        let r = of_context(&*c, false);
         let saga = c.sagas()[0].name();
         assert!(r.subscribe.contains(&format!("choreo.saga.{saga}.*")));
     }
@@ -355,7 +390,7 @@ mod tests {
             User {
                 nkey: "UA".into(),
                 name: "payments".into(),
-                rights: of_context(&*payments()),
+                rights: of_context(&*payments(), false),
             },
             User {
                 nkey: "UB".into(),
