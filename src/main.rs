@@ -173,6 +173,10 @@ enum AuthCmd {
         /// Contexts to make identities for, comma-separated, or `all`.
         #[arg(long, default_value = "all")]
         contexts: String,
+        /// A node hosting several contexts together (`orders,payments`): one identity with
+        /// the union of their rights, `orders+payments.nk`; repeat for several.
+        #[arg(long = "node", value_name = "CONTEXTS")]
+        nodes: Vec<String>,
         /// Also a CA and a server certificate for 127.0.0.1 and localhost, and a `tls`
         /// block in auth.conf (clients then need CHOREO_NATS_CA=<out>/ca.pem).
         #[arg(long)]
@@ -736,6 +740,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 AuthCmd::Gen {
                     out,
                     contexts,
+                    nodes,
                     tls,
                     hosts,
                     nodes_create,
@@ -744,9 +749,19 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         } => {
             runtime::wire::subjects::set_namespace(&namespace).map_err(anyhow::Error::msg)?;
             let cfg = runtime::config::NodeConfig::default();
-            let built = contexts::expand(&contexts)
+            let groups: Vec<Vec<String>> = contexts::expand(&contexts)
+                .into_iter()
+                .map(|c| vec![c])
+                .chain(nodes.iter().map(|n| contexts::expand(n)))
+                .collect();
+            let built = groups
                 .iter()
-                .map(|c| Ok(vec![contexts::build(c, &cfg).map_err(anyhow::Error::msg)?]))
+                .map(|group| {
+                    group
+                        .iter()
+                        .map(|c| contexts::build(c, &cfg).map_err(anyhow::Error::msg))
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let tls = tls.then_some(hosts.as_slice());
             let g = choreo::auth::generate(&out, &built, tls, nodes_create)?;
@@ -754,12 +769,13 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 "wrote {} (include it in nats-server.conf) and a seed per identity:",
                 g.conf.display()
             );
-            for c in built.iter().flatten() {
-                let seed = choreo::auth::seed_path(&out, c.name());
+            for group in &groups {
+                let names: Vec<&str> = group.iter().map(String::as_str).collect();
+                let seed = choreo::auth::seed_path(&out, &choreo::auth::node_identity(&names));
                 println!(
                     "  CHOREO_NATS_SEED={} choreo node --context {}",
                     seed.display(),
-                    c.name()
+                    group.join(",")
                 );
             }
             for who in [

@@ -88,8 +88,7 @@ impl Node {
             args.push("--config".into());
             args.push(c.display().to_string());
         }
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let proc = Proc::spawn(ctx, &exe()?, &args, log, &env)?;
+        let proc = Proc::spawn(ctx, &exe()?, &args, log, &pairs(env))?;
         Ok(Node {
             context: ctx.to_string(),
             proc,
@@ -120,33 +119,7 @@ impl Shop {
             let _ = std::fs::remove_dir_all(opts.dir.join(sub));
         }
         let auth = if opts.secure {
-            // Every context (one may be added later), and each node hosting several.
-            let cfg = runtime::config::NodeConfig::default();
-            let mut specs: Vec<Vec<String>> = crate::contexts::all()
-                .into_iter()
-                .map(|c| vec![c])
-                .collect();
-            for spec in &opts.contexts {
-                let names = crate::contexts::expand(spec);
-                if !specs.contains(&names) {
-                    specs.push(names);
-                }
-            }
-            let groups = specs
-                .iter()
-                .map(|names| {
-                    names
-                        .iter()
-                        .map(|c| crate::contexts::build(c, &cfg).map_err(anyhow::Error::msg))
-                        .collect::<anyhow::Result<Vec<_>>>()
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            Some(crate::auth::generate(
-                &opts.dir.join("auth"),
-                &groups,
-                Some(&[]),
-                false,
-            )?)
+            Some(identities(&opts)?)
         } else {
             None
         };
@@ -179,15 +152,12 @@ impl Shop {
         if let Some(extra) = shop.opts.sim.clone() {
             let mut args = vec!["sim".to_string(), "--nats".into(), shop.nats.url.clone()];
             args.extend(extra);
-            let env = shop.env(crate::auth::SIM);
-            let env: Vec<(&str, &str)> =
-                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             shop.sim = Some(Proc::spawn(
                 "sim",
                 &exe()?,
                 &args,
                 &shop.opts.dir.join("logs/sim.log"),
-                &env,
+                &pairs(&shop.env(crate::auth::SIM)),
             )?);
         }
         shop.wait_ready(Duration::from_secs(60)).await?;
@@ -425,6 +395,38 @@ impl Shop {
             })
             .collect()
     }
+}
+
+/// The shop's identities (`choreo auth gen --tls` into `auth/`): one per context (a context
+/// may be added later) and one per node hosting several, the operator's, the clients' and
+/// the simulators'; the contexts may create nothing (the shop provisions as the operator).
+fn identities(opts: &ShopOptions) -> anyhow::Result<crate::auth::Generated> {
+    let cfg = runtime::config::NodeConfig::default();
+    let mut specs: Vec<Vec<String>> = crate::contexts::all()
+        .into_iter()
+        .map(|c| vec![c])
+        .collect();
+    for spec in &opts.contexts {
+        let names = crate::contexts::expand(spec);
+        if !specs.contains(&names) {
+            specs.push(names);
+        }
+    }
+    let groups = specs
+        .iter()
+        .map(|names| {
+            names
+                .iter()
+                .map(|c| crate::contexts::build(c, &cfg).map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    crate::auth::generate(&opts.dir.join("auth"), &groups, Some(&[]), false)
+}
+
+/// An environment as `Proc::spawn` takes it.
+fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
 /// `choreo_nats_permission_violations_total` of the node serving metrics on `addr`, summed
