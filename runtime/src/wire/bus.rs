@@ -38,6 +38,22 @@ fn not_answered(e: &jetstream::context::CreateStreamError) -> bool {
     )
 }
 
+/// Whether `e`, or an error it wraps, is JetStream answering that the stream does not exist
+/// (as opposed to not answering in time while a cluster elects a leader): only then is a
+/// bucket to be created.
+pub(super) fn stream_missing(e: &(dyn std::error::Error + 'static)) -> bool {
+    use jetstream::context::{GetStreamError, GetStreamErrorKind};
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(g) = err.downcast_ref::<GetStreamError>() {
+            return matches!(g.kind(), GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND);
+        }
+        next = err.source();
+    }
+    false
+}
+
 pub(super) fn js_err(what: impl Into<String>, e: impl std::fmt::Display) -> BusError {
     BusError::JetStream {
         what: what.into(),
@@ -355,4 +371,33 @@ fn one_line(s: &str) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     s.chars().take(512).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_nats::jetstream::context::{
+        GetStreamError, GetStreamErrorKind, KeyValueError, KeyValueErrorKind,
+    };
+
+    fn jetstream_error(code: usize, err_code: u64) -> jetstream::Error {
+        serde_json::from_value(serde_json::json!({
+            "code": code, "err_code": err_code, "description": "stream not found"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_a_stream_not_found_answer_means_missing() {
+        let missing =
+            GetStreamError::new(GetStreamErrorKind::JetStream(jetstream_error(404, 10059)));
+        let wrapped = KeyValueError::with_source(KeyValueErrorKind::GetBucket, missing);
+        assert!(stream_missing(&wrapped));
+        // No answer in time (a cluster electing a leader): the bucket may well be there.
+        let timed_out = GetStreamError::new(GetStreamErrorKind::Request);
+        let wrapped = KeyValueError::with_source(KeyValueErrorKind::GetBucket, timed_out);
+        assert!(!stream_missing(&wrapped));
+        let other = GetStreamError::new(GetStreamErrorKind::JetStream(jetstream_error(503, 10008)));
+        assert!(!stream_missing(&other));
+    }
 }

@@ -13,7 +13,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::bus::{js_err, Bus, BusError, StreamSpec};
+use super::bus::{js_err, stream_missing, Bus, BusError, StreamSpec};
 use super::subjects;
 
 /// The header naming the fencing epoch of the owner that appended a record.
@@ -211,11 +211,12 @@ pub struct Snapshots {
 }
 
 impl Snapshots {
-    /// Creates `context`'s bucket (or binds to it).
+    /// Binds to `context`'s bucket, or creates it if JetStream says it does not exist.
     pub async fn open(bus: &Bus, context: &str, replicas: usize) -> Result<Self, BusError> {
         let bucket = subjects::snapshot_bucket(context);
         let store = match bus.js.get_object_store(&bucket).await {
             Ok(store) => store,
+            Err(e) if !stream_missing(&e) => return Err(js_err("open the snapshot bucket", e)),
             Err(_) => bus
                 .js
                 .create_object_store(jetstream::object_store::Config {

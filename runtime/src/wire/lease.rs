@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::bus::{js_err, Bus, BusError};
+use super::bus::{js_err, stream_missing, Bus, BusError};
 use super::subjects;
 
 /// What a lease key holds.
@@ -57,11 +57,14 @@ pub enum Acquired {
 }
 
 impl Leases {
-    /// Creates the bucket (or binds to it) with leases lasting `ttl`.
+    /// Binds to the bucket, or creates it with leases lasting `ttl` if JetStream says it
+    /// does not exist (not when JetStream does not answer: a secured node may not create it,
+    /// and the bucket is there).
     pub async fn open(bus: &Bus, ttl: Duration, replicas: usize) -> Result<Self, BusError> {
         let bucket = subjects::lease_bucket();
         let kv = match bus.js.get_key_value(&bucket).await {
             Ok(kv) => kv,
+            Err(e) if !stream_missing(&e) => return Err(js_err("open the lease bucket", e)),
             Err(_) => bus
                 .js
                 .create_key_value(kv::Config {
