@@ -122,7 +122,7 @@ impl ContextHost {
             name,
             store.clone(),
             bus.clone(),
-            relay_options(shared, ctx.published_hooks()),
+            relay_options(shared, &ctx),
             stopping.clone(),
         );
         let failed = shared.health.store_flag();
@@ -362,9 +362,15 @@ fn store_options(cfg: &NodeConfig) -> store::Options {
     not(any(feature = "faults", feature = "danger")),
     allow(unused_variables)
 )]
-fn relay_options(shared: &Shared, hooks: Vec<crate::component::PublishedHook>) -> RelayOptions {
+fn relay_options(shared: &Shared, ctx: &Arc<dyn Context>) -> RelayOptions {
+    let sends = ctx
+        .sends()
+        .iter()
+        .flat_map(|s| s.types.iter().map(|t| subjects::command(s.source, t)))
+        .collect();
     RelayOptions {
-        hooks,
+        hooks: ctx.published_hooks(),
+        sends,
         #[cfg(feature = "faults")]
         faults: Some(shared.faults.clone()),
         #[cfg(feature = "danger")]

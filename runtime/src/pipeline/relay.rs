@@ -50,6 +50,10 @@ pub struct RelayOptions {
     pub forget_at_start: bool,
     /// The application's hooks on published messages (`ContextBuilder::on_published`).
     pub hooks: Vec<PublishedHook>,
+    /// The subjects of the commands the context declares it sends to other contexts
+    /// (`ContextBuilder::sends`): publishing another context's command not among them is
+    /// warned about once per subject, since a secured deployment refuses it.
+    pub sends: Vec<String>,
 }
 
 impl Relay {
@@ -63,11 +67,13 @@ impl Relay {
         shutdown: watch::Receiver<bool>,
     ) -> (Relay, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let declared = Declared::new(context, &options.sends);
         let out = Out {
             context,
             store,
             bus,
             options,
+            declared,
         };
         let handle = tokio::spawn(run(out, rx, shutdown));
         (Relay { tx }, handle)
@@ -123,6 +129,46 @@ struct Out {
     store: Store,
     bus: Bus,
     options: RelayOptions,
+    declared: Declared,
+}
+
+/// What a context may publish by its declarations: its own events and commands, and the
+/// commands it declares it sends to other contexts; and the undeclared subjects warned
+/// about already.
+struct Declared {
+    own: [String; 2],
+    sends: std::collections::HashSet<String>,
+    warned: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Declared {
+    fn new(context: &str, sends: &[String]) -> Self {
+        let ns = crate::wire::subjects::namespace();
+        Declared {
+            own: [
+                format!("{ns}.{context}.evt."),
+                format!("{ns}.{context}.cmd."),
+            ],
+            sends: sends.iter().cloned().collect(),
+            warned: Default::default(),
+        }
+    }
+
+    /// Whether the context's declarations cover publishing on `subject`.
+    fn covers(&self, subject: &str) -> bool {
+        self.own.iter().any(|p| subject.starts_with(p.as_str())) || self.sends.contains(subject)
+    }
+
+    /// Warns, once per subject, about a publish its declarations do not cover.
+    fn check(&self, context: &str, subject: &str) {
+        if self.covers(subject) {
+            return;
+        }
+        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
+        if warned.len() < 1_000 && warned.insert(subject.to_string()) {
+            tracing::warn!(context, subject, "publishing a command the context does not declare it sends (ContextBuilder::sends): a secured deployment refuses it and it waits in the outbox (docs/security.md)");
+        }
+    }
 }
 
 async fn run(
@@ -231,6 +277,7 @@ async fn publish_batch(
                 Err(e) => return Err(e.to_string()),
             },
         };
+        out.declared.check(context, &entry.subject);
         let entry_type = entry.envelope.msg_type.clone();
         // The payload is kept past the publish only for a hook that wants it.
         let hooked = out.options.hooks.iter().any(|h| h.wants(&entry_type));
@@ -315,6 +362,25 @@ async fn publish_batch(
         Some(e) if done.is_empty() => Err(e),
         None if done.is_empty() && acks_lost > 0 => Err(format!("{acks_lost} publish acks lost")),
         _ => Ok(done),
+    }
+}
+
+#[cfg(test)]
+mod declared_tests {
+    use super::Declared;
+
+    #[test]
+    fn its_own_subjects_and_declared_commands_are_covered() {
+        let d = Declared::new("orders", &["choreo.payments.cmd.CapturePayment".into()]);
+        assert!(d.covers("choreo.orders.evt.OrderPlaced"));
+        assert!(d.covers("choreo.orders.cmd.CancelOrder"));
+        assert!(d.covers("choreo.payments.cmd.CapturePayment"));
+        assert!(!d.covers("choreo.payments.cmd.CancelPayment"));
+        assert!(!d.covers("choreo.payments.evt.PaymentCaptured"));
+        assert!(!d.covers("choreo.ordersx.evt.OrderPlaced"));
+        d.check("orders", "choreo.payments.cmd.CancelPayment");
+        d.check("orders", "choreo.payments.cmd.CancelPayment");
+        assert_eq!(d.warned.lock().unwrap().len(), 1, "warned once");
     }
 }
 
