@@ -56,6 +56,14 @@ pub fn build(name: &str, cfg: &NodeConfig) -> Result<Arc<dyn Context>, String> {
     context.build().map_err(|e| e.to_string())
 }
 
+/// Builds each context of `names` with `cfg` (see [`build`]).
+pub fn build_all(names: &[String], cfg: &NodeConfig) -> anyhow::Result<Vec<Arc<dyn Context>>> {
+    names
+        .iter()
+        .map(|c| build(c, cfg).map_err(anyhow::Error::msg))
+        .collect()
+}
+
 /// The shop as an application: a node of it hosts any of its contexts (`choreo node`).
 pub fn app() -> App {
     KNOWN.iter().fold(App::new("choreo"), |app, &name| {

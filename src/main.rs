@@ -756,12 +756,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 .collect();
             let built = groups
                 .iter()
-                .map(|group| {
-                    group
-                        .iter()
-                        .map(|c| contexts::build(c, &cfg).map_err(anyhow::Error::msg))
-                        .collect::<anyhow::Result<Vec<_>>>()
-                })
+                .map(|group| contexts::build_all(group, &cfg))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let tls = tls.then_some(hosts.as_slice());
             let g = choreo::auth::generate(&out, &built, tls, nodes_create)?;
@@ -806,10 +801,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 Some(path) => runtime::config::NodeConfig::from_file(path)?,
                 None => runtime::config::NodeConfig::default(),
             };
-            let built = contexts::expand(&context)
-                .iter()
-                .map(|c| contexts::build(c, &cfg).map_err(anyhow::Error::msg))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let built = contexts::build_all(&contexts::expand(&context), &cfg)?;
             let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
             for made in runtime::node::provision::provision(&bus, &cfg, &built).await? {
                 println!("{made}");

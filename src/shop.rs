@@ -175,11 +175,11 @@ impl Shop {
             Some(path) => runtime::config::NodeConfig::from_file(path)?,
             None => runtime::config::NodeConfig::default(),
         };
-        let contexts = specs
+        let names: Vec<String> = specs
             .iter()
             .flat_map(|spec| crate::contexts::expand(spec))
-            .map(|c| crate::contexts::build(&c, &cfg).map_err(anyhow::Error::msg))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect();
+        let contexts = crate::contexts::build_all(&names, &cfg)?;
         let bus = self.operator().await?;
         runtime::node::provision::provision(&bus, &cfg, &contexts).await?;
         Ok(())
@@ -352,7 +352,7 @@ impl Shop {
             let refused = n
                 .proc
                 .is_running()
-                .then(|| refusals(&n.metrics_addr))
+                .then(|| metric(&n.metrics_addr, VIOLATIONS, &[]))
                 .flatten();
             if let Some(count) = refused.filter(|c| *c > 0.0) {
                 problems.push(format!("{}: {count} operations refused by NATS", n.context));
@@ -414,12 +414,7 @@ fn identities(opts: &ShopOptions) -> anyhow::Result<crate::auth::Generated> {
     }
     let groups = specs
         .iter()
-        .map(|names| {
-            names
-                .iter()
-                .map(|c| crate::contexts::build(c, &cfg).map_err(anyhow::Error::msg))
-                .collect::<anyhow::Result<Vec<_>>>()
-        })
+        .map(|names| crate::contexts::build_all(names, &cfg))
         .collect::<anyhow::Result<Vec<_>>>()?;
     crate::auth::generate(&opts.dir.join("auth"), &groups, Some(&[]), false)
 }
@@ -429,22 +424,32 @@ fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
-/// `choreo_nats_permission_violations_total` of the node serving metrics on `addr`, summed
-/// (`None` if it does not answer).
-fn refusals(addr: &str) -> Option<f64> {
+/// What a node counts the operations NATS refused it in.
+const VIOLATIONS: &str = "choreo_nats_permission_violations_total";
+
+/// One metric of the node serving metrics on `addr`, summed over the series whose labels
+/// contain every `labels` pair; `None` if it does not answer.
+pub fn metric(addr: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
-    let name = "choreo_nats_permission_violations_total{";
-    Some(
-        body.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum(),
-    )
+    if !body.starts_with("HTTP/1.") {
+        return None;
+    }
+    let sum = body
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Some(sum)
 }
 
 /// The `choreo` binary that nodes and simulators run: this executable if it is `choreo`,

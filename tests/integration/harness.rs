@@ -132,24 +132,7 @@ pub(crate) fn metric(addr: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 /// Like [`metric`], `None` where the endpoint does not answer (a node restarting).
 pub(crate) fn try_metric(addr: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    if !body.starts_with("HTTP/1.") {
-        return None;
-    }
-    let sum = body
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    Some(sum)
+    choreo::shop::metric(addr, name, labels)
 }
 
 /// The `added`/`available` numbers of one sku from the inventory read model.

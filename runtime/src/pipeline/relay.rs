@@ -133,12 +133,15 @@ struct Out {
 }
 
 /// What a context may publish by its declarations: its own events and commands, and the
-/// commands it declares it sends to other contexts; and the undeclared subjects warned
-/// about already.
+/// commands it declares it sends to other contexts.
 struct Declared {
     own: [String; 2],
     sends: std::collections::HashSet<String>,
-    warned: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// The log-once key of `context` publishing the undeclared `subject`.
+fn undeclared(context: &str, subject: &str) -> String {
+    format!("undeclared {context} {subject}")
 }
 
 impl Declared {
@@ -150,7 +153,6 @@ impl Declared {
                 format!("{ns}.{context}.cmd."),
             ],
             sends: sends.iter().cloned().collect(),
-            warned: Default::default(),
         }
     }
 
@@ -164,8 +166,7 @@ impl Declared {
         if self.covers(subject) {
             return;
         }
-        let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
-        if warned.len() < 1_000 && warned.insert(subject.to_string()) {
+        if crate::telemetry::access::first_time(undeclared(context, subject)) {
             tracing::warn!(context, subject, "publishing a command the context does not declare it sends (ContextBuilder::sends): a secured deployment refuses it and it waits in the outbox (docs/security.md)");
         }
     }
@@ -380,7 +381,17 @@ mod declared_tests {
         assert!(!d.covers("choreo.ordersx.evt.OrderPlaced"));
         d.check("orders", "choreo.payments.cmd.CancelPayment");
         d.check("orders", "choreo.payments.cmd.CancelPayment");
-        assert_eq!(d.warned.lock().unwrap().len(), 1, "warned once");
+        assert!(
+            !crate::telemetry::access::first_time(super::undeclared(
+                "orders",
+                "choreo.payments.cmd.CancelPayment"
+            )),
+            "warned once"
+        );
+        assert!(crate::telemetry::access::first_time(super::undeclared(
+            "orders",
+            "choreo.payments.cmd.Other"
+        )));
     }
 }
 

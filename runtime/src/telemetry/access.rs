@@ -1,8 +1,10 @@
 //! What the NATS server and the node's responders refused (see docs/security.md): the
-//! metrics, and the flag that makes a node whose subscription was refused not ready.
+//! metrics, the flag that makes a node whose subscription was refused not ready, and the
+//! record that lets each refusal be logged once.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex};
 
 use prometheus::IntCounterVec;
 
@@ -38,4 +40,14 @@ pub fn refuse_subscription() {
 /// Whether the server refused one of this process's subscriptions.
 pub fn subscription_refused() -> bool {
     SUBSCRIPTION_REFUSED.load(Ordering::Relaxed)
+}
+
+/// What was logged already, one key per kind and subject (at most 10,000 kept).
+static LOGGED: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+
+/// Whether `key` is logged for the first time (and noted as logged): each refusal or
+/// undeclared subject is logged once, not once per message.
+pub fn first_time(key: String) -> bool {
+    let mut seen = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
+    seen.len() < 10_000 && seen.insert(key)
 }

@@ -11,14 +11,13 @@
 //! `CHOREO_NATS_CERT`, `CHOREO_NATS_KEY`: each a file's path); the CLI's commands read the
 //! environment. See docs/security.md.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::Arc;
 
 use async_nats::{ConnectOptions, Event, ServerError};
 use serde::{Deserialize, Serialize};
 
-use crate::telemetry::access;
+use crate::telemetry::access::{self, first_time};
 
 /// How a process proves who it is to NATS. Nothing set: anonymous, plaintext.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,14 +164,6 @@ pub fn refuse_reply(context: &str, service: &str, reply: &str) {
             "refused a request whose reply subject is not an inbox (it could make this node write into a stream)"
         );
     }
-}
-
-/// What was logged already: one line per violation kind and subject.
-static LOGGED: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
-
-fn first_time(key: String) -> bool {
-    let mut seen = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
-    seen.len() < 10_000 && seen.insert(key)
 }
 
 /// The operation and subject of a permission violation the server reported:
