@@ -101,9 +101,22 @@ async fn each_compensation_path_end_to_end() {
 
 /// Payments is down, so orders wait on their `awaiting` deadline; the saga's node is killed
 /// and stays down past the deadlines; after its restart they fire (late) and compensate.
+/// The orders node's flushes are slowed for its first seconds so that the instances are
+/// visible well before they are durable (what the test must wait for before the kill).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_fire_after_kill_9_and_compensate() {
-    let config = "[sagas.order-fulfilment]\nawaiting = \"3s\"\n";
+    let config = r#"
+[sagas.order-fulfilment]
+awaiting = "3s"
+[faults]
+enabled = true
+[[faults.rules]]
+point = "store_flush"
+action = "delay"
+context = "orders"
+delay = "1s"
+duration = "3s"
+"#;
     let mut t = harness::start(
         &["customers", "orders", "inventory", "shipping"],
         true,
@@ -125,6 +138,26 @@ async fn deadlines_fire_after_kill_9_and_compensate() {
     assert!(
         eventually(Duration::from_secs(20), waiting).await,
         "10 instances wait for payment"
+    );
+    // Inspection reads the store, which shows a transaction before it is durable. Wait
+    // until the saga's consumer of OrderPlaced acked all ten (as handled, or as the
+    // duplicate of a handling inside PlaceOrder's transaction): both come after the flush
+    // and the changelog append. Killed before, the node takes instances back, and the
+    // redeliveries start them again with fresh deadlines.
+    let addr = t.shop.node("orders").unwrap().metrics_addr.clone();
+    let durable = || async {
+        let acked = |outcome| {
+            let labels = [
+                ("consumer", "orders_order_fulfilment_orders_evt"),
+                ("outcome", outcome),
+            ];
+            harness::metric(&addr, "choreo_messages_total", &labels)
+        };
+        acked("acked") + acked("duplicate") >= 10.0
+    };
+    assert!(
+        eventually(Duration::from_secs(20), durable).await,
+        "the saga acked the 10 OrderPlaced"
     );
     t.shop.kill9("orders").unwrap();
     tokio::time::sleep(Duration::from_millis(4500)).await; // every deadline passes while down
