@@ -327,9 +327,9 @@ enum DlqCmd {
 
 #[derive(Args, Clone)]
 struct SagaTarget {
-    /// Saga name.
-    #[arg(long, default_value = "order-fulfilment")]
-    saga: String,
+    /// Saga name; without it, the one saga the running nodes host (asked over NATS).
+    #[arg(long)]
+    saga: Option<String>,
     #[command(flatten)]
     nats: NatsArg,
     /// Print JSON.
@@ -810,7 +810,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         }),
         Cmd::Contexts { nats, json } => tokio_rt()?.block_on(async {
             let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
-            let found = runtime::client::discover(&bus, Duration::from_secs(1)).await?;
+            let found = runtime::client::discover(&bus, DISCOVERY_WAIT).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&found)?);
             } else {
@@ -993,10 +993,10 @@ fn run_chaos(cmd: ChaosCmd) -> anyhow::Result<bool> {
         ChaosCmd::Clear { context, nats } => (context, nats, serde_json::json!({ "op": "clear" })),
         ChaosCmd::List { context, nats } => (context, nats, serde_json::json!({ "op": "list" })),
     };
-    // `all` is the shop's contexts; any other name goes to the node hosting it.
-    let targets = contexts::expand(&context);
     tokio_rt()?.block_on(async {
         let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
+        // `all`: every context a running node hosts; a name goes to the node hosting it.
+        let targets = running_contexts(&bus, &context).await?;
         for t in &targets {
             let v = choreo::client::faults(&bus, t, body.clone()).await?;
             println!("{t}: {v}");
@@ -1004,6 +1004,50 @@ fn run_chaos(cmd: ChaosCmd) -> anyhow::Result<bool> {
         Ok(true)
     })
 }
+
+/// Expands a `--context` list, `all` standing for the contexts running nodes host.
+async fn running_contexts(
+    bus: &runtime::wire::bus::Bus,
+    list: &str,
+) -> anyhow::Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if item == "all" {
+            let found = runtime::client::discover(bus, DISCOVERY_WAIT).await?;
+            anyhow::ensure!(
+                !found.is_empty(),
+                "no running node answered (`choreo contexts`)"
+            );
+            out.extend(found.into_iter().map(|c| c.context));
+        } else {
+            out.push(item.to_string());
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The saga running nodes host when there is exactly one; otherwise an error naming them.
+async fn only_running_saga(bus: &runtime::wire::bus::Bus) -> anyhow::Result<String> {
+    let found = runtime::client::discover(bus, DISCOVERY_WAIT).await?;
+    let mut sagas: Vec<String> = found.into_iter().flat_map(|c| c.sagas).collect();
+    sagas.sort();
+    sagas.dedup();
+    match sagas.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => {
+            anyhow::bail!("no running node hosts a saga (`choreo contexts`); name one with --saga")
+        }
+        many => anyhow::bail!(
+            "running nodes host {}: name one with --saga",
+            many.join(", ")
+        ),
+    }
+}
+
+/// How long the CLI collects the running nodes' answers to a discovery request.
+const DISCOVERY_WAIT: Duration = Duration::from_secs(1);
 
 fn run_saga(cmd: SagaCmd) -> anyhow::Result<bool> {
     use choreo::saga_cli;
@@ -1037,7 +1081,11 @@ fn run_saga(cmd: SagaCmd) -> anyhow::Result<bool> {
     };
     tokio_rt()?.block_on(async {
         let bus = choreo::client::connect(&target.nats.url, Duration::from_secs(5)).await?;
-        let v = choreo::client::saga(&bus, &target.saga, op, body).await?;
+        let saga = match target.saga {
+            Some(name) => name,
+            None => only_running_saga(&bus).await?,
+        };
+        let v = choreo::client::saga(&bus, &saga, op, body).await?;
         if target.json {
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else if op == "list" || op == "stuck" {

@@ -19,8 +19,13 @@ async fn chaos_cli_injects_counts_and_clears_faults() {
     );
     assert!(ok, "{out}");
     assert!(out.contains("installed"), "{out}");
-    let (ok, out) = harness::choreo(&t, &["chaos", "list", "--context", "inventory"]);
-    assert!(ok && out.contains("\"point\":\"handler\""), "{out}");
+    // Without --context: every context running nodes host (only inventory runs here).
+    let (ok, out) = harness::choreo(&t, &["chaos", "list"]);
+    assert!(ok && out.starts_with("inventory: "), "{out}");
+    assert!(
+        out.contains("\"point\":\"handler\"") && out.lines().count() == 1,
+        "{out}"
+    );
 
     let sku = format!("faulty-{}", new_id());
     harness::add_stock(&t, &sku, 3).await;
