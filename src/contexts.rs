@@ -24,9 +24,7 @@ pub fn build(name: &str, cfg: &NodeConfig) -> Result<Arc<dyn Context>, String> {
         }
     }
     let context = match name {
-        "customers" => ContextBuilder::new("customers")
-            .components(customers::components())
-            .queries(customers::QUERIES, customers::query),
+        "customers" => customers::context(),
         "orders" => ContextBuilder::new("orders")
             .components(orders::components())
             .queries(orders::QUERIES, orders::query)

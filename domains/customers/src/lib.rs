@@ -1,13 +1,8 @@
 //! Customers: the authority on who a customer is. Publishes `CustomerRegistered`; other
 //! contexts keep their own copy of the fields they need.
 
-use std::sync::Arc;
-
-use runtime::component::DynComponent;
-use runtime::{
-    decode_as, load, read, save, Component, DecodeError, HandleCtx, HandleError, Message, Outgoing,
-    QueryError, StateRead, StateTx, Subscription,
-};
+use runtime::context::ContextBuilder;
+use runtime::{Aggregate, Decided, QueryError, Rejection, StateRead};
 use serde::{Deserialize, Serialize};
 
 pub const CONTEXT: &str = "customers";
@@ -19,7 +14,7 @@ pub struct RegisterCustomer {
     pub name: String,
     pub address: String,
 }
-runtime::message!(RegisterCustomer, Command);
+runtime::message!(RegisterCustomer, Command, CONTEXT);
 
 /// Event: a customer exists.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,115 +23,104 @@ pub struct CustomerRegistered {
     pub name: String,
     pub address: String,
 }
-runtime::message!(CustomerRegistered, Event);
+runtime::message!(CustomerRegistered, Event, CONTEXT);
 
-/// Decides a registration: the first registration of an id wins; repeating it is a no-op;
-/// an empty id or name can never succeed.
-pub fn decide(
-    existing: Option<&CustomerRegistered>,
-    cmd: &RegisterCustomer,
-) -> Result<Option<CustomerRegistered>, String> {
-    if cmd.customer_id.trim().is_empty() || cmd.name.trim().is_empty() {
-        return Err("customer_id and name must not be empty".into());
-    }
-    if existing.is_some() {
-        return Ok(None);
-    }
-    Ok(Some(CustomerRegistered {
-        customer_id: cmd.customer_id.clone(),
-        name: cmd.name.clone(),
-        address: cmd.address.clone(),
-    }))
+runtime::messages! {
+    /// The commands customers accepts.
+    pub enum CustomerCommand { RegisterCustomer }
 }
 
-fn key(id: &str) -> String {
-    format!("customer/{id}")
+runtime::messages! {
+    /// The events customers publishes.
+    pub enum CustomerEvent { CustomerRegistered }
 }
 
-/// Handles `RegisterCustomer` commands.
-pub struct Registration;
+/// A customer as this context keeps it (also the `customer` query's answer, empty fields
+/// for an id never registered): the first registration of an id wins.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Customer {
+    pub customer_id: String,
+    pub name: String,
+    pub address: String,
+}
 
-impl Component for Registration {
-    type Input = RegisterCustomer;
-    fn name(&self) -> &'static str {
-        "registration"
-    }
-    fn subscriptions(&self) -> Vec<Subscription> {
-        vec![Subscription::commands(CONTEXT, &[RegisterCustomer::TYPE])]
-    }
-    fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Self::Input, DecodeError> {
-        match msg_type {
-            RegisterCustomer::TYPE => decode_as(payload),
-            other => Err(DecodeError::UnknownType(other.into())),
+impl Aggregate for Customer {
+    const NAME: &'static str = "customer";
+    const ID: &'static str = "customer_id";
+    type Command = CustomerCommand;
+    type Event = CustomerEvent;
+
+    /// Repeating a registration is a no-op; an empty id or name can never succeed.
+    fn decide(&self, command: &CustomerCommand, _now: u64) -> Decided<CustomerEvent> {
+        let CustomerCommand::RegisterCustomer(c) = command;
+        if c.customer_id.trim().is_empty() || c.name.trim().is_empty() {
+            return Err(Rejection::new("customer_id and name must not be empty"));
         }
-    }
-    fn handle(
-        &self,
-        tx: &dyn StateTx,
-        cmd: &RegisterCustomer,
-        _: &HandleCtx<'_>,
-    ) -> Result<Vec<Outgoing>, HandleError> {
-        let existing: Option<CustomerRegistered> = load(tx, &key(&cmd.customer_id))?;
-        match decide(existing.as_ref(), cmd).map_err(HandleError::Permanent)? {
-            None => Ok(vec![]),
-            Some(ev) => {
-                save(tx, &key(&ev.customer_id), &ev)?;
-                Ok(vec![Outgoing::event(&ev)])
-            }
+        if !self.customer_id.is_empty() {
+            return Ok(vec![]);
         }
+        let (customer_id, name, address) =
+            (c.customer_id.clone(), c.name.clone(), c.address.clone());
+        Ok(vec![CustomerRegistered {
+            customer_id,
+            name,
+            address,
+        }
+        .into()])
+    }
+
+    fn apply(&mut self, event: &CustomerEvent) {
+        let CustomerEvent::CustomerRegistered(e) = event;
+        *self = Customer {
+            customer_id: e.customer_id.clone(),
+            name: e.name.clone(),
+            address: e.address.clone(),
+        };
     }
 }
 
-pub fn components() -> Vec<Arc<dyn DynComponent>> {
-    vec![Arc::new(Registration)]
+/// The context: the customer aggregate (and its `customer {"customer_id"}` query) and
+/// `summary` -> `{"customers": n}`.
+pub fn context() -> ContextBuilder {
+    ContextBuilder::new(CONTEXT)
+        .aggregate::<Customer>()
+        .query("summary", summary)
 }
 
-pub const QUERIES: &[&str] = &["customer", "summary"];
-
-/// `customer {"customer_id"}` -> the customer; `summary` -> `{"customers": n}`.
-pub fn query(
-    state: &dyn StateRead,
-    name: &str,
-    req: &[u8],
-) -> Result<serde_json::Value, QueryError> {
-    match name {
-        "customer" => {
-            let id = runtime::request_field(req, "customer_id")?;
-            let c: CustomerRegistered = read(state, &key(&id))?.ok_or(QueryError::NotFound)?;
-            Ok(serde_json::to_value(c).unwrap_or_default())
-        }
-        "summary" => {
-            let n = state
-                .scan_prefix("customer/")
-                .map_err(|e| QueryError::Store(e.to_string()))?
-                .len();
-            Ok(serde_json::json!({ "customers": n }))
-        }
-        other => Err(QueryError::Unknown(other.into())),
-    }
+fn summary(state: &dyn StateRead, _: &[u8]) -> Result<serde_json::Value, QueryError> {
+    let prefix = format!("{}/", Customer::NAME);
+    let n = state
+        .scan_prefix(&prefix)
+        .map_err(|e| QueryError::Store(e.to_string()))?
+        .len();
+    Ok(serde_json::json!({ "customers": n }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn cmd(id: &str) -> RegisterCustomer {
+    fn cmd(id: &str) -> CustomerCommand {
         RegisterCustomer {
             customer_id: id.into(),
             name: "Ada".into(),
             address: "1 Main St".into(),
         }
+        .into()
     }
 
     #[test]
     fn first_registration_publishes_repeat_does_not() {
-        let ev = decide(None, &cmd("c1")).unwrap().unwrap();
-        assert_eq!(ev.customer_id, "c1");
-        assert_eq!(decide(Some(&ev), &cmd("c1")).unwrap(), None);
+        let mut c = Customer::default();
+        let events = c.decide(&cmd("c1"), 0).unwrap();
+        assert_eq!(events.len(), 1);
+        c.apply(&events[0]);
+        assert_eq!(c.customer_id, "c1");
+        assert!(c.decide(&cmd("c1"), 0).unwrap().is_empty());
     }
 
     #[test]
     fn empty_id_is_rejected() {
-        assert!(decide(None, &cmd(" ")).is_err());
+        assert!(Customer::default().decide(&cmd(" "), 0).is_err());
     }
 }
