@@ -24,10 +24,13 @@ demo: setup-nats
 test: setup
 	$(CARGO) test --workspace --locked --all-features
 
+# Formatting, clippy with and without the test features, and the runtime's API docs
+# (every public item documented, no broken links).
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy --workspace --all-targets --locked --all-features -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc -p runtime --no-deps --locked --all-features
 
 build:
 	$(CARGO) build --release --locked

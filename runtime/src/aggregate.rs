@@ -27,6 +27,7 @@ use crate::store::{load, save, StateTx};
 pub struct Rejection(pub String);
 
 impl Rejection {
+    /// A rejection with this reason.
     pub fn new(reason: impl Into<String>) -> Self {
         Rejection(reason.into())
     }
@@ -42,7 +43,9 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Sync + 'sta
     const NAME: &'static str;
     /// The command field (a string or a number) naming the instance a command is for.
     const ID: &'static str;
+    /// The commands it decides, addressed to its context.
     type Command: Messages;
+    /// The events it causes and its state follows.
     type Event: Messages;
 
     /// What happens: the events the command causes (none: nothing to do, e.g. a repeat).
@@ -60,7 +63,9 @@ pub fn key<A: Aggregate>(id: &str) -> String {
 
 /// A command for one instance of an aggregate.
 pub struct Addressed<C> {
+    /// The instance's id: the command's [`Aggregate::ID`] field.
     pub id: String,
+    /// The decoded command.
     pub command: C,
 }
 
@@ -71,6 +76,7 @@ pub struct Decider<A> {
 }
 
 impl<A: Aggregate> Decider<A> {
+    /// The aggregate `A` as a component of the context `context`.
     pub fn new(context: &'static str) -> Self {
         Decider {
             context,

@@ -78,10 +78,18 @@ pub struct HostArgs {
 /// Why an application's node could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
+    /// The configuration file cannot be read or parsed, or the configuration is not valid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The context `context` cannot be built from the configuration; `message` says why.
     #[error("invalid configuration: context {context}: {message}")]
-    Context { context: String, message: String },
+    Context {
+        /// The context's name.
+        context: String,
+        /// Why it cannot be built.
+        message: String,
+    },
+    /// The node failed to start or stopped on an error.
     #[error(transparent)]
     Node(#[from] NodeError),
 }

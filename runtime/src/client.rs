@@ -41,25 +41,43 @@ pub const CLIENT_SOURCE: &str = "client";
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// Connecting to NATS or publishing to JetStream failed.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// The message (its type name) is an event: only its own context publishes it.
     #[error("{0}: not a command (an event is published by its own context)")]
     NotACommand(&'static str),
+    /// The message type (its name) declares no context, so it has no addressee or stream.
     #[error("{0} names no context: declare it with message!({0}, Command, \"<context>\")")]
     NoContext(&'static str),
+    /// A request got no reply in time (10 s), or nothing serves its subject.
     #[error("{subject}: {reason} ({hint})")]
     NoAnswer {
+        /// The subject of the request.
         subject: String,
+        /// What NATS reported.
         reason: String,
+        /// What to check (whether a node hosting the context or saga runs).
         hint: String,
     },
+    /// A request was answered with an error (`{"error": "..."}`) or with a reply that is
+    /// not JSON.
     #[error("{subject}: {reason}")]
-    Refused { subject: String, reason: String },
+    Refused {
+        /// The subject of the request.
+        subject: String,
+        /// The error the reply gave.
+        reason: String,
+    },
+    /// Another failure (encoding the command, subscribing, publishing a request), as text.
     #[error("{0}")]
     Other(String),
+    /// [`Watch::until`] saw no matching event in time.
     #[error("no matching {msg_type} within {waited:?}")]
     Timeout {
+        /// The wire type name of the events watched.
         msg_type: &'static str,
+        /// How long it waited.
         waited: Duration,
     },
 }
@@ -237,7 +255,9 @@ impl<M: Message> Watch<M> {
 /// One partition of a context as the lease bucket and its changelog show it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Partition {
+    /// The context's name.
     pub context: String,
+    /// The partition's name (`p0`, ...).
     pub partition: String,
     /// The node serving it, none while nobody holds the lease.
     pub owner: Option<String>,
@@ -309,10 +329,13 @@ pub async fn partitions(bus: &Bus) -> Result<Vec<Partition>, ClientError> {
 /// A context a running node hosts, as it registered itself with the NATS service API.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RunningContext {
+    /// The context's name.
     pub context: String,
     /// The service instance (one per node hosting the context).
     pub instance: String,
+    /// The queries it serves (the service's endpoints).
     pub queries: Vec<String>,
+    /// The sagas it hosts.
     pub sagas: Vec<String>,
 }
 

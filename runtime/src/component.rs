@@ -22,12 +22,15 @@ pub use crate::wire::external::ExternalCall;
 /// Events are facts a context publishes on its own prefix; commands are addressed to one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// A fact a context publishes on its own prefix (`<ns>.<ctx>.evt.<Type>`).
     Event,
+    /// A request addressed to one context, on its prefix (`<ns>.<ctx>.cmd.<Type>`).
     Command,
 }
 
 impl Kind {
-    pub fn token(self) -> &'static str {
+    /// The kind's token in a subject and a durable consumer's name: `evt` or `cmd`.
+    pub(crate) fn token(self) -> &'static str {
         match self {
             Kind::Event => "evt",
             Kind::Command => "cmd",
@@ -37,7 +40,9 @@ impl Kind {
 
 /// A typed message with a fixed type name (the last token of its subject).
 pub trait Message: Serialize + DeserializeOwned {
+    /// The wire type name: the last token of the message's subject and the envelope's type.
     const TYPE: &'static str;
+    /// Whether it is an event or a command.
     const KIND: Kind;
     /// The context it belongs to (the publisher of an event, the addressee of a command),
     /// if declared: sagas subscribe to a message by it, [`Outgoing::message`] addresses
@@ -166,11 +171,14 @@ pub struct Subscription {
     /// Context whose stream holds the messages (the publisher for events, the addressee
     /// for commands).
     pub source: &'static str,
+    /// Events or commands.
     pub kind: Kind,
+    /// The wire type names it handles ([`Message::TYPE`]).
     pub types: Vec<&'static str>,
 }
 
 impl Subscription {
+    /// The events of `types` that context `source` publishes.
     pub fn events(source: &'static str, types: &[&'static str]) -> Self {
         Subscription {
             source,
@@ -178,6 +186,8 @@ impl Subscription {
             types: types.to_vec(),
         }
     }
+
+    /// The commands of `types` addressed to context `addressee`.
     pub fn commands(addressee: &'static str, types: &[&'static str]) -> Self {
         Subscription {
             source: addressee,
@@ -209,10 +219,13 @@ impl Subscription {
 /// A message a handler sends: it goes through the outbox.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outgoing {
+    /// Event or command.
     pub kind: Kind,
     /// Publishing context for events (filled by the runtime), addressee for commands.
     pub context: Option<String>,
+    /// The wire type name ([`Message::TYPE`]).
     pub msg_type: &'static str,
+    /// The message as JSON.
     pub payload: String,
 }
 
@@ -255,7 +268,9 @@ impl Outgoing {
 /// counts its own business metrics (registered in `telemetry::metrics::REGISTRY`).
 #[derive(Debug, Clone, Copy)]
 pub struct Published<'a> {
+    /// The context that published it.
     pub context: &'a str,
+    /// Its wire type name.
     pub msg_type: &'a str,
     /// The JSON payload, as sent.
     pub payload: &'a str,
@@ -264,7 +279,9 @@ pub struct Published<'a> {
 /// A hook on published messages and the types it is called for.
 #[derive(Clone)]
 pub struct PublishedHook {
+    /// The wire type names the hook is called for.
     pub types: Vec<&'static str>,
+    /// Called once for each published message of those types.
     pub hook: Arc<dyn Fn(&Published<'_>) + Send + Sync>,
 }
 
@@ -277,7 +294,10 @@ impl PublishedHook {
 
 /// Everything `handle` may know besides state and input: given as data, never read.
 pub struct HandleCtx<'a> {
+    /// The envelope of the message being handled (its id, correlation and causation).
     pub envelope: &'a Envelope,
+    /// The time of the handling in milliseconds since the Unix epoch, fixed before the
+    /// transaction: every run of `handle` for this attempt sees the same value.
     pub now_ms: u64,
     /// The external system's JSON reply, if `plan` asked for a call.
     pub external: Option<&'a serde_json::Value>,
@@ -309,10 +329,17 @@ impl From<crate::store::TxError> for HandleError {
 /// The payload could not be decoded into the component's input: a dead-letter reason.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
+    /// The component handles no message of this type (the type name).
     #[error("unknown message type {0:?} for this consumer")]
     UnknownType(String),
+    /// The payload is not a valid message of its type.
     #[error("malformed {msg_type} payload: {error}")]
-    Malformed { msg_type: String, error: String },
+    Malformed {
+        /// The wire type name the payload was decoded as.
+        msg_type: String,
+        /// What is wrong with it (the JSON decoder's message).
+        error: String,
+    },
 }
 
 /// The value of `field` in a decoded payload (a string, or a number as its text): the
@@ -343,15 +370,20 @@ pub fn decode_as<M: Message>(payload: &[u8]) -> Result<M, DecodeError> {
 
 /// A message handler of one context.
 pub trait Component: Send + Sync + 'static {
+    /// A decoded message, as `plan` and `handle` take it (often an enum of the subscribed
+    /// types).
     type Input: Send + Sync + 'static;
     /// Stable name: part of durable consumer names and inbox keys. Never rename.
     fn name(&self) -> &'static str;
+    /// The messages it handles: one durable consumer per subscription.
     fn subscriptions(&self) -> Vec<Subscription>;
     /// The external systems `plan` may call (their circuit breakers and metrics exist from
     /// the start).
     fn external_systems(&self) -> Vec<&'static str> {
         Vec::new()
     }
+    /// Decodes the JSON `payload` of a message of `msg_type` (one of its subscribed types).
+    /// An error dead-letters the message.
     fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Self::Input, DecodeError>;
     /// Decides, before the transaction, whether an external call is needed.
     fn plan(
@@ -374,7 +406,9 @@ pub trait Component: Send + Sync + 'static {
 /// saga, the instance it moved.
 #[derive(Debug, Default)]
 pub struct Decision {
+    /// The messages it sends, through the outbox.
     pub send: Vec<Outgoing>,
+    /// The saga instance it moved (for the saga gauges); `None` for any other component.
     pub saga_move: Option<SagaMove>,
 }
 
@@ -391,21 +425,30 @@ impl From<Vec<Outgoing>> for Decision {
 /// commit thread runs `handle` on them). Every [`Component`] is one; a saga's adapter
 /// implements it directly, to return the instance it moved.
 pub trait DynComponent: Send + Sync + 'static {
+    /// Stable name: part of durable consumer names and inbox keys ([`Component::name`]).
     fn name(&self) -> &'static str;
+    /// The messages it handles: one durable consumer per subscription.
     fn subscriptions(&self) -> Vec<Subscription>;
+    /// The external systems `plan` may call ([`Component::external_systems`]).
     fn external_systems(&self) -> Vec<&'static str> {
         Vec::new()
     }
+    /// Decodes the JSON `payload` of a message of `msg_type` into its input, in the shared
+    /// form `plan` and `handle` take ([`Component::decode`]).
     fn decode(
         &self,
         msg_type: &str,
         payload: &[u8],
     ) -> Result<Arc<dyn Any + Send + Sync>, DecodeError>;
+    /// Decides, before the transaction, whether an external call is needed
+    /// ([`Component::plan`]); `input` is what `decode` returned.
     fn plan(
         &self,
         state: &dyn StateRead,
         input: &(dyn Any + Send + Sync),
     ) -> Result<Option<ExternalCall>, HandleError>;
+    /// Applies the input inside the transaction ([`Component::handle`]): the messages it
+    /// sends and the saga instance it moved. Deterministic; may run more than once.
     fn handle(
         &self,
         tx: &dyn StateTx,

@@ -20,10 +20,12 @@ pub fn format(d: Duration) -> String {
     humantime::format_duration(d).to_string()
 }
 
+/// Serde: writes a duration as its text (`#[serde(with = "runtime::duration")]`).
 pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format(*d))
 }
 
+/// Serde: reads a duration from its text; a bare number is an error naming the units.
 pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = Text::deserialize(d)?;
     parse(&text.0).map_err(serde::de::Error::custom)
@@ -60,10 +62,12 @@ impl<'de> Deserialize<'de> for Text {
 pub mod list {
     use super::*;
 
+    /// Serde: writes each duration as its text.
     pub fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(v.iter().map(|d| super::format(*d)))
     }
 
+    /// Serde: reads a list of duration texts.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
         let texts = Vec::<Text>::deserialize(d)?;
         texts
@@ -77,6 +81,7 @@ pub mod list {
 pub mod option {
     use super::*;
 
+    /// Serde: writes the duration's text, or none.
     pub fn serialize<S: Serializer>(v: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match v {
             Some(d) => super::serialize(d, s),
@@ -84,6 +89,7 @@ pub mod option {
         }
     }
 
+    /// Serde: reads a present duration's text (with `#[serde(default)]` for an absent one).
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         super::deserialize(d).map(Some)
     }
@@ -92,7 +98,9 @@ pub mod option {
 /// A value of a saga's settings: a duration (`"2m"`) or a count (`3`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Setting {
+    /// A text such as `"2m"`.
     Duration(Duration),
+    /// A bare number, such as an attempt count.
     Count(u64),
 }
 

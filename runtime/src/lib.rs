@@ -71,6 +71,9 @@
 //! }
 //! ```
 
+// Every public item is documented (docs.rs standard); `make lint` holds the crate to it.
+#![warn(missing_docs)]
+
 /// A fault point (see `faults`): fires the matching rule, carries out its action (crash,
 /// panic, delay) and runs the given closure body with what is left for the point
 /// (`Injected::Error` or `Injected::Drop`). `async` points sleep on the runtime,

@@ -13,13 +13,23 @@ pub use crate::duration;
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The config file could not be read.
     #[error("cannot read config file {path}: {source}")]
     Read {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The file is not valid TOML, or not a [`NodeConfig`] (an unknown key, a bad value).
     #[error("config file {path} is not valid: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (it names the key and the line).
+        message: String,
+    },
+    /// A value breaks a rule ([`NodeConfig::validate`]); the text names the key and the rule.
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -43,8 +53,11 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Address of the HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`.
     pub metrics_addr: String,
+    /// Limits of each context's stream (`[stream]`).
     pub stream: StreamConfig,
+    /// Settings of every durable consumer (`[consumer]`).
     pub consumer: ConsumerConfig,
+    /// Settings of each context's sled store (`[store]`).
     pub store: StoreConfig,
     /// Who serves each context (one owner at a time, standbys) and its replicated
     /// changelog.
@@ -103,7 +116,8 @@ pub struct DangerConfig {
 
 #[cfg(feature = "danger")]
 impl DangerConfig {
-    pub fn any(&self) -> bool {
+    /// Whether any switch is set (the node then logs an error at start).
+    pub(crate) fn any(&self) -> bool {
         self.disable_inbox || self.disable_outbox || self.disable_group_commit
     }
 }
@@ -180,7 +194,10 @@ pub struct HandlerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SupervisionConfig {
+    /// Restarts allowed within one `window` (default 10); one more stops the consumer.
     pub max_restarts: usize,
+    /// The span restarts are counted over, and how long a consumer past the limit stays
+    /// stopped (default 60 s).
     #[serde(with = "duration")]
     pub window: Duration,
     /// Delay before the 1st, 2nd, ... restart in a window (the last repeats).
@@ -507,7 +524,8 @@ impl NodeConfig {
         }
     }
 
-    pub fn ack_wait(&self) -> Duration {
+    /// How long the server waits for an ack before it redelivers (`consumer.ack_wait`).
+    pub(crate) fn ack_wait(&self) -> Duration {
         self.consumer.ack_wait
     }
 

@@ -14,12 +14,16 @@ pub use commands::NAME as COMMANDS;
 /// A read-model query failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
+    /// The context serves no query of this name.
     #[error("unknown query {0:?}")]
     Unknown(String),
+    /// The request is not JSON, or lacks what the query needs (the text says what).
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// What the request names does not exist.
     #[error("not found")]
     NotFound,
+    /// The state could not be read or a value not decoded (the store's error, as text).
     #[error("store: {0}")]
     Store(String),
 }
@@ -102,25 +106,41 @@ pub type QueryFn =
 /// Why a context cannot be assembled.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ContextError {
+    /// Two components or sagas (or one of them and the command router, [`COMMANDS`]) have
+    /// the same name, which durable consumer names and inbox keys must not share.
     #[error("context {context}: two components or sagas are named {component}")]
     DuplicateComponent {
+        /// The context being built.
         context: &'static str,
+        /// The name given twice.
         component: &'static str,
     },
+    /// Two queries have the same name.
     #[error("context {context}: two queries are named {query}")]
     DuplicateQuery {
+        /// The context being built.
         context: &'static str,
+        /// The name given twice.
         query: &'static str,
     },
+    /// Its command handlers cannot share the context's command consumer: two of them
+    /// declare the same command type, or one also subscribes to something else.
     #[error("context {context}: its command handlers cannot share its commands: {problem}")]
     Commands {
+        /// The context being built.
         context: &'static str,
+        /// Which handlers and which type or subscription, as text.
         problem: String,
     },
+    /// A saga's declaration has problems: an edge to an undeclared state, a waiting state
+    /// with neither a deadline nor a reason, a state nothing reaches or with no way out.
     #[error("context {context}: saga {saga} is declared wrongly: {problems}")]
     Saga {
+        /// The context being built.
         context: &'static str,
+        /// The saga's name.
         saga: &'static str,
+        /// Every problem found, separated by `; `.
         problems: String,
     },
 }

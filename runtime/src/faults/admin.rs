@@ -9,12 +9,20 @@ use super::{FaultRule, Faults, FaultsError};
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum AdminRequest {
+    /// Installs a rule for the context (a rule naming another context is refused); answers
+    /// `{"installed": <id>}`.
     Inject {
+        /// The rule; without a context it gets the one the request was sent to.
         rule: FaultRule,
+        /// Reseeds the random choices first, so that a run can be repeated.
         #[serde(default)]
         seed: Option<u64>,
     },
+    /// Removes the rules that apply to the context (its own and those without a context);
+    /// answers `{"cleared": <count>}`.
     Clear,
+    /// Answers whether injection is enabled and the rules that apply to the context, each
+    /// with how often it fired and how long it has left.
     List,
 }
 

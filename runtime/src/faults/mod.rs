@@ -66,6 +66,7 @@ pub enum FaultPoint {
 }
 
 impl FaultPoint {
+    /// Every point, in the order of the path of one message.
     pub const ALL: [FaultPoint; 6] = [
         FaultPoint::Handler,
         FaultPoint::AfterCommit,
@@ -75,6 +76,7 @@ impl FaultPoint {
         FaultPoint::StoreFlush,
     ];
 
+    /// The point's name in rules and in the `point` label of metrics, e.g. `after_commit`.
     pub fn label(self) -> &'static str {
         match self {
             FaultPoint::Handler => "handler",
@@ -104,6 +106,7 @@ pub enum FaultAction {
 }
 
 impl FaultAction {
+    /// Every action.
     pub const ALL: [FaultAction; 5] = [
         FaultAction::Crash,
         FaultAction::Error,
@@ -112,6 +115,7 @@ impl FaultAction {
         FaultAction::Panic,
     ];
 
+    /// The action's name in rules and in the `action` label of metrics, e.g. `crash`.
     pub fn label(self) -> &'static str {
         match self {
             FaultAction::Crash => "crash",
@@ -123,23 +127,32 @@ impl FaultAction {
     }
 }
 
+/// One fault rule: at which point, doing what, to which messages, how often. A
+/// `[[faults.rules]]` entry of the config, or a rule injected at run time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FaultRule {
+    /// Where it fires.
     pub point: FaultPoint,
+    /// What it does there.
     pub action: FaultAction,
     /// Only messages of this hosted context (runtime injections set it to their target).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context: Option<String>,
+    /// Only messages of this type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub msg_type: Option<String>,
+    /// At most this many firings; `None`: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub times: Option<u64>,
     /// Optional: only messages whose payload contains this text (one specific message).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_contains: Option<String>,
+    /// The chance, 0.0 to 1.0, that it fires for a matching message (1.0 by default); the
+    /// draws repeat for the same seed.
     #[serde(default = "one")]
     pub probability: f64,
+    /// How long a `delay` action sleeps (needed by it, ignored by the others).
     #[serde(default, with = "crate::duration")]
     pub delay: Duration,
     /// The rule expires this long after it is installed.
@@ -195,19 +208,26 @@ impl FaultRule {
     }
 }
 
+/// The `[faults]` section of a node's config.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FaultConfig {
+    /// Whether the node injects faults at all; off, it refuses rules sent at run time too.
     pub enabled: bool,
+    /// The seed of the random choices of `probability`, so that a run can be repeated.
     pub seed: u64,
+    /// Rules installed at start.
     pub rules: Vec<FaultRule>,
 }
 
 /// Why a runtime request to the injector was refused.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum FaultsError {
+    /// The node's config leaves fault injection off.
     #[error("fault injection is off in this node's config (set [faults] enabled = true)")]
     Disabled,
+    /// The rule is refused: it cannot do what it says ([`FaultRule::validate`]), or it
+    /// names another context than the one it was sent to.
     #[error("invalid fault rule: {0}")]
     Invalid(String),
 }
@@ -233,7 +253,8 @@ pub struct Faults {
 }
 
 impl Faults {
-    pub fn new(cfg: &FaultConfig) -> Self {
+    /// The injector of `cfg`, with its rules installed if it is enabled.
+    pub(crate) fn new(cfg: &FaultConfig) -> Self {
         let faults = Faults {
             enabled: cfg.enabled,
             any: AtomicBool::new(false),
@@ -252,7 +273,8 @@ impl Faults {
         faults
     }
 
-    pub fn enabled(&self) -> bool {
+    /// Whether the node's config enables fault injection.
+    pub(crate) fn enabled(&self) -> bool {
         self.enabled
     }
 
@@ -380,8 +402,10 @@ pub enum Injected {
 
 /// A rule that fired at a point.
 pub struct Fired {
-    pub point: FaultPoint,
-    pub rule: FaultRule,
+    /// Where it fired.
+    pub(crate) point: FaultPoint,
+    /// The rule that fired.
+    pub(crate) rule: FaultRule,
 }
 
 /// What is left to do after [`Fired::carry_out`].

@@ -45,15 +45,26 @@ pub use restart::Restart;
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    /// NATS or JetStream: the connection, a stream, a consumer or a bucket.
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// A context's store could not be opened.
     #[error("store of {context}: {source}")]
-    Store { context: String, source: StoreError },
+    Store {
+        /// The context whose store it is.
+        context: String,
+        /// Why it could not be opened.
+        source: StoreError,
+    },
+    /// The metrics endpoint could not listen on its address.
     #[error("cannot listen for metrics on {addr}: {source}")]
     Metrics {
+        /// The address it was to listen on.
         addr: String,
+        /// Why it could not.
         source: std::io::Error,
     },
+    /// Any other reason the node could not start; the message says what.
     #[error("{0}")]
     Other(String),
 }

@@ -18,12 +18,15 @@ pub enum Restart {
 }
 
 impl Restart {
+    /// Every reason, in the order of their discriminants.
     pub const ALL: [Restart; 3] = [
         Restart::FlushFailed,
         Restart::FlushStalled,
         Restart::LeaseLost,
     ];
 
+    /// The reason's name in the `reason` label of `choreo_node_restarts_in_place_total` and
+    /// in [`RESTARTS_ENV`], e.g. `flush_failed`.
     pub fn label(self) -> &'static str {
         match self {
             Restart::FlushFailed => "flush_failed",

@@ -28,7 +28,9 @@ use crate::wire::subjects;
 /// The subjects an identity may publish and subscribe to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rights {
+    /// Subjects (with wildcards) it may publish to.
     pub publish: BTreeSet<String>,
+    /// Subjects (with wildcards) it may subscribe to.
     pub subscribe: BTreeSet<String>,
     /// May answer requests it received on their reply subject (once, within a minute).
     pub responses: bool,
@@ -226,8 +228,11 @@ pub fn operator() -> Rights {
 
 /// One identity in a server config: its public nkey, what it is, and its rights.
 pub struct User {
+    /// Its public nkey (`U...`).
     pub nkey: String,
+    /// What it is, e.g. the context's node identity; written as a comment above it.
     pub name: String,
+    /// What it may publish and subscribe to.
     pub rights: Rights,
 }
 

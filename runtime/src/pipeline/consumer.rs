@@ -3,7 +3,7 @@
 //! The actor is a thin shell: it owns the pull loop ([`super::pull`], a tokio task on the
 //! node's worker threads) and restarts it. A panic in handler code is caught around the
 //! message; the loop tells the actor, which stops and is restarted by its `Supervisor` with
-//! back-off, at most `supervision.max_restarts` times in `supervision.window_ms`; beyond
+//! back-off, at most `supervision.max_restarts` times in `supervision.window`; beyond
 //! that the consumer stays stopped for a window and the node reports not ready. The
 //! JetStream message stream is kept across restarts, so nothing prefetched is stranded.
 
@@ -45,7 +45,9 @@ pub struct ConsumerActor {
 }
 
 impl ConsumerActor {
-    pub fn new(
+    /// The actor of `component`'s durable consumer for `sub`; it stops its pull loop when
+    /// `node_shutdown` turns true.
+    pub(crate) fn new(
         rt: Arc<ContextRuntime>,
         component: Arc<dyn DynComponent>,
         sub: Subscription,

@@ -16,17 +16,25 @@ use crate::wire::envelope::{self, Envelope};
 
 /// What every consumer of one context shares.
 pub struct ContextRuntime {
-    pub context: &'static str,
-    pub health: Health,
-    pub store: Store,
-    pub commit: GroupCommit,
+    /// The context's name.
+    pub(crate) context: &'static str,
+    /// The node's readiness.
+    pub(crate) health: Health,
+    /// The context's store.
+    pub(crate) store: Store,
+    /// The context's group commit.
+    pub(crate) commit: GroupCommit,
+    /// The handle of the context's outbox relay.
     pub relay: Relay,
-    pub bus: Bus,
-    pub external: ExternalCalls,
-    pub cfg: Arc<NodeConfig>,
+    /// The node's NATS connection.
+    pub(crate) bus: Bus,
+    /// Calls to external systems, behind their circuit breakers.
+    pub(crate) external: ExternalCalls,
+    /// The node's configuration.
+    pub(crate) cfg: Arc<NodeConfig>,
     /// The node's fault rules.
     #[cfg(feature = "faults")]
-    pub faults: Arc<crate::faults::Faults>,
+    pub(crate) faults: Arc<crate::faults::Faults>,
 }
 
 impl ContextRuntime {
@@ -64,7 +72,9 @@ impl ContextRuntime {
 /// Failure of [`ContextRuntime::commit_local`].
 #[derive(Debug)]
 pub enum LocalError {
+    /// The transition refused or failed (what its function returned).
     Handler(HandleError),
+    /// The store could not commit or make the batch durable (its error, as text).
     Store(String),
 }
 

@@ -24,11 +24,18 @@ use crate::resilience::retry::RetryPolicy;
 /// Why a message is dead-lettered (the `reason` label of `choreo_dead_letters_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DlqReason {
+    /// The payload does not decode into the handler's input, or the envelope's type does
+    /// not match the subject.
     Malformed,
+    /// The consumer's component declares no message of this type.
     UnknownType,
+    /// The envelope's headers are missing or unreadable.
     MissingHeader,
+    /// Larger than `max_message_bytes`.
     Oversized,
+    /// The handler said it can never succeed (`HandleError::Permanent`).
     Permanent,
+    /// Transient failures spent the retry budget (`[retry] budget`).
     RetriesExhausted,
     /// The server stopped redelivering it (`max_deliver`): dead-lettered by the node's
     /// advisory watcher, not by a disposition.
@@ -36,7 +43,8 @@ pub enum DlqReason {
 }
 
 impl DlqReason {
-    pub const ALL: [DlqReason; 7] = [
+    /// Every reason, for initialising the series.
+    pub(crate) const ALL: [DlqReason; 7] = [
         DlqReason::Malformed,
         DlqReason::UnknownType,
         DlqReason::MissingHeader,
@@ -46,7 +54,8 @@ impl DlqReason {
         DlqReason::MaxDeliveries,
     ];
 
-    pub fn label(self) -> &'static str {
+    /// The `reason` label of `choreo_dead_letters_total`.
+    pub(crate) fn label(self) -> &'static str {
         match self {
             DlqReason::Malformed => "malformed",
             DlqReason::UnknownType => "unknown_type",
@@ -91,12 +100,25 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Disposition {
     /// Acknowledge: handled (`duplicate: false`) or already handled.
-    Ack { duplicate: bool },
+    Ack {
+        /// The inbox already held it: a duplicate.
+        duplicate: bool,
+    },
     /// Negative acknowledgement: delivered again after `delay`. `counted`: a failure of the
     /// message (retried), not of something it waits for (delayed).
-    Nak { delay: Duration, counted: bool },
+    Nak {
+        /// How long the server waits before delivering it again.
+        delay: Duration,
+        /// Whether it spends the message's retry budget.
+        counted: bool,
+    },
     /// Publish to the dead-letter stream with the reason, then terminate.
-    DeadLetter { reason: DlqReason, detail: String },
+    DeadLetter {
+        /// Why (the `reason` label).
+        reason: DlqReason,
+        /// What went wrong, recorded with the dead letter.
+        detail: String,
+    },
     /// Neither ack nor nak: the server redelivers after `ack_wait`.
     Leave,
 }

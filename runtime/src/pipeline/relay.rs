@@ -4,7 +4,7 @@
 //! Entries reach the relay two ways: a scan at start-up (everything left by a previous run)
 //! and a hand-over, in memory with their keys, once the transaction that wrote them is
 //! durable (the group commit's flusher). The
-//! relay reads entries back from the store only past [`MAX_HELD`]. Entries that are
+//! relay reads entries back from the store only past `MAX_HELD`. Entries that are
 //! committed but not yet durable are never published, so no event leaves the node without a
 //! durable state change behind it. Each batch is published pipelined (all sends, then all
 //! acks); an entry is marked published only after its publish ack. A failed publish is

@@ -39,13 +39,18 @@ pub trait Lease: Send + Sync {
 
 /// What the flusher needs to append to the changelog.
 pub struct Replication {
-    pub context: &'static str,
-    pub changelog: Changelog,
-    pub lease: Arc<dyn Lease>,
+    /// The context's name (the `context` label of the changelog metrics).
+    pub(crate) context: &'static str,
+    /// The partition's changelog.
+    pub(crate) changelog: Changelog,
+    /// The partition's lease.
+    pub(crate) lease: Arc<dyn Lease>,
     /// The sequence of the partition's last record (restored, or appended by this node).
-    pub last: u64,
-    pub runtime: tokio::runtime::Handle,
-    pub store: Store,
+    pub(crate) last: u64,
+    /// The tokio runtime the flusher thread blocks on for each append.
+    pub(crate) runtime: tokio::runtime::Handle,
+    /// The context's store (its writes outside transactions).
+    pub(crate) store: Store,
 }
 
 impl Replication {
@@ -72,7 +77,7 @@ impl Replication {
         Ok(())
     }
 
-    /// Appends one record after [`Replication::last`], retrying while no answer comes and
+    /// Appends one record after the partition's last one, retrying while no answer comes and
     /// the lease is valid.
     pub fn append_one(&mut self, record: Bytes) -> Result<(), String> {
         let id = format!("{}-{}-{}", self.context, self.lease.epoch(), self.last);

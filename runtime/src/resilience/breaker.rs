@@ -3,7 +3,7 @@
 //!
 //! - Closed: calls pass; outcomes fill a window of the last `window` calls. Once at least
 //!   `min_calls` are in it and the failure rate reaches `failure_rate`, the breaker opens.
-//! - Open: calls are refused with [`BreakerOpen`] and the time left, for `open_ms`.
+//! - Open: calls are refused with [`BreakerOpen`] and the time left, for `open`.
 //! - Half-open: up to `half_open_probes` calls pass as probes; a successful probe closes the
 //!   breaker, a failed one opens it again.
 
@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::telemetry::metrics;
 
+/// The settings of every circuit breaker of a node (`[breaker]` in its config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BreakerConfig {
@@ -44,6 +45,7 @@ impl Default for BreakerConfig {
 }
 
 impl BreakerConfig {
+    /// What makes these settings unusable, if anything.
     pub fn problems(&self) -> Option<String> {
         if self.window == 0 || self.min_calls == 0 || self.min_calls > self.window {
             return Some("need 0 < min_calls <= window".into());
@@ -62,14 +64,23 @@ impl BreakerConfig {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("circuit breaker for {system} is open; retry in {retry_after:?}")]
 pub struct BreakerOpen {
+    /// The external system the breaker is for.
     pub system: String,
+    /// How long until the breaker lets a probe through.
     pub retry_after: Duration,
 }
 
+/// A breaker's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
+    /// Calls pass; their outcomes are counted.
     Closed,
-    Open { until_ms: u64 },
+    /// Calls are refused.
+    Open {
+        /// When probes may start, in ms (the clock the breaker is given).
+        until_ms: u64,
+    },
+    /// Probes pass, up to `half_open_probes` at once; the first outcome decides.
     HalfOpen,
 }
 
@@ -86,6 +97,7 @@ struct Inner {
     probes: u32,
 }
 
+/// The circuit breaker of one external system (see the module docs).
 pub struct Breaker {
     system: String,
     cfg: BreakerConfig,
@@ -93,7 +105,8 @@ pub struct Breaker {
 }
 
 impl Breaker {
-    pub fn new(system: &str, cfg: BreakerConfig) -> Self {
+    /// A closed breaker for `system`, its state metrics set.
+    pub(crate) fn new(system: &str, cfg: BreakerConfig) -> Self {
         for state in metrics::BREAKER_STATES {
             metrics::BREAKER_STATE
                 .with_label_values(&[system, state])
@@ -113,6 +126,7 @@ impl Breaker {
         }
     }
 
+    /// Its current state.
     pub fn state(&self) -> State {
         self.inner.lock().expect("breaker").state
     }
@@ -213,14 +227,16 @@ pub struct Breakers {
 }
 
 impl Breakers {
-    pub fn new(cfg: BreakerConfig) -> Self {
+    /// No breaker yet; each is made with `cfg` on first use.
+    pub(crate) fn new(cfg: BreakerConfig) -> Self {
         Breakers {
             cfg,
             map: Mutex::new(HashMap::new()),
         }
     }
 
-    pub fn get(&self, system: &str) -> Arc<Breaker> {
+    /// The breaker of `system`, made closed on first use.
+    pub(crate) fn get(&self, system: &str) -> Arc<Breaker> {
         let mut m = self.map.lock().expect("breakers");
         m.entry(system.to_string())
             .or_insert_with(|| Arc::new(Breaker::new(system, self.cfg.clone())))

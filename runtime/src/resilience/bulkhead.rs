@@ -29,7 +29,8 @@ impl Drop for Place {
 }
 
 impl Bulkhead {
-    pub fn new(size: usize, context: &str, consumer: &str) -> Self {
+    /// A bulkhead of `size` places for `consumer` of `context` (the labels of its gauge).
+    pub(crate) fn new(size: usize, context: &str, consumer: &str) -> Self {
         let in_use = metrics::BULKHEAD_IN_USE.with_label_values(&[context, consumer]);
         in_use.set(0);
         Bulkhead {

@@ -57,7 +57,13 @@ pub struct ExternalCalls {
 }
 
 impl ExternalCalls {
-    pub fn new(client: async_nats::Client, breakers: Arc<Breakers>, timeout: Duration) -> Self {
+    /// Calls over `client`, each through its system's breaker from `breakers` and bounded
+    /// by `timeout`.
+    pub(crate) fn new(
+        client: async_nats::Client,
+        breakers: Arc<Breakers>,
+        timeout: Duration,
+    ) -> Self {
         ExternalCalls {
             client,
             breakers,

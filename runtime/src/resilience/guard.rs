@@ -10,8 +10,10 @@ use futures::FutureExt;
 /// Why a guarded handling did not finish.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Interrupted {
+    /// It panicked; the panic's message.
     #[error("handler panicked: {0}")]
     Panicked(String),
+    /// It did not finish within this time.
     #[error("handler timed out after {} ms", .0.as_millis())]
     TimedOut(Duration),
 }

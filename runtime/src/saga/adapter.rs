@@ -70,12 +70,17 @@ impl<P: ProcessManager> DynComponent for SagaComponent<P> {
 
 /// The object-safe side of a saga used by the node: deadlines, operator retries, inspection.
 pub trait DynSaga: Send + Sync + 'static {
+    /// The saga's stable name ([`ProcessManager::name`]).
     fn name(&self) -> &'static str;
+    /// The declared graph ([`ProcessManager::definition`]).
     fn definition(&self) -> Definition;
     /// What is wrong with the declaration ([`ProcessManager::problems`]).
     fn problems(&self) -> Vec<String>;
     /// The component that handles the saga's messages.
     fn component(&self) -> Arc<dyn DynComponent>;
+    /// Fires the deadline `deadline` of the instance `id` inside the transaction `tx`;
+    /// `cause_id` goes to the history as the message id. Nothing happens if the instance no
+    /// longer holds that deadline.
     fn fire(
         &self,
         tx: &dyn StateTx,
@@ -84,6 +89,9 @@ pub trait DynSaga: Send + Sync + 'static {
         cause_id: &str,
         now_ms: u64,
     ) -> Result<Decision, HandleError>;
+    /// Applies an operator retry to the instance `id` inside the transaction `tx`;
+    /// `cause_id` goes to the history as the message id. A `Permanent` error if there is no
+    /// such instance.
     fn retry(
         &self,
         tx: &dyn StateTx,

@@ -28,7 +28,9 @@ use crate::component::{instance_id, DecodeError, HandleError, Kind, Message, Sub
 /// A saga instance's data with the name of the state it is in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tracked<D> {
+    /// The name of the state in the declared graph.
     pub status: String,
+    /// The data the saga's rules read and return.
     pub data: D,
 }
 

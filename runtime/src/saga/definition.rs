@@ -6,7 +6,11 @@ use serde::Serialize;
 /// A state of the declared graph.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StateDef {
+    /// The state's name, as [`ProcessManager::state_name`](super::ProcessManager::state_name)
+    /// returns it.
     pub name: &'static str,
+    /// An instance in this state has ended: entering it cancels every deadline, and the
+    /// instance is removed after the retention period.
     pub terminal: bool,
     /// The deadline held while in this state.
     pub deadline: Option<&'static str>,
@@ -17,25 +21,35 @@ pub struct StateDef {
 /// An edge of the declared graph.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TransitionDef {
+    /// The state the edge leaves.
     pub from: &'static str,
+    /// What takes it: a message type, `deadline:<name>` or `retry`; alternatives separated
+    /// by `|` (`StockCommitted|PaymentCaptured`).
     pub on: &'static str,
+    /// The state the edge enters.
     pub to: &'static str,
 }
 
 /// The declared states and transitions of a saga, for graphs and checks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Definition {
+    /// The saga's name.
     pub name: &'static str,
+    /// The state a new instance enters.
     pub initial: &'static str,
+    /// Every state.
     pub states: Vec<StateDef>,
+    /// Every edge.
     pub transitions: Vec<TransitionDef>,
 }
 
 impl Definition {
+    /// The declared state `name`, if any.
     pub fn state(&self, name: &str) -> Option<&StateDef> {
         self.states.iter().find(|s| s.name == name)
     }
 
+    /// True if `name` is a declared terminal state.
     pub fn is_terminal(&self, name: &str) -> bool {
         self.state(name).is_some_and(|s| s.terminal)
     }

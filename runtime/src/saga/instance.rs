@@ -1,5 +1,5 @@
 //! Saga instances as stored: the instance (state, version, deadlines), its history, the
-//! deadline index, and [`apply`], one transition inside a message's transaction.
+//! deadline index, and the step that runs one transition inside a message's transaction.
 
 use std::collections::BTreeMap;
 
@@ -16,17 +16,27 @@ pub const HISTORY_LIMIT: usize = 200;
 /// One recorded transition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
+    /// The instance's version after the transition.
     pub version: u64,
+    /// When the transition ran, in milliseconds since the Unix epoch.
     pub at_ms: u64,
     /// `message`, `deadline` or `retry`.
     pub trigger: String,
+    /// The id of the message that caused it; for a deadline or a retry, an id derived from
+    /// the firing or the operator's request.
     pub message_id: String,
+    /// The type of that message, the deadline's name, or `OperatorRetry`.
     pub message_type: String,
+    /// The state before (`(start)` for a new instance).
     pub from: String,
+    /// The state after.
     pub to: String,
+    /// Types of the messages sent, in order.
     pub sent: Vec<String>,
+    /// Names of the deadlines set or moved.
     #[serde(default)]
     pub deadlines_set: Vec<String>,
+    /// Names of the deadlines cancelled (a fired deadline among them).
     #[serde(default)]
     pub deadlines_cancelled: Vec<String>,
 }
@@ -34,18 +44,27 @@ pub struct HistoryEntry {
 /// A persisted instance.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Instance<S> {
+    /// The saga's name ([`ProcessManager::name`]).
     pub saga: String,
+    /// The instance's id, as the saga correlates its inputs.
     pub id: String,
+    /// How many transitions the instance has taken; each one writes `version + 1`.
     pub version: u64,
+    /// The name of its state in the declared graph.
     pub status: String,
+    /// Whether that state is terminal.
     pub terminal: bool,
+    /// The saga's own state.
     pub state: S,
+    /// When its first transition ran, in milliseconds since the Unix epoch.
     pub started_at_ms: u64,
+    /// When its last transition ran, in milliseconds since the Unix epoch.
     pub updated_at_ms: u64,
     /// Pending deadlines: name -> due time.
     pub deadlines: BTreeMap<String, u64>,
 }
 
+/// The state key of the instance `id` of `saga`.
 pub fn instance_key(saga: &str, id: &str) -> String {
     format!("saga/{saga}/{id}")
 }
@@ -79,7 +98,8 @@ pub fn show(
 /// Prefix of the deadline index; keys sort by due time.
 pub const DEADLINE_PREFIX: &str = "deadline/";
 
-pub fn deadline_key(at_ms: u64, saga: &str, id: &str, name: &str) -> String {
+/// The index key of the deadline `name` of an instance, due at `at_ms`.
+pub(crate) fn deadline_key(at_ms: u64, saga: &str, id: &str, name: &str) -> String {
     format!("{DEADLINE_PREFIX}{at_ms:020}/{saga}/{id}/{name}")
 }
 
@@ -124,15 +144,16 @@ pub fn forget_ended(tx: &dyn StateTx, key: &str) -> Result<Option<String>, State
 
 /// A parsed deadline index key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DueDeadline {
-    pub key: String,
-    pub at_ms: u64,
-    pub saga: String,
-    pub id: String,
-    pub name: String,
+pub(crate) struct DueDeadline {
+    pub(crate) key: String,
+    pub(crate) at_ms: u64,
+    pub(crate) saga: String,
+    pub(crate) id: String,
+    pub(crate) name: String,
 }
 
-pub fn parse_deadline_key(key: &str) -> Option<DueDeadline> {
+/// The deadline a [`deadline_key`] names; `None` for any other key.
+pub(crate) fn parse_deadline_key(key: &str) -> Option<DueDeadline> {
     let rest = key.strip_prefix(DEADLINE_PREFIX)?;
     let mut parts = rest.splitn(2, '/');
     let at_ms = parts.next()?.parse().ok()?;
@@ -149,15 +170,15 @@ pub fn parse_deadline_key(key: &str) -> Option<DueDeadline> {
 }
 
 /// What caused a transition, for the history.
-pub struct Cause<'a> {
-    pub trigger: &'static str,
-    pub message_id: &'a str,
-    pub message_type: &'a str,
+pub(crate) struct Cause<'a> {
+    pub(crate) trigger: &'static str,
+    pub(crate) message_id: &'a str,
+    pub(crate) message_type: &'a str,
 }
 
 /// Runs one transition inside a transaction: loads the instance, applies the step, updates
 /// the deadline index, appends history, saves with `version + 1`. Returns what to send.
-pub fn apply<P: ProcessManager>(
+pub(crate) fn apply<P: ProcessManager>(
     pm: &P,
     tx: &dyn StateTx,
     id: &str,
@@ -306,12 +327,19 @@ pub(crate) fn check_declared(
 /// A summary line of an instance, for `list` and `stuck`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InstanceSummary {
+    /// The instance's id.
     pub id: String,
+    /// The name of its state in the declared graph.
     pub status: String,
+    /// Whether that state is terminal.
     pub terminal: bool,
+    /// How many transitions it has taken.
     pub version: u64,
+    /// When its first transition ran, in milliseconds since the Unix epoch.
     pub started_at_ms: u64,
+    /// When its last transition ran, in milliseconds since the Unix epoch.
     pub updated_at_ms: u64,
+    /// Pending deadlines: name -> due time.
     pub deadlines: BTreeMap<String, u64>,
 }
 

@@ -34,15 +34,17 @@ pub use adapter::{hosted, DynSaga};
 pub use builder::{Saga, SagaMessage, Tracked};
 pub use definition::{Definition, StateDef, TransitionDef};
 pub use instance::{
-    deadline_key, ended_key, history_prefix, instance_key, instances, parse_deadline_key, show,
-    Cause, DueDeadline, HistoryEntry, Instance, InstanceSummary, DEADLINE_PREFIX, ENDED_PREFIX,
-    HISTORY_LIMIT,
+    ended_key, history_prefix, instance_key, instances, show, HistoryEntry, Instance,
+    InstanceSummary, DEADLINE_PREFIX, ENDED_PREFIX, HISTORY_LIMIT,
 };
 
 /// A deadline to set (or move) on the instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deadline {
+    /// The deadline's name, unique within the instance; a fired deadline is the trigger
+    /// [`Trigger::Deadline`] with this name.
     pub name: String,
+    /// When it is due, in milliseconds since the Unix epoch.
     pub at_ms: u64,
 }
 
@@ -67,7 +69,9 @@ impl Deadline {
 /// The outcome of one transition.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step<S> {
+    /// The instance's state after the transition.
     pub state: S,
+    /// Messages to send, through the outbox in the transition's transaction.
     pub send: Vec<Outgoing>,
     /// Deadlines to set; one with the name of an existing deadline replaces it.
     pub set: Vec<Deadline>,
@@ -126,11 +130,15 @@ impl<I> Copy for Trigger<'_, I> {}
 
 /// A process manager.
 pub trait ProcessManager: Send + Sync + 'static {
+    /// An instance's state, stored as JSON with the instance.
     type State: Serialize + DeserializeOwned + Clone + Send + Sync + 'static;
+    /// A decoded subscribed message.
     type Input: Send + Sync + 'static;
     /// Stable name (e.g. `order-fulfilment`): part of keys, subjects and durable names.
     fn name(&self) -> &'static str;
+    /// The messages the saga consumes.
     fn subscriptions(&self) -> Vec<Subscription>;
+    /// Decodes the JSON payload of a subscribed message of type `msg_type`.
     fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Self::Input, DecodeError>;
     /// The instance an input belongs to.
     fn correlate(&self, input: &Self::Input) -> String;
@@ -143,6 +151,8 @@ pub trait ProcessManager: Send + Sync + 'static {
     ) -> Result<Option<Step<Self::State>>, HandleError>;
     /// The name of the state in the declared graph.
     fn state_name(&self, state: &Self::State) -> &'static str;
+    /// The declared graph: the states and the transitions the saga may take. The runtime
+    /// refuses a transition it does not declare.
     fn definition(&self) -> Definition;
     /// What is wrong with the declaration; a context with a saga that has problems does not
     /// start.

@@ -11,8 +11,12 @@ use crate::component::HandleError;
 /// not have is refused (`try_when` says why; `when` leaves the instance as it was).
 pub struct Scenario<'a, P: ProcessManager> {
     pm: &'a P,
+    /// The instance's state; `None` until a transition creates it.
     pub state: Option<P::State>,
+    /// The scenario's clock, in milliseconds; starts at 0 and moves only by
+    /// [`Scenario::advance`] (or by setting it).
     pub now_ms: u64,
+    /// Pending deadlines: name -> due time.
     pub deadlines: BTreeMap<String, u64>,
     /// Types of every message sent, in order.
     pub sent: Vec<&'static str>,
@@ -36,6 +40,7 @@ where
 }
 
 impl<'a, P: ProcessManager> Scenario<'a, P> {
+    /// A scenario of `pm` with no instance yet, at time 0.
     pub fn new(pm: &'a P) -> Self {
         Scenario {
             pm,

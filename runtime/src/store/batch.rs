@@ -55,7 +55,9 @@ pub enum Committed {
     /// publication; the saga moves are what the transaction did to saga instances. The
     /// group commit takes both out (to the relay, to the counts) before it answers.
     Written {
+        /// The outbox entries written, with their keys.
         outbox: KeyedEntries,
+        /// The saga instances the transaction moved.
         saga_moves: Vec<SagaMove>,
         /// Consumers that handled some of the entries in the same transaction.
         chained: Vec<Arc<str>>,
@@ -81,7 +83,10 @@ impl Committed {
 /// Error returned by a decide closure: a transaction error to retry, or the handler's own.
 #[derive(Debug)]
 pub enum DecideError<E> {
+    /// A read or write of the transaction failed: the whole transaction runs again (a
+    /// conflict) or fails (a storage error).
     Tx(TxError),
+    /// The handler's own error: this message's item writes nothing.
     Handler(E),
 }
 
@@ -96,7 +101,11 @@ pub type DecideFn<'a, E> = dyn Fn(&dyn StateTx) -> Result<Effects, DecideError<E
 
 /// One message's part of [`Store::commit_batch`].
 pub struct BatchItem<'a, E> {
+    /// The message's inbox mark (`<consumer>/<message id>`): an item whose mark is there
+    /// already is a duplicate and writes nothing.
     pub inbox_key: &'a str,
+    /// When the message is handled, in milliseconds since the Unix epoch; stored with the
+    /// inbox mark.
     pub now_ms: u64,
     /// Runs the handler against the state; may run more than once (see [`StateTx`]).
     pub decide: &'a DecideFn<'a, E>,
@@ -108,7 +117,10 @@ pub type ItemResult<E> = std::thread::Result<Result<Committed, CommitError<E>>>;
 /// Error of a commit: the handler's own error (returned unchanged) or the store's.
 #[derive(Debug)]
 pub enum CommitError<E> {
+    /// The decision's own error; nothing of the message was written.
     Handler(E),
+    /// The store failed (the transaction, or an outbox entry that cannot be encoded; see
+    /// [`StoreError`]); nothing of the message was written.
     Store(StoreError),
 }
 

@@ -25,6 +25,7 @@ pub trait Chain: Send + Sync {
 pub struct Link {
     /// The consumer's durable name.
     pub consumer: Arc<str>,
+    /// The handling's inbox mark (`<consumer>/<message id>`), written with it.
     pub inbox_key: String,
     /// The consumer's decision; a `Handler` error (the reason) leaves the entry to the usual
     /// path, writing nothing.

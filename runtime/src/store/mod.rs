@@ -46,10 +46,20 @@ const OUTBOX_BASE: &[u8] = b"outbox_base";
 /// point of view: it is retried, never acked.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// sled failed (IO, or corruption it detected).
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
+    /// A stored value under `key` cannot be decoded, or a value to store cannot be encoded;
+    /// `message` says why.
     #[error("stored value under {key:?} is not valid: {message}")]
-    Corrupt { key: String, message: String },
+    Corrupt {
+        /// Where the value is (`meta/outbox_base`, `outbox/<id>`; `outbox` for an entry
+        /// being written).
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A file system operation around the database failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
     /// A batch transaction, a flush or the commit thread failed (shared by many messages).

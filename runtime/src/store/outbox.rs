@@ -9,7 +9,9 @@ use crate::wire::envelope::Envelope;
 /// A message to publish once the transaction that produced it is durable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxEntry {
+    /// The NATS subject to publish on.
     pub subject: String,
+    /// The message's envelope: its headers on the wire.
     pub envelope: Envelope,
     /// JSON payload, as sent on the wire.
     pub payload: String,
@@ -85,6 +87,7 @@ impl Store {
         std::mem::take(&mut *self.published())
     }
 
+    /// How many outbox entries the store holds (published or not, until removed).
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
     }

@@ -21,13 +21,17 @@ impl std::fmt::Display for TxError {
 /// Reads and writes of the `state` tree inside one transaction. Closures using it may run
 /// more than once (on conflict): they must have no side effects besides these calls.
 pub trait StateTx {
+    /// The value under `key`, as this transaction sees it (its own writes included).
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, TxError>;
+    /// Writes `value` under `key`; it is stored only if the transaction commits.
     fn put(&self, key: &str, value: &[u8]) -> Result<(), TxError>;
+    /// Removes `key` (nothing if absent); it is removed only if the transaction commits.
     fn remove(&self, key: &str) -> Result<(), TxError>;
 }
 
 /// Reads of the `state` tree outside a transaction (plans and read-model queries).
 pub trait StateRead {
+    /// The value under `key`, as last committed.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every `(key, value)` whose key starts with `prefix`, in key order.
     fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;

@@ -16,6 +16,8 @@ pub struct Health {
 }
 
 impl Health {
+    /// Marks the node started (`true`) or shutting down (`false`); the other conditions of
+    /// [`Health::is_ready`] still apply.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
     }

@@ -9,6 +9,8 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// The registry of every metric the node serves on `/metrics`; an application registers
+/// its own business metrics here too.
 pub static REGISTRY: LazyLock<Registry> = LazyLock::new(Registry::new);
 
 pub(crate) fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {

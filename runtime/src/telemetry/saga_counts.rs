@@ -1,7 +1,7 @@
 //! Saga instance counts for the saga gauges, kept in memory.
 //!
 //! The counts come from one scan of the stored instances when a context starts
-//! ([`reset`]), then from each committed transition: a transition returns a [`SagaMove`]
+//! (`reset`), then from each committed transition: a transition returns a [`SagaMove`]
 //! with the messages it sends, the store returns the moves of a batch with its result once
 //! the transaction committed, and the commit thread hands them to [`record`]. The gauges so
 //! never scan the store, whose saga history grows with every instance a node ran. A count
@@ -16,23 +16,29 @@ use super::metrics;
 /// One saga instance moving from one state to another in a committed transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SagaMove {
+    /// The saga's name.
     pub saga: &'static str,
+    /// The instance's id.
     pub id: String,
     /// The state before and whether it was terminal; `None` for a new instance.
     pub from: Option<(String, bool)>,
+    /// The state after.
     pub to: &'static str,
+    /// Whether the state after is terminal.
     pub terminal: bool,
+    /// When the instance started, in milliseconds since the Unix epoch.
     pub started_at_ms: u64,
+    /// When the transition ran, in milliseconds since the Unix epoch.
     pub at_ms: u64,
 }
 
 /// A stored instance as counted at start-up.
 #[derive(Debug, Clone)]
-pub struct Counted {
-    pub id: String,
-    pub status: String,
-    pub terminal: bool,
-    pub started_at_ms: u64,
+pub(crate) struct Counted {
+    pub(crate) id: String,
+    pub(crate) status: String,
+    pub(crate) terminal: bool,
+    pub(crate) started_at_ms: u64,
 }
 
 /// The counts of one saga.
@@ -76,7 +82,7 @@ pub fn record(moves: impl IntoIterator<Item = SagaMove>) {
 
 /// Replaces the counts of `saga` with those of the stored instances (start-up, before its
 /// consumers run).
-pub fn reset(saga: &'static str, instances: impl IntoIterator<Item = Counted>) {
+pub(crate) fn reset(saga: &'static str, instances: impl IntoIterator<Item = Counted>) {
     let mut c = Counts::default();
     for i in instances {
         *c.by_state.entry(i.status).or_default() += 1;

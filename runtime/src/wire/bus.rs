@@ -15,12 +15,30 @@ use super::subjects;
 /// Bus failures; all transient from a message's point of view.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
+    /// No connection to NATS could be made.
     #[error("cannot connect to NATS at {url}: {message}")]
-    Connect { url: String, message: String },
+    Connect {
+        /// The URL connected to (or several, comma-separated: the servers of a cluster).
+        url: String,
+        /// Why the connection failed.
+        message: String,
+    },
+    /// A JetStream request (a stream, a consumer, a bucket) failed or was refused.
     #[error("jetstream {what}: {message}")]
-    JetStream { what: String, message: String },
+    JetStream {
+        /// What was being done, e.g. `create consumer <durable>`.
+        what: String,
+        /// The error JetStream or the client reported.
+        message: String,
+    },
+    /// A publish was not acknowledged by JetStream.
     #[error("publish to {subject}: {message}")]
-    Publish { subject: String, message: String },
+    Publish {
+        /// The subject published to.
+        subject: String,
+        /// Why it was not acknowledged.
+        message: String,
+    },
 }
 
 /// How long a node keeps trying to create its streams while JetStream does not answer.
@@ -64,17 +82,19 @@ pub(super) fn js_err(what: impl Into<String>, e: impl std::fmt::Display) -> BusE
 /// Connected client plus JetStream context; cheap to clone.
 #[derive(Clone)]
 pub struct Bus {
+    /// The core NATS client: plain publish, subscribe and request/reply.
     pub client: async_nats::Client,
+    /// The JetStream context over `client`: streams, consumers and key-value buckets.
     pub js: jetstream::Context,
 }
 
 impl Bus {
     /// Connects to `url`, or to any of several comma-separated URLs (the servers of a
-    /// cluster; the client moves to another when one goes). A failure that may pass (refused, no answer in time, a host name not
-    /// resolved, another I/O error) is retried every 200 ms for up to `wait`, and logged as
-    /// a warning with the URL and the reason (at the first failure, then every 5 s); one
-    /// that cannot (not a NATS URL, TLS, credentials refused) fails at once. Anonymous; see
-    /// [`Bus::connect_as`].
+    /// cluster; the client moves to another when one goes). A failure that may pass
+    /// (refused, no answer in time, a host name not resolved, another I/O error) is retried
+    /// every 200 ms for up to `wait`, and logged as a warning with the URL and the reason (at
+    /// the first failure, then every 5 s); one that cannot (not a NATS URL, TLS, credentials
+    /// refused) fails at once. Anonymous; see [`Bus::connect_as`].
     pub async fn connect(url: &str, name: &str, wait: Duration) -> Result<Self, BusError> {
         Self::connect_as(url, name, wait, &Identity::default()).await
     }
@@ -296,7 +316,7 @@ impl Bus {
     /// Sends a message to the dead-letter stream with its reason, keeping its original
     /// headers (its `Nats-Msg-Id` moves to `Choreo-Dlq-Msg-Id`) and payload, and waits for
     /// the ack.
-    pub async fn dead_letter(&self, dl: &DeadLetter<'_>) -> Result<(), BusError> {
+    pub(crate) async fn dead_letter(&self, dl: &DeadLetter<'_>) -> Result<(), BusError> {
         let mut h = envelope::headers_without_msg_id(dl.headers);
         if let Some(id) = dl.headers.and_then(|h| h.get(headers::NATS_MSG_ID)) {
             h.insert(headers::DLQ_MSG_ID, id.as_str());
@@ -324,13 +344,21 @@ impl Bus {
 /// The limits a stream is created with. A full stream refuses new messages (a publisher
 /// retries: backpressure) rather than discarding the oldest, which a consumer may not have
 /// read yet; history that every durable consumer has acked is removed by
-/// [`Bus::trim_acked`]. `max_age` (zero: none) removes old messages whatever their state.
+/// [`Bus::trim`]. `max_age` (zero: none) removes old messages whatever their state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamSpec {
+    /// Messages older than this are removed by the server, acked or not (zero: no age
+    /// limit).
     pub max_age: Duration,
+    /// The stream's size limit in bytes (-1: none).
     pub max_bytes: i64,
+    /// The largest message the stream stores, in bytes (the dead-letter stream's is 4096
+    /// bytes more, for the headers a dead letter adds).
     pub max_message_size: i32,
+    /// How long JetStream remembers a `Nats-Msg-Id`, dropping a message published again
+    /// with it.
     pub duplicate_window: Duration,
+    /// `true`: file storage; `false`: memory. The dead-letter stream is always on file.
     pub file_storage: bool,
     /// Copies of every stream, consumer and key-value bucket: 1 on one server, 3 on a
     /// cluster of three or more.
@@ -340,21 +368,34 @@ pub struct StreamSpec {
 /// The settings a durable consumer is created with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConsumerSpec {
+    /// A delivered message not acked within this time is delivered again.
     pub ack_wait: Duration,
+    /// Deliveries after which the server gives up on a message: a backstop, the runtime's
+    /// retry budget dead-letters a failing message before.
     pub max_deliver: i64,
+    /// Messages delivered and not yet acked at most; the server delivers no more until
+    /// some are acked.
     pub max_ack_pending: i64,
 }
 
 /// A message given up on, and why.
-pub struct DeadLetter<'a> {
-    pub context: &'a str,
-    pub consumer: &'a str,
-    pub subject: &'a str,
-    pub reason: &'a str,
-    pub delivered: i64,
-    pub stream_sequence: u64,
-    pub headers: Option<&'a HeaderMap>,
-    pub payload: Bytes,
+pub(crate) struct DeadLetter<'a> {
+    /// The context whose consumer gave up on it: the dead letter goes to its DLQ subject.
+    pub(crate) context: &'a str,
+    /// The durable consumer that gave up on it.
+    pub(crate) consumer: &'a str,
+    /// The subject it was delivered on.
+    pub(crate) subject: &'a str,
+    /// Why it was given up on (sent as one line of at most 512 characters).
+    pub(crate) reason: &'a str,
+    /// How many times it was delivered.
+    pub(crate) delivered: i64,
+    /// Its sequence in its stream; with `consumer`, the dead letter's `Nats-Msg-Id`.
+    pub(crate) stream_sequence: u64,
+    /// Its original headers, if it had any.
+    pub(crate) headers: Option<&'a HeaderMap>,
+    /// Its original body.
+    pub(crate) payload: Bytes,
 }
 
 fn pub_err(subject: &str, e: impl std::fmt::Display) -> BusError {

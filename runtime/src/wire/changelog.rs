@@ -28,7 +28,10 @@ pub enum AppendError {
     /// The log has moved past the sequence this node expected: another node appended, this
     /// one no longer owns the partition.
     #[error("changelog append refused: another node has appended since sequence {expected}")]
-    Fenced { expected: u64 },
+    Fenced {
+        /// The sequence of the last record this node expected the log to hold.
+        expected: u64,
+    },
     /// No answer, or another failure: the append may be retried (same id).
     #[error("changelog append failed: {0}")]
     Failed(String),

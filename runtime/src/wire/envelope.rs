@@ -12,13 +12,23 @@ use serde::{Deserialize, Serialize};
 /// Header names of the wire format. `Nats-Msg-Id` is set to the same value as `Choreo-Id`
 /// when publishing so that JetStream's duplicate window drops a re-publish.
 pub mod headers {
+    /// The message's unique id ([`Envelope::id`](super::Envelope::id)).
     pub const ID: &str = "Choreo-Id";
+    /// The message type ([`Envelope::msg_type`](super::Envelope::msg_type)).
     pub const TYPE: &str = "Choreo-Type";
+    /// The payload's schema version ([`Envelope::schema`](super::Envelope::schema)).
     pub const SCHEMA: &str = "Choreo-Schema";
+    /// The business transaction's id
+    /// ([`Envelope::correlation_id`](super::Envelope::correlation_id)).
     pub const CORRELATION: &str = "Choreo-Correlation";
+    /// The causing message's id ([`Envelope::causation_id`](super::Envelope::causation_id)).
     pub const CAUSATION: &str = "Choreo-Causation";
+    /// The publishing context ([`Envelope::source`](super::Envelope::source)).
     pub const SOURCE: &str = "Choreo-Source";
+    /// When it occurred, in ms since the Unix epoch
+    /// ([`Envelope::occurred_at_ms`](super::Envelope::occurred_at_ms)).
     pub const OCCURRED_AT: &str = "Choreo-Occurred-At";
+    /// JetStream's deduplication key; the same value as `Choreo-Id`.
     pub const NATS_MSG_ID: &str = "Nats-Msg-Id";
     /// W3C trace context; optional on input, always set on what Choreo publishes.
     pub const TRACEPARENT: &str = "traceparent";
@@ -80,12 +90,22 @@ pub struct Envelope {
 /// Why an incoming message's metadata could not be read. Each is a dead-letter reason.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnvelopeError {
+    /// The message carries no headers at all.
     #[error("message has no headers")]
     NoHeaders,
+    /// A required header (named) is absent or blank.
     #[error("missing header {0}")]
     MissingHeader(&'static str),
+    /// A header's value is not valid: not a number where one is expected, or a message type
+    /// that is not a subject token (letters, digits, `-`, `_`).
     #[error("header {header} is not valid: {value:?}")]
-    BadHeader { header: &'static str, value: String },
+    BadHeader {
+        /// The header's name.
+        header: &'static str,
+        /// Its value as received.
+        value: String,
+    },
+    /// The schema version is 0 or newer than [`SCHEMA_VERSION`] (`u32::MAX`: out of range).
     #[error("unsupported schema version {0} (this build reads up to {SCHEMA_VERSION})")]
     UnsupportedSchema(u32),
 }

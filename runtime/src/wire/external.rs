@@ -17,6 +17,9 @@ use crate::telemetry::metrics;
 pub struct ExternalCall {
     /// System name (bounded; used in metrics and to pick the system's circuit breaker).
     pub system: &'static str,
+    /// The request subject, `choreo.ext.<system>.<operation>` ([`subjects::external`]).
+    ///
+    /// [`subjects::external`]: crate::wire::subjects::external
     pub subject: String,
     /// JSON request body. It must carry an idempotency key: the call is repeated if the
     /// message is redelivered before its transaction commits.
@@ -26,24 +29,36 @@ pub struct ExternalCall {
 /// Why an external call gave no usable answer. Always transient.
 #[derive(Debug, thiserror::Error)]
 pub enum ExternalError {
+    /// No reply came in time.
     #[error("{system}: no reply within {timeout:?}")]
     Timeout {
+        /// The system called.
         system: &'static str,
+        /// How long the call waited.
         timeout: Duration,
     },
+    /// The request could not be made (no responders, no connection).
     #[error("{system}: request failed: {message}")]
     Request {
+        /// The system called.
         system: &'static str,
+        /// Why the request failed.
         message: String,
     },
+    /// The system answered `{"error": ...}`: a failure on its side.
     #[error("{system}: reported error: {message}")]
     Failed {
+        /// The system called.
         system: &'static str,
+        /// The error it reported.
         message: String,
     },
+    /// The reply is not JSON.
     #[error("{system}: reply is not JSON: {message}")]
     BadReply {
+        /// The system called.
         system: &'static str,
+        /// Why the reply did not parse.
         message: String,
     },
 }

@@ -36,11 +36,16 @@ pub struct NatsAuth {
     pub tls_key: Option<PathBuf>,
 }
 
-/// The environment variables of [`NatsAuth`], each a file's path.
+/// The environment variable of [`NatsAuth::seed_file`]. Like every `ENV_*` variable of
+/// [`NatsAuth`], it holds a file's path.
 pub const ENV_SEED: &str = "CHOREO_NATS_SEED";
+/// The environment variable of [`NatsAuth::credentials_file`].
 pub const ENV_CREDS: &str = "CHOREO_NATS_CREDS";
+/// The environment variable of [`NatsAuth::tls_ca`].
 pub const ENV_CA: &str = "CHOREO_NATS_CA";
+/// The environment variable of [`NatsAuth::tls_cert`].
 pub const ENV_CERT: &str = "CHOREO_NATS_CERT";
+/// The environment variable of [`NatsAuth::tls_key`].
 pub const ENV_KEY: &str = "CHOREO_NATS_KEY";
 
 impl NatsAuth {
@@ -132,7 +137,10 @@ impl NatsAuth {
 /// label its permission violations are counted under.
 #[derive(Debug, Clone, Default)]
 pub struct Identity {
+    /// Its credentials and TLS settings.
     pub auth: NatsAuth,
+    /// The prefix of its reply inboxes ([`inbox_prefix()`]); `None`: the client's default
+    /// (`_INBOX`).
     pub inbox_prefix: Option<String>,
     /// `context` label of `choreo_nats_permission_violations_total` (`client` when empty).
     pub label: String,

@@ -36,21 +36,27 @@ pub struct Holder {
 /// A lease this node holds: the key's revision after its last write.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Held {
-    pub key: String,
-    pub revision: u64,
-    pub holder: Holder,
+    /// The lease's key, e.g. `orders.p0`.
+    pub(crate) key: String,
+    /// The key's revision after this node's last write: the next renewal's compare-and-swap.
+    pub(crate) revision: u64,
+    /// What this node wrote, its epoch included.
+    pub(crate) holder: Holder,
 }
 
 /// The lease bucket.
 #[derive(Clone)]
 pub struct Leases {
     kv: kv::Store,
+    /// How long a lease lasts without a renewal: the bucket's `max_age` (zero if the bucket's
+    /// status could not be read).
     pub ttl: Duration,
 }
 
 /// The result of trying to take a lease.
 #[derive(Debug)]
 pub enum Acquired {
+    /// Taken: this node holds it now.
     Held(Held),
     /// Someone else holds it: their value and the key's revision, if readable.
     Taken(Option<(Holder, u64)>),
@@ -225,6 +231,7 @@ pub enum RenewError {
     /// Someone else wrote the key: the lease is gone.
     #[error("the lease was taken over")]
     Lost,
+    /// No answer, or another failure: the lease may still be held.
     #[error("lease renewal failed: {0}")]
     Failed(String),
 }

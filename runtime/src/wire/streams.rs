@@ -13,10 +13,15 @@ use super::bus::{Bus, BusError};
 /// A stream's state and its durable consumers'.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamState {
+    /// The stream's name, e.g. `CHOREO_ORDERS`.
     pub name: String,
+    /// The sequence of its oldest stored message.
     pub first_seq: u64,
+    /// The sequence of its newest message (0: none yet).
     pub last_seq: u64,
+    /// Messages stored.
     pub messages: u64,
+    /// Bytes stored.
     pub bytes: u64,
     /// The stream's size limit (-1: none).
     pub max_bytes: i64,
@@ -27,6 +32,7 @@ pub struct StreamState {
 /// How far a durable consumer has got.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerState {
+    /// The durable consumer's name.
     pub name: String,
     /// Every message up to this stream sequence that it receives is acked.
     pub ack_floor: u64,
