@@ -25,9 +25,7 @@ pub fn build(name: &str, cfg: &NodeConfig) -> Result<Arc<dyn Context>, String> {
     }
     let context = match name {
         "customers" => customers::context(),
-        "orders" => ContextBuilder::new("orders")
-            .components(orders::components())
-            .queries(orders::QUERIES, orders::query)
+        "orders" => orders::context()
             .saga(sagas::order_fulfilment(&cfg.sagas)?)
             .sends(inventory::CONTEXT, &["CommitStock", "ReleaseStock"])
             .sends(payments::CONTEXT, &["CapturePayment", "CancelPayment"])

@@ -21,19 +21,46 @@ use crate::component::{
 };
 use crate::store::{load, save, StateTx};
 
-/// A command that can never succeed, with the reason its dead letter carries.
+/// A command refused, with the reason: for good (dead-lettered with it), or until its
+/// prerequisite has happened (retried).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct Rejection(pub String);
+#[error("{reason}")]
+pub struct Rejection {
+    reason: String,
+    later: bool,
+}
 
 impl Rejection {
-    /// A rejection with this reason.
+    /// A command that can never succeed: dead-lettered with this reason.
     pub fn new(reason: impl Into<String>) -> Self {
-        Rejection(reason.into())
+        Rejection {
+            reason: reason.into(),
+            later: false,
+        }
+    }
+
+    /// A command whose prerequisite has not happened yet (a command for an instance whose
+    /// first command is still on its way): redelivered with back-off, as after a failing
+    /// handler, and dead-lettered with this reason once the retry budget is spent.
+    pub fn not_yet(reason: impl Into<String>) -> Self {
+        Rejection {
+            reason: reason.into(),
+            later: true,
+        }
+    }
+
+    /// The reason.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// Whether the command is tried again ([`Rejection::not_yet`]).
+    pub fn is_later(&self) -> bool {
+        self.later
     }
 }
 
-/// What a command comes to: the events it causes, or why it can never succeed.
+/// What a command comes to: the events it causes, or why it is refused.
 pub type Decided<E> = Result<Vec<E>, Rejection>;
 
 /// An aggregate: the consistency boundary one command is decided against, and its state.
@@ -54,6 +81,13 @@ pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Sync + 'sta
 
     /// The state after `event`.
     fn apply(&mut self, event: &Self::Event);
+
+    /// Called once after a command's events are applied, with the command's `now`: where
+    /// an aggregate records when it changed (the clock stays data, as in `decide`). Does
+    /// nothing by default.
+    fn stamp(&mut self, now_ms: u64) {
+        let _ = now_ms;
+    }
 }
 
 /// Where the state of the instance `id` is kept.
@@ -116,15 +150,20 @@ impl<A: Aggregate> Component for Decider<A> {
     ) -> Result<Vec<Outgoing>, HandleError> {
         let key = key::<A>(&input.id);
         let mut state: A = load(tx, &key)?.unwrap_or_default();
-        let events = state
-            .decide(&input.command, ctx.now_ms)
-            .map_err(|r| HandleError::Permanent(format!("{} {}: {r}", A::NAME, input.id)))?;
+        let events = state.decide(&input.command, ctx.now_ms).map_err(|r| {
+            let reason = format!("{} {}: {r}", A::NAME, input.id);
+            match r.is_later() {
+                true => HandleError::Retry(reason),
+                false => HandleError::Permanent(reason),
+            }
+        })?;
         if events.is_empty() {
             return Ok(Vec::new());
         }
         for e in &events {
             state.apply(e);
         }
+        state.stamp(ctx.now_ms);
         save(tx, &key, &state)?;
         Ok(events.iter().map(Messages::outgoing).collect())
     }
@@ -177,6 +216,7 @@ mod tests {
     struct Account {
         cents: u64,
         closed: bool,
+        changed_at: u64,
     }
 
     impl Aggregate for Account {
@@ -194,6 +234,7 @@ mod tests {
                 }
                 .into()]),
                 Cmd::Close(_) if b.closed => Ok(vec![]),
+                Cmd::Close(_) if b.cents == 0 => Err(Rejection::not_yet("nothing deposited yet")),
                 Cmd::Close(c) => Ok(vec![Closed { account: c.account }.into()]),
             }
         }
@@ -202,6 +243,9 @@ mod tests {
                 Evt::Deposited(d) => self.cents += d.cents,
                 Evt::Closed(_) => self.closed = true,
             }
+        }
+        fn stamp(&mut self, now_ms: u64) {
+            self.changed_at = now_ms;
         }
     }
 
@@ -216,7 +260,7 @@ mod tests {
         let env = Envelope::first(crate::wire::envelope::new_id(), ty, "test", 0);
         let ctx = HandleCtx {
             envelope: &env,
-            now_ms: 0,
+            now_ms: 1_000 + payload.len() as u64,
             external: None,
         };
         let sent = std::cell::RefCell::new(Vec::new());
@@ -256,8 +300,51 @@ mod tests {
             .unwrap()
             .is_empty());
         let refused = run(&store, &d, "Deposit", r#"{"account": 7, "cents": 1}"#);
-        assert!(refused.unwrap_err().contains("account 7: account closed"));
-        assert_eq!(balance().unwrap().unwrap().cents, 300);
+        let refused = refused.unwrap_err();
+        assert!(
+            refused.contains("Permanent(\"account 7: account closed\")"),
+            "{refused}"
+        );
+        let account = balance().unwrap().unwrap();
+        // Stamped with the time of the last command that changed it (the Close).
+        let closed_at = 1_000 + r#"{"account": 7}"#.len() as u64;
+        assert_eq!((account.cents, account.changed_at), (300, closed_at));
+    }
+
+    #[test]
+    fn a_command_refused_for_now_is_retried_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let d = Decider::<Account>::new("bank");
+        let refused = run(&store, &d, "Close", r#"{"account": 8}"#).unwrap_err();
+        assert!(
+            refused.contains("Retry(\"account 8: nothing deposited yet\")"),
+            "{refused}"
+        );
+        let stored = crate::store::read::<Account>(store.reader(), &key::<Account>("8"));
+        assert!(stored.unwrap().is_none());
+    }
+
+    #[test]
+    fn a_query_of_the_aggregates_name_answers_instead_of_it() {
+        use crate::context::ContextBuilder;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let mine = |_: &dyn crate::store::StateRead, _: &[u8]| Ok(serde_json::json!("mine"));
+        let request = br#"{"account": "7"}"#;
+        let plain = ContextBuilder::new("bank").aggregate::<Account>();
+        let plain = plain.build().unwrap();
+        assert_eq!(plain.query(&store, "account", request).unwrap()["cents"], 0);
+        let after = ContextBuilder::new("bank")
+            .aggregate::<Account>()
+            .query("account", mine);
+        let before = ContextBuilder::new("bank")
+            .query("account", mine)
+            .aggregate::<Account>();
+        for built in [after, before] {
+            let ctx = built.build().unwrap();
+            assert_eq!(ctx.query(&store, "account", request).unwrap(), "mine");
+        }
     }
 
     #[test]

@@ -3,13 +3,11 @@
 //! Read model: order status by id and by customer (with the customer's name, copied from
 //! `CustomerRegistered`).
 
-use std::sync::Arc;
-
 use customers::CustomerRegistered;
-use runtime::component::DynComponent;
+use runtime::context::ContextBuilder;
 use runtime::{
-    decode_as, load, read, read_all, save, Component, DecodeError, HandleCtx, HandleError, Message,
-    Outgoing, QueryError, StateRead, StateTx, Subscription,
+    decode_as, read, read_all, save, Aggregate, Component, Decided, DecodeError, HandleCtx,
+    HandleError, Message, Outgoing, QueryError, Rejection, StateRead, StateTx, Subscription,
 };
 use serde::{Deserialize, Serialize};
 
@@ -33,130 +31,111 @@ impl OrderStatus {
     }
 }
 
-/// The order aggregate's state (also its read model).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+runtime::messages! {
+    /// The commands the order aggregate accepts.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum OrderCommand { PlaceOrder, ConfirmOrder, CompleteOrder, CancelOrder }
+}
+
+runtime::messages! {
+    /// Every event of the order aggregate.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum OrderEvent { OrderPlaced, OrderConfirmed, OrderCompleted, OrderCancelled }
+}
+
+/// The order aggregate's state (also its read model); `status` is `None` until placed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Order {
     pub order_id: String,
     pub customer_id: String,
     pub items: Vec<LineItem>,
     pub total_cents: u64,
     pub payment_method: String,
-    pub status: OrderStatus,
+    pub status: Option<OrderStatus>,
     pub cancel_reason: Option<String>,
     pub placed_at_ms: u64,
     pub updated_at_ms: u64,
 }
 
-/// Commands the aggregate accepts.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Command {
-    Place(PlaceOrder),
-    Confirm(ConfirmOrder),
-    Complete(CompleteOrder),
-    Cancel(CancelOrder),
-}
+impl Aggregate for Order {
+    const NAME: &'static str = "order";
+    const ID: &'static str = "order_id";
+    type Command = OrderCommand;
+    type Event = OrderEvent;
 
-/// Why a command was not applied now.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Refusal {
-    /// Can never succeed (bad input): dead-letter.
-    Invalid(String),
-    /// Its prerequisite has not happened yet: retry later.
-    NotYet(String),
-}
-
-/// Decides a command against the current order. `Ok(None)`: nothing to do (a repeat).
-pub fn decide(order: Option<&Order>, cmd: &Command) -> Result<Option<Event>, Refusal> {
-    match (order, cmd) {
-        (None, Command::Place(p)) => {
-            validate(p)?;
-            Ok(Some(Event::Placed(OrderPlaced {
-                order_id: p.order_id.clone(),
-                customer_id: p.customer_id.clone(),
-                items: p.items.clone(),
-                total_cents: total(&p.items),
-                payment_method: p.payment_method.clone(),
-            })))
-        }
-        (Some(_), Command::Place(_)) => Ok(None),
-        (None, other) => Err(Refusal::NotYet(format!(
-            "order {} not placed yet",
-            other.order_id()
-        ))),
-        (Some(o), Command::Confirm(_)) => match o.status {
-            OrderStatus::Placed => Ok(Some(Event::Confirmed(OrderConfirmed {
-                order_id: o.order_id.clone(),
-            }))),
-            _ => Ok(None),
-        },
-        (Some(o), Command::Complete(_)) => match o.status {
-            OrderStatus::Confirmed => Ok(Some(Event::Completed(OrderCompleted {
-                order_id: o.order_id.clone(),
-            }))),
-            OrderStatus::Placed => Err(Refusal::NotYet(format!(
-                "order {} not confirmed yet",
-                o.order_id
-            ))),
-            OrderStatus::Completed => Ok(None),
-            OrderStatus::Cancelled => Err(Refusal::Invalid(format!(
-                "order {} is cancelled",
-                o.order_id
-            ))),
-        },
-        (Some(o), Command::Cancel(c)) => match o.status {
-            OrderStatus::Placed | OrderStatus::Confirmed => {
-                Ok(Some(Event::Cancelled(OrderCancelled {
-                    order_id: o.order_id.clone(),
-                    reason: c.reason.clone(),
-                })))
+    /// A repeat changes nothing; a command for an order not placed (or not confirmed) yet is
+    /// retried; one a terminal order can never take, and an invalid order, are rejected.
+    fn decide(&self, command: &OrderCommand, _now: u64) -> Decided<OrderEvent> {
+        use OrderCommand as C;
+        use OrderStatus as S;
+        let order_id = self.order_id.clone();
+        Ok(match (self.status, command) {
+            (None, C::PlaceOrder(p)) => {
+                validate(p)?;
+                vec![OrderPlaced {
+                    order_id: p.order_id.clone(),
+                    customer_id: p.customer_id.clone(),
+                    items: p.items.clone(),
+                    total_cents: total(&p.items),
+                    payment_method: p.payment_method.clone(),
+                }
+                .into()]
             }
-            OrderStatus::Cancelled => Ok(None),
-            OrderStatus::Completed => Err(Refusal::Invalid(format!(
-                "order {} is completed",
-                o.order_id
-            ))),
-        },
+            (Some(_), C::PlaceOrder(_)) => vec![],
+            (None, _) => return Err(Rejection::not_yet("order not placed yet")),
+            (Some(S::Placed), C::ConfirmOrder(_)) => vec![OrderConfirmed { order_id }.into()],
+            (Some(_), C::ConfirmOrder(_)) => vec![],
+            (Some(S::Confirmed), C::CompleteOrder(_)) => vec![OrderCompleted { order_id }.into()],
+            (Some(S::Placed), C::CompleteOrder(_)) => {
+                return Err(Rejection::not_yet("order not confirmed yet"))
+            }
+            (Some(S::Completed), C::CompleteOrder(_)) => vec![],
+            (Some(S::Cancelled), C::CompleteOrder(_)) => {
+                return Err(Rejection::new("order is cancelled"))
+            }
+            (Some(S::Placed | S::Confirmed), C::CancelOrder(c)) => {
+                let reason = c.reason.clone();
+                vec![OrderCancelled { order_id, reason }.into()]
+            }
+            (Some(S::Cancelled), C::CancelOrder(_)) => vec![],
+            (Some(S::Completed), C::CancelOrder(_)) => {
+                return Err(Rejection::new("order is completed"))
+            }
+        })
     }
-}
 
-/// Applies an event to the order (the only way its state changes).
-pub fn apply(order: Option<Order>, ev: &Event, now_ms: u64) -> Option<Order> {
-    match (order, ev) {
-        (None, Event::Placed(p)) => Some(Order {
-            order_id: p.order_id.clone(),
-            customer_id: p.customer_id.clone(),
-            items: p.items.clone(),
-            total_cents: p.total_cents,
-            payment_method: p.payment_method.clone(),
-            status: OrderStatus::Placed,
-            cancel_reason: None,
-            placed_at_ms: now_ms,
-            updated_at_ms: now_ms,
-        }),
-        (Some(mut o), ev) => {
-            match ev {
-                Event::Placed(_) => {}
-                Event::Confirmed(_) => o.status = OrderStatus::Confirmed,
-                Event::Completed(_) => o.status = OrderStatus::Completed,
-                Event::Cancelled(c) => {
-                    o.status = OrderStatus::Cancelled;
-                    o.cancel_reason = Some(c.reason.clone());
+    fn apply(&mut self, event: &OrderEvent) {
+        match event {
+            OrderEvent::OrderPlaced(p) => {
+                *self = Order {
+                    order_id: p.order_id.clone(),
+                    customer_id: p.customer_id.clone(),
+                    items: p.items.clone(),
+                    total_cents: p.total_cents,
+                    payment_method: p.payment_method.clone(),
+                    status: Some(OrderStatus::Placed),
+                    ..Order::default()
                 }
             }
-            o.updated_at_ms = now_ms;
-            Some(o)
+            OrderEvent::OrderConfirmed(_) => self.status = Some(OrderStatus::Confirmed),
+            OrderEvent::OrderCompleted(_) => self.status = Some(OrderStatus::Completed),
+            OrderEvent::OrderCancelled(c) => {
+                self.status = Some(OrderStatus::Cancelled);
+                self.cancel_reason = Some(c.reason.clone());
+            }
         }
-        (None, _) => None,
+    }
+
+    fn stamp(&mut self, now_ms: u64) {
+        if self.placed_at_ms == 0 {
+            self.placed_at_ms = now_ms;
+        }
+        self.updated_at_ms = now_ms;
     }
 }
 
-fn validate(p: &PlaceOrder) -> Result<(), Refusal> {
-    let bad = |m: &str| {
-        Err(Refusal::Invalid(format!(
-            "invalid PlaceOrder {}: {m}",
-            p.order_id
-        )))
-    };
+fn validate(p: &PlaceOrder) -> Result<(), Rejection> {
+    let bad = |m: &str| Err(Rejection::new(format!("invalid PlaceOrder: {m}")));
     if p.order_id.trim().is_empty() || p.customer_id.trim().is_empty() {
         return bad("order_id and customer_id must not be empty");
     }
@@ -187,59 +166,10 @@ pub fn total(items: &[LineItem]) -> u64 {
 }
 
 fn order_key(id: &str) -> String {
-    format!("order/{id}")
+    runtime::aggregate::key::<Order>(id)
 }
 fn customer_key(id: &str) -> String {
     format!("customer/{id}")
-}
-
-/// The order aggregate: handles the commands addressed to orders.
-pub struct Orders;
-
-impl Component for Orders {
-    type Input = Command;
-    fn name(&self) -> &'static str {
-        "orders"
-    }
-    fn subscriptions(&self) -> Vec<Subscription> {
-        vec![Subscription::commands(
-            CONTEXT,
-            &[
-                PlaceOrder::TYPE,
-                ConfirmOrder::TYPE,
-                CompleteOrder::TYPE,
-                CancelOrder::TYPE,
-            ],
-        )]
-    }
-    fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Command, DecodeError> {
-        Ok(match msg_type {
-            PlaceOrder::TYPE => Command::Place(decode_as(payload)?),
-            ConfirmOrder::TYPE => Command::Confirm(decode_as(payload)?),
-            CompleteOrder::TYPE => Command::Complete(decode_as(payload)?),
-            CancelOrder::TYPE => Command::Cancel(decode_as(payload)?),
-            other => return Err(DecodeError::UnknownType(other.into())),
-        })
-    }
-    fn handle(
-        &self,
-        tx: &dyn StateTx,
-        cmd: &Command,
-        ctx: &HandleCtx<'_>,
-    ) -> Result<Vec<Outgoing>, HandleError> {
-        let key = order_key(cmd.order_id());
-        let order: Option<Order> = load(tx, &key)?;
-        let ev = match decide(order.as_ref(), cmd) {
-            Ok(Some(ev)) => ev,
-            Ok(None) => return Ok(vec![]),
-            Err(Refusal::Invalid(m)) => return Err(HandleError::Permanent(m)),
-            Err(Refusal::NotYet(m)) => return Err(HandleError::Retry(m)),
-        };
-        if let Some(o) = apply(order, &ev, ctx.now_ms) {
-            save(tx, &key, &o)?;
-        }
-        Ok(vec![ev.outgoing()])
-    }
 }
 
 /// Keeps the customer names this context shows in its read model.
@@ -273,8 +203,13 @@ impl Component for CustomerCopy {
     }
 }
 
-pub fn components() -> Vec<Arc<dyn DynComponent>> {
-    vec![Arc::new(Orders), Arc::new(CustomerCopy)]
+/// The context without its saga: the order aggregate, the customer copy and the queries
+/// (`order` answers with the customer's name, replacing the aggregate's own).
+pub fn context() -> ContextBuilder {
+    ContextBuilder::new(CONTEXT)
+        .aggregate::<Order>()
+        .component(CustomerCopy)
+        .queries(QUERIES, query)
 }
 
 pub const QUERIES: &[&str] = &["order", "by-customer", "summary"];
@@ -311,9 +246,8 @@ pub fn query(
             let mut counts = std::collections::BTreeMap::<String, u64>::new();
             let mut statuses = serde_json::Map::new();
             for o in &orders {
-                *counts
-                    .entry(format!("{:?}", o.status).to_lowercase())
-                    .or_default() += 1;
+                let status = o.status.map(|s| format!("{s:?}").to_lowercase());
+                *counts.entry(status.unwrap_or_default()).or_default() += 1;
                 statuses.insert(o.order_id.clone(), serde_json::json!(o.status));
             }
             Ok(
@@ -328,7 +262,7 @@ pub fn query(
 mod tests {
     use super::*;
 
-    fn place(id: &str) -> PlaceOrder {
+    fn place(id: &str) -> OrderCommand {
         PlaceOrder {
             order_id: id.into(),
             customer_id: "c1".into(),
@@ -339,120 +273,107 @@ mod tests {
             }],
             payment_method: "card".into(),
         }
+        .into()
     }
 
-    /// given `events`, when `cmd`, then the decision.
-    fn given_when(events: &[Event], cmd: Command) -> Result<Option<Event>, Refusal> {
-        let order = events.iter().fold(None, |o, e| apply(o, e, 1));
-        decide(order.as_ref(), &cmd)
+    fn confirm() -> OrderCommand {
+        ConfirmOrder {
+            order_id: "o1".into(),
+        }
+        .into()
     }
 
-    fn placed(id: &str) -> Event {
-        decide(None, &Command::Place(place(id))).unwrap().unwrap()
+    fn complete() -> OrderCommand {
+        CompleteOrder {
+            order_id: "o1".into(),
+        }
+        .into()
+    }
+
+    fn cancel() -> OrderCommand {
+        CancelOrder {
+            order_id: "o1".into(),
+            reason: "x".into(),
+        }
+        .into()
+    }
+
+    /// given the commands (each decided and applied), when `command`, then the decision.
+    fn given_when(given: &[OrderCommand], command: OrderCommand) -> Decided<OrderEvent> {
+        let mut order = Order::default();
+        for c in given {
+            for e in order.decide(c, 1).expect("given") {
+                order.apply(&e);
+            }
+        }
+        order.decide(&command, 2)
     }
 
     #[test]
     fn placing_computes_the_total() {
-        let Event::Placed(p) = placed("o1") else {
-            panic!()
+        let events = given_when(&[], place("o1")).unwrap();
+        let [OrderEvent::OrderPlaced(p)] = events.as_slice() else {
+            panic!("{events:?}")
         };
         assert_eq!(p.total_cents, 300);
     }
 
     #[test]
     fn placing_twice_is_a_no_op() {
-        assert_eq!(
-            given_when(&[placed("o1")], Command::Place(place("o1"))),
-            Ok(None)
-        );
+        assert_eq!(given_when(&[place("o1")], place("o1")), Ok(vec![]));
     }
 
     #[test]
     fn invalid_orders_are_refused_for_good() {
-        let mut p = place("o1");
-        p.items[0].qty = 0;
-        assert!(matches!(
-            decide(None, &Command::Place(p)),
-            Err(Refusal::Invalid(_))
-        ));
-        let mut p = place("o1");
-        p.items.clear();
-        assert!(matches!(
-            decide(None, &Command::Place(p)),
-            Err(Refusal::Invalid(_))
-        ));
+        let changes: [fn(&mut PlaceOrder); 2] = [|p| p.items[0].qty = 0, |p| p.items.clear()];
+        for change in changes {
+            let OrderCommand::PlaceOrder(mut p) = place("o1") else {
+                unreachable!()
+            };
+            change(&mut p);
+            let r = given_when(&[], p.into());
+            assert!(matches!(&r, Err(r) if !r.is_later()), "{r:?}");
+        }
     }
 
     #[test]
     fn complete_waits_for_confirm() {
-        let r = given_when(
-            &[placed("o1")],
-            Command::Complete(CompleteOrder {
-                order_id: "o1".into(),
-            }),
-        );
-        assert!(matches!(r, Err(Refusal::NotYet(_))));
-        let confirmed = Event::Confirmed(OrderConfirmed {
-            order_id: "o1".into(),
-        });
-        let r = given_when(
-            &[placed("o1"), confirmed],
-            Command::Complete(CompleteOrder {
-                order_id: "o1".into(),
-            }),
-        );
+        let r = given_when(&[place("o1")], complete());
+        assert!(matches!(&r, Err(r) if r.is_later()), "{r:?}");
+        let r = given_when(&[place("o1"), confirm()], complete());
         assert_eq!(
             r,
-            Ok(Some(Event::Completed(OrderCompleted {
+            Ok(vec![OrderCompleted {
                 order_id: "o1".into()
-            })))
+            }
+            .into()])
         );
     }
 
     #[test]
     fn a_terminal_order_stays_terminal() {
-        let cancel = Command::Cancel(CancelOrder {
-            order_id: "o1".into(),
-            reason: "x".into(),
-        });
-        let cancelled = Event::Cancelled(OrderCancelled {
-            order_id: "o1".into(),
-            reason: "x".into(),
-        });
-        assert_eq!(
-            given_when(&[placed("o1"), cancelled.clone()], cancel.clone()),
-            Ok(None)
-        );
-        let r = given_when(
-            &[placed("o1"), cancelled],
-            Command::Complete(CompleteOrder {
-                order_id: "o1".into(),
-            }),
-        );
-        assert!(matches!(r, Err(Refusal::Invalid(_))));
-        let completed = [
-            placed("o1"),
-            Event::Confirmed(OrderConfirmed {
-                order_id: "o1".into(),
-            }),
-            Event::Completed(OrderCompleted {
-                order_id: "o1".into(),
-            }),
-        ];
-        assert!(matches!(
-            given_when(&completed, cancel),
-            Err(Refusal::Invalid(_))
-        ));
+        assert_eq!(given_when(&[place("o1"), cancel()], cancel()), Ok(vec![]));
+        let r = given_when(&[place("o1"), cancel()], complete());
+        assert!(matches!(&r, Err(r) if !r.is_later()), "{r:?}");
+        let r = given_when(&[place("o1"), confirm(), complete()], cancel());
+        assert!(matches!(&r, Err(r) if !r.is_later()), "{r:?}");
     }
 
     #[test]
     fn commands_for_unknown_orders_wait() {
-        let r = decide(
-            None,
-            &Command::Confirm(ConfirmOrder {
-                order_id: "o9".into(),
-            }),
-        );
-        assert!(matches!(r, Err(Refusal::NotYet(_))));
+        let r = given_when(&[], confirm());
+        assert!(matches!(&r, Err(r) if r.is_later()), "{r:?}");
+    }
+
+    #[test]
+    fn the_order_records_when_it_was_placed_and_changed() {
+        let mut order = Order::default();
+        for (c, now) in [(place("o1"), 10), (confirm(), 20)] {
+            for e in order.decide(&c, now).unwrap() {
+                order.apply(&e);
+            }
+            order.stamp(now);
+        }
+        assert_eq!((order.placed_at_ms, order.updated_at_ms), (10, 20));
     }
 }

@@ -1,6 +1,6 @@
 //! The orders context's public contract: the commands it accepts and the events it publishes.
 
-use runtime::{message, Outgoing};
+use runtime::message;
 use serde::{Deserialize, Serialize};
 
 /// One line of an order.
@@ -20,21 +20,21 @@ pub struct PlaceOrder {
     /// Opaque token handed to the payment gateway.
     pub payment_method: String,
 }
-message!(PlaceOrder, Command);
+message!(PlaceOrder, Command, super::CONTEXT);
 
 /// Command from fulfilment: stock and payment are secured.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConfirmOrder {
     pub order_id: String,
 }
-message!(ConfirmOrder, Command);
+message!(ConfirmOrder, Command, super::CONTEXT);
 
 /// Command from fulfilment: shipped and paid.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompleteOrder {
     pub order_id: String,
 }
-message!(CompleteOrder, Command);
+message!(CompleteOrder, Command, super::CONTEXT);
 
 /// Command from fulfilment: the order cannot be fulfilled; compensation is done.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,7 +42,7 @@ pub struct CancelOrder {
     pub order_id: String,
     pub reason: String,
 }
-message!(CancelOrder, Command);
+message!(CancelOrder, Command, super::CONTEXT);
 
 /// Event: an order was accepted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,54 +53,23 @@ pub struct OrderPlaced {
     pub total_cents: u64,
     pub payment_method: String,
 }
-message!(OrderPlaced, Event);
+message!(OrderPlaced, Event, super::CONTEXT);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OrderConfirmed {
     pub order_id: String,
 }
-message!(OrderConfirmed, Event);
+message!(OrderConfirmed, Event, super::CONTEXT);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OrderCompleted {
     pub order_id: String,
 }
-message!(OrderCompleted, Event);
+message!(OrderCompleted, Event, super::CONTEXT);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OrderCancelled {
     pub order_id: String,
     pub reason: String,
 }
-message!(OrderCancelled, Event);
-
-/// Every event of the order aggregate.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    Placed(OrderPlaced),
-    Confirmed(OrderConfirmed),
-    Completed(OrderCompleted),
-    Cancelled(OrderCancelled),
-}
-
-impl Event {
-    pub fn outgoing(&self) -> Outgoing {
-        match self {
-            Event::Placed(e) => Outgoing::event(e),
-            Event::Confirmed(e) => Outgoing::event(e),
-            Event::Completed(e) => Outgoing::event(e),
-            Event::Cancelled(e) => Outgoing::event(e),
-        }
-    }
-}
-
-impl super::Command {
-    pub fn order_id(&self) -> &str {
-        match self {
-            super::Command::Place(c) => &c.order_id,
-            super::Command::Confirm(c) => &c.order_id,
-            super::Command::Complete(c) => &c.order_id,
-            super::Command::Cancel(c) => &c.order_id,
-        }
-    }
-}
+message!(OrderCancelled, Event, super::CONTEXT);

@@ -169,6 +169,9 @@ pub struct ContextBuilder {
     components: Vec<Arc<dyn DynComponent>>,
     sagas: Vec<Arc<dyn DynSaga>>,
     queries: Vec<(&'static str, QueryFn)>,
+    /// The queries [`ContextBuilder::aggregate`] added, which a query of the same name
+    /// replaces.
+    aggregate_queries: Vec<&'static str>,
     sends: Vec<crate::component::Subscription>,
 }
 
@@ -181,6 +184,7 @@ impl ContextBuilder {
             components: Vec::new(),
             sagas: Vec::new(),
             queries: Vec::new(),
+            aggregate_queries: Vec::new(),
             sends: Vec::new(),
         }
     }
@@ -206,10 +210,15 @@ impl ContextBuilder {
     }
 
     /// Adds an aggregate: its commands (see [`crate::aggregate`]) and its state as the query
-    /// named after it.
+    /// named after it, unless the builder has or is given another query of that name.
     pub fn aggregate<A: crate::aggregate::Aggregate>(self) -> Self {
         let decider = crate::aggregate::Decider::<A>::new(self.name);
-        self.component(decider).query(A::NAME, aggregate_state::<A>)
+        let mut this = self.component(decider);
+        if this.queries.iter().all(|(q, _)| *q != A::NAME) {
+            this = this.query(A::NAME, aggregate_state::<A>);
+            this.aggregate_queries.push(A::NAME);
+        }
+        this
     }
 
     /// Calls `hook` for each message of `types` the context publishes, once JetStream has
@@ -242,7 +251,9 @@ impl ContextBuilder {
         self
     }
 
-    /// Serves the query `name` on `choreo.<context>.query.<name>`.
+    /// Serves the query `name` on `choreo.<context>.query.<name>`, instead of an
+    /// aggregate's query of that name (a read model that answers with more than the
+    /// instance); two such queries of one name are refused by [`ContextBuilder::build`].
     pub fn query(
         mut self,
         name: &'static str,
@@ -251,6 +262,10 @@ impl ContextBuilder {
             + Sync
             + 'static,
     ) -> Self {
+        if let Some(at) = self.aggregate_queries.iter().position(|q| *q == name) {
+            self.aggregate_queries.remove(at);
+            self.queries.retain(|(q, _)| *q != name);
+        }
         self.queries.push((name, Arc::new(answer)));
         self
     }
