@@ -1,0 +1,220 @@
+//! The context builder: queries, sagas, command routing and the checks at build time.
+
+use super::*;
+use crate::component::{DecodeError, HandleCtx};
+use crate::saga::testing::fixtures::Counter;
+
+fn answer(_: &dyn StateRead, name: &str, _: &[u8]) -> Result<serde_json::Value, QueryError> {
+    Ok(serde_json::json!(name))
+}
+
+#[test]
+fn queries_answer_by_name_and_unknown_ones_are_refused() {
+    let ctx = ContextBuilder::new("notes")
+        .queries(&["one", "two"], answer)
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::Store::open(dir.path(), 1 << 20).unwrap();
+    assert_eq!(ctx.query(&store, "two", b"{}").unwrap(), "two");
+    assert!(matches!(
+        ctx.query(&store, "three", b"{}"),
+        Err(QueryError::Unknown(q)) if q == "three"
+    ));
+}
+
+#[test]
+fn a_query_twice_is_refused() {
+    let e = ContextBuilder::new("notes")
+        .queries(&["one"], answer)
+        .query("one", |_, _| Ok(serde_json::Value::Null))
+        .build()
+        .err();
+    assert_eq!(
+        e,
+        Some(ContextError::DuplicateQuery {
+            context: "notes",
+            query: "one"
+        })
+    );
+}
+
+#[test]
+fn a_saga_is_hosted_once_and_its_graph_is_checked() {
+    let ends = Counter {
+        name: "counter",
+        ends: true,
+        steps: false,
+    };
+    let ctx = ContextBuilder::new("c").saga(ends).build().unwrap();
+    assert_eq!(ctx.sagas().len(), 1);
+    assert_eq!(ctx.components().len(), 0);
+    assert_eq!(ctx.message_handlers()[0].name(), "counter");
+    let twice = ContextBuilder::new("c")
+        .saga(Counter {
+            name: "counter",
+            ends: true,
+            steps: false,
+        })
+        .saga(Counter {
+            name: "counter",
+            ends: true,
+            steps: false,
+        })
+        .build();
+    assert!(matches!(
+        twice,
+        Err(ContextError::DuplicateComponent { .. })
+    ));
+    // Its only state waits forever: no deadline, and no reason given.
+    let waits = ContextBuilder::new("c").saga(Counter {
+        name: "counter",
+        ends: false,
+        steps: false,
+    });
+    match waits.build() {
+        Err(ContextError::Saga { saga, problems, .. }) => {
+            assert_eq!(saga, "counter");
+            assert!(problems.contains("Counting"), "{problems}");
+        }
+        other => panic!("expected a saga problem, got {:?}", other.map(|c| c.name())),
+    }
+}
+
+mod two_aggregates {
+    use serde::{Deserialize, Serialize};
+
+    use crate::aggregate::{Aggregate, Decided};
+
+    crate::messages! {
+        pub(super) enum LendCmd: Command in "lib" { Lend { loan: String } }
+    }
+    crate::messages! {
+        pub(super) enum JoinCmd: Command in "lib" { Join { member: String } }
+    }
+    crate::messages! {
+        pub(super) enum LibEvt: Event in "lib" { Lent { loan: String }, Joined { member: String } }
+    }
+
+    #[derive(Default, Serialize, Deserialize)]
+    pub(super) struct Loan(bool);
+    impl Aggregate for Loan {
+        const NAME: &'static str = "loan";
+        const ID: &'static str = "loan";
+        type Command = LendCmd;
+        type Event = LibEvt;
+        fn decide(&self, LendCmd::Lend(c): &LendCmd, _: u64) -> Decided<LibEvt> {
+            Ok(vec![Lent {
+                loan: c.loan.clone(),
+            }
+            .into()])
+        }
+        fn apply(&mut self, _: &LibEvt) {
+            self.0 = true;
+        }
+    }
+
+    #[derive(Default, Serialize, Deserialize)]
+    pub(super) struct Member(bool);
+    impl Aggregate for Member {
+        const NAME: &'static str = "member";
+        const ID: &'static str = "member";
+        type Command = JoinCmd;
+        type Event = LibEvt;
+        fn decide(&self, JoinCmd::Join(c): &JoinCmd, _: u64) -> Decided<LibEvt> {
+            Ok(vec![Joined {
+                member: c.member.clone(),
+            }
+            .into()])
+        }
+        fn apply(&mut self, _: &LibEvt) {
+            self.0 = true;
+        }
+    }
+
+    /// A second handler of `Lend`.
+    #[derive(Default, Serialize, Deserialize)]
+    pub(super) struct Rival;
+    impl Aggregate for Rival {
+        const NAME: &'static str = "rival";
+        const ID: &'static str = "loan";
+        type Command = LendCmd;
+        type Event = LibEvt;
+        fn decide(&self, _: &LendCmd, _: u64) -> Decided<LibEvt> {
+            Ok(vec![])
+        }
+        fn apply(&mut self, _: &LibEvt) {}
+    }
+}
+
+#[test]
+fn several_command_handlers_share_the_context_s_command_consumer() {
+    use two_aggregates::{Loan, Member, Rival};
+    let ctx = ContextBuilder::new("lib")
+        .aggregate::<Loan>()
+        .aggregate::<Member>()
+        .build()
+        .unwrap();
+    let handlers = ctx.message_handlers();
+    assert_eq!(handlers.len(), 1);
+    let router = &handlers[0];
+    assert_eq!(router.name(), COMMANDS);
+    let subs = router.subscriptions();
+    assert_eq!(subs.len(), 1);
+    assert_eq!(subs[0].types, ["Join", "Lend"]);
+    assert_eq!(subs[0].filter_subjects(), ["choreo.lib.cmd.>"]);
+    assert_eq!(ctx.queries(), ["loan", "member"]);
+
+    // Each command reaches the handler that declares it, in a real store.
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::Store::open(dir.path(), 1 << 20).unwrap();
+    for (ty, payload, sent) in [
+        ("Lend", r#"{"loan": "l-1"}"#, "Lent"),
+        ("Join", r#"{"member": "m-1"}"#, "Joined"),
+    ] {
+        let input = router.decode(ty, payload.as_bytes()).unwrap();
+        let env = crate::Envelope::first(ty.to_lowercase(), ty, "test", 0);
+        let ctx = HandleCtx {
+            envelope: &env,
+            now_ms: 0,
+            external: None,
+        };
+        let decision = std::cell::RefCell::new(None);
+        store
+            .commit(&env.id, 0, |tx| {
+                let d = router.handle(tx, &*input, &ctx).unwrap();
+                *decision.borrow_mut() = Some(d.send[0].msg_type);
+                Ok::<_, crate::store::DecideError<String>>(Default::default())
+            })
+            .unwrap();
+        assert_eq!(decision.into_inner(), Some(sent));
+    }
+    let state = |q, req: &str| ctx.query(&store, q, req.as_bytes()).unwrap();
+    assert_eq!(state("loan", r#"{"loan": "l-1"}"#), serde_json::json!(true));
+    assert_eq!(
+        state("member", r#"{"member": "m-1"}"#),
+        serde_json::json!(true)
+    );
+    assert_eq!(
+        state("member", r#"{"member": "m-2"}"#),
+        serde_json::json!(false)
+    );
+    assert!(matches!(
+        router.decode("Leave", b"{}"),
+        Err(DecodeError::UnknownType(t)) if t == "Leave"
+    ));
+
+    let both = ContextBuilder::new("lib")
+        .aggregate::<Loan>()
+        .aggregate::<Rival>()
+        .build();
+    match both {
+        Err(ContextError::Commands { problem, .. }) => {
+            assert!(
+                problem.contains("Lend is handled by both loan and rival"),
+                "{problem}"
+            )
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|c| c.name())),
+    }
+}
