@@ -11,6 +11,11 @@
 //! the state sets it (the builder cannot know when it is due), and leaving the state
 //! cancels it, as entering a terminal state cancels them all.
 //!
+//! One trigger may move an instance from one state to one of several states: each rule but
+//! the last carries a guard on the instance's data (`when`), and the first rule whose guard
+//! holds is taken, as a state machine's guarded transitions (MassTransit's `If`/`IfElse`
+//! inside a `When`). Every target is an edge of the graph.
+//!
 //! Messages name their instance by one field (`correlated_by`), as NServiceBus maps a saga
 //! to a message property. A message of a known type that no rule takes in the instance's
 //! state changes nothing (a repeat or a late message); one that would move an instance that
@@ -49,6 +54,7 @@ impl SagaMessage {
 }
 
 type Run<D> = Box<dyn Fn(Option<&D>, &(dyn Any + Send + Sync), u64) -> Step<D> + Send + Sync>;
+type Guard<D> = Box<dyn Fn(&D) -> bool + Send + Sync>;
 type Decode = fn(serde_json::Value) -> Result<Box<dyn Any + Send + Sync>, serde_json::Error>;
 
 enum On {
@@ -63,6 +69,8 @@ struct Rule<D> {
     on: On,
     to: &'static str,
     run: Run<D>,
+    /// `None`: taken whenever its trigger comes in its state (unless an earlier rule is).
+    guard: Option<Guard<D>>,
 }
 
 struct Input {
@@ -106,6 +114,8 @@ pub struct Saga<D> {
     rules: Vec<Rule<D>>,
     terminal: Vec<&'static str>,
     waits: Vec<(&'static str, &'static str)>,
+    /// `when` called before any rule: reported by `problems`.
+    stray_guard: bool,
     definition: OnceLock<Definition>,
 }
 
@@ -123,6 +133,7 @@ where
             rules: Vec::new(),
             terminal: Vec::new(),
             waits: Vec::new(),
+            stray_guard: false,
             definition: OnceLock::new(),
         }
     }
@@ -147,6 +158,7 @@ where
             from: None,
             on: On::Message(M::TYPE),
             to,
+            guard: None,
             run: Box::new(move |_, body, now| step(body.downcast_ref().expect("decoded"), now)),
         });
         self
@@ -167,6 +179,7 @@ where
             from: Some(from),
             on: On::Message(M::TYPE),
             to,
+            guard: None,
             run: Box::new(move |data, body, now| {
                 step(
                     data.expect("running"),
@@ -191,6 +204,7 @@ where
             from: Some(from),
             on: On::Deadline(name),
             to,
+            guard: None,
             run: Box::new(move |data, _, now| step(data.expect("running"), now)),
         });
         self
@@ -207,8 +221,21 @@ where
             from: Some(from),
             on: On::Retry,
             to,
+            guard: None,
             run: Box::new(move |data, _, now| step(data.expect("running"), now)),
         });
+        self
+    }
+
+    /// Guards the rule declared just before: it is taken only when `guard` holds for the
+    /// instance's data (before the rule's step runs); otherwise the next rule for the same
+    /// trigger in the same state is tried, in the order declared, and with none left the
+    /// trigger changes nothing. A start rule has no data to guard (a problem).
+    pub fn when(mut self, guard: impl Fn(&D) -> bool + Send + Sync + 'static) -> Self {
+        match self.rules.last_mut() {
+            Some(rule) => rule.guard = Some(Box::new(guard)),
+            None => self.stray_guard = true,
+        }
         self
     }
 
@@ -249,8 +276,21 @@ where
         });
     }
 
-    fn rule(&self, from: Option<&str>, matches: impl Fn(&On) -> bool) -> Option<&Rule<D>> {
-        self.rules.iter().find(|r| r.from == from && matches(&r.on))
+    /// The first rule for this trigger in state `from` whose guard (if any) holds for `data`.
+    fn rule(
+        &self,
+        from: Option<&str>,
+        data: Option<&D>,
+        matches: impl Fn(&On) -> bool,
+    ) -> Option<&Rule<D>> {
+        self.rules.iter().find(|r| {
+            let open = match (&r.guard, data) {
+                (None, _) => true,
+                (Some(guard), Some(data)) => guard(data),
+                (Some(_), None) => false,
+            };
+            r.from == from && matches(&r.on) && open
+        })
     }
 
     fn derive(&self) -> Definition {
@@ -362,9 +402,11 @@ where
         now_ms: u64,
     ) -> Result<Option<Step<Tracked<D>>>, HandleError> {
         let from = state.map(|s| s.status.as_str());
+        let data = state.map(|s| &s.data);
         let (rule, body): (_, &(dyn Any + Send + Sync)) = match trigger {
             Trigger::Message(m) => {
-                let rule = self.rule(from, |on| matches!(on, On::Message(t) if *t == m.msg_type));
+                let message = |on: &On| matches!(on, On::Message(t) if *t == m.msg_type);
+                let rule = self.rule(from, data, message);
                 if rule.is_none() && state.is_none() {
                     return Err(HandleError::Retry(format!(
                         "saga {} instance {}: {} before the instance started",
@@ -374,15 +416,15 @@ where
                 (rule, m.body.as_ref())
             }
             Trigger::Deadline(name) => (
-                self.rule(from, |on| matches!(on, On::Deadline(d) if *d == name)),
+                self.rule(from, data, |on| matches!(on, On::Deadline(d) if *d == name)),
                 &(),
             ),
-            Trigger::Retry => (self.rule(from, |on| matches!(on, On::Retry)), &()),
+            Trigger::Retry => (self.rule(from, data, |on| matches!(on, On::Retry)), &()),
         };
         let Some(rule) = rule else {
             return Ok(None);
         };
-        let step = (rule.run)(state.map(|s| &s.data), body, now_ms);
+        let step = (rule.run)(data, body, now_ms);
         let mut cancel = step.cancel;
         // Leaving a state cancels the deadlines it waits on.
         if let Some(from) = rule.from.filter(|f| *f != rule.to) {
@@ -447,12 +489,19 @@ where
                         _ => false,
                     }
             };
-            if self.rules[..i].iter().any(same) {
+            // An earlier rule without a guard for the same trigger is always taken first.
+            if self.rules[..i].iter().any(|o| same(o) && o.guard.is_none()) {
                 p.push(format!(
-                    "two rules for the same trigger in state {}",
+                    "two rules for the same trigger in state {} (guard the earlier with when)",
                     r.from.unwrap_or("(start)")
                 ));
             }
+            if r.from.is_none() && r.guard.is_some() {
+                p.push("a start rule has a guard (there is no data to guard yet)".into());
+            }
+        }
+        if self.stray_guard {
+            p.push("when before any rule (it guards the rule declared just before it)".into());
         }
         p
     }

@@ -170,3 +170,90 @@ fn leaving_a_state_cancels_the_deadline_it_waits_on() {
     assert!(s.deadlines.is_empty(), "{:?}", s.deadlines);
     assert_eq!(s.advance(1_000).status(), "Waiting");
 }
+
+/// The deadline resends twice (back to Open), then escalates: one trigger, two targets,
+/// the first guarded.
+fn resending() -> Saga<u64> {
+    Saga::new("resending")
+        .correlated_by("ticket")
+        .starts_with("Open", |o: &Opened, _| {
+            Step::to(0).set(Deadline::at("answer", o.due_at_ms))
+        })
+        .on_deadline("Open", "answer", "Open", |n, now| {
+            Step::to(n + 1).set(Deadline::at("answer", now + 100))
+        })
+        .when(|n| *n < 2)
+        .on_deadline("Open", "answer", "Escalated", |n, _| Step::to(*n))
+        .on("Open", "Closed", |n: &u64, _: &Closed, _| Step::to(*n))
+        .on("Escalated", "Closed", |n: &u64, _: &Closed, _| Step::to(*n))
+        .waits("Escalated", "a person answers")
+        .terminal("Closed")
+}
+
+#[test]
+fn a_guard_chooses_among_the_rules_of_one_trigger() {
+    let saga = resending();
+    assert!(saga.problems().is_empty(), "{:?}", saga.problems());
+    let def = saga.definition();
+    assert!(def.allows("Open", "deadline:answer", "Open"));
+    assert!(def.allows("Open", "deadline:answer", "Escalated"));
+    let opened = Opened {
+        ticket: "t".into(),
+        due_at_ms: 100,
+    };
+    let s = Scenario::new(&saga).receive(opened).advance(100);
+    assert_eq!((s.status(), s.state.as_ref().unwrap().data), ("Open", 1));
+    let s = s.advance(100);
+    assert_eq!((s.status(), s.state.as_ref().unwrap().data), ("Open", 2));
+    let s = s.advance(100);
+    assert_eq!(
+        (s.status(), s.state.as_ref().unwrap().data),
+        ("Escalated", 2)
+    );
+    assert!(s.deadlines.is_empty(), "{:?}", s.deadlines);
+}
+
+#[test]
+fn a_trigger_whose_guards_all_fail_changes_nothing() {
+    let saga = Saga::<u64>::new("guarded")
+        .correlated_by("ticket")
+        .starts_with("Open", |_: &Opened, _| Step::to(0))
+        .on("Open", "Closed", |n: &u64, _: &Closed, _| Step::to(*n))
+        .when(|n| *n > 0)
+        .waits("Open", "closed only once reopened")
+        .terminal("Closed");
+    assert!(saga.problems().is_empty(), "{:?}", saga.problems());
+    let opened = Opened {
+        ticket: "t".into(),
+        due_at_ms: 0,
+    };
+    let s = Scenario::new(&saga)
+        .receive(opened)
+        .receive(Closed { ticket: 0 });
+    assert_eq!(s.status(), "Open");
+}
+
+#[test]
+fn an_unguarded_rule_before_another_for_its_trigger_is_a_problem() {
+    let shadowing = Saga::<u64>::new("shadowing")
+        .correlated_by("ticket")
+        .starts_with("Open", |_: &Opened, _| Step::to(0))
+        .on("Open", "Closed", |n: &u64, _: &Closed, _| Step::to(*n))
+        .on("Open", "Open", |n: &u64, _: &Closed, _| Step::to(*n))
+        .when(|n| *n > 0)
+        .terminal("Closed");
+    let problems = shadowing.problems().join("; ");
+    assert!(
+        problems.contains("two rules for the same trigger in state Open"),
+        "{problems}"
+    );
+    let guarded_start = Saga::<u64>::new("start")
+        .when(|_| true)
+        .starts_with("Open", |_: &Opened, _| Step::to(0))
+        .when(|_| true)
+        .on("Open", "Closed", |n: &u64, _: &Closed, _| Step::to(*n))
+        .terminal("Closed");
+    let problems = guarded_start.problems().join("; ");
+    assert!(problems.contains("a start rule has a guard"), "{problems}");
+    assert!(problems.contains("when before any rule"), "{problems}");
+}
