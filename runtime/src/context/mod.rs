@@ -169,9 +169,9 @@ pub struct ContextBuilder {
     components: Vec<Arc<dyn DynComponent>>,
     sagas: Vec<Arc<dyn DynSaga>>,
     queries: Vec<(&'static str, QueryFn)>,
-    /// The queries [`ContextBuilder::aggregate`] added, which a query of the same name
-    /// replaces.
-    aggregate_queries: Vec<&'static str>,
+    /// The queries [`ContextBuilder::aggregate`] adds: served at `build` unless `queries`
+    /// has one of the same name.
+    aggregate_queries: Vec<(&'static str, QueryFn)>,
     sends: Vec<crate::component::Subscription>,
 }
 
@@ -214,10 +214,8 @@ impl ContextBuilder {
     pub fn aggregate<A: crate::aggregate::Aggregate>(self) -> Self {
         let decider = crate::aggregate::Decider::<A>::new(self.name);
         let mut this = self.component(decider);
-        if this.queries.iter().all(|(q, _)| *q != A::NAME) {
-            this = this.query(A::NAME, aggregate_state::<A>);
-            this.aggregate_queries.push(A::NAME);
-        }
+        this.aggregate_queries
+            .push((A::NAME, Arc::new(aggregate_state::<A>)));
         this
     }
 
@@ -262,10 +260,6 @@ impl ContextBuilder {
             + Sync
             + 'static,
     ) -> Self {
-        if let Some(at) = self.aggregate_queries.iter().position(|q| *q == name) {
-            self.aggregate_queries.remove(at);
-            self.queries.retain(|(q, _)| *q != name);
-        }
         self.queries.push((name, Arc::new(answer)));
         self
     }
@@ -288,6 +282,11 @@ impl ContextBuilder {
     /// which hands each command to the handler that declares its type.
     pub fn build(mut self) -> Result<Arc<dyn Context>, ContextError> {
         let context = self.name;
+        for (name, answer) in std::mem::take(&mut self.aggregate_queries) {
+            if self.queries.iter().all(|(q, _)| *q != name) {
+                self.queries.push((name, answer));
+            }
+        }
         let mut seen = std::collections::BTreeSet::new();
         let names = self.components.iter().map(|c| c.name());
         for name in names.chain(self.sagas.iter().map(|s| s.name())) {
