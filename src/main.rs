@@ -1011,7 +1011,7 @@ async fn running_contexts(
     list: &str,
 ) -> anyhow::Result<Vec<String>> {
     let mut out: Vec<String> = Vec::new();
-    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    for item in runtime::app::context_items(list) {
         if item == "all" {
             let found = runtime::client::discover(bus, DISCOVERY_WAIT).await?;
             anyhow::ensure!(

@@ -237,7 +237,7 @@ impl App {
     /// A `--context` list: names separated by commas, or `all`.
     pub fn expand(&self, list: &str) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
-        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        for item in context_items(list) {
             if item == "all" {
                 out.extend(self.context_names().iter().map(|s| s.to_string()));
             } else {
@@ -247,6 +247,12 @@ impl App {
         out.dedup();
         out
     }
+}
+
+/// The items of a `--context` list: names separated by commas (blanks around them and
+/// empty items ignored), `all` standing for every context (which ones is the caller's).
+pub fn context_items(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|s| !s.is_empty())
 }
 
 /// Resolves on SIGINT or SIGTERM.
