@@ -293,6 +293,27 @@ where
         })
     }
 
+    /// Why an operator retry in state `from` is refused: no retry rule takes it.
+    fn no_retry(&self, from: Option<&str>) -> String {
+        let mut states: Vec<&str> = Vec::new();
+        for r in &self.rules {
+            if let (On::Retry, Some(f)) = (&r.on, r.from) {
+                if !states.contains(&f) {
+                    states.push(f);
+                }
+            }
+        }
+        let from = from.unwrap_or("(none)");
+        match states.as_slice() {
+            [] => format!("saga {} has no retry (instance in {from})", self.name),
+            _ => format!(
+                "no retry from {from}: saga {} retries only in {}",
+                self.name,
+                states.join(", ")
+            ),
+        }
+    }
+
     fn derive(&self) -> Definition {
         let mut names: Vec<&'static str> = Vec::new();
         let mut add = |s: &'static str| {
@@ -419,7 +440,13 @@ where
                 self.rule(from, data, |on| matches!(on, On::Deadline(d) if *d == name)),
                 &(),
             ),
-            Trigger::Retry => (self.rule(from, data, |on| matches!(on, On::Retry)), &()),
+            Trigger::Retry => {
+                let rule = self.rule(from, data, |on| matches!(on, On::Retry));
+                if rule.is_none() {
+                    return Err(HandleError::Permanent(self.no_retry(from)));
+                }
+                (rule, &())
+            }
         };
         let Some(rule) = rule else {
             return Ok(None);

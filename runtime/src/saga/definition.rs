@@ -94,12 +94,33 @@ impl Definition {
         p
     }
 
+    /// The edges to draw: one per pair of states, its triggers joined by `|`, in the order
+    /// declared. Staying in a state (a resend, an answer recorded) is always allowed and
+    /// not drawn.
+    fn edges(&self) -> Vec<(&'static str, &'static str, String)> {
+        let mut edges: Vec<(&'static str, &'static str, String)> = Vec::new();
+        for t in self.transitions.iter().filter(|t| t.from != t.to) {
+            match edges.iter_mut().find(|e| (e.0, e.1) == (t.from, t.to)) {
+                Some(e) => {
+                    for on in t.on.split('|') {
+                        if !e.2.split('|').any(|o| o == on) {
+                            e.2.push('|');
+                            e.2.push_str(on);
+                        }
+                    }
+                }
+                None => edges.push((t.from, t.to, t.on.to_string())),
+            }
+        }
+        edges
+    }
+
     /// The graph as a Mermaid state diagram.
     pub fn mermaid(&self) -> String {
         let mut out = String::from("stateDiagram-v2\n");
         out.push_str(&format!("    [*] --> {}\n", self.initial));
-        for t in &self.transitions {
-            out.push_str(&format!("    {} --> {}: {}\n", t.from, t.to, t.on));
+        for (from, to, on) in self.edges() {
+            out.push_str(&format!("    {from} --> {to}: {on}\n"));
         }
         for s in &self.states {
             if s.terminal {
@@ -133,8 +154,8 @@ impl Definition {
                 s.name
             ));
         }
-        for t in &self.transitions {
-            out.push_str(&format!("  {} -> {} [label=\"{}\"];\n", t.from, t.to, t.on));
+        for (from, to, on) in self.edges() {
+            out.push_str(&format!("  {from} -> {to} [label=\"{on}\"];\n"));
         }
         out.push_str("}\n");
         out

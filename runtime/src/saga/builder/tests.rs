@@ -257,3 +257,62 @@ fn an_unguarded_rule_before_another_for_its_trigger_is_a_problem() {
     assert!(problems.contains("a start rule has a guard"), "{problems}");
     assert!(problems.contains("when before any rule"), "{problems}");
 }
+
+#[test]
+fn a_retry_no_rule_takes_is_refused_with_the_states_that_retry() {
+    let opened = Opened {
+        ticket: "t1".into(),
+        due_at_ms: 10,
+    };
+    // No retry rule at all.
+    let err = Scenario::new(&ticket())
+        .receive(opened)
+        .retry()
+        .err()
+        .expect("refused");
+    assert!(
+        format!("{err:?}").contains("saga ticket has no retry"),
+        "{err:?}"
+    );
+    // A retry rule elsewhere: named.
+    let saga = ticket().on_retry("Escalated", "Open", |t, now| {
+        Step::to(t.clone()).set(Deadline::after("answer", now, 10))
+    });
+    let sc = Scenario::new(&saga).receive(Opened {
+        ticket: "t1".into(),
+        due_at_ms: 10,
+    });
+    let err = sc.retry().err().expect("refused in Open");
+    assert!(
+        format!("{err:?}").contains("no retry from Open")
+            && format!("{err:?}").contains("Escalated"),
+        "{err:?}"
+    );
+    let sc = Scenario::new(&saga)
+        .receive(Opened {
+            ticket: "t1".into(),
+            due_at_ms: 10,
+        })
+        .advance(10);
+    assert_eq!(sc.status(), "Escalated");
+    assert_eq!(sc.retry().expect("taken").status(), "Open");
+}
+
+#[test]
+fn the_drawn_graph_has_one_edge_per_pair_of_states_and_no_loops() {
+    let saga = resending().on("Open", "Closed", |n: &u64, _: &Opened, _| Step::to(*n));
+    assert!(saga.problems().is_empty(), "{:?}", saga.problems());
+    let m = saga.definition().mermaid();
+    assert!(m.contains("    Open --> Closed: Closed|Opened\n"), "{m}");
+    assert!(
+        m.contains("    Open --> Escalated: deadline:answer\n"),
+        "{m}"
+    );
+    assert!(!m.contains("Open --> Open"), "{m}");
+    let dot = saga.definition().dot();
+    assert!(
+        dot.contains("Open -> Closed [label=\"Closed|Opened\"]"),
+        "{dot}"
+    );
+    assert!(!dot.contains("Open -> Open"), "{dot}");
+}
