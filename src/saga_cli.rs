@@ -98,7 +98,12 @@ pub fn print_instance(v: &Value) {
             ""
         }
     );
-    if let Some(r) = v["state"]["reason"].as_str() {
+    // A builder saga keeps its data under `data`; a hand-written one at the top.
+    let state = &v["state"];
+    if let Some(r) = state["data"]["reason"]
+        .as_str()
+        .or(state["reason"].as_str())
+    {
         let _ = writeln!(o, "reason   {r}");
     }
     if let Some(d) = v["deadlines"].as_object().filter(|d| !d.is_empty()) {

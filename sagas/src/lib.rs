@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 
 use runtime::config::SagaSettings;
+use runtime::saga::{ProcessManager, Saga};
 
 pub mod order_fulfilment;
 
-pub use order_fulfilment::{Fulfilment, OrderFulfilment, Timeouts};
+pub use order_fulfilment::{Fulfilment, Timeouts};
 
 /// Every saga's name, for `choreo saga graph`.
 pub const NAMES: &[&str] = &[order_fulfilment::NAME];
@@ -16,15 +17,16 @@ pub const NAMES: &[&str] = &[order_fulfilment::NAME];
 /// config).
 pub fn order_fulfilment(
     config: &BTreeMap<String, SagaSettings>,
-) -> Result<OrderFulfilment, String> {
+) -> Result<Saga<Fulfilment>, String> {
     let timeouts = match config.get(order_fulfilment::NAME) {
         Some(m) => Timeouts::from_map(m)?,
         None => Timeouts::default(),
     };
-    Ok(OrderFulfilment { timeouts })
+    Ok(order_fulfilment::saga(timeouts))
 }
 
 /// The declared graph of a saga by name.
 pub fn definition(name: &str) -> Option<runtime::saga::Definition> {
-    (name == order_fulfilment::NAME).then(order_fulfilment::definition)
+    (name == order_fulfilment::NAME)
+        .then(|| order_fulfilment::saga(Timeouts::default()).definition())
 }

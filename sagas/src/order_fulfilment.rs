@@ -9,11 +9,13 @@
 //! times; after that the instance parks in `CompensationFailed` or `SettlementFailed`, where
 //! an operator sees it (`choreo saga stuck`) and retries it (`choreo saga retry`).
 //!
-//! `transition` is pure: (state, trigger, now) -> the next state, the commands to send and
-//! the deadlines to set or cancel. The runtime persists instances and fires deadlines.
-
-use runtime::config::duration::Setting;
-use runtime::config::SagaSettings;
+//! Declared with the runtime's [`Saga`] builder: the rules are the graph. Each answer
+//! updates what is known of the three steps (stock, payment, shipment; [`Known`]), and
+//! [`next`] says where that leads from the current state; a rule per possible target,
+//! guarded by `next`, makes each move an edge of the graph. An answer that changes nothing
+//! (a repeat, or one the saga no longer waits for) matches no rule and changes nothing.
+//! Stock and payment answers may overtake `OrderPlaced` (they come from other streams):
+//! they start the instance too, and nothing moves until the order's details are known.
 
 use inventory::{
     CommitStock, ReleaseStock, StockCommitted, StockRejected, StockReleased, StockReserved,
@@ -23,12 +25,33 @@ use payments::{
     CancelPayment, CapturePayment, PaymentAuthorized, PaymentCancelled, PaymentCaptured,
     PaymentDeclined, PaymentVoided,
 };
-use runtime::saga::{Deadline, Definition, ProcessManager, StateDef, Step, TransitionDef, Trigger};
-use runtime::{decode_as, DecodeError, HandleError, Message, Outgoing, Subscription};
+use runtime::config::duration::Setting;
+use runtime::config::SagaSettings;
+use runtime::saga::{Deadline, Saga, Step};
+use runtime::{Message, Outgoing};
 use serde::{Deserialize, Serialize};
 use shipping::{CancelShipment, ShipOrder, ShipmentCancelled, ShipmentDispatched, ShipmentFailed};
 
 pub const NAME: &str = "order-fulfilment";
+
+/// Waiting for both stock and payment answers (deadline `awaiting`).
+pub const AWAITING: &str = "AwaitingStockAndPayment";
+/// Waiting for the carrier to dispatch (deadline `shipping`).
+pub const SHIPPING: &str = "Shipping";
+/// The shipment was not dispatched in time: cancelling it (deadline `compensation`).
+pub const CANCELLING_SHIPMENT: &str = "CancellingShipment";
+/// Dispatched: committing stock and capturing payment (deadline `settling`).
+pub const SETTLING: &str = "Settling";
+/// Settlement resent `max_attempts` times without an answer: parked for an operator.
+pub const SETTLEMENT_FAILED: &str = "SettlementFailed";
+/// Releasing stock and cancelling payment (deadline `compensation`).
+pub const COMPENSATING: &str = "Compensating";
+/// Compensation resent `max_attempts` times without an answer: parked for an operator.
+pub const COMPENSATION_FAILED: &str = "CompensationFailed";
+/// Shipped and paid.
+pub const COMPLETED: &str = "Completed";
+/// Cancelled once everything done was undone.
+pub const CANCELLED: &str = "Cancelled";
 
 /// Deadlines and resend limits, in milliseconds (node config `[sagas.order-fulfilment]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,19 +119,6 @@ impl Timeouts {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Phase {
-    AwaitingStockAndPayment,
-    Shipping,
-    CancellingShipment,
-    Settling,
-    SettlementFailed,
-    Compensating,
-    CompensationFailed,
-    Completed,
-    Cancelled,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StockStep {
     Pending,
     Reserved,
@@ -140,663 +150,449 @@ pub enum ShipmentStep {
     Cancelled,
 }
 
-/// The state of one order's fulfilment.
+/// What the saga keeps of one order's fulfilment (the state's name is kept beside it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fulfilment {
     pub order_id: String,
     pub customer_id: String,
     pub items: Vec<LineItem>,
-    pub phase: Phase,
     pub stock: StockStep,
     pub payment: PaymentStep,
     pub shipment: ShipmentStep,
     pub reason: Option<String>,
-    /// Resends made in the current phase.
+    /// Resends made in the current state.
     pub attempts: u64,
     /// `OrderPlaced` has arrived (answers that overtook it are recorded meanwhile).
-    #[serde(default = "yes")]
     pub placed: bool,
 }
 
-fn yes() -> bool {
-    true
+/// What is known of the three steps, and whether the order's details have arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Known {
+    pub stock: StockStep,
+    pub payment: PaymentStep,
+    pub shipment: ShipmentStep,
+    pub placed: bool,
 }
 
-/// Every message the saga reacts to.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Input {
-    Placed(OrderPlaced),
-    StockReserved(StockReserved),
-    StockRejected(StockRejected),
-    StockReleased(StockReleased),
-    StockCommitted(StockCommitted),
-    PaymentAuthorized(PaymentAuthorized),
-    PaymentDeclined(PaymentDeclined),
-    PaymentVoided(PaymentVoided),
-    PaymentCancelled(PaymentCancelled),
-    PaymentCaptured(PaymentCaptured),
-    ShipmentDispatched(ShipmentDispatched),
-    ShipmentFailed(ShipmentFailed),
-    ShipmentCancelled(ShipmentCancelled),
-}
-
-impl Input {
-    pub fn order_id(&self) -> &str {
-        match self {
-            Input::Placed(m) => &m.order_id,
-            Input::StockReserved(m) => &m.order_id,
-            Input::StockRejected(m) => &m.order_id,
-            Input::StockReleased(m) => &m.order_id,
-            Input::StockCommitted(m) => &m.order_id,
-            Input::PaymentAuthorized(m) => &m.order_id,
-            Input::PaymentDeclined(m) => &m.order_id,
-            Input::PaymentVoided(m) => &m.order_id,
-            Input::PaymentCancelled(m) => &m.order_id,
-            Input::PaymentCaptured(m) => &m.order_id,
-            Input::ShipmentDispatched(m) => &m.order_id,
-            Input::ShipmentFailed(m) => &m.order_id,
-            Input::ShipmentCancelled(m) => &m.order_id,
-        }
+impl Known {
+    /// Stock reserved and payment authorized for a placed order: ship it.
+    fn ready(self) -> bool {
+        self.placed && self.stock == StockStep::Reserved && self.payment == PaymentStep::Authorized
     }
 
-    /// The wire type name (used to label transitions in the graph).
-    pub fn type_name(&self) -> &'static str {
-        match self {
-            Input::Placed(_) => OrderPlaced::TYPE,
-            Input::StockReserved(_) => StockReserved::TYPE,
-            Input::StockRejected(_) => StockRejected::TYPE,
-            Input::StockReleased(_) => StockReleased::TYPE,
-            Input::StockCommitted(_) => StockCommitted::TYPE,
-            Input::PaymentAuthorized(_) => PaymentAuthorized::TYPE,
-            Input::PaymentDeclined(_) => PaymentDeclined::TYPE,
-            Input::PaymentVoided(_) => PaymentVoided::TYPE,
-            Input::PaymentCancelled(_) => PaymentCancelled::TYPE,
-            Input::PaymentCaptured(_) => PaymentCaptured::TYPE,
-            Input::ShipmentDispatched(_) => ShipmentDispatched::TYPE,
-            Input::ShipmentFailed(_) => ShipmentFailed::TYPE,
-            Input::ShipmentCancelled(_) => ShipmentCancelled::TYPE,
+    /// Stock or payment refused.
+    fn refused(self) -> bool {
+        self.stock == StockStep::Rejected || self.payment == PaymentStep::Declined
+    }
+
+    /// Everything the saga started is undone or was refused.
+    fn undone(self) -> bool {
+        matches!(self.stock, StockStep::Rejected | StockStep::Released)
+            && matches!(self.payment, PaymentStep::Declined | PaymentStep::Cancelled)
+    }
+
+    /// On entering compensation: what was or may still be done is being undone.
+    fn compensating(mut self) -> Known {
+        if matches!(self.stock, StockStep::Pending | StockStep::Reserved) {
+            self.stock = StockStep::Releasing;
         }
+        if matches!(self.payment, PaymentStep::Pending | PaymentStep::Authorized) {
+            self.payment = PaymentStep::Cancelling;
+        }
+        self
     }
 }
 
-/// The order fulfilment process manager.
-#[derive(Debug, Clone, Default)]
-pub struct OrderFulfilment {
-    pub timeouts: Timeouts,
-}
-
-type Out = Option<Step<Fulfilment>>;
-
-impl OrderFulfilment {
-    fn start(&self, p: &OrderPlaced, now: u64) -> Step<Fulfilment> {
-        let s = Fulfilment {
-            order_id: p.order_id.clone(),
-            customer_id: p.customer_id.clone(),
-            items: p.items.clone(),
-            phase: Phase::AwaitingStockAndPayment,
-            stock: StockStep::Pending,
-            payment: PaymentStep::Pending,
-            shipment: ShipmentStep::NotRequested,
-            reason: None,
-            attempts: 0,
-            placed: true,
-        };
-        Step {
-            set: vec![Deadline::after("awaiting", now, self.timeouts.awaiting_ms)],
-            ..Step::to(s)
-        }
-    }
-
-    /// An answer overtook `OrderPlaced` (it comes from another stream): record it and wait
-    /// for the order's details instead of refusing it (a refusal costs a redelivery delay).
-    fn start_early(&self, input: &Input, now: u64) -> Step<Fulfilment> {
-        let mut s = Fulfilment {
-            order_id: input.order_id().to_string(),
+impl Fulfilment {
+    fn new(order_id: &str) -> Self {
+        Fulfilment {
+            order_id: order_id.to_string(),
             customer_id: String::new(),
             items: vec![],
-            phase: Phase::AwaitingStockAndPayment,
             stock: StockStep::Pending,
             payment: PaymentStep::Pending,
             shipment: ShipmentStep::NotRequested,
             reason: None,
             attempts: 0,
             placed: false,
-        };
-        record(&mut s, input);
-        Step {
-            set: vec![Deadline::after("awaiting", now, self.timeouts.awaiting_ms)],
-            ..Step::to(s)
         }
     }
 
-    /// Moves on from the current phase given what is known now.
-    fn advance(&self, s: Fulfilment, now: u64) -> Step<Fulfilment> {
-        use Phase as P;
-        let failed =
-            matches!(s.stock, StockStep::Rejected) || matches!(s.payment, PaymentStep::Declined);
-        match s.phase {
-            // Nothing moves before the order's details are known.
-            P::AwaitingStockAndPayment if !s.placed => Step::to(s),
-            P::AwaitingStockAndPayment if failed => self.compensate(s, now, &["awaiting"]),
-            P::AwaitingStockAndPayment
-                if s.stock == StockStep::Reserved && s.payment == PaymentStep::Authorized =>
-            {
-                let mut s = s;
-                let id = s.order_id.clone();
-                s.phase = P::Shipping;
-                s.shipment = ShipmentStep::Requested;
-                let send = vec![
-                    Outgoing::command(
-                        orders::CONTEXT,
-                        &ConfirmOrder {
-                            order_id: id.clone(),
-                        },
-                    ),
-                    Outgoing::command(
-                        shipping::CONTEXT,
-                        &ShipOrder {
-                            order_id: id,
-                            customer_id: s.customer_id.clone(),
-                            items: s.items.clone(),
-                        },
-                    ),
-                ];
-                Step {
-                    send,
-                    set: vec![Deadline::after("shipping", now, self.timeouts.shipping_ms)],
-                    cancel: vec!["awaiting".into()],
-                    state: s,
-                }
-            }
-            P::Shipping | P::CancellingShipment if s.shipment == ShipmentStep::Dispatched => {
-                self.settle(s, now)
-            }
-            P::Shipping if s.shipment == ShipmentStep::Failed => {
-                self.compensate(s, now, &["shipping"])
-            }
-            P::CancellingShipment
-                if matches!(s.shipment, ShipmentStep::Failed | ShipmentStep::Cancelled) =>
-            {
-                self.compensate(s, now, &["compensation"])
-            }
-            P::Settling | P::SettlementFailed
-                if s.stock == StockStep::Committed && s.payment == PaymentStep::Captured =>
-            {
-                let id = s.order_id.clone();
-                let mut s = s;
-                s.phase = P::Completed;
-                Step {
-                    send: vec![Outgoing::command(
-                        orders::CONTEXT,
-                        &CompleteOrder { order_id: id },
-                    )],
-                    ..Step::to(s)
-                }
-            }
-            P::Compensating | P::CompensationFailed if compensated(&s) => {
-                let mut s = s;
-                s.phase = P::Cancelled;
-                let reason = s.reason.clone().unwrap_or_else(|| "cancelled".into());
-                let id = s.order_id.clone();
-                Step {
-                    send: vec![Outgoing::command(
-                        orders::CONTEXT,
-                        &CancelOrder {
-                            order_id: id,
-                            reason,
-                        },
-                    )],
-                    ..Step::to(s)
-                }
-            }
-            _ => Step::to(s),
+    pub fn known(&self) -> Known {
+        Known {
+            stock: self.stock,
+            payment: self.payment,
+            shipment: self.shipment,
+            placed: self.placed,
         }
     }
 
-    /// Enters settlement: commit the stock, capture the payment.
-    fn settle(&self, mut s: Fulfilment, now: u64) -> Step<Fulfilment> {
-        s.phase = Phase::Settling;
-        s.attempts = 0;
-        s.stock = StockStep::Committing;
-        s.payment = PaymentStep::Capturing;
-        let send = settlement_commands(&s);
-        Step {
-            state: s,
-            send,
-            set: vec![Deadline::after("settling", now, self.timeouts.settling_ms)],
-            cancel: vec!["shipping".into(), "compensation".into()],
-        }
+    fn set(&mut self, k: Known) {
+        (self.stock, self.payment, self.shipment, self.placed) =
+            (k.stock, k.payment, k.shipment, k.placed);
     }
 
-    /// Enters compensation: undo (or prevent) what the other steps did.
-    fn compensate(&self, mut s: Fulfilment, now: u64, cancel: &[&str]) -> Step<Fulfilment> {
-        s.phase = Phase::Compensating;
-        s.attempts = 0;
-        if matches!(s.stock, StockStep::Pending | StockStep::Reserved) {
-            s.stock = StockStep::Releasing;
-        }
-        if matches!(s.payment, PaymentStep::Pending | PaymentStep::Authorized) {
-            s.payment = PaymentStep::Cancelling;
-        }
-        let send = compensation_commands(&s);
-        let step = Step {
-            state: s,
-            send,
-            set: vec![Deadline::after(
-                "compensation",
-                now,
-                self.timeouts.compensation_ms,
-            )],
-            cancel: cancel.iter().map(|c| c.to_string()).collect(),
-        };
-        if compensated(&step.state) {
-            // Nothing to undo: cancel at once.
-            let mut next = self.advance(step.state, now);
-            next.send.splice(0..0, step.send);
-            next.cancel.extend(step.cancel);
-            return next;
-        }
-        step
-    }
-
-    fn on_deadline(&self, s: &Fulfilment, name: &str, now: u64) -> Out {
-        use Phase as P;
-        let t = self.timeouts;
-        let mut s = s.clone();
-        let step = match (s.phase, name) {
-            (P::AwaitingStockAndPayment, "awaiting") => {
-                s.reason = Some(format!(
-                    "no stock and payment answer within {} ms",
-                    t.awaiting_ms
-                ));
-                self.compensate(s, now, &[])
-            }
-            (P::Shipping, "shipping") => {
-                s.reason = Some(format!("not dispatched within {} ms", t.shipping_ms));
-                s.phase = P::CancellingShipment;
-                s.shipment = ShipmentStep::Cancelling;
-                s.attempts = 0;
-                let send = vec![Outgoing::command(
-                    shipping::CONTEXT,
-                    &CancelShipment {
-                        order_id: s.order_id.clone(),
-                    },
-                )];
-                Step {
-                    send,
-                    set: vec![Deadline::after("compensation", now, t.compensation_ms)],
-                    ..Step::to(s)
-                }
-            }
-            (P::Settling, "settling")
-            | (P::Compensating | P::CancellingShipment, "compensation") => {
-                if s.attempts >= t.max_attempts {
-                    s.phase = if s.phase == P::Settling {
-                        P::SettlementFailed
-                    } else {
-                        P::CompensationFailed
-                    };
-                    Step::to(s)
-                } else {
-                    s.attempts += 1;
-                    let (send, deadline) = self.resend(&s, now);
-                    Step {
-                        send,
-                        set: vec![deadline],
-                        ..Step::to(s)
-                    }
-                }
-            }
-            _ => return None,
-        };
-        Some(step)
-    }
-
-    fn on_retry(&self, s: &Fulfilment, now: u64) -> Result<Out, HandleError> {
-        let mut s = s.clone();
-        s.attempts = 0;
-        s.phase = match s.phase {
-            Phase::SettlementFailed => Phase::Settling,
-            Phase::CompensationFailed if s.shipment == ShipmentStep::Cancelling => Phase::CancellingShipment,
-            Phase::CompensationFailed => Phase::Compensating,
-            other => {
-                return Err(HandleError::Permanent(format!(
-                    "instance {} is {other:?}: only SettlementFailed and CompensationFailed can be retried",
-                    s.order_id
-                )))
-            }
-        };
-        let (send, deadline) = self.resend(&s, now);
-        Ok(Some(Step {
-            send,
-            set: vec![deadline],
-            ..Step::to(s)
-        }))
-    }
-
-    /// The commands of the current phase again (they are idempotent), and its deadline.
-    fn resend(&self, s: &Fulfilment, now: u64) -> (Vec<Outgoing>, Deadline) {
-        let t = self.timeouts;
-        match s.phase {
-            Phase::Settling => (
-                settlement_commands(s),
-                Deadline::after("settling", now, t.settling_ms),
-            ),
-            Phase::CancellingShipment => (
-                vec![Outgoing::command(
-                    shipping::CONTEXT,
-                    &CancelShipment {
-                        order_id: s.order_id.clone(),
-                    },
-                )],
-                Deadline::after("compensation", now, t.compensation_ms),
-            ),
-            _ => (
-                compensation_commands(s),
-                Deadline::after("compensation", now, t.compensation_ms),
-            ),
-        }
+    fn because(&mut self, reason: String) {
+        self.reason.get_or_insert(reason);
     }
 }
 
-fn settlement_commands(s: &Fulfilment) -> Vec<Outgoing> {
-    let id = &s.order_id;
-    let mut out = Vec::new();
-    if s.stock == StockStep::Committing {
-        out.push(Outgoing::command(
-            inventory::CONTEXT,
-            &CommitStock {
-                order_id: id.clone(),
-            },
-        ));
-    }
-    if s.payment == PaymentStep::Capturing {
-        out.push(Outgoing::command(
-            payments::CONTEXT,
-            &CapturePayment {
-                order_id: id.clone(),
-            },
-        ));
-    }
-    out
-}
-
-fn compensation_commands(s: &Fulfilment) -> Vec<Outgoing> {
-    let id = &s.order_id;
-    let mut out = Vec::new();
-    if s.stock == StockStep::Releasing {
-        out.push(Outgoing::command(
-            inventory::CONTEXT,
-            &ReleaseStock {
-                order_id: id.clone(),
-            },
-        ));
-    }
-    if s.payment == PaymentStep::Cancelling {
-        out.push(Outgoing::command(
-            payments::CONTEXT,
-            &CancelPayment {
-                order_id: id.clone(),
-            },
-        ));
-    }
-    out
-}
-
-/// Everything the saga started is undone or was refused.
-fn compensated(s: &Fulfilment) -> bool {
-    matches!(s.stock, StockStep::Rejected | StockStep::Released)
-        && matches!(s.payment, PaymentStep::Declined | PaymentStep::Cancelled)
-}
-
-/// Records a participant's answer. Returns false if it changes nothing (a repeat, or an
-/// answer the saga no longer waits for).
-fn record(s: &mut Fulfilment, input: &Input) -> bool {
-    use PaymentStep as Pay;
+/// Where an answer leads from state `from`, given what was known before and after it.
+pub fn next(from: &'static str, before: Known, after: Known) -> &'static str {
     use ShipmentStep as Sh;
-    use StockStep as St;
-    let before = (s.stock, s.payment, s.shipment);
-    match input {
-        Input::Placed(_) => {}
-        Input::StockReserved(_) if s.stock == St::Pending => s.stock = St::Reserved,
-        Input::StockRejected(r) if matches!(s.stock, St::Pending | St::Releasing) => {
-            s.stock = St::Rejected;
-            s.reason
-                .get_or_insert_with(|| format!("stock rejected: {}", r.reason));
-        }
-        Input::StockReleased(_)
-            if matches!(s.stock, St::Pending | St::Reserved | St::Releasing) =>
+    let shipment = (after.shipment != before.shipment).then_some(after.shipment);
+    match from {
+        // Nothing moves before the order's details are known.
+        AWAITING if !after.placed => AWAITING,
+        AWAITING if after.refused() && after.compensating().undone() => CANCELLED,
+        AWAITING if after.refused() => COMPENSATING,
+        AWAITING if after.ready() => SHIPPING,
+        SHIPPING | CANCELLING_SHIPMENT | COMPENSATION_FAILED
+            if shipment == Some(Sh::Dispatched) =>
         {
-            s.stock = St::Released
+            SETTLING
         }
-        Input::StockCommitted(_) if matches!(s.stock, St::Reserved | St::Committing) => {
-            s.stock = St::Committed
-        }
-        Input::PaymentAuthorized(_) if s.payment == Pay::Pending => s.payment = Pay::Authorized,
-        Input::PaymentDeclined(d) if matches!(s.payment, Pay::Pending | Pay::Cancelling) => {
-            s.payment = Pay::Declined;
-            s.reason
-                .get_or_insert_with(|| format!("payment declined: {}", d.reason));
-        }
-        Input::PaymentVoided(_) | Input::PaymentCancelled(_)
-            if matches!(s.payment, Pay::Pending | Pay::Authorized | Pay::Cancelling) =>
+        SHIPPING | CANCELLING_SHIPMENT | COMPENSATION_FAILED
+            if matches!(shipment, Some(Sh::Failed | Sh::Cancelled)) =>
         {
-            s.payment = Pay::Cancelled
+            COMPENSATING
         }
-        Input::PaymentCaptured(_) if matches!(s.payment, Pay::Authorized | Pay::Capturing) => {
-            s.payment = Pay::Captured
+        SETTLING | SETTLEMENT_FAILED
+            if after.stock == StockStep::Committed && after.payment == PaymentStep::Captured =>
+        {
+            COMPLETED
         }
-        Input::ShipmentDispatched(_) if matches!(s.shipment, Sh::Requested | Sh::Cancelling) => {
-            s.shipment = Sh::Dispatched
-        }
-        Input::ShipmentFailed(f) if matches!(s.shipment, Sh::Requested | Sh::Cancelling) => {
-            s.shipment = Sh::Failed;
-            s.reason
-                .get_or_insert_with(|| format!("shipment failed: {}", f.reason));
-        }
-        Input::ShipmentCancelled(_) if s.shipment == Sh::Cancelling => s.shipment = Sh::Cancelled,
-        _ => {}
+        COMPENSATING | COMPENSATION_FAILED if after.undone() => CANCELLED,
+        _ => from,
     }
-    (s.stock, s.payment, s.shipment) != before
 }
 
-impl ProcessManager for OrderFulfilment {
-    type State = Fulfilment;
-    type Input = Input;
-
-    fn name(&self) -> &'static str {
-        NAME
+/// A message the saga receives, as what it makes known.
+pub trait Answer: Message + Send + Sync + 'static {
+    /// What is known after this message (unchanged: a repeat, or one not waited for).
+    fn after(k: Known) -> Known;
+    /// The order it is about.
+    fn order_id(&self) -> &str;
+    /// Records it: what [`Answer::after`] says, and a refusal's reason.
+    fn record(&self, f: &mut Fulfilment) {
+        f.set(Self::after(f.known()));
     }
+}
 
-    fn subscriptions(&self) -> Vec<Subscription> {
-        vec![
-            Subscription::events(orders::CONTEXT, &[OrderPlaced::TYPE]),
-            Subscription::events(
-                inventory::CONTEXT,
-                &[
-                    StockReserved::TYPE,
-                    StockRejected::TYPE,
-                    StockReleased::TYPE,
-                    StockCommitted::TYPE,
-                ],
-            ),
-            Subscription::events(
-                payments::CONTEXT,
-                &[
-                    PaymentAuthorized::TYPE,
-                    PaymentDeclined::TYPE,
-                    PaymentVoided::TYPE,
-                    PaymentCancelled::TYPE,
-                    PaymentCaptured::TYPE,
-                ],
-            ),
-            Subscription::events(
-                shipping::CONTEXT,
-                &[
-                    ShipmentDispatched::TYPE,
-                    ShipmentFailed::TYPE,
-                    ShipmentCancelled::TYPE,
-                ],
-            ),
-        ]
-    }
-
-    fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Input, DecodeError> {
-        Ok(match msg_type {
-            OrderPlaced::TYPE => Input::Placed(decode_as(payload)?),
-            StockReserved::TYPE => Input::StockReserved(decode_as(payload)?),
-            StockRejected::TYPE => Input::StockRejected(decode_as(payload)?),
-            StockReleased::TYPE => Input::StockReleased(decode_as(payload)?),
-            StockCommitted::TYPE => Input::StockCommitted(decode_as(payload)?),
-            PaymentAuthorized::TYPE => Input::PaymentAuthorized(decode_as(payload)?),
-            PaymentDeclined::TYPE => Input::PaymentDeclined(decode_as(payload)?),
-            PaymentVoided::TYPE => Input::PaymentVoided(decode_as(payload)?),
-            PaymentCancelled::TYPE => Input::PaymentCancelled(decode_as(payload)?),
-            PaymentCaptured::TYPE => Input::PaymentCaptured(decode_as(payload)?),
-            ShipmentDispatched::TYPE => Input::ShipmentDispatched(decode_as(payload)?),
-            ShipmentFailed::TYPE => Input::ShipmentFailed(decode_as(payload)?),
-            ShipmentCancelled::TYPE => Input::ShipmentCancelled(decode_as(payload)?),
-            other => return Err(DecodeError::UnknownType(other.into())),
-        })
-    }
-
-    fn correlate(&self, input: &Input) -> String {
-        input.order_id().to_string()
-    }
-
-    fn transition(
-        &self,
-        state: Option<&Fulfilment>,
-        trigger: Trigger<'_, Input>,
-        now: u64,
-    ) -> Result<Out, HandleError> {
-        match (state, trigger) {
-            (None, Trigger::Message(Input::Placed(p))) => Ok(Some(self.start(p, now))),
-            (None, Trigger::Message(other)) => Ok(Some(self.start_early(other, now))),
-            (None, _) => Ok(None),
-            (Some(s), _) if matches!(s.phase, Phase::Completed | Phase::Cancelled) => Ok(None),
-            (Some(s), Trigger::Message(Input::Placed(p))) if !s.placed => {
-                let mut next = s.clone();
-                next.customer_id = p.customer_id.clone();
-                next.items = p.items.clone();
-                next.placed = true;
-                Ok(Some(self.advance(next, now)))
-            }
-            (Some(_), Trigger::Message(Input::Placed(_))) => Ok(None),
-            (Some(s), Trigger::Message(m)) => {
-                let mut next = s.clone();
-                if !record(&mut next, m) {
-                    return Ok(None);
+/// `$t` changes `$field` (of type `$step`) to `$to` from any of `$from`; `$why` (if given)
+/// formats a refusal's reason.
+macro_rules! answer {
+    ($t:ty, $field:ident: $step:ident::{$($from:ident)|+} => $to:ident $(, $why:literal)?) => {
+        impl Answer for $t {
+            fn after(mut k: Known) -> Known {
+                if matches!(k.$field, $($step::$from)|+) {
+                    k.$field = $step::$to;
                 }
-                Ok(Some(self.advance(next, now)))
+                k
             }
-            (Some(s), Trigger::Deadline(name)) => Ok(self.on_deadline(s, name, now)),
-            (Some(s), Trigger::Retry) => self.on_retry(s, now),
+            fn order_id(&self) -> &str {
+                &self.order_id
+            }
+            $(fn record(&self, f: &mut Fulfilment) {
+                let before = f.known();
+                f.set(Self::after(before));
+                if f.known() != before {
+                    f.because(format!($why, self.reason));
+                }
+            })?
         }
-    }
+    };
+}
 
-    fn state_name(&self, s: &Fulfilment) -> &'static str {
-        match s.phase {
-            Phase::AwaitingStockAndPayment => "AwaitingStockAndPayment",
-            Phase::Shipping => "Shipping",
-            Phase::CancellingShipment => "CancellingShipment",
-            Phase::Settling => "Settling",
-            Phase::SettlementFailed => "SettlementFailed",
-            Phase::Compensating => "Compensating",
-            Phase::CompensationFailed => "CompensationFailed",
-            Phase::Completed => "Completed",
-            Phase::Cancelled => "Cancelled",
-        }
-    }
+answer!(StockReserved, stock: StockStep::{Pending} => Reserved);
+answer!(StockRejected, stock: StockStep::{Pending | Releasing} => Rejected, "stock rejected: {}");
+answer!(StockReleased, stock: StockStep::{Pending | Reserved | Releasing} => Released);
+answer!(StockCommitted, stock: StockStep::{Reserved | Committing} => Committed);
+answer!(PaymentAuthorized, payment: PaymentStep::{Pending} => Authorized);
+answer!(PaymentDeclined, payment: PaymentStep::{Pending | Cancelling} => Declined, "payment declined: {}");
+answer!(PaymentVoided, payment: PaymentStep::{Pending | Authorized | Cancelling} => Cancelled);
+answer!(PaymentCancelled, payment: PaymentStep::{Pending | Authorized | Cancelling} => Cancelled);
+answer!(PaymentCaptured, payment: PaymentStep::{Authorized | Capturing} => Captured);
+answer!(ShipmentDispatched, shipment: ShipmentStep::{Requested | Cancelling} => Dispatched);
+answer!(ShipmentFailed, shipment: ShipmentStep::{Requested | Cancelling} => Failed, "shipment failed: {}");
+answer!(ShipmentCancelled, shipment: ShipmentStep::{Cancelling} => Cancelled);
 
-    fn definition(&self) -> Definition {
-        definition()
+impl Answer for OrderPlaced {
+    fn after(k: Known) -> Known {
+        Known { placed: true, ..k }
+    }
+    fn order_id(&self) -> &str {
+        &self.order_id
+    }
+    fn record(&self, f: &mut Fulfilment) {
+        f.customer_id = self.customer_id.clone();
+        f.items = self.items.clone();
+        f.placed = true;
     }
 }
 
-/// The declared graph of the saga. `on` lists the triggers of an edge, separated by `|`:
-/// message types, `deadline:<name>` or `retry`.
-pub fn definition() -> Definition {
-    let st = |name, deadline| StateDef {
-        name,
-        terminal: false,
-        deadline: Some(deadline),
-        waits_without_deadline: None,
-    };
-    let parked = |name| StateDef {
-        name,
-        terminal: false,
-        deadline: None,
-        waits_without_deadline: Some("parked for an operator: choreo saga retry"),
-    };
-    let end = |name| StateDef {
-        name,
-        terminal: true,
-        deadline: None,
-        waits_without_deadline: None,
-    };
-    let t = |from, on, to| TransitionDef { from, on, to };
-    const ANSWERS: &str = "StockRejected|PaymentDeclined|OrderPlaced";
-    const UNDONE: &str =
-        "StockReleased|StockRejected|PaymentVoided|PaymentCancelled|PaymentDeclined";
-    Definition {
-        name: NAME,
-        initial: "AwaitingStockAndPayment",
-        states: vec![
-            st("AwaitingStockAndPayment", "awaiting"),
-            st("Shipping", "shipping"),
-            st("CancellingShipment", "compensation"),
-            st("Settling", "settling"),
-            parked("SettlementFailed"),
-            st("Compensating", "compensation"),
-            parked("CompensationFailed"),
-            end("Completed"),
-            end("Cancelled"),
-        ],
-        transitions: vec![
-            t(
-                "AwaitingStockAndPayment",
-                "StockReserved|PaymentAuthorized|OrderPlaced",
-                "Shipping",
-            ),
-            t("AwaitingStockAndPayment", ANSWERS, "Compensating"),
-            t("AwaitingStockAndPayment", ANSWERS, "Cancelled"),
-            t(
-                "AwaitingStockAndPayment",
-                "deadline:awaiting",
-                "Compensating",
-            ),
-            t("Shipping", "ShipmentDispatched", "Settling"),
-            t("Shipping", "ShipmentFailed", "Compensating"),
-            t("Shipping", "deadline:shipping", "CancellingShipment"),
-            t("CancellingShipment", "ShipmentDispatched", "Settling"),
-            t(
-                "CancellingShipment",
-                "ShipmentFailed|ShipmentCancelled",
-                "Compensating",
-            ),
-            t(
-                "CancellingShipment",
-                "deadline:compensation",
-                "CompensationFailed",
-            ),
-            t("Settling", "StockCommitted|PaymentCaptured", "Completed"),
-            t("Settling", "deadline:settling", "SettlementFailed"),
-            t("SettlementFailed", "retry", "Settling"),
-            t(
-                "SettlementFailed",
-                "StockCommitted|PaymentCaptured",
-                "Completed",
-            ),
-            t("Compensating", UNDONE, "Cancelled"),
-            t(
-                "Compensating",
-                "deadline:compensation",
-                "CompensationFailed",
-            ),
-            t("CompensationFailed", "retry", "Compensating"),
-            t("CompensationFailed", "retry", "CancellingShipment"),
-            t("CompensationFailed", UNDONE, "Cancelled"),
-        ],
+/// The order fulfilment saga with `t`'s deadlines and resend limit.
+pub fn saga(t: Timeouts) -> Saga<Fulfilment> {
+    let saga = Saga::new(NAME).correlated_by("order_id").starts_with(
+        AWAITING,
+        move |p: &OrderPlaced, now| {
+            let mut f = Fulfilment::new(&p.order_id);
+            p.record(&mut f);
+            Step::to(f).set(Deadline::after("awaiting", now, t.awaiting_ms))
+        },
+    );
+    // Stock and payment answers that overtook OrderPlaced start the instance too.
+    let saga = early::<StockReserved>(saga, t);
+    let saga = early::<StockRejected>(saga, t);
+    let saga = early::<PaymentAuthorized>(saga, t);
+    let saga = early::<PaymentDeclined>(saga, t);
+
+    let saga = answer::<OrderPlaced>(
+        saga,
+        AWAITING,
+        &[SHIPPING, CANCELLED, COMPENSATING, AWAITING],
+        t,
+    );
+    let saga = answer::<StockReserved>(saga, AWAITING, &[SHIPPING, AWAITING], t);
+    let saga = answer::<PaymentAuthorized>(saga, AWAITING, &[SHIPPING, AWAITING], t);
+    let saga = answer::<StockRejected>(saga, AWAITING, &[CANCELLED, COMPENSATING, AWAITING], t);
+    let saga = answer::<PaymentDeclined>(saga, AWAITING, &[CANCELLED, COMPENSATING, AWAITING], t);
+    let saga = saga
+        .on_deadline(AWAITING, "awaiting", CANCELLED, move |f, _| {
+            cancel(timed_out(
+                f,
+                format!("no stock and payment answer within {} ms", t.awaiting_ms),
+            ))
+        })
+        .when(|f| f.known().compensating().undone())
+        .on_deadline(AWAITING, "awaiting", COMPENSATING, move |f, now| {
+            let why = format!("no stock and payment answer within {} ms", t.awaiting_ms);
+            compensate(timed_out(f, why), now, t)
+        });
+
+    let saga = answer::<ShipmentDispatched>(saga, SHIPPING, &[SETTLING], t);
+    let saga = answer::<ShipmentFailed>(saga, SHIPPING, &[COMPENSATING], t);
+    let saga = saga.on_deadline(SHIPPING, "shipping", CANCELLING_SHIPMENT, move |f, now| {
+        let mut f = timed_out(f, format!("not dispatched within {} ms", t.shipping_ms));
+        f.shipment = ShipmentStep::Cancelling;
+        f.attempts = 0;
+        let (send, deadline) = resend(CANCELLING_SHIPMENT, &f, now, t);
+        Step {
+            send,
+            ..Step::to(f)
+        }
+        .set(deadline)
+    });
+    // Cancelling the shipment, or parked after trying (a late answer still counts).
+    let mut saga = saga;
+    for from in [CANCELLING_SHIPMENT, COMPENSATION_FAILED] {
+        saga = answer::<ShipmentDispatched>(saga, from, &[SETTLING], t);
+        saga = answer::<ShipmentFailed>(saga, from, &[COMPENSATING], t);
+        saga = answer::<ShipmentCancelled>(saga, from, &[COMPENSATING], t);
     }
+    let saga = resends(
+        saga,
+        CANCELLING_SHIPMENT,
+        "compensation",
+        COMPENSATION_FAILED,
+        t,
+    );
+
+    let mut saga = resends(saga, SETTLING, "settling", SETTLEMENT_FAILED, t);
+    for from in [SETTLING, SETTLEMENT_FAILED] {
+        saga = answer::<StockCommitted>(saga, from, &[COMPLETED, from], t);
+        saga = answer::<PaymentCaptured>(saga, from, &[COMPLETED, from], t);
+    }
+    let saga = saga.on_retry(SETTLEMENT_FAILED, SETTLING, move |f, now| {
+        retried(f, SETTLING, now, t)
+    });
+
+    let mut saga = resends(saga, COMPENSATING, "compensation", COMPENSATION_FAILED, t);
+    for from in [COMPENSATING, COMPENSATION_FAILED] {
+        saga = answer::<StockRejected>(saga, from, &[CANCELLED, from], t);
+        saga = answer::<StockReleased>(saga, from, &[CANCELLED, from], t);
+        saga = answer::<PaymentDeclined>(saga, from, &[CANCELLED, from], t);
+        saga = answer::<PaymentVoided>(saga, from, &[CANCELLED, from], t);
+        saga = answer::<PaymentCancelled>(saga, from, &[CANCELLED, from], t);
+    }
+    saga.on_retry(COMPENSATION_FAILED, CANCELLING_SHIPMENT, move |f, now| {
+        retried(f, CANCELLING_SHIPMENT, now, t)
+    })
+    .when(|f| f.shipment == ShipmentStep::Cancelling)
+    .on_retry(COMPENSATION_FAILED, COMPENSATING, move |f, now| {
+        retried(f, COMPENSATING, now, t)
+    })
+    .waits(
+        SETTLEMENT_FAILED,
+        "parked for an operator: choreo saga retry",
+    )
+    .waits(
+        COMPENSATION_FAILED,
+        "parked for an operator: choreo saga retry",
+    )
+    .terminal(COMPLETED)
+    .terminal(CANCELLED)
+}
+
+/// `M` starts an instance: recorded, waiting for the order's details.
+fn early<M: Answer>(saga: Saga<Fulfilment>, t: Timeouts) -> Saga<Fulfilment> {
+    saga.starts_with(AWAITING, move |m: &M, now| {
+        let mut f = Fulfilment::new(m.order_id());
+        m.record(&mut f);
+        Step::to(f).set(Deadline::after("awaiting", now, t.awaiting_ms))
+    })
+}
+
+/// In state `from`, `M` leads to each of `targets` where [`next`] says so.
+fn answer<M: Answer>(
+    saga: Saga<Fulfilment>,
+    from: &'static str,
+    targets: &[&'static str],
+    t: Timeouts,
+) -> Saga<Fulfilment> {
+    targets.iter().fold(saga, |saga, &to| {
+        saga.on(from, to, move |f, m: &M, now| {
+            let mut f = f.clone();
+            m.record(&mut f);
+            enter(from, to, f, now, t)
+        })
+        .when(move |f| {
+            let (before, after) = (f.known(), M::after(f.known()));
+            after != before && next(from, before, after) == to
+        })
+    })
+}
+
+/// The step entering `to` from `from` with what is now known.
+fn enter(from: &str, to: &str, mut f: Fulfilment, now: u64, t: Timeouts) -> Step<Fulfilment> {
+    match to {
+        _ if to == from => Step::to(f),
+        SHIPPING => {
+            f.shipment = ShipmentStep::Requested;
+            let confirm = ConfirmOrder {
+                order_id: f.order_id.clone(),
+            };
+            let ship = ShipOrder {
+                order_id: f.order_id.clone(),
+                customer_id: f.customer_id.clone(),
+                items: f.items.clone(),
+            };
+            Step::to(f)
+                .send(Outgoing::message(&confirm))
+                .send(Outgoing::message(&ship))
+                .set(Deadline::after("shipping", now, t.shipping_ms))
+        }
+        SETTLING => {
+            f.stock = StockStep::Committing;
+            f.payment = PaymentStep::Capturing;
+            f.attempts = 0;
+            let (send, deadline) = resend(SETTLING, &f, now, t);
+            Step {
+                send,
+                ..Step::to(f)
+            }
+            .set(deadline)
+        }
+        COMPENSATING => compensate(f, now, t),
+        CANCELLED => cancel(f),
+        COMPLETED => {
+            let complete = CompleteOrder {
+                order_id: f.order_id.clone(),
+            };
+            Step::to(f).send(Outgoing::message(&complete))
+        }
+        other => unreachable!("no step enters {other}"),
+    }
+}
+
+/// Enters compensation: undo (or prevent) what the other steps did.
+fn compensate(mut f: Fulfilment, now: u64, t: Timeouts) -> Step<Fulfilment> {
+    f.set(f.known().compensating());
+    f.attempts = 0;
+    let (send, deadline) = resend(COMPENSATING, &f, now, t);
+    Step {
+        send,
+        ..Step::to(f)
+    }
+    .set(deadline)
+}
+
+/// Cancels the order, everything being undone.
+fn cancel(mut f: Fulfilment) -> Step<Fulfilment> {
+    f.set(f.known().compensating());
+    let cancel = CancelOrder {
+        order_id: f.order_id.clone(),
+        reason: f.reason.clone().unwrap_or_else(|| "cancelled".into()),
+    };
+    Step::to(f).send(Outgoing::message(&cancel))
+}
+
+fn timed_out(f: &Fulfilment, reason: String) -> Fulfilment {
+    let mut f = f.clone();
+    f.reason = Some(reason);
+    f
+}
+
+/// At `deadline` in `state`: the state's commands again until `max_attempts` resends,
+/// then `parked`.
+fn resends(
+    saga: Saga<Fulfilment>,
+    state: &'static str,
+    deadline: &'static str,
+    parked: &'static str,
+    t: Timeouts,
+) -> Saga<Fulfilment> {
+    saga.on_deadline(state, deadline, state, move |f, now| {
+        let mut f = f.clone();
+        f.attempts += 1;
+        let (send, deadline) = resend(state, &f, now, t);
+        Step {
+            send,
+            ..Step::to(f)
+        }
+        .set(deadline)
+    })
+    .when(move |f| f.attempts < t.max_attempts)
+    .on_deadline(state, deadline, parked, |f, _| Step::to(f.clone()))
+}
+
+/// An operator retry: back to `state`, its commands sent again.
+fn retried(f: &Fulfilment, state: &str, now: u64, t: Timeouts) -> Step<Fulfilment> {
+    let mut f = f.clone();
+    f.attempts = 0;
+    let (send, deadline) = resend(state, &f, now, t);
+    Step {
+        send,
+        ..Step::to(f)
+    }
+    .set(deadline)
+}
+
+/// The commands of `state` (idempotent: each names what is still outstanding) and its
+/// deadline.
+fn resend(state: &str, f: &Fulfilment, now: u64, t: Timeouts) -> (Vec<Outgoing>, Deadline) {
+    let id = || f.order_id.clone();
+    let mut out = Vec::new();
+    match state {
+        SETTLING => {
+            if f.stock == StockStep::Committing {
+                out.push(Outgoing::message(&CommitStock { order_id: id() }));
+            }
+            if f.payment == PaymentStep::Capturing {
+                out.push(Outgoing::message(&CapturePayment { order_id: id() }));
+            }
+            return (out, Deadline::after("settling", now, t.settling_ms));
+        }
+        CANCELLING_SHIPMENT => out.push(Outgoing::message(&CancelShipment { order_id: id() })),
+        _ => {
+            if f.stock == StockStep::Releasing {
+                out.push(Outgoing::message(&ReleaseStock { order_id: id() }));
+            }
+            if f.payment == PaymentStep::Cancelling {
+                out.push(Outgoing::message(&CancelPayment { order_id: id() }));
+            }
+        }
+    }
+    (out, Deadline::after("compensation", now, t.compensation_ms))
 }

@@ -8,21 +8,83 @@ use payments::{
 };
 use proptest::prelude::*;
 use runtime::saga::testing::Scenario;
-use runtime::saga::ProcessManager;
-use sagas::order_fulfilment::{definition, Input, OrderFulfilment, Timeouts};
+use runtime::saga::{ProcessManager, Saga, SagaMessage};
+use runtime::Message;
+use sagas::order_fulfilment::{self as of, Fulfilment, Timeouts};
 use shipping::{ShipmentCancelled, ShipmentDispatched, ShipmentFailed};
 
 const ID: &str = "o1";
 
+type OrderFulfilment = Saga<Fulfilment>;
+
 fn saga() -> OrderFulfilment {
-    OrderFulfilment {
-        timeouts: Timeouts {
-            awaiting_ms: 1_000,
-            shipping_ms: 2_000,
-            settling_ms: 500,
-            compensation_ms: 300,
-            max_attempts: 2,
-        },
+    of::saga(Timeouts {
+        awaiting_ms: 1_000,
+        shipping_ms: 2_000,
+        settling_ms: 500,
+        compensation_ms: 300,
+        max_attempts: 2,
+    })
+}
+
+fn definition() -> runtime::saga::Definition {
+    saga().definition()
+}
+
+/// Every message the saga reacts to, typed (a `SagaMessage` is made from one per delivery).
+#[derive(Debug, Clone)]
+enum Input {
+    Placed(OrderPlaced),
+    StockReserved(StockReserved),
+    StockRejected(StockRejected),
+    StockReleased(StockReleased),
+    StockCommitted(StockCommitted),
+    PaymentAuthorized(PaymentAuthorized),
+    PaymentDeclined(PaymentDeclined),
+    PaymentVoided(PaymentVoided),
+    PaymentCancelled(PaymentCancelled),
+    PaymentCaptured(PaymentCaptured),
+    ShipmentDispatched(ShipmentDispatched),
+    ShipmentFailed(ShipmentFailed),
+    ShipmentCancelled(ShipmentCancelled),
+}
+
+impl Input {
+    /// As the saga receives it, and its wire type.
+    fn to(&self, s: &OrderFulfilment) -> (SagaMessage, &'static str) {
+        fn m<M: Message + Clone + Send + Sync + 'static>(
+            s: &OrderFulfilment,
+            m: &M,
+        ) -> (SagaMessage, &'static str) {
+            (s.message(m.clone()).expect("names its order"), M::TYPE)
+        }
+        match self {
+            Input::Placed(x) => m(s, x),
+            Input::StockReserved(x) => m(s, x),
+            Input::StockRejected(x) => m(s, x),
+            Input::StockReleased(x) => m(s, x),
+            Input::StockCommitted(x) => m(s, x),
+            Input::PaymentAuthorized(x) => m(s, x),
+            Input::PaymentDeclined(x) => m(s, x),
+            Input::PaymentVoided(x) => m(s, x),
+            Input::PaymentCancelled(x) => m(s, x),
+            Input::PaymentCaptured(x) => m(s, x),
+            Input::ShipmentDispatched(x) => m(s, x),
+            Input::ShipmentFailed(x) => m(s, x),
+            Input::ShipmentCancelled(x) => m(s, x),
+        }
+    }
+}
+
+trait When {
+    fn on(self, i: Input) -> Self;
+}
+
+impl When for Scenario<'_, OrderFulfilment> {
+    fn on(self, i: Input) -> Self {
+        // A message's form does not depend on the saga's timeouts.
+        let (m, on) = i.to(&saga());
+        self.when(m, on)
     }
 }
 
@@ -111,10 +173,7 @@ fn ship_cancelled() -> Input {
 
 /// Applies each input labelled with its type, so the path can be checked against the graph.
 fn run<'a>(s: &'a OrderFulfilment, inputs: Vec<Input>) -> Scenario<'a, OrderFulfilment> {
-    inputs.into_iter().fold(Scenario::new(s), |sc, i| {
-        let on = i.type_name();
-        sc.when(i, on)
-    })
+    inputs.into_iter().fold(Scenario::new(s), |sc, i| sc.on(i))
 }
 
 /// Every transition taken is an edge of the declared graph.
@@ -234,13 +293,12 @@ fn awaiting_deadline_compensates_what_was_done() {
     assert_eq!(sc.status(), "Compensating");
     assert_eq!(sc.sent, ["ReleaseStock", "CancelPayment"]);
     // The payment was never authorized: payments answers the cancel with PaymentCancelled.
-    let sc = sc
-        .when(released(), "StockReleased")
-        .when(pay_cancelled(), "PaymentCancelled");
+    let sc = sc.on(released()).on(pay_cancelled());
     assert_eq!(sc.status(), "Cancelled");
     assert!(sc
         .state
         .unwrap()
+        .data
         .reason
         .unwrap()
         .contains("no stock and payment answer"));
@@ -254,14 +312,11 @@ fn shipping_deadline_cancels_the_shipment_first() {
     assert_eq!(sc.status(), "CancellingShipment");
     assert_eq!(sc.sent.last(), Some(&"CancelShipment"));
     // Cancelled in time: compensate and cancel.
-    let sc = sc
-        .when(ship_cancelled(), "ShipmentCancelled")
-        .when(released(), "StockReleased")
-        .when(voided(), "PaymentVoided");
+    let sc = sc.on(ship_cancelled()).on(released()).on(voided());
     assert_eq!(sc.status(), "Cancelled");
     assert_declared(&sc);
     // Already dispatched: settle instead.
-    let sc = base().when(dispatched(), "ShipmentDispatched");
+    let sc = base().on(dispatched());
     assert_eq!(sc.status(), "Settling");
     assert_eq!(
         &sc.sent[sc.sent.len() - 2..],
@@ -289,7 +344,7 @@ fn compensation_that_keeps_failing_parks_and_can_be_retried() {
     let sc = sc.retry().expect("retry allowed");
     assert_eq!(sc.status(), "Compensating");
     assert_eq!(sc.sent.last(), Some(&"ReleaseStock"));
-    let sc = sc.when(released(), "StockReleased");
+    let sc = sc.on(released());
     assert_eq!(sc.status(), "Cancelled");
     assert_eq!(sc.sent.last(), Some(&"CancelOrder"));
     assert_declared(&sc);
@@ -316,7 +371,7 @@ fn settlement_that_keeps_failing_parks_and_can_be_retried() {
         sc.sent.iter().filter(|t| **t == "CommitStock").count() == 1,
         "committed stock is not resent"
     );
-    let sc = sc.retry().unwrap().when(captured(), "PaymentCaptured");
+    let sc = sc.retry().unwrap().on(captured());
     assert_eq!(sc.status(), "Completed");
     assert_declared(&sc);
 }
@@ -336,7 +391,7 @@ fn answers_before_order_placed_are_kept_until_it_arrives() {
         sc.sent.is_empty(),
         "nothing sent before the order's details are known"
     );
-    let sc = sc.when(placed(), "OrderPlaced");
+    let sc = sc.on(placed());
     assert_eq!(sc.status(), "Shipping");
     assert_eq!(sc.sent, ["ConfirmOrder", "ShipOrder"]);
     assert_declared(&sc);
@@ -351,7 +406,7 @@ fn early_messages_wait_and_late_ones_change_nothing() {
     let s = saga();
     let mut sc = Scenario::new(&s);
     assert!(
-        sc.try_when(&reserved(), "StockReserved").is_ok(),
+        sc.try_when(&reserved().to(&s).0, "StockReserved").is_ok(),
         "kept, not refused"
     );
     let sc = run(
@@ -366,9 +421,7 @@ fn early_messages_wait_and_late_ones_change_nothing() {
         ],
     );
     let sent = sc.sent.len();
-    let sc = sc
-        .when(voided(), "PaymentVoided")
-        .when(rejected(), "StockRejected");
+    let sc = sc.on(voided()).on(rejected());
     assert_eq!((sc.status(), sc.sent.len()), ("Completed", sent));
 }
 
@@ -402,9 +455,7 @@ fn simulate(
     picks: &[usize],
     dups: &[bool],
 ) -> (String, World) {
-    let s = OrderFulfilment {
-        timeouts: Timeouts::default(),
-    };
+    let s = of::saga(Timeouts::default());
     let mut sc = Scenario::new(&s);
     let mut w = World {
         stock: if stock_ok { "Reserved" } else { "Rejected" },
@@ -432,7 +483,8 @@ fn simulate(
         match msg {
             Msg::ToSaga(input) => {
                 let before = sc.sent.len();
-                if sc.try_when(&input, input.type_name()).is_err() {
+                let (m, on) = input.to(&s);
+                if sc.try_when(&m, on).is_err() {
                     bag.push(Msg::ToSaga(input)); // redelivered later
                 }
                 bag.extend(sc.sent[before..].iter().map(|t| Msg::Cmd(t)));
@@ -525,4 +577,34 @@ proptest! {
             prop_assert_eq!((world.shipped, world.order), (0, "Cancelled"));
         }
     }
+}
+
+#[test]
+fn a_late_shipment_answer_while_parked_moves_the_instance_on() {
+    let s = saga();
+    // Not dispatched in time; the cancel is sent, resent twice, then the instance parks.
+    let parked = || {
+        run(&s, vec![placed(), reserved(), authorized()])
+            .advance(2_000)
+            .advance(300 * 3)
+    };
+    let sc = parked();
+    assert_eq!(sc.status(), "CompensationFailed");
+    let cancels = sc.sent.iter().filter(|t| **t == "CancelShipment").count();
+    assert_eq!(cancels, 3);
+    // The carrier's cancellation comes late: compensate as if it had come in time.
+    let sc = sc.on(ship_cancelled());
+    assert_eq!(sc.status(), "Compensating");
+    assert_eq!(
+        &sc.sent[sc.sent.len() - 2..],
+        ["ReleaseStock", "CancelPayment"]
+    );
+    let sc = sc.on(released()).on(voided());
+    assert_eq!(sc.status(), "Cancelled");
+    assert_eq!(sc.sent.last(), Some(&"CancelOrder"));
+    assert_declared(&sc);
+    // Dispatched after all: settle.
+    let sc = parked().on(dispatched());
+    assert_eq!(sc.status(), "Settling");
+    assert_declared(&sc);
 }

@@ -22,7 +22,7 @@ pub struct AddStock {
     pub sku: String,
     pub qty: u64,
 }
-message!(AddStock, Command);
+message!(AddStock, Command, CONTEXT);
 
 /// Command from fulfilment: give a reservation back. If the order has no reservation yet,
 /// none will be made.
@@ -30,14 +30,14 @@ message!(AddStock, Command);
 pub struct ReleaseStock {
     pub order_id: String,
 }
-message!(ReleaseStock, Command);
+message!(ReleaseStock, Command, CONTEXT);
 
 /// Command from fulfilment: the reserved stock has left the warehouse.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CommitStock {
     pub order_id: String,
 }
-message!(CommitStock, Command);
+message!(CommitStock, Command, CONTEXT);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StockAdded {
@@ -45,33 +45,33 @@ pub struct StockAdded {
     pub qty: u64,
     pub available: u64,
 }
-message!(StockAdded, Event);
+message!(StockAdded, Event, CONTEXT);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StockReserved {
     pub order_id: String,
     pub items: Vec<LineItem>,
 }
-message!(StockReserved, Event);
+message!(StockReserved, Event, CONTEXT);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StockRejected {
     pub order_id: String,
     pub reason: String,
 }
-message!(StockRejected, Event);
+message!(StockRejected, Event, CONTEXT);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StockReleased {
     pub order_id: String,
 }
-message!(StockReleased, Event);
+message!(StockReleased, Event, CONTEXT);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StockCommitted {
     pub order_id: String,
 }
-message!(StockCommitted, Event);
+message!(StockCommitted, Event, CONTEXT);
 
 /// Stock of one sku.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

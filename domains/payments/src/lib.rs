@@ -27,7 +27,7 @@ pub const GATEWAY: &str = "payment-gateway";
 pub struct CapturePayment {
     pub order_id: String,
 }
-message!(CapturePayment, Command);
+message!(CapturePayment, Command, CONTEXT);
 
 /// Command from fulfilment (compensation): void the authorization; if the order has none
 /// yet, none will be kept (an authorization that arrives later is voided at once).
@@ -35,7 +35,7 @@ message!(CapturePayment, Command);
 pub struct CancelPayment {
     pub order_id: String,
 }
-message!(CancelPayment, Command);
+message!(CancelPayment, Command, CONTEXT);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PaymentAuthorized {
@@ -43,21 +43,21 @@ pub struct PaymentAuthorized {
     pub amount_cents: u64,
     pub auth_id: String,
 }
-message!(PaymentAuthorized, Event);
+message!(PaymentAuthorized, Event, CONTEXT);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PaymentDeclined {
     pub order_id: String,
     pub reason: String,
 }
-message!(PaymentDeclined, Event);
+message!(PaymentDeclined, Event, CONTEXT);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PaymentCaptured {
     pub order_id: String,
     pub amount_cents: u64,
 }
-message!(PaymentCaptured, Event);
+message!(PaymentCaptured, Event, CONTEXT);
 
 /// The authorization was voided at the gateway.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,14 +65,14 @@ pub struct PaymentVoided {
     pub order_id: String,
     pub amount_cents: u64,
 }
-message!(PaymentVoided, Event);
+message!(PaymentVoided, Event, CONTEXT);
 
 /// Cancelled before any authorization was recorded; none will be kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PaymentCancelled {
     pub order_id: String,
 }
-message!(PaymentCancelled, Event);
+message!(PaymentCancelled, Event, CONTEXT);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PaymentStatus {

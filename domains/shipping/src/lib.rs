@@ -25,7 +25,7 @@ pub struct ShipOrder {
     pub customer_id: String,
     pub items: Vec<LineItem>,
 }
-message!(ShipOrder, Command);
+message!(ShipOrder, Command, CONTEXT);
 
 /// Command from fulfilment (its shipping deadline passed): do not ship. If the order was
 /// already dispatched this changes nothing (fulfilment hears `ShipmentDispatched`).
@@ -33,7 +33,7 @@ message!(ShipOrder, Command);
 pub struct CancelShipment {
     pub order_id: String,
 }
-message!(CancelShipment, Command);
+message!(CancelShipment, Command, CONTEXT);
 
 /// Command shipping sends itself: recall a dispatch the carrier accepted after the
 /// shipment was cancelled.
@@ -41,28 +41,28 @@ message!(CancelShipment, Command);
 pub struct RecallShipment {
     pub order_id: String,
 }
-message!(RecallShipment, Command);
+message!(RecallShipment, Command, CONTEXT);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShipmentDispatched {
     pub order_id: String,
     pub tracking: String,
 }
-message!(ShipmentDispatched, Event);
+message!(ShipmentDispatched, Event, CONTEXT);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShipmentFailed {
     pub order_id: String,
     pub reason: String,
 }
-message!(ShipmentFailed, Event);
+message!(ShipmentFailed, Event, CONTEXT);
 
 /// Cancelled before any dispatch; none will be kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShipmentCancelled {
     pub order_id: String,
 }
-message!(ShipmentCancelled, Event);
+message!(ShipmentCancelled, Event, CONTEXT);
 
 /// A dispatch made after cancellation was recalled at the carrier.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,7 +70,7 @@ pub struct ShipmentRecalled {
     pub order_id: String,
     pub tracking: String,
 }
-message!(ShipmentRecalled, Event);
+message!(ShipmentRecalled, Event, CONTEXT);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ShipmentStatus {
