@@ -379,7 +379,7 @@ enum SagaCmd {
         #[command(flatten)]
         target: SagaTarget,
     },
-    /// Retry an instance parked in CompensationFailed or SettlementFailed.
+    /// Retry a parked instance (the shop's: CompensationFailed or SettlementFailed).
     Retry {
         /// Instance id.
         id: String,

@@ -287,7 +287,7 @@ async fn orders_are_fulfilled_or_cancelled_and_late_billing_is_compensated() {
     choreo(&["contexts"]);
     let graph = choreo(&["saga", "graph", "order-fulfilment"]);
     assert!(
-        graph.contains("Billing --> Cancelled: deadline:billing"),
+        graph.contains("Billing --> Cancelled: BillingDeclined|deadline:billing"),
         "{graph}"
     );
     assert!(
