@@ -75,6 +75,9 @@ macro_rules! message {
 pub trait Messages: Sized + Send + Sync + 'static {
     /// The wire type names, in declaration order.
     const TYPES: &'static [&'static str];
+    /// Each type's context ([`Message::CONTEXT`]: the publisher of an event, the addressee
+    /// of a command) and kind, in the order of [`Messages::TYPES`].
+    const ROUTES: &'static [(&'static str, Kind)];
     /// The variant for `msg_type`, decoded from `payload`.
     fn decode(msg_type: &str, payload: &[u8]) -> Result<Self, DecodeError>;
     /// The message to send (see [`Outgoing::message`]).
@@ -138,6 +141,10 @@ macro_rules! messages {
         impl $crate::component::Messages for $name {
             const TYPES: &'static [&'static str] =
                 &[$(<$ty as $crate::component::Message>::TYPE),+];
+            const ROUTES: &'static [(&'static str, $crate::component::Kind)] = &[$((
+                <$ty as $crate::component::Message>::CONTEXT,
+                <$ty as $crate::component::Message>::KIND,
+            )),+];
             fn decode(
                 msg_type: &str,
                 payload: &[u8],
@@ -194,6 +201,41 @@ impl Subscription {
             kind: Kind::Command,
             types: types.to_vec(),
         }
+    }
+
+    /// What receives every type of a [`messages!`](crate::messages) enum: one subscription
+    /// per context and kind, in the order the types are declared. For a component whose
+    /// input is such an enum (with [`Messages::decode`] as its `decode`). A type declared
+    /// without a context is a problem the context's `build` reports.
+    pub fn of<E: Messages>() -> Vec<Subscription> {
+        Self::grouped(
+            E::TYPES
+                .iter()
+                .zip(E::ROUTES)
+                .map(|(t, (source, kind))| (*source, *kind, *t)),
+        )
+    }
+
+    /// `(context, kind, type)` triples as subscriptions, one per context and kind, in the
+    /// order first seen.
+    pub(crate) fn grouped(
+        routes: impl IntoIterator<Item = (&'static str, Kind, &'static str)>,
+    ) -> Vec<Subscription> {
+        let mut subs: Vec<Subscription> = Vec::new();
+        for (source, kind, msg_type) in routes {
+            match subs
+                .iter_mut()
+                .find(|s| s.source == source && s.kind == kind)
+            {
+                Some(s) => s.types.push(msg_type),
+                None => subs.push(Subscription {
+                    source,
+                    kind,
+                    types: vec![msg_type],
+                }),
+            }
+        }
+        subs
     }
 
     /// The declared type named `msg_type`, if this subscription has it.

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use orders::{LineItem, OrderPlaced};
 use runtime::component::DynComponent;
 use runtime::{
-    decode_as, load, message, read, read_all, save, Component, DecodeError, HandleCtx, HandleError,
-    Message, Outgoing, QueryError, StateRead, StateTx, Subscription,
+    load, message, read, read_all, save, Component, DecodeError, HandleCtx, HandleError, Messages,
+    Outgoing, QueryError, StateRead, StateTx, Subscription,
 };
 use serde::{Deserialize, Serialize};
 
@@ -101,13 +101,10 @@ pub struct Reservation {
     pub status: ReservationStatus,
 }
 
-/// Inputs of the stock component.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Input {
-    Placed(OrderPlaced),
-    Add(AddStock),
-    Release(ReleaseStock),
-    Commit(CommitStock),
+runtime::messages! {
+    /// Inputs of the stock component.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Input { OrderPlaced, AddStock, ReleaseStock, CommitStock }
 }
 
 /// The outcome of a decision: the changes to write and the event to publish.
@@ -128,7 +125,7 @@ pub fn decide(
 ) -> Result<Decision, HandleError> {
     let mut d = Decision::default();
     match input {
-        Input::Add(a) => {
+        Input::AddStock(a) => {
             if a.qty == 0 || a.sku.trim().is_empty() {
                 return Err(HandleError::Permanent(
                     "AddStock needs a sku and qty >= 1".into(),
@@ -144,7 +141,7 @@ pub fn decide(
             }));
             d.skus.insert(a.sku.clone(), s);
         }
-        Input::Placed(p) => {
+        Input::OrderPlaced(p) => {
             if reservation.is_some() {
                 return Ok(d);
             }
@@ -183,9 +180,10 @@ pub fn decide(
                 status,
             });
         }
-        Input::Release(ReleaseStock { order_id }) | Input::Commit(CommitStock { order_id }) => {
+        Input::ReleaseStock(ReleaseStock { order_id })
+        | Input::CommitStock(CommitStock { order_id }) => {
             let Some(r) = reservation else {
-                if matches!(input, Input::Commit(_)) {
+                if matches!(input, Input::CommitStock(_)) {
                     return Err(HandleError::Retry(format!(
                         "no reservation for order {order_id} yet"
                     )));
@@ -200,7 +198,7 @@ pub fn decide(
                 }));
                 return Ok(d);
             };
-            let commit = matches!(input, Input::Commit(_));
+            let commit = matches!(input, Input::CommitStock(_));
             match (r.status, commit) {
                 (ReservationStatus::Reserved, _) => {
                     for (sku, qty) in sum_by_sku(&r.items) {
@@ -270,22 +268,10 @@ impl Component for Stock {
         "stock"
     }
     fn subscriptions(&self) -> Vec<Subscription> {
-        vec![
-            Subscription::events(orders::CONTEXT, &[OrderPlaced::TYPE]),
-            Subscription::commands(
-                CONTEXT,
-                &[AddStock::TYPE, ReleaseStock::TYPE, CommitStock::TYPE],
-            ),
-        ]
+        Subscription::of::<Input>()
     }
     fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Input, DecodeError> {
-        Ok(match msg_type {
-            OrderPlaced::TYPE => Input::Placed(decode_as(payload)?),
-            AddStock::TYPE => Input::Add(decode_as(payload)?),
-            ReleaseStock::TYPE => Input::Release(decode_as(payload)?),
-            CommitStock::TYPE => Input::Commit(decode_as(payload)?),
-            other => return Err(DecodeError::UnknownType(other.into())),
-        })
+        Input::decode(msg_type, payload)
     }
     fn handle(
         &self,
@@ -294,18 +280,18 @@ impl Component for Stock {
         _: &HandleCtx<'_>,
     ) -> Result<Vec<Outgoing>, HandleError> {
         let order_id = match input {
-            Input::Placed(p) => Some(&p.order_id),
-            Input::Release(r) => Some(&r.order_id),
-            Input::Commit(c) => Some(&c.order_id),
-            Input::Add(_) => None,
+            Input::OrderPlaced(p) => Some(&p.order_id),
+            Input::ReleaseStock(r) => Some(&r.order_id),
+            Input::CommitStock(c) => Some(&c.order_id),
+            Input::AddStock(_) => None,
         };
         let reservation: Option<Reservation> = match order_id {
             Some(id) => load(tx, &reservation_key(id))?,
             None => None,
         };
         let touched: Vec<String> = match input {
-            Input::Add(a) => vec![a.sku.clone()],
-            Input::Placed(p) => p.items.iter().map(|i| i.sku.clone()).collect(),
+            Input::AddStock(a) => vec![a.sku.clone()],
+            Input::OrderPlaced(p) => p.items.iter().map(|i| i.sku.clone()).collect(),
             _ => reservation
                 .iter()
                 .flat_map(|r| r.items.iter().map(|i| i.sku.clone()))
@@ -377,7 +363,7 @@ mod tests {
     use super::*;
 
     fn placed(order: &str, sku: &str, qty: u32) -> Input {
-        Input::Placed(OrderPlaced {
+        Input::OrderPlaced(OrderPlaced {
             order_id: order.into(),
             customer_id: "c".into(),
             items: vec![LineItem {
@@ -430,7 +416,7 @@ mod tests {
         let rel = decide(
             &d.skus,
             Some(&r),
-            &Input::Release(ReleaseStock {
+            &Input::ReleaseStock(ReleaseStock {
                 order_id: "o1".into(),
             }),
         )
@@ -440,7 +426,7 @@ mod tests {
         let com = decide(
             &d.skus,
             Some(&r),
-            &Input::Commit(CommitStock {
+            &Input::CommitStock(CommitStock {
                 order_id: "o1".into(),
             }),
         )
@@ -451,7 +437,7 @@ mod tests {
         let again = decide(
             &com.skus,
             com.reservation.as_ref(),
-            &Input::Commit(CommitStock {
+            &Input::CommitStock(CommitStock {
                 order_id: "o1".into(),
             }),
         )
@@ -464,7 +450,7 @@ mod tests {
         let d = decide(
             &BTreeMap::new(),
             None,
-            &Input::Release(ReleaseStock {
+            &Input::ReleaseStock(ReleaseStock {
                 order_id: "o1".into(),
             }),
         )
@@ -479,7 +465,7 @@ mod tests {
         let c = decide(
             &BTreeMap::new(),
             None,
-            &Input::Commit(CommitStock {
+            &Input::CommitStock(CommitStock {
                 order_id: "o1".into(),
             }),
         );

@@ -14,8 +14,8 @@ use orders::OrderPlaced;
 use runtime::component::DynComponent;
 use runtime::request_field;
 use runtime::{
-    decode_as, load, message, read, read_all, save, Component, DecodeError, ExternalCall,
-    HandleCtx, HandleError, Message, Outgoing, QueryError, StateRead, StateTx, Subscription,
+    load, message, read, read_all, save, Component, DecodeError, ExternalCall, HandleCtx,
+    HandleError, Messages, Outgoing, QueryError, StateRead, StateTx, Subscription,
 };
 use serde::{Deserialize, Serialize};
 
@@ -95,19 +95,18 @@ pub struct Payment {
     pub voided_cents: u64,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Input {
-    Placed(OrderPlaced),
-    Capture(CapturePayment),
-    Cancel(CancelPayment),
+runtime::messages! {
+    /// Inputs of the billing component.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Input { OrderPlaced, CapturePayment, CancelPayment }
 }
 
 impl Input {
     fn order_id(&self) -> &str {
         match self {
-            Input::Placed(p) => &p.order_id,
-            Input::Capture(c) => &c.order_id,
-            Input::Cancel(v) => &v.order_id,
+            Input::OrderPlaced(p) => &p.order_id,
+            Input::CapturePayment(c) => &c.order_id,
+            Input::CancelPayment(v) => &v.order_id,
         }
     }
 }
@@ -152,7 +151,7 @@ fn call(op: &str, body: serde_json::Value) -> ExternalCall {
 pub fn plan(payment: Option<&Payment>, input: &Input) -> Result<Option<ExternalCall>, HandleError> {
     let authorized = payment.filter(|p| p.status == PaymentStatus::Authorized);
     match (input, payment, authorized) {
-        (Input::Placed(p), None, _) => Ok(Some(call(
+        (Input::OrderPlaced(p), None, _) => Ok(Some(call(
             "authorize",
             serde_json::json!({
                 "idempotency_key": format!("authorize:{}", p.order_id),
@@ -161,7 +160,7 @@ pub fn plan(payment: Option<&Payment>, input: &Input) -> Result<Option<ExternalC
                 "payment_method": p.payment_method,
             }),
         ))),
-        (Input::Capture(c), _, Some(pay)) => Ok(Some(call(
+        (Input::CapturePayment(c), _, Some(pay)) => Ok(Some(call(
             "capture",
             serde_json::json!({
                 "idempotency_key": format!("capture:{}", c.order_id),
@@ -170,7 +169,7 @@ pub fn plan(payment: Option<&Payment>, input: &Input) -> Result<Option<ExternalC
                 "amount_cents": pay.amount_cents,
             }),
         ))),
-        (Input::Cancel(v), _, Some(pay)) => Ok(Some(call(
+        (Input::CancelPayment(v), _, Some(pay)) => Ok(Some(call(
             "void",
             serde_json::json!({
                 "idempotency_key": format!("void:{}", v.order_id),
@@ -180,7 +179,7 @@ pub fn plan(payment: Option<&Payment>, input: &Input) -> Result<Option<ExternalC
         ))),
         // No authorization on record (it may be in flight, or its reply lost): cancel it at
         // the gateway by reference, so one made earlier is voided and a later one refused.
-        (Input::Cancel(v), None, _) => Ok(Some(call(
+        (Input::CancelPayment(v), None, _) => Ok(Some(call(
             "cancel-authorization",
             serde_json::json!({
                 "idempotency_key": format!("cancel:{}", v.order_id),
@@ -188,7 +187,7 @@ pub fn plan(payment: Option<&Payment>, input: &Input) -> Result<Option<ExternalC
                 "authorize_key": format!("authorize:{}", v.order_id),
             }),
         ))),
-        (Input::Capture(_), None, _) => Err(HandleError::Retry(format!(
+        (Input::CapturePayment(_), None, _) => Err(HandleError::Retry(format!(
             "no payment for order {} yet",
             input.order_id()
         ))),
@@ -229,7 +228,7 @@ pub fn decide(
 ) -> Result<Option<(Payment, Vec<Outgoing>)>, HandleError> {
     use PaymentStatus as S;
     match (input, payment) {
-        (Input::Placed(p), None) => {
+        (Input::OrderPlaced(p), None) => {
             let r = authorize_reply(reply, input)?;
             let base = Payment {
                 order_id: p.order_id.clone(),
@@ -263,7 +262,7 @@ pub fn decide(
         }
         // The order was cancelled while the gateway authorized it: keep the authorization
         // on record and void it at once, without announcing it.
-        (Input::Placed(p), Some(pay)) if pay.status == S::Cancelled && reply.is_some() => {
+        (Input::OrderPlaced(p), Some(pay)) if pay.status == S::Cancelled && reply.is_some() => {
             match authorize_reply(reply, input)? {
                 // The cancellation already voided exactly this authorization.
                 Ok(auth_id) if pay.auth_id.as_deref() == Some(auth_id.as_str()) => Ok(None),
@@ -284,8 +283,8 @@ pub fn decide(
                 Err(_) => Ok(None),
             }
         }
-        (Input::Placed(_), Some(_)) => Ok(None),
-        (Input::Capture(_), Some(pay)) if pay.status == S::Authorized => {
+        (Input::OrderPlaced(_), Some(_)) => Ok(None),
+        (Input::CapturePayment(_), Some(pay)) if pay.status == S::Authorized => {
             settle(reply, input, &pay.order_id)?;
             let next = Payment {
                 status: S::Captured,
@@ -298,16 +297,16 @@ pub fn decide(
             };
             Ok(Some((next, vec![Outgoing::event(&ev)])))
         }
-        (Input::Capture(_), Some(pay)) if pay.status == S::Captured => Ok(None),
-        (Input::Capture(_), None) => Err(HandleError::Retry(format!(
+        (Input::CapturePayment(_), Some(pay)) if pay.status == S::Captured => Ok(None),
+        (Input::CapturePayment(_), None) => Err(HandleError::Retry(format!(
             "no payment for order {} yet",
             input.order_id()
         ))),
-        (Input::Capture(_), Some(pay)) => Err(HandleError::Permanent(format!(
+        (Input::CapturePayment(_), Some(pay)) => Err(HandleError::Permanent(format!(
             "cannot capture payment of {}: it is {:?}",
             pay.order_id, pay.status
         ))),
-        (Input::Cancel(_), Some(pay)) if pay.status == S::Authorized => {
+        (Input::CancelPayment(_), Some(pay)) if pay.status == S::Authorized => {
             settle(reply, input, &pay.order_id)?;
             let next = Payment {
                 status: S::Voided,
@@ -320,7 +319,7 @@ pub fn decide(
             };
             Ok(Some((next, vec![Outgoing::event(&ev)])))
         }
-        (Input::Cancel(c), None) => {
+        (Input::CancelPayment(c), None) => {
             let r: CancelReply =
                 serde_json::from_value(reply.ok_or_else(|| retry_reply(input))?.clone())
                     .map_err(|e| HandleError::Retry(format!("gateway reply: {e}")))?;
@@ -338,13 +337,13 @@ pub fn decide(
                 })],
             )))
         }
-        (Input::Cancel(_), Some(pay)) if pay.status == S::Captured => {
+        (Input::CancelPayment(_), Some(pay)) if pay.status == S::Captured => {
             Err(HandleError::Permanent(format!(
                 "cannot cancel payment of {}: already captured",
                 pay.order_id
             )))
         }
-        (Input::Cancel(_), Some(_)) => Ok(None),
+        (Input::CancelPayment(_), Some(_)) => Ok(None),
     }
 }
 
@@ -378,21 +377,13 @@ impl Component for Billing {
         "billing"
     }
     fn subscriptions(&self) -> Vec<Subscription> {
-        vec![
-            Subscription::events(orders::CONTEXT, &[OrderPlaced::TYPE]),
-            Subscription::commands(CONTEXT, &[CapturePayment::TYPE, CancelPayment::TYPE]),
-        ]
+        Subscription::of::<Input>()
     }
     fn external_systems(&self) -> Vec<&'static str> {
         vec![GATEWAY]
     }
     fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Input, DecodeError> {
-        Ok(match msg_type {
-            OrderPlaced::TYPE => Input::Placed(decode_as(payload)?),
-            CapturePayment::TYPE => Input::Capture(decode_as(payload)?),
-            CancelPayment::TYPE => Input::Cancel(decode_as(payload)?),
-            other => return Err(DecodeError::UnknownType(other.into())),
-        })
+        Input::decode(msg_type, payload)
     }
     fn plan(
         &self,
@@ -470,7 +461,7 @@ mod tests {
     use super::*;
 
     fn placed() -> Input {
-        Input::Placed(OrderPlaced {
+        Input::OrderPlaced(OrderPlaced {
             order_id: "o1".into(),
             customer_id: "c".into(),
             items: vec![],
@@ -488,7 +479,7 @@ mod tests {
             .0
     }
     fn cancel() -> Input {
-        Input::Cancel(CancelPayment {
+        Input::CancelPayment(CancelPayment {
             order_id: "o1".into(),
         })
     }
@@ -515,7 +506,7 @@ mod tests {
     #[test]
     fn capture_once_and_money_is_conserved() {
         let pay = authorized();
-        let cap = Input::Capture(CapturePayment {
+        let cap = Input::CapturePayment(CapturePayment {
             order_id: "o1".into(),
         });
         assert!(plan(Some(&pay), &cap).unwrap().is_some());
@@ -586,7 +577,7 @@ mod tests {
 
     #[test]
     fn capture_before_authorization_waits() {
-        let cap = Input::Capture(CapturePayment {
+        let cap = Input::CapturePayment(CapturePayment {
             order_id: "o1".into(),
         });
         assert!(matches!(plan(None, &cap), Err(HandleError::Retry(_))));

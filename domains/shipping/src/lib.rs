@@ -9,8 +9,8 @@ use orders::LineItem;
 use runtime::component::DynComponent;
 use runtime::request_field;
 use runtime::{
-    decode_as, load, message, read, read_all, save, Component, DecodeError, ExternalCall,
-    HandleCtx, HandleError, Message, Outgoing, QueryError, StateRead, StateTx, Subscription,
+    load, message, read, read_all, save, Component, DecodeError, ExternalCall, HandleCtx,
+    HandleError, Messages, Outgoing, QueryError, StateRead, StateTx, Subscription,
 };
 use serde::{Deserialize, Serialize};
 
@@ -100,12 +100,10 @@ pub struct DispatchReply {
     pub reason: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Input {
-    Customer(CustomerRegistered),
-    Ship(ShipOrder),
-    Cancel(CancelShipment),
-    Recall(RecallShipment),
+runtime::messages! {
+    /// Inputs of the dispatch component.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Input { CustomerRegistered, ShipOrder, CancelShipment, RecallShipment }
 }
 
 /// Which carrier request the input needs. A `ShipOrder` waits (retries) until the address
@@ -116,7 +114,7 @@ pub fn plan(
     input: &Input,
 ) -> Result<Option<ExternalCall>, HandleError> {
     match (input, shipment) {
-        (Input::Ship(cmd), None) => {
+        (Input::ShipOrder(cmd), None) => {
             let address = address.ok_or_else(|| {
                 HandleError::Retry(format!(
                     "address of customer {} not known yet",
@@ -133,7 +131,7 @@ pub fn plan(
                 }),
             )))
         }
-        (Input::Recall(r), Some(s)) if s.status == ShipmentStatus::Recalling => {
+        (Input::RecallShipment(r), Some(s)) if s.status == ShipmentStatus::Recalling => {
             Ok(Some(carrier_call(
                 "recall",
                 serde_json::json!({
@@ -164,8 +162,8 @@ pub fn decide(
     use ShipmentStatus as S;
     let need_reply = || HandleError::Retry("carrier was not asked; retry".into());
     match (input, shipment) {
-        (Input::Customer(_), _) => Ok(None),
-        (Input::Ship(cmd), None) => {
+        (Input::CustomerRegistered(_), _) => Ok(None),
+        (Input::ShipOrder(cmd), None) => {
             let r = dispatch_reply(reply.ok_or_else(need_reply)?)?;
             let order_id = cmd.order_id.clone();
             Ok(Some(match r {
@@ -190,7 +188,7 @@ pub fn decide(
             }))
         }
         // Cancelled while the carrier accepted it: keep it on record and recall it.
-        (Input::Ship(cmd), Some(s)) if s.status == S::Cancelled && reply.is_some() => {
+        (Input::ShipOrder(cmd), Some(s)) if s.status == S::Cancelled && reply.is_some() => {
             match dispatch_reply(reply.ok_or_else(need_reply)?)? {
                 Ok(tracking) => Ok(Some((
                     Shipment {
@@ -208,8 +206,8 @@ pub fn decide(
                 Err(_) => Ok(None),
             }
         }
-        (Input::Ship(_), Some(_)) => Ok(None),
-        (Input::Cancel(c), None) => Ok(Some((
+        (Input::ShipOrder(_), Some(_)) => Ok(None),
+        (Input::CancelShipment(c), None) => Ok(Some((
             Shipment {
                 order_id: c.order_id.clone(),
                 status: S::Cancelled,
@@ -220,8 +218,8 @@ pub fn decide(
                 order_id: c.order_id.clone(),
             })],
         ))),
-        (Input::Cancel(_), Some(_)) => Ok(None),
-        (Input::Recall(_), Some(s)) if s.status == S::Recalling => {
+        (Input::CancelShipment(_), Some(_)) => Ok(None),
+        (Input::RecallShipment(_), Some(s)) if s.status == S::Recalling => {
             let v = reply.ok_or_else(need_reply)?;
             if v.get("ok").and_then(|b| b.as_bool()) != Some(true) {
                 return Err(HandleError::Permanent(format!(
@@ -241,7 +239,7 @@ pub fn decide(
                 })],
             )))
         }
-        (Input::Recall(_), _) => Ok(None),
+        (Input::RecallShipment(_), _) => Ok(None),
     }
 }
 
@@ -268,10 +266,10 @@ fn shipment_key(order: &str) -> String {
 impl Input {
     fn order_id(&self) -> Option<&str> {
         match self {
-            Input::Customer(_) => None,
-            Input::Ship(c) => Some(&c.order_id),
-            Input::Cancel(c) => Some(&c.order_id),
-            Input::Recall(c) => Some(&c.order_id),
+            Input::CustomerRegistered(_) => None,
+            Input::ShipOrder(c) => Some(&c.order_id),
+            Input::CancelShipment(c) => Some(&c.order_id),
+            Input::RecallShipment(c) => Some(&c.order_id),
         }
     }
 }
@@ -285,25 +283,13 @@ impl Component for Dispatch {
         "dispatch"
     }
     fn subscriptions(&self) -> Vec<Subscription> {
-        vec![
-            Subscription::events(customers::CONTEXT, &[CustomerRegistered::TYPE]),
-            Subscription::commands(
-                CONTEXT,
-                &[ShipOrder::TYPE, CancelShipment::TYPE, RecallShipment::TYPE],
-            ),
-        ]
+        Subscription::of::<Input>()
     }
     fn external_systems(&self) -> Vec<&'static str> {
         vec![CARRIER]
     }
     fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<Input, DecodeError> {
-        Ok(match msg_type {
-            CustomerRegistered::TYPE => Input::Customer(decode_as(payload)?),
-            ShipOrder::TYPE => Input::Ship(decode_as(payload)?),
-            CancelShipment::TYPE => Input::Cancel(decode_as(payload)?),
-            RecallShipment::TYPE => Input::Recall(decode_as(payload)?),
-            other => return Err(DecodeError::UnknownType(other.into())),
-        })
+        Input::decode(msg_type, payload)
     }
     fn plan(
         &self,
@@ -315,7 +301,7 @@ impl Component for Dispatch {
         };
         let shipment: Option<Shipment> = read(state, &shipment_key(order_id))?;
         let address: Option<String> = match input {
-            Input::Ship(cmd) => read(state, &address_key(&cmd.customer_id))?,
+            Input::ShipOrder(cmd) => read(state, &address_key(&cmd.customer_id))?,
             _ => None,
         };
         plan(address.as_deref(), shipment.as_ref(), input)
@@ -326,7 +312,7 @@ impl Component for Dispatch {
         input: &Input,
         ctx: &HandleCtx<'_>,
     ) -> Result<Vec<Outgoing>, HandleError> {
-        if let Input::Customer(c) = input {
+        if let Input::CustomerRegistered(c) = input {
             save(tx, &address_key(&c.customer_id), &c.address)?;
             return Ok(vec![]);
         }
@@ -380,7 +366,7 @@ mod tests {
     use super::*;
 
     fn ship() -> Input {
-        Input::Ship(ShipOrder {
+        Input::ShipOrder(ShipOrder {
             order_id: "o1".into(),
             customer_id: "c1".into(),
             items: vec![LineItem {
@@ -394,7 +380,7 @@ mod tests {
         serde_json::json!({"accepted": true, "tracking": "T1"})
     }
     fn cancel() -> Input {
-        Input::Cancel(CancelShipment {
+        Input::CancelShipment(CancelShipment {
             order_id: "o1".into(),
         })
     }
@@ -449,7 +435,7 @@ mod tests {
             (s.status, out[0].msg_type),
             (ShipmentStatus::Recalling, "RecallShipment")
         );
-        let recall = Input::Recall(RecallShipment {
+        let recall = Input::RecallShipment(RecallShipment {
             order_id: "o1".into(),
         });
         assert!(plan(None, Some(&s), &recall)

@@ -132,6 +132,21 @@ pub enum ContextError {
         /// Which handlers and which type or subscription, as text.
         problem: String,
     },
+    /// A component subscribes to message types that name no context (declared with
+    /// `message!(T, Kind)` and received through [`Subscription::of`](crate::Subscription::of)),
+    /// so no stream to read them from is known.
+    #[error(
+        "context {context}: component {component} receives {types}, which name no context: \
+         declare each with runtime::message!(T, Kind, \"<context>\")"
+    )]
+    NoSource {
+        /// The context being built.
+        context: &'static str,
+        /// The component.
+        component: &'static str,
+        /// The types, separated by `, `.
+        types: String,
+    },
     /// A saga's declaration has problems: an edge to an undeclared state, a waiting state
     /// with neither a deadline nor a reason, a state nothing reaches or with no way out.
     #[error("context {context}: saga {saga} is declared wrongly: {problems}")]
@@ -301,6 +316,18 @@ impl ContextBuilder {
         for (q, _) in &self.queries {
             if !seen.insert(*q) {
                 return Err(ContextError::DuplicateQuery { context, query: q });
+            }
+        }
+        for c in &self.components {
+            let subs = c.subscriptions();
+            let unknown: Vec<_> = subs.iter().filter(|s| s.source.is_empty()).collect();
+            if !unknown.is_empty() {
+                let types: Vec<&str> = unknown.iter().flat_map(|s| s.types.clone()).collect();
+                return Err(ContextError::NoSource {
+                    context,
+                    component: c.name(),
+                    types: types.join(", "),
+                });
             }
         }
         for s in &self.sagas {

@@ -1,7 +1,7 @@
 //! The context builder: queries, sagas, command routing and the checks at build time.
 
 use super::*;
-use crate::component::{DecodeError, HandleCtx};
+use crate::component::{DecodeError, HandleCtx, Kind, Subscription};
 use crate::saga::testing::fixtures::Counter;
 
 fn answer(_: &dyn StateRead, name: &str, _: &[u8]) -> Result<serde_json::Value, QueryError> {
@@ -216,5 +216,91 @@ fn several_command_handlers_share_the_context_s_command_consumer() {
             )
         }
         other => panic!("expected a refusal, got {:?}", other.map(|c| c.name())),
+    }
+}
+
+/// A component whose input is a `messages!` enum: subscriptions from the types' contexts.
+mod policy {
+    use std::marker::PhantomData;
+
+    use serde::{Deserialize, Serialize};
+
+    use crate::component::{Component, DecodeError, HandleCtx, HandleError, Messages};
+    use crate::{Outgoing, StateTx, Subscription};
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub(super) struct Lent {
+        loan: String,
+    }
+    crate::message!(Lent, Event, "loans");
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub(super) struct Remind {
+        loan: String,
+    }
+    crate::message!(Remind, Command, "desk");
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub(super) struct Returned {
+        loan: String,
+    }
+    crate::message!(Returned, Event, "loans");
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub(super) struct Orphan {
+        loan: String,
+    }
+    crate::message!(Orphan, Event);
+
+    crate::messages! { pub(super) enum Good { Lent, Remind, Returned } }
+    crate::messages! { pub(super) enum Bad { Lent, Orphan } }
+
+    pub(super) struct Policy<E>(pub(super) PhantomData<E>);
+
+    impl<E: Messages> Component for Policy<E> {
+        type Input = E;
+        fn name(&self) -> &'static str {
+            "policy"
+        }
+        fn subscriptions(&self) -> Vec<Subscription> {
+            Subscription::of::<E>()
+        }
+        fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<E, DecodeError> {
+            E::decode(msg_type, payload)
+        }
+        fn handle(
+            &self,
+            _: &dyn StateTx,
+            _: &E,
+            _: &HandleCtx<'_>,
+        ) -> Result<Vec<Outgoing>, HandleError> {
+            Ok(vec![])
+        }
+    }
+}
+
+#[test]
+fn a_messages_enum_gives_one_subscription_per_context_and_kind() {
+    let subs = Subscription::of::<policy::Good>();
+    let got: Vec<_> = subs
+        .iter()
+        .map(|s| (s.source, s.kind, s.types.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("loans", Kind::Event, vec!["Lent", "Returned"]),
+            ("desk", Kind::Command, vec!["Remind"]),
+        ]
+    );
+    let good = policy::Policy::<policy::Good>(std::marker::PhantomData);
+    assert!(ContextBuilder::new("desk").component(good).build().is_ok());
+    // A type declared without a context: no stream is known to read it from.
+    let bad = policy::Policy::<policy::Bad>(std::marker::PhantomData);
+    match ContextBuilder::new("desk").component(bad).build().err() {
+        Some(e @ ContextError::NoSource { .. }) => {
+            assert!(
+                e.to_string().contains("component policy receives Orphan"),
+                "{e}"
+            )
+        }
+        other => panic!("expected NoSource, got {other:?}"),
     }
 }

@@ -379,21 +379,7 @@ where
     }
 
     fn subscriptions(&self) -> Vec<Subscription> {
-        let mut subs: Vec<Subscription> = Vec::new();
-        for i in &self.inputs {
-            match subs
-                .iter_mut()
-                .find(|s| s.source == i.source && s.kind == i.kind)
-            {
-                Some(s) => s.types.push(i.msg_type),
-                None => subs.push(Subscription {
-                    source: i.source,
-                    kind: i.kind,
-                    types: vec![i.msg_type],
-                }),
-            }
-        }
-        subs
+        Subscription::grouped(self.inputs.iter().map(|i| (i.source, i.kind, i.msg_type)))
     }
 
     fn decode(&self, msg_type: &str, payload: &[u8]) -> Result<SagaMessage, DecodeError> {
