@@ -32,7 +32,8 @@ pub fn build(name: &str, cfg: &NodeConfig) -> Result<Arc<dyn Context>, String> {
             .sends(shipping::CONTEXT, &["ShipOrder", "CancelShipment"]),
         "inventory" => ContextBuilder::new("inventory")
             .components(inventory::components())
-            .queries(inventory::QUERIES, inventory::query),
+            .queries(inventory::QUERIES, inventory::query)
+            .invariant("stock", inventory::stock_conserved),
         "payments" => ContextBuilder::new("payments")
             .components(payments::components())
             .queries(payments::QUERIES, payments::query),

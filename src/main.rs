@@ -62,7 +62,8 @@ enum Cmd {
         #[command(subcommand)]
         command: OrdersCmd,
     },
-    /// Check the shop's invariants across every context; exits 1 on any violation.
+    /// Check every running context's declared invariants, and the shop's across its
+    /// contexts when its orders context runs; exits 1 on any violation.
     Verify {
         #[command(flatten)]
         nats: NatsArg,
@@ -691,7 +692,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         }),
         Cmd::Verify { nats, only, json } => tokio_rt()?.block_on(async {
             let bus = choreo::client::connect(&nats.url, Duration::from_secs(5)).await?;
-            let report = choreo::verify::run(&bus, only.as_deref()).await?;
+            let report = choreo::verify::run_any(&bus, only.as_deref()).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -1046,8 +1047,7 @@ async fn only_running_saga(bus: &runtime::wire::bus::Bus) -> anyhow::Result<Stri
     }
 }
 
-/// How long the CLI collects the running nodes' answers to a discovery request.
-const DISCOVERY_WAIT: Duration = Duration::from_secs(1);
+use choreo::verify::DISCOVERY_WAIT;
 
 fn run_saga(cmd: SagaCmd) -> anyhow::Result<bool> {
     use choreo::saga_cli;

@@ -1,7 +1,10 @@
-//! `choreo verify`: asks every context (and the external systems' ledgers) for its view and
-//! checks the shop's invariants. Run it after the traffic has drained.
+//! `choreo verify`: checks every invariant a running context declares
+//! (`ContextBuilder::invariant`, reported as `<context>.<name>`), whatever the application,
+//! and, when a node hosts the shop's orders context, asks every shop context (and the
+//! external systems' ledgers) for its view and checks the shop's invariants across them.
+//! Run it after the traffic has drained.
 //!
-//! Invariants, each counted separately:
+//! The shop's cross-context invariants, each counted separately:
 //! - terminal: every order is Completed or Cancelled;
 //! - agreement: the fulfilment saga, inventory, payments and shipping agree with the order's
 //!   state;
@@ -15,6 +18,7 @@
 //!   completed order exactly one capture and one dispatch.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use bytes::Bytes;
 use runtime::wire::bus::Bus;
@@ -23,19 +27,18 @@ use serde_json::Value;
 
 use crate::client;
 
-/// Outcome of one invariant.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Check {
-    pub checked: usize,
-    pub violations: Vec<String>,
-}
+pub use runtime::context::Check;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct VerifyReport {
+    /// Whether the shop's cross-context invariants were checked (and the order counts set).
+    pub shop: bool,
     pub orders: usize,
     pub completed: usize,
     pub cancelled: usize,
-    pub checks: BTreeMap<&'static str, Check>,
+    /// By name: the shop's (`terminal`, `money`, ...) and each context's declared
+    /// invariants (`<context>.<name>`).
+    pub checks: BTreeMap<String, Check>,
     /// Whether the external systems' ledgers were reachable (they are in-memory simulators).
     pub ledgers_checked: bool,
 }
@@ -46,10 +49,14 @@ impl VerifyReport {
     }
 
     pub fn print(&self) {
-        println!(
-            "orders: {} (completed {}, cancelled {})",
-            self.orders, self.completed, self.cancelled
-        );
+        if self.shop {
+            println!(
+                "orders: {} (completed {}, cancelled {})",
+                self.orders, self.completed, self.cancelled
+            );
+        } else {
+            println!("the shop's invariants: not checked (no node hosts its orders context)");
+        }
         for (name, c) in &self.checks {
             println!(
                 "  {name:<10} checked {:>6}  violations {}",
@@ -60,7 +67,7 @@ impl VerifyReport {
                 println!("      {v}");
             }
         }
-        if !self.ledgers_checked {
+        if self.shop && !self.ledgers_checked {
             println!("  (external ledgers not reachable: `once` checked from the contexts only)");
         }
         println!(
@@ -74,8 +81,8 @@ impl VerifyReport {
     }
 }
 
-fn check<'a>(r: &'a mut VerifyReport, name: &'static str) -> &'a mut Check {
-    r.checks.entry(name).or_default()
+fn check<'a>(r: &'a mut VerifyReport, name: &str) -> &'a mut Check {
+    r.checks.entry(name.to_string()).or_default()
 }
 
 fn statuses(v: &Value, field: &str) -> HashMap<String, String> {
@@ -89,9 +96,50 @@ fn statuses(v: &Value, field: &str) -> HashMap<String, String> {
         .unwrap_or_default()
 }
 
-/// Collects every context's view and checks the invariants. `only` restricts the per-order
-/// checks to order ids starting with that prefix (one load run); stock is always global.
+/// How long discovery waits for running nodes to answer.
+pub const DISCOVERY_WAIT: Duration = Duration::from_secs(1);
+
+/// The shop's invariants and the declared invariants of every running context. `only`
+/// restricts the per-order checks to order ids starting with that prefix (one load run);
+/// stock is always global.
 pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> {
+    let running = runtime::client::discover(bus, DISCOVERY_WAIT).await?;
+    let mut r = declared(bus, &running).await;
+    shop(bus, only, &mut r).await?;
+    Ok(r)
+}
+
+/// `choreo verify`: the declared invariants of every running context, and the shop's when
+/// a running node hosts its orders context (so any application's nodes can be verified).
+pub async fn run_any(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> {
+    let running = runtime::client::discover(bus, DISCOVERY_WAIT).await?;
+    anyhow::ensure!(
+        !running.is_empty(),
+        "no running node answered (`choreo contexts`)"
+    );
+    let mut r = declared(bus, &running).await;
+    if running.iter().any(|c| c.context == "orders") {
+        shop(bus, only, &mut r).await?;
+    }
+    Ok(r)
+}
+
+/// Each declared invariant of the `running` contexts; one that cannot be checked is a
+/// violation (verify must not pass for want of an answer).
+async fn declared(bus: &Bus, running: &[runtime::client::RunningContext]) -> VerifyReport {
+    let mut r = VerifyReport::default();
+    for i in runtime::client::invariants(bus, running).await {
+        let c = i.outcome.unwrap_or_else(|e| Check {
+            checked: 0,
+            violations: vec![format!("could not be checked: {e}")],
+        });
+        r.checks.insert(format!("{}.{}", i.context, i.name), c);
+    }
+    r
+}
+
+/// Collects every shop context's view and checks the shop's invariants into `r`.
+async fn shop(bus: &Bus, only: Option<&str>, r: &mut VerifyReport) -> anyhow::Result<()> {
     let orders = client::query(bus, "orders", "summary", Value::Null).await?;
     let sagas = client::saga(
         bus,
@@ -123,12 +171,10 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
     let reservations = statuses(&inv, "reservations");
     let shipments = statuses(&ship, "shipments");
     let payments = pay["payments"].as_object().cloned().unwrap_or_default();
-    let mut r = VerifyReport {
-        ledgers_checked: gateway.is_some() && carrier.is_some(),
-        ..Default::default()
-    };
+    r.shop = true;
+    r.ledgers_checked = gateway.is_some() && carrier.is_some();
     for name in ["terminal", "agreement", "money", "stock", "once"] {
-        check(&mut r, name);
+        check(r, name);
     }
 
     let mut ids: Vec<&String> = order_status
@@ -139,7 +185,7 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
     r.orders = ids.len();
     for id in ids {
         let st = order_status[id].as_str();
-        let c = check(&mut r, "terminal");
+        let c = check(r, "terminal");
         c.checked += 1;
         let completed = match st {
             "Completed" => true,
@@ -155,7 +201,7 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
             r.cancelled += 1
         }
 
-        let c = check(&mut r, "agreement");
+        let c = check(r, "agreement");
         c.checked += 1;
         // An ended order's saga instance may be gone already: removed after its retention
         // (`store.saga_retention`). An order ends only by its saga's command, so a missing
@@ -190,7 +236,7 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
                 .push(format!("order {id} is {st} but its shipment is {sh}"));
         }
 
-        let c = check(&mut r, "money");
+        let c = check(r, "money");
         c.checked += 1;
         let p = payments.get(id).cloned().unwrap_or(Value::Null);
         let pst = p["status"].as_str().unwrap_or("missing");
@@ -217,7 +263,7 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
         }
 
         if let (Some(g), Some(cr)) = (&gateway, &carrier) {
-            let c = check(&mut r, "once");
+            let c = check(r, "once");
             c.checked += 1;
             let ge = &g["effects"][id];
             let ce = &cr["effects"][id];
@@ -258,7 +304,7 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
 
     // Stock conservation is global: per sku, and against the open reservations.
     let stock = inv["stock"].as_object().cloned().unwrap_or_default();
-    let c = check(&mut r, "stock");
+    let c = check(r, "stock");
     for (sku, s) in &stock {
         c.checked += 1;
         let f = |k: &str| s[k].as_u64().unwrap_or(0);
@@ -296,7 +342,7 @@ pub async fn run(bus: &Bus, only: Option<&str>) -> anyhow::Result<VerifyReport> 
             }
         }
     }
-    Ok(r)
+    Ok(())
 }
 
 /// One message as stored in a stream: its `Choreo-Id` and `Choreo-Type` headers (empty if

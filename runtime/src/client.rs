@@ -326,6 +326,48 @@ pub async fn partitions(bus: &Bus) -> Result<Vec<Partition>, ClientError> {
     Ok(out)
 }
 
+/// One invariant a running context declares, and its outcome.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Invariant {
+    /// The context declaring it.
+    pub context: String,
+    /// Its name (the query `invariant-<name>`).
+    pub name: String,
+    /// What it checked and found, or why it could not be checked.
+    pub outcome: Result<crate::context::Check, String>,
+}
+
+/// Every invariant the `running` contexts ([`discover`]) declare
+/// ([`ContextBuilder::invariant`](crate::context::ContextBuilder::invariant)), each checked
+/// once per context by whichever of its nodes answers; sorted by context and name.
+pub async fn invariants(bus: &Bus, running: &[RunningContext]) -> Vec<Invariant> {
+    let mut declared: Vec<(&str, &str)> = running
+        .iter()
+        .flat_map(|c| {
+            c.queries.iter().filter_map(|q| {
+                let name = q.strip_prefix(crate::context::INVARIANT_QUERY)?;
+                Some((c.context.as_str(), name))
+            })
+        })
+        .collect();
+    declared.sort();
+    declared.dedup();
+    let mut out = Vec::new();
+    for (context, name) in declared {
+        let query = format!("{}{name}", crate::context::INVARIANT_QUERY);
+        let outcome = match self::query(bus, context, &query, serde_json::json!({})).await {
+            Ok(v) => serde_json::from_value(v).map_err(|e| format!("unreadable answer: {e}")),
+            Err(e) => Err(e.to_string()),
+        };
+        out.push(Invariant {
+            context: context.to_string(),
+            name: name.to_string(),
+            outcome,
+        });
+    }
+    out
+}
+
 /// A context a running node hosts, as it registered itself with the NATS service API.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RunningContext {

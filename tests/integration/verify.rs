@@ -59,6 +59,11 @@ async fn dead_lettered_add_stock_is_not_counted_as_sent() {
     let stock = &v.checks["stock"];
     assert!(stock.checked > 0, "stock checked");
     assert!(stock.violations.is_empty(), "{:#?}", stock.violations);
+    // Inventory's own invariant, declared on its context and asked of its node.
+    let declared = &v.checks["inventory.stock"];
+    assert!(declared.checked > 0, "inventory.stock checked");
+    assert!(declared.violations.is_empty(), "{:#?}", declared.violations);
     let (ok, out) = harness::choreo(&t, &["verify"]);
     assert!(ok && out.contains("verify: OK"), "{out}");
+    assert!(out.contains("inventory.stock checked"), "{out}");
 }

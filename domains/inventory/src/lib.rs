@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use orders::{LineItem, OrderPlaced};
 use runtime::component::DynComponent;
+use runtime::context::Check;
 use runtime::{
     load, message, read, read_all, save, Component, DecodeError, HandleCtx, HandleError, Messages,
     Outgoing, QueryError, StateRead, StateTx, Subscription,
@@ -346,6 +347,44 @@ pub fn query(
     }
 }
 
+/// Invariant `stock` (`ContextBuilder::invariant`): per SKU, added = available + reserved +
+/// committed, and what is reserved is what the open reservations hold.
+pub fn stock_conserved(state: &dyn StateRead) -> Result<Check, QueryError> {
+    let mut c = Check::default();
+    let mut held: BTreeMap<String, u64> = BTreeMap::new();
+    let reservations: Vec<Reservation> = read_all(state, "reservation/")?;
+    for r in reservations
+        .iter()
+        .filter(|r| r.status == ReservationStatus::Reserved)
+    {
+        for item in &r.items {
+            *held.entry(item.sku.clone()).or_default() += u64::from(item.qty);
+        }
+    }
+    for (sku, s) in skus(state)? {
+        c.checked += 1;
+        if s.added != s.available + s.reserved + s.committed {
+            c.violations.push(format!(
+                "sku {sku}: added {} != available {} + reserved {} + committed {}",
+                s.added, s.available, s.reserved, s.committed
+            ));
+        }
+        let open = held.remove(&sku).unwrap_or(0);
+        if s.reserved != open {
+            c.violations.push(format!(
+                "sku {sku}: {} reserved, but the open reservations hold {open}",
+                s.reserved
+            ));
+        }
+    }
+    for (sku, open) in held {
+        c.violations.push(format!(
+            "sku {sku}: open reservations hold {open} of an unknown sku"
+        ));
+    }
+    Ok(c)
+}
+
 fn skus(state: &dyn StateRead) -> Result<BTreeMap<String, Sku>, QueryError> {
     let mut m = BTreeMap::new();
     for (k, v) in state
@@ -386,6 +425,49 @@ mod tests {
                 committed: 0,
             },
         )])
+    }
+
+    /// A state of JSON values by key, as a store holds them.
+    struct Keys(BTreeMap<String, Vec<u8>>);
+
+    impl StateRead for Keys {
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, runtime::store::StoreError> {
+            Ok(self.0.get(key).cloned())
+        }
+        fn scan_prefix(
+            &self,
+            prefix: &str,
+        ) -> Result<Vec<(String, Vec<u8>)>, runtime::store::StoreError> {
+            let found = self.0.range(prefix.to_string()..);
+            let ours = found.take_while(|(k, _)| k.starts_with(prefix));
+            Ok(ours.map(|(k, v)| (k.clone(), v.clone())).collect())
+        }
+    }
+
+    #[test]
+    fn the_stock_invariant_reports_units_no_open_reservation_holds() {
+        let d = decide(&stock("a", 5), None, &placed("o1", "a", 2)).unwrap();
+        let mut keys = Keys(BTreeMap::new());
+        let mut put = |k: String, v: Vec<u8>| keys.0.insert(k, v);
+        for (sku, s) in &d.skus {
+            put(sku_key(sku), serde_json::to_vec(s).unwrap());
+        }
+        let r = d.reservation.clone().unwrap();
+        put(reservation_key("o1"), serde_json::to_vec(&r).unwrap());
+        let c = stock_conserved(&keys).unwrap();
+        assert_eq!(
+            (c.checked, c.violations.len()),
+            (1, 0),
+            "{:?}",
+            c.violations
+        );
+        // The reservation is gone (say, a bug released it without giving the units back).
+        keys.0.remove(&reservation_key("o1"));
+        let c = stock_conserved(&keys).unwrap();
+        assert_eq!(
+            c.violations,
+            ["sku a: 2 reserved, but the open reservations hold 0"]
+        );
     }
 
     fn conserved(s: &Sku) -> bool {

@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use runtime::config::NodeConfig;
+use runtime::context::Check;
 use runtime::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -258,6 +259,21 @@ fn order_fulfilment(billing: Duration) -> Saga<Fulfilment> {
         .terminal("Cancelled")
 }
 
+/// Billing's invariant (`choreo verify`): no declined bill is charged, and none over the
+/// credit limit.
+fn charges(state: &dyn runtime::StateRead) -> Result<Check, runtime::QueryError> {
+    let mut check = Check::default();
+    for bill in runtime::read_all::<Bill>(state, "bill/")? {
+        check.checked += 1;
+        if bill.declined && bill.billed_cents > 0 || bill.billed_cents > CREDIT_LIMIT_CENTS {
+            let (cents, declined) = (bill.billed_cents, bill.declined);
+            let problem = format!("a bill charged {cents} cents (declined: {declined})");
+            check.violations.push(problem);
+        }
+    }
+    Ok(check)
+}
+
 fn cancel(order: &str, reason: &str) -> Outgoing {
     let (order, reason) = (order.to_string(), reason.to_string());
     Outgoing::message(&CancelOrder { order, reason })
@@ -275,7 +291,11 @@ fn main() -> std::process::ExitCode {
                 .sends(SHIPPING, ShippingCommand::TYPES)
                 .build()?)
         })
-        .with(ContextBuilder::new(BILLING).aggregate::<Bill>())
+        .with(
+            ContextBuilder::new(BILLING)
+                .aggregate::<Bill>()
+                .invariant("charges", charges),
+        )
         .with(ContextBuilder::new(SHIPPING).aggregate::<Shipment>())
         .run()
 }

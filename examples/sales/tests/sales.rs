@@ -274,7 +274,11 @@ async fn orders_are_fulfilled_or_cancelled_and_late_billing_is_compensated() {
     assert_eq!(
         found,
         [
-            ("billing".to_string(), json!(["bill"]), json!([])),
+            (
+                "billing".to_string(),
+                json!(["bill", "invariant-charges"]),
+                json!([])
+            ),
             (
                 "sales".to_string(),
                 json!(["order"]),
@@ -308,6 +312,16 @@ async fn orders_are_fulfilled_or_cancelled_and_late_billing_is_compensated() {
     let history = saga["history"].as_array().unwrap();
     let cancel = history.iter().find(|h| h["to"] == "Cancelled").unwrap();
     assert_eq!(cancel["trigger"], "deadline", "{saga}");
+    // Any application's declared invariants; the shop's are not this application's.
+    let verify = choreo(&["verify"]);
+    assert!(
+        verify.contains("billing.charges checked") && verify.contains("verify: OK"),
+        "{verify}"
+    );
+    assert!(
+        verify.contains("the shop's invariants: not checked"),
+        "{verify}"
+    );
     let list = choreo(&["saga", "list", "--saga", "order-fulfilment"]);
     for order in ["o-1", "o-7", "o-late"] {
         assert!(list.contains(order), "{order} not listed: {list}");

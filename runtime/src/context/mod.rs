@@ -103,6 +103,19 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 pub type QueryFn =
     Arc<dyn Fn(&dyn StateRead, &[u8]) -> Result<serde_json::Value, QueryError> + Send + Sync>;
 
+/// One invariant's outcome: how many things it checked, and each violation found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Check {
+    /// Things checked (e.g. SKUs, orders).
+    pub checked: usize,
+    /// Each violation, as a sentence naming what breaks the invariant.
+    pub violations: Vec<String>,
+}
+
+/// The query answering a context's invariant `<name>` is named `invariant-<name>`
+/// ([`ContextBuilder::invariant`]).
+pub const INVARIANT_QUERY: &str = "invariant-";
+
 /// Why a context cannot be assembled.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ContextError {
@@ -277,6 +290,22 @@ impl ContextBuilder {
     ) -> Self {
         self.queries.push((name, Arc::new(answer)));
         self
+    }
+
+    /// An invariant of this context's state named `name`: `check` reads the state and says
+    /// what it checked and each violation. Served as the query `invariant-<name>`, which
+    /// `choreo verify` asks of every running context ([`crate::client::invariants`]). It
+    /// reads key by key, not a snapshot: check once traffic has drained.
+    pub fn invariant(
+        self,
+        name: &'static str,
+        check: impl Fn(&dyn StateRead) -> Result<Check, QueryError> + Send + Sync + 'static,
+    ) -> Self {
+        // Leaked once per context built: query names are static.
+        let query = Box::leak(format!("{INVARIANT_QUERY}{name}").into_boxed_str());
+        self.query(query, move |state, _| {
+            Ok(serde_json::to_value(check(state)?).unwrap_or_default())
+        })
     }
 
     /// Serves each of `names` with one function that answers by name (a domain crate's

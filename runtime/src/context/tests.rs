@@ -304,3 +304,46 @@ fn a_messages_enum_gives_one_subscription_per_context_and_kind() {
         other => panic!("expected NoSource, got {other:?}"),
     }
 }
+
+#[test]
+fn an_invariant_is_a_query_that_reports_each_violation() {
+    let ctx = ContextBuilder::new("counts")
+        .invariant("even", |state| {
+            let mut c = Check::default();
+            for (key, value) in state.scan_prefix("n/")? {
+                c.checked += 1;
+                let n: u64 = serde_json::from_slice(&value).unwrap_or(1);
+                if n % 2 == 1 {
+                    c.violations.push(format!("{key} is {n}, odd"));
+                }
+            }
+            Ok(c)
+        })
+        .build()
+        .unwrap();
+    assert_eq!(ctx.queries(), ["invariant-even"]);
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::Store::open(dir.path(), 1 << 20).unwrap();
+    let write = |key: &str, n: u64| {
+        store
+            .commit::<String, _>(key, 1, |tx| {
+                crate::store::save(tx, key, &n).map_err(crate::store::testing::state_err)?;
+                Ok(crate::store::Effects::default())
+            })
+            .unwrap();
+    };
+    write("n/a", 2);
+    write("n/b", 4);
+    let answer = |store: &crate::store::Store| -> Check {
+        serde_json::from_value(ctx.query(store.reader(), "invariant-even", b"{}").unwrap()).unwrap()
+    };
+    assert_eq!(
+        answer(&store),
+        Check {
+            checked: 2,
+            violations: vec![]
+        }
+    );
+    write("n/c", 3);
+    assert_eq!(answer(&store).violations, ["n/c is 3, odd"]);
+}
