@@ -57,9 +57,16 @@ impl VerifyReport {
         } else {
             println!("the shop's invariants: not checked (no node hosts its orders context)");
         }
+        let width = self
+            .checks
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(0)
+            .max(10);
         for (name, c) in &self.checks {
             println!(
-                "  {name:<10} checked {:>6}  violations {}",
+                "  {name:<width$} checked {:>6}  violations {}",
                 c.checked,
                 c.violations.len()
             );
