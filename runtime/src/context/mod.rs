@@ -294,7 +294,7 @@ impl ContextBuilder {
 
     /// An invariant of this context's state named `name`: `check` reads the state and says
     /// what it checked and each violation. Served as the query `invariant-<name>`, which
-    /// `choreo verify` asks of every running context ([`crate::client::invariants`]). It
+    /// `choreo verify` asks of every running context (`runtime::client::invariants`). It
     /// reads key by key, not a snapshot: check once traffic has drained.
     pub fn invariant(
         self,
