@@ -375,7 +375,7 @@ pub struct RunningContext {
     pub context: String,
     /// The service instance (one per node hosting the context).
     pub instance: String,
-    /// The queries it serves (the service's endpoints).
+    /// The queries it serves (the service's endpoints), sorted.
     pub queries: Vec<String>,
     /// The sagas it hosts.
     pub sagas: Vec<String>,
@@ -410,7 +410,8 @@ pub async fn discover(bus: &Bus, wait: Duration) -> Result<Vec<RunningContext>, 
                 .map(str::to_string)
                 .collect()
         };
-        let queries = info["endpoints"]
+        // Sorted: the service API lists its endpoints in no fixed order.
+        let mut queries: Vec<String> = info["endpoints"]
             .as_array()
             .map(|es| {
                 es.iter()
@@ -418,6 +419,7 @@ pub async fn discover(bus: &Bus, wait: Duration) -> Result<Vec<RunningContext>, 
                     .collect()
             })
             .unwrap_or_default();
+        queries.sort();
         found.push(RunningContext {
             context: meta("context"),
             instance: info["id"].as_str().unwrap_or("").to_string(),
