@@ -377,12 +377,7 @@ pub fn saga(t: Timeouts) -> Saga<Fulfilment> {
         let mut f = timed_out(f, format!("not dispatched within {} ms", t.shipping_ms));
         f.shipment = ShipmentStep::Cancelling;
         f.attempts = 0;
-        let (send, deadline) = resend(CANCELLING_SHIPMENT, &f, now, t);
-        Step {
-            send,
-            ..Step::to(f)
-        }
-        .set(deadline)
+        resend(CANCELLING_SHIPMENT, f, now, t)
     });
     // Cancelling the shipment, or parked after trying (a late answer still counts).
     let mut saga = saga;
@@ -487,12 +482,7 @@ fn enter(from: &str, to: &str, mut f: Fulfilment, now: u64, t: Timeouts) -> Step
             f.stock = StockStep::Committing;
             f.payment = PaymentStep::Capturing;
             f.attempts = 0;
-            let (send, deadline) = resend(SETTLING, &f, now, t);
-            Step {
-                send,
-                ..Step::to(f)
-            }
-            .set(deadline)
+            resend(SETTLING, f, now, t)
         }
         COMPENSATING => compensate(f, now, t),
         CANCELLED => cancel(f),
@@ -510,12 +500,7 @@ fn enter(from: &str, to: &str, mut f: Fulfilment, now: u64, t: Timeouts) -> Step
 fn compensate(mut f: Fulfilment, now: u64, t: Timeouts) -> Step<Fulfilment> {
     f.set(f.known().compensating());
     f.attempts = 0;
-    let (send, deadline) = resend(COMPENSATING, &f, now, t);
-    Step {
-        send,
-        ..Step::to(f)
-    }
-    .set(deadline)
+    resend(COMPENSATING, f, now, t)
 }
 
 /// Cancels the order, everything being undone.
@@ -546,12 +531,7 @@ fn resends(
     saga.on_deadline(state, deadline, state, move |f, now| {
         let mut f = f.clone();
         f.attempts += 1;
-        let (send, deadline) = resend(state, &f, now, t);
-        Step {
-            send,
-            ..Step::to(f)
-        }
-        .set(deadline)
+        resend(state, f, now, t)
     })
     .when(move |f| f.attempts < t.max_attempts)
     .on_deadline(state, deadline, parked, |f, _| Step::to(f.clone()))
@@ -561,17 +541,12 @@ fn resends(
 fn retried(f: &Fulfilment, state: &str, now: u64, t: Timeouts) -> Step<Fulfilment> {
     let mut f = f.clone();
     f.attempts = 0;
-    let (send, deadline) = resend(state, &f, now, t);
-    Step {
-        send,
-        ..Step::to(f)
-    }
-    .set(deadline)
+    resend(state, f, now, t)
 }
 
-/// The commands of `state` (idempotent: each names what is still outstanding) and its
-/// deadline.
-fn resend(state: &str, f: &Fulfilment, now: u64, t: Timeouts) -> (Vec<Outgoing>, Deadline) {
+/// The step that (re)sends the commands of `state` (idempotent: each names what is still
+/// outstanding) and sets its deadline.
+fn resend(state: &str, f: Fulfilment, now: u64, t: Timeouts) -> Step<Fulfilment> {
     let id = || f.order_id.clone();
     let mut out = Vec::new();
     match state {
@@ -582,7 +557,12 @@ fn resend(state: &str, f: &Fulfilment, now: u64, t: Timeouts) -> (Vec<Outgoing>,
             if f.payment == PaymentStep::Capturing {
                 out.push(Outgoing::message(&CapturePayment { order_id: id() }));
             }
-            return (out, Deadline::after("settling", now, t.settling_ms));
+            let deadline = Deadline::after("settling", now, t.settling_ms);
+            return Step {
+                send: out,
+                ..Step::to(f)
+            }
+            .set(deadline);
         }
         CANCELLING_SHIPMENT => out.push(Outgoing::message(&CancelShipment { order_id: id() })),
         _ => {
@@ -594,5 +574,10 @@ fn resend(state: &str, f: &Fulfilment, now: u64, t: Timeouts) -> (Vec<Outgoing>,
             }
         }
     }
-    (out, Deadline::after("compensation", now, t.compensation_ms))
+    let deadline = Deadline::after("compensation", now, t.compensation_ms);
+    Step {
+        send: out,
+        ..Step::to(f)
+    }
+    .set(deadline)
 }
