@@ -334,19 +334,12 @@ impl Answer for OrderPlaced {
 
 /// The order fulfilment saga with `t`'s deadlines and resend limit.
 pub fn saga(t: Timeouts) -> Saga<Fulfilment> {
-    let saga = Saga::new(NAME).correlated_by("order_id").starts_with(
-        AWAITING,
-        move |p: &OrderPlaced, now| {
-            let mut f = Fulfilment::new(&p.order_id);
-            p.record(&mut f);
-            Step::to(f).set(Deadline::after("awaiting", now, t.awaiting_ms))
-        },
-    );
+    let saga = starts::<OrderPlaced>(Saga::new(NAME).correlated_by("order_id"), t);
     // Stock and payment answers that overtook OrderPlaced start the instance too.
-    let saga = early::<StockReserved>(saga, t);
-    let saga = early::<StockRejected>(saga, t);
-    let saga = early::<PaymentAuthorized>(saga, t);
-    let saga = early::<PaymentDeclined>(saga, t);
+    let saga = starts::<StockReserved>(saga, t);
+    let saga = starts::<StockRejected>(saga, t);
+    let saga = starts::<PaymentAuthorized>(saga, t);
+    let saga = starts::<PaymentDeclined>(saga, t);
 
     let saga = answer::<OrderPlaced>(
         saga,
@@ -358,17 +351,14 @@ pub fn saga(t: Timeouts) -> Saga<Fulfilment> {
     let saga = answer::<PaymentAuthorized>(saga, AWAITING, &[SHIPPING, AWAITING], t);
     let saga = answer::<StockRejected>(saga, AWAITING, &[CANCELLED, COMPENSATING, AWAITING], t);
     let saga = answer::<PaymentDeclined>(saga, AWAITING, &[CANCELLED, COMPENSATING, AWAITING], t);
+    let late = move || format!("no stock and payment answer within {} ms", t.awaiting_ms);
     let saga = saga
         .on_deadline(AWAITING, "awaiting", CANCELLED, move |f, _| {
-            cancel(timed_out(
-                f,
-                format!("no stock and payment answer within {} ms", t.awaiting_ms),
-            ))
+            cancel(timed_out(f, late()))
         })
         .when(|f| f.known().compensating().undone())
         .on_deadline(AWAITING, "awaiting", COMPENSATING, move |f, now| {
-            let why = format!("no stock and payment answer within {} ms", t.awaiting_ms);
-            compensate(timed_out(f, why), now, t)
+            compensate(timed_out(f, late()), now, t)
         });
 
     let saga = answer::<ShipmentDispatched>(saga, SHIPPING, &[SETTLING], t);
@@ -430,8 +420,9 @@ pub fn saga(t: Timeouts) -> Saga<Fulfilment> {
     .terminal(CANCELLED)
 }
 
-/// `M` starts an instance: recorded, waiting for the order's details.
-fn early<M: Answer>(saga: Saga<Fulfilment>, t: Timeouts) -> Saga<Fulfilment> {
+/// `M` starts an instance in `AwaitingStockAndPayment`, recorded (an answer waits there for
+/// the order's details).
+fn starts<M: Answer>(saga: Saga<Fulfilment>, t: Timeouts) -> Saga<Fulfilment> {
     saga.starts_with(AWAITING, move |m: &M, now| {
         let mut f = Fulfilment::new(m.order_id());
         m.record(&mut f);
