@@ -400,9 +400,10 @@ fn skus(state: &dyn StateRead) -> Result<BTreeMap<String, Sku>, QueryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use runtime::component::testing::Harness;
 
-    fn placed(order: &str, sku: &str, qty: u32) -> Input {
-        Input::OrderPlaced(OrderPlaced {
+    fn placed(order: &str, sku: &str, qty: u32) -> OrderPlaced {
+        OrderPlaced {
             order_id: order.into(),
             customer_id: "c".into(),
             items: vec![LineItem {
@@ -412,49 +413,44 @@ mod tests {
             }],
             total_cents: qty as u64,
             payment_method: "card".into(),
-        })
+        }
+    }
+    fn release(order: &str) -> ReleaseStock {
+        ReleaseStock {
+            order_id: order.into(),
+        }
+    }
+    fn commit(order: &str) -> CommitStock {
+        CommitStock {
+            order_id: order.into(),
+        }
     }
 
-    fn stock(sku: &str, n: u64) -> BTreeMap<String, Sku> {
-        BTreeMap::from([(
-            sku.to_string(),
-            Sku {
-                added: n,
-                available: n,
-                reserved: 0,
-                committed: 0,
-            },
-        )])
+    /// Stock with `n` units of `sku` added.
+    fn stock(sku: &str, n: u64) -> Harness<Stock> {
+        let mut h = Harness::new(Stock);
+        let added = AddStock {
+            sku: sku.into(),
+            qty: n,
+        };
+        assert_eq!(h.receive(added).unwrap()[0].msg_type, "StockAdded");
+        h
     }
-
-    /// A state of JSON values by key, as a store holds them.
-    struct Keys(BTreeMap<String, Vec<u8>>);
-
-    impl StateRead for Keys {
-        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, runtime::store::StoreError> {
-            Ok(self.0.get(key).cloned())
-        }
-        fn scan_prefix(
-            &self,
-            prefix: &str,
-        ) -> Result<Vec<(String, Vec<u8>)>, runtime::store::StoreError> {
-            let found = self.0.range(prefix.to_string()..);
-            let ours = found.take_while(|(k, _)| k.starts_with(prefix));
-            Ok(ours.map(|(k, v)| (k.clone(), v.clone())).collect())
-        }
+    fn sku(h: &Harness<Stock>, sku: &str) -> Sku {
+        h.state::<Sku>(&sku_key(sku)).unwrap_or_default()
+    }
+    fn reservation(h: &Harness<Stock>, order: &str) -> Option<Reservation> {
+        h.state(&reservation_key(order))
+    }
+    fn conserved(s: &Sku) -> bool {
+        s.added == s.available + s.reserved + s.committed
     }
 
     #[test]
     fn the_stock_invariant_reports_units_no_open_reservation_holds() {
-        let d = decide(&stock("a", 5), None, &placed("o1", "a", 2)).unwrap();
-        let mut keys = Keys(BTreeMap::new());
-        let mut put = |k: String, v: Vec<u8>| keys.0.insert(k, v);
-        for (sku, s) in &d.skus {
-            put(sku_key(sku), serde_json::to_vec(s).unwrap());
-        }
-        let r = d.reservation.clone().unwrap();
-        put(reservation_key("o1"), serde_json::to_vec(&r).unwrap());
-        let c = stock_conserved(&keys).unwrap();
+        let mut h = stock("a", 5);
+        h.receive(placed("o1", "a", 2)).unwrap();
+        let c = stock_conserved(h.reader()).unwrap();
         assert_eq!(
             (c.checked, c.violations.len()),
             (1, 0),
@@ -462,102 +458,87 @@ mod tests {
             c.violations
         );
         // The reservation is gone (say, a bug released it without giving the units back).
-        keys.0.remove(&reservation_key("o1"));
-        let c = stock_conserved(&keys).unwrap();
+        h.put::<Reservation>(&reservation_key("o1"), None);
+        let c = stock_conserved(h.reader()).unwrap();
         assert_eq!(
             c.violations,
             ["sku a: 2 reserved, but the open reservations hold 0"]
         );
     }
 
-    fn conserved(s: &Sku) -> bool {
-        s.added == s.available + s.reserved + s.committed
-    }
-
     #[test]
     fn reserves_when_enough_and_conserves() {
-        let d = decide(&stock("a", 5), None, &placed("o1", "a", 3)).unwrap();
-        let s = &d.skus["a"];
+        let mut h = stock("a", 5);
+        let out = h.receive(placed("o1", "a", 3)).unwrap();
+        assert_eq!(out[0].msg_type, "StockReserved");
+        let s = sku(&h, "a");
         assert_eq!((s.available, s.reserved), (2, 3));
-        assert!(conserved(s));
-        assert_eq!(d.event.unwrap().msg_type, "StockReserved");
+        assert!(conserved(&s));
     }
 
     #[test]
     fn rejects_when_short_and_changes_nothing() {
-        let d = decide(&stock("a", 2), None, &placed("o1", "a", 3)).unwrap();
-        assert!(d.skus.is_empty());
-        assert_eq!(d.reservation.unwrap().status, ReservationStatus::Rejected);
-        assert_eq!(d.event.unwrap().msg_type, "StockRejected");
+        let mut h = stock("a", 2);
+        let out = h.receive(placed("o1", "a", 3)).unwrap();
+        assert_eq!(out[0].msg_type, "StockRejected");
+        assert_eq!(sku(&h, "a").available, 2);
+        let r = reservation(&h, "o1").unwrap();
+        assert_eq!(r.status, ReservationStatus::Rejected);
     }
 
     #[test]
     fn release_and_commit_move_reserved_stock() {
-        let d = decide(&stock("a", 5), None, &placed("o1", "a", 3)).unwrap();
-        let r = d.reservation.clone().unwrap();
-        let rel = decide(
-            &d.skus,
-            Some(&r),
-            &Input::ReleaseStock(ReleaseStock {
-                order_id: "o1".into(),
-            }),
-        )
-        .unwrap();
-        assert_eq!(rel.skus["a"].available, 5);
-        assert!(conserved(&rel.skus["a"]));
-        let com = decide(
-            &d.skus,
-            Some(&r),
-            &Input::CommitStock(CommitStock {
-                order_id: "o1".into(),
-            }),
-        )
-        .unwrap();
-        assert_eq!((com.skus["a"].committed, com.skus["a"].reserved), (3, 0));
-        assert!(conserved(&com.skus["a"]));
+        let mut h = stock("a", 5);
+        h.receive(placed("o1", "a", 3)).unwrap();
+        h.receive(placed("o2", "a", 2)).unwrap();
+        h.receive(release("o1")).unwrap();
+        let s = sku(&h, "a");
+        assert_eq!((s.available, s.reserved), (3, 2));
+        assert!(conserved(&s));
+        h.receive(commit("o2")).unwrap();
+        let s = sku(&h, "a");
+        assert_eq!((s.committed, s.reserved), (2, 0));
+        assert!(conserved(&s));
         // Repeats are no-ops.
-        let again = decide(
-            &com.skus,
-            com.reservation.as_ref(),
-            &Input::CommitStock(CommitStock {
-                order_id: "o1".into(),
-            }),
-        )
-        .unwrap();
-        assert!(again.event.is_none() && again.skus.is_empty());
+        assert!(h.receive(commit("o2")).unwrap().is_empty());
+        assert!(h.receive(release("o1")).unwrap().is_empty());
+        assert_eq!(sku(&h, "a"), s);
+        // A committed reservation cannot be released.
+        let refused = h.receive(release("o2"));
+        assert!(matches!(refused, Err(HandleError::Permanent(_))));
     }
 
     #[test]
     fn release_before_reservation_cancels_it_for_good() {
-        let d = decide(
-            &BTreeMap::new(),
-            None,
-            &Input::ReleaseStock(ReleaseStock {
-                order_id: "o1".into(),
-            }),
-        )
-        .unwrap();
-        let r = d.reservation.unwrap();
+        let mut h = stock("a", 5);
+        let out = h.receive(release("o1")).unwrap();
+        assert_eq!(out[0].msg_type, "StockReleased");
+        let r = reservation(&h, "o1").unwrap();
         assert_eq!(r.status, ReservationStatus::Cancelled);
-        assert_eq!(d.event.unwrap().msg_type, "StockReleased");
         // The late OrderPlaced reserves nothing.
-        let late = decide(&stock("a", 5), Some(&r), &placed("o1", "a", 3)).unwrap();
-        assert!(late.skus.is_empty() && late.event.is_none());
+        assert!(h.receive(placed("o1", "a", 3)).unwrap().is_empty());
+        assert_eq!(sku(&h, "a").available, 5);
         // Commit before a reservation waits.
-        let c = decide(
-            &BTreeMap::new(),
-            None,
-            &Input::CommitStock(CommitStock {
-                order_id: "o1".into(),
-            }),
-        );
+        let c = h.receive(commit("o9"));
         assert!(matches!(c, Err(HandleError::Retry(_))));
     }
 
     #[test]
     fn order_placed_twice_reserves_once() {
-        let d = decide(&stock("a", 5), None, &placed("o1", "a", 3)).unwrap();
-        let again = decide(&d.skus, d.reservation.as_ref(), &placed("o1", "a", 3)).unwrap();
-        assert!(again.skus.is_empty() && again.event.is_none());
+        let mut h = stock("a", 5);
+        h.receive(placed("o1", "a", 3)).unwrap();
+        assert!(h.receive(placed("o1", "a", 3)).unwrap().is_empty());
+        assert_eq!(sku(&h, "a").reserved, 3);
+    }
+
+    #[test]
+    fn stock_without_a_sku_or_quantity_is_refused() {
+        let mut h = Harness::new(Stock);
+        let none = AddStock {
+            sku: "a".into(),
+            qty: 0,
+        };
+        assert!(matches!(h.receive(none), Err(HandleError::Permanent(_))));
+        assert_eq!(sku(&h, "a"), Sku::default());
     }
 }

@@ -459,127 +459,135 @@ pub fn query(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use runtime::component::testing::Harness;
 
-    fn placed() -> Input {
-        Input::OrderPlaced(OrderPlaced {
+    fn placed() -> OrderPlaced {
+        OrderPlaced {
             order_id: "o1".into(),
             customer_id: "c".into(),
             items: vec![],
             total_cents: 500,
             payment_method: "card".into(),
-        })
+        }
     }
     fn approved() -> serde_json::Value {
         serde_json::json!({"approved": true, "auth_id": "a1"})
     }
-    fn authorized() -> Payment {
-        decide(None, &placed(), Some(&approved()))
-            .unwrap()
-            .unwrap()
-            .0
-    }
-    fn cancel() -> Input {
-        Input::CancelPayment(CancelPayment {
+    fn cancel() -> CancelPayment {
+        CancelPayment {
             order_id: "o1".into(),
-        })
+        }
+    }
+    fn capture() -> CapturePayment {
+        CapturePayment {
+            order_id: "o1".into(),
+        }
     }
     fn ok() -> serde_json::Value {
         serde_json::json!({"ok": true})
     }
+    /// Billing, with order o1's 500 cents authorized.
+    fn authorized() -> Harness<Billing> {
+        let mut b = Harness::new(Billing);
+        let out = b.answer(placed(), approved()).unwrap();
+        assert_eq!(out[0].msg_type, "PaymentAuthorized");
+        b
+    }
+    fn payment(b: &Harness<Billing>) -> Payment {
+        b.state::<Payment>("payment/o1").unwrap()
+    }
 
     #[test]
     fn authorize_needs_a_call_with_an_idempotency_key() {
-        let call = plan(None, &placed()).unwrap().unwrap();
+        let call = Harness::new(Billing).plan(placed()).unwrap().unwrap();
         assert!(call.body.contains("authorize:o1"));
         assert_eq!(call.subject, "choreo.ext.payment-gateway.authorize");
     }
 
     #[test]
     fn approved_and_declined() {
-        assert_eq!(authorized().status, PaymentStatus::Authorized);
+        assert_eq!(payment(&authorized()).status, PaymentStatus::Authorized);
+        let mut b = Harness::new(Billing);
         let reply = serde_json::json!({"approved": false, "reason": "card_declined"});
-        let (p, out) = decide(None, &placed(), Some(&reply)).unwrap().unwrap();
-        assert_eq!(p.status, PaymentStatus::Declined);
+        let out = b.answer(placed(), reply).unwrap();
+        assert_eq!(payment(&b).status, PaymentStatus::Declined);
         assert_eq!(out[0].msg_type, "PaymentDeclined");
     }
 
     #[test]
     fn capture_once_and_money_is_conserved() {
-        let pay = authorized();
-        let cap = Input::CapturePayment(CapturePayment {
-            order_id: "o1".into(),
-        });
-        assert!(plan(Some(&pay), &cap).unwrap().is_some());
-        let (p, _) = decide(Some(&pay), &cap, Some(&ok())).unwrap().unwrap();
+        let mut b = authorized();
+        b.answer(capture(), ok()).unwrap();
+        let p = payment(&b);
         assert_eq!(p.captured_cents + p.voided_cents, p.amount_cents);
-        assert!(plan(Some(&p), &cap).unwrap().is_none());
-        assert_eq!(decide(Some(&p), &cap, None).unwrap(), None);
+        assert!(
+            b.receive(capture()).unwrap().is_empty(),
+            "no second capture"
+        );
         assert!(matches!(
-            decide(Some(&p), &cancel(), None),
+            b.receive(cancel()),
             Err(HandleError::Permanent(_))
         ));
     }
 
     #[test]
     fn cancel_voids_an_authorization() {
-        let pay = authorized();
-        assert!(plan(Some(&pay), &cancel())
-            .unwrap()
-            .unwrap()
-            .body
-            .contains("void:o1"));
-        let (p, out) = decide(Some(&pay), &cancel(), Some(&ok())).unwrap().unwrap();
+        let mut b = authorized();
+        let call = b.plan(cancel()).unwrap().unwrap();
+        assert!(call.body.contains("void:o1"));
+        let out = b.answer(cancel(), ok()).unwrap();
+        let p = payment(&b);
         assert_eq!((p.status, p.voided_cents), (PaymentStatus::Voided, 500));
         assert_eq!(out[0].msg_type, "PaymentVoided");
-        assert_eq!(
-            decide(Some(&p), &cancel(), None).unwrap(),
-            None,
+        assert!(
+            b.receive(cancel()).unwrap().is_empty(),
             "a repeat changes nothing"
         );
     }
 
     #[test]
     fn cancel_before_authorization_voids_the_late_one() {
-        let call = plan(None, &cancel()).unwrap().unwrap();
+        let mut b = Harness::new(Billing);
+        // The gateway is asked to authorize; the cancellation commits before its reply.
+        assert!(b.plan(placed()).unwrap().is_some());
+        let call = b.plan(cancel()).unwrap().unwrap();
         assert!(
             call.subject.ends_with("cancel-authorization") && call.body.contains("authorize:o1")
         );
         let nothing = serde_json::json!({"ok": true, "voided_cents": 0});
-        let (tomb, out) = decide(None, &cancel(), Some(&nothing)).unwrap().unwrap();
-        assert_eq!(tomb.status, PaymentStatus::Cancelled);
+        let out = b.answer(cancel(), nothing).unwrap();
+        assert_eq!(payment(&b).status, PaymentStatus::Cancelled);
         assert_eq!(out[0].msg_type, "PaymentCancelled");
         // No new authorization is started for a cancelled order...
-        assert!(plan(Some(&tomb), &placed()).unwrap().is_none());
-        // ...and one already in flight is kept on record and voided, not announced.
-        let (p, out) = decide(Some(&tomb), &placed(), Some(&approved()))
-            .unwrap()
-            .unwrap();
-        assert_eq!(p.status, PaymentStatus::Authorized);
+        assert!(b.plan(placed()).unwrap().is_none());
+        // ...and the one in flight is kept on record and voided, not announced.
+        let out = b.handle(&placed().into(), Some(&approved())).unwrap();
+        assert_eq!(payment(&b).status, PaymentStatus::Authorized);
         assert_eq!((out.len(), out[0].msg_type), (1, "CancelPayment"));
-        let (p, _) = decide(Some(&p), &cancel(), Some(&ok())).unwrap().unwrap();
+        b.answer(cancel(), ok()).unwrap();
+        let p = payment(&b);
         assert_eq!(p.voided_cents, p.amount_cents);
     }
 
     #[test]
     fn cancel_by_reference_records_what_the_gateway_voided() {
+        let mut b = Harness::new(Billing);
         let voided = serde_json::json!({"ok": true, "auth_id": "a1", "voided_cents": 500});
-        let (tomb, _) = decide(None, &cancel(), Some(&voided)).unwrap().unwrap();
+        b.answer(cancel(), voided).unwrap();
+        let tomb = payment(&b);
         assert_eq!(
             (tomb.voided_cents, tomb.auth_id.as_deref()),
             (500, Some("a1"))
         );
         // The authorization's own reply arrives late: it is the one already voided.
-        assert_eq!(
-            decide(Some(&tomb), &placed(), Some(&approved())).unwrap(),
-            None
-        );
+        let late = b.handle(&placed().into(), Some(&approved())).unwrap();
+        assert!(late.is_empty());
+        assert_eq!(payment(&b), tomb);
     }
 
     #[test]
     fn capture_before_authorization_waits() {
-        let cap = Input::CapturePayment(CapturePayment {
-            order_id: "o1".into(),
-        });
-        assert!(matches!(plan(None, &cap), Err(HandleError::Retry(_))));
+        let b = Harness::new(Billing);
+        assert!(matches!(b.plan(capture()), Err(HandleError::Retry(_))));
     }
 }

@@ -364,9 +364,10 @@ pub fn query(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use runtime::component::testing::Harness;
 
-    fn ship() -> Input {
-        Input::ShipOrder(ShipOrder {
+    fn ship() -> ShipOrder {
+        ShipOrder {
             order_id: "o1".into(),
             customer_id: "c1".into(),
             items: vec![LineItem {
@@ -374,81 +375,105 @@ mod tests {
                 qty: 2,
                 unit_price_cents: 1,
             }],
-        })
+        }
     }
     fn accepted() -> serde_json::Value {
         serde_json::json!({"accepted": true, "tracking": "T1"})
     }
-    fn cancel() -> Input {
-        Input::CancelShipment(CancelShipment {
+    fn cancel() -> CancelShipment {
+        CancelShipment {
             order_id: "o1".into(),
-        })
+        }
+    }
+    /// Dispatch, knowing customer c1's address.
+    fn dispatch() -> Harness<Dispatch> {
+        let mut d = Harness::new(Dispatch);
+        let registered = CustomerRegistered {
+            customer_id: "c1".into(),
+            name: "Ada".into(),
+            address: "1 Main St".into(),
+        };
+        assert!(d.receive(registered).unwrap().is_empty());
+        d
+    }
+    fn status(d: &Harness<Dispatch>) -> ShipmentStatus {
+        d.state::<Shipment>("shipment/o1").unwrap().status
     }
 
     #[test]
     fn waits_for_the_address() {
-        assert!(matches!(
-            plan(None, None, &ship()),
-            Err(HandleError::Retry(_))
-        ));
-        let call = plan(Some("1 Main St"), None, &ship()).unwrap().unwrap();
+        let d = Harness::new(Dispatch);
+        assert!(matches!(d.plan(ship()), Err(HandleError::Retry(_))));
+        let call = dispatch().plan(ship()).unwrap().unwrap();
         assert!(call.body.contains("dispatch:o1"));
+        assert!(call.body.contains("1 Main St"));
     }
 
     #[test]
     fn dispatched_once() {
-        let (s, out) = decide(None, &ship(), Some(&accepted())).unwrap().unwrap();
-        assert_eq!(s.status, ShipmentStatus::Dispatched);
+        let mut d = dispatch();
+        let out = d.answer(ship(), accepted()).unwrap();
         assert_eq!(out[0].msg_type, "ShipmentDispatched");
-        assert!(plan(Some("x"), Some(&s), &ship()).unwrap().is_none());
-        assert_eq!(decide(Some(&s), &ship(), Some(&accepted())).unwrap(), None);
-        assert_eq!(
-            decide(Some(&s), &cancel(), None).unwrap(),
-            None,
+        assert_eq!(status(&d), ShipmentStatus::Dispatched);
+        assert!(d.receive(ship()).unwrap().is_empty(), "no second dispatch");
+        assert!(
+            d.receive(cancel()).unwrap().is_empty(),
             "cancel after dispatch changes nothing"
         );
+        assert_eq!(status(&d), ShipmentStatus::Dispatched);
     }
 
     #[test]
     fn refused_shipment_fails() {
+        let mut d = dispatch();
         let reply = serde_json::json!({"accepted": false, "reason": "undeliverable address"});
-        let (s, out) = decide(None, &ship(), Some(&reply)).unwrap().unwrap();
-        assert_eq!(s.status, ShipmentStatus::Failed);
+        let out = d.answer(ship(), reply).unwrap();
         assert_eq!(out[0].msg_type, "ShipmentFailed");
+        assert_eq!(status(&d), ShipmentStatus::Failed);
     }
 
     #[test]
     fn cancel_before_dispatch_recalls_a_late_dispatch() {
-        let (tomb, out) = decide(None, &cancel(), None).unwrap().unwrap();
+        let mut d = dispatch();
+        // The carrier is asked; the cancellation commits before the reply does.
+        assert!(d.plan(ship()).unwrap().is_some());
+        let out = d.receive(cancel()).unwrap();
         assert_eq!(
-            (tomb.status, out[0].msg_type),
+            (status(&d), out[0].msg_type),
             (ShipmentStatus::Cancelled, "ShipmentCancelled")
         );
-        assert!(
-            plan(Some("x"), Some(&tomb), &ship()).unwrap().is_none(),
-            "no new dispatch"
-        );
-        let (s, out) = decide(Some(&tomb), &ship(), Some(&accepted()))
-            .unwrap()
-            .unwrap();
+        assert!(d.plan(ship()).unwrap().is_none(), "no new dispatch");
+        let out = d.handle(&ship().into(), Some(&accepted())).unwrap();
         assert_eq!(
-            (s.status, out[0].msg_type),
+            (status(&d), out[0].msg_type),
             (ShipmentStatus::Recalling, "RecallShipment")
         );
-        let recall = Input::RecallShipment(RecallShipment {
+        let recall = RecallShipment {
             order_id: "o1".into(),
-        });
-        assert!(plan(None, Some(&s), &recall)
+        };
+        assert!(d
+            .plan(recall.clone())
             .unwrap()
             .unwrap()
             .body
             .contains("recall:o1"));
-        let (s, out) = decide(Some(&s), &recall, Some(&serde_json::json!({"ok": true})))
-            .unwrap()
-            .unwrap();
+        let out = d.answer(recall, serde_json::json!({"ok": true})).unwrap();
         assert_eq!(
-            (s.status, out[0].msg_type),
+            (status(&d), out[0].msg_type),
             (ShipmentStatus::Recalled, "ShipmentRecalled")
         );
+    }
+
+    #[test]
+    fn a_refused_recall_is_dead_lettered_and_writes_nothing() {
+        let mut d = dispatch();
+        d.receive(cancel()).unwrap();
+        d.handle(&ship().into(), Some(&accepted())).unwrap();
+        let recall = RecallShipment {
+            order_id: "o1".into(),
+        };
+        let refused = d.answer(recall, serde_json::json!({"ok": false}));
+        assert!(matches!(refused, Err(HandleError::Permanent(_))));
+        assert_eq!(status(&d), ShipmentStatus::Recalling);
     }
 }

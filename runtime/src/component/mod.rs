@@ -5,6 +5,8 @@
 //! the transaction; reads state, never writes) and `handle` (inside the transaction: read
 //! and write state, return the messages to send). `handle` may run more than once on a
 //! conflict, so it must be deterministic: time and external replies come in as data.
+//!
+//! [`testing::Harness`] drives a component given/when/then on a real store, without NATS.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -16,6 +18,8 @@ use crate::store::{StateError, StateRead, StateTx};
 use crate::telemetry::saga_counts::SagaMove;
 use crate::wire::envelope::Envelope;
 use crate::wire::subjects;
+
+pub mod testing;
 
 pub use crate::wire::external::ExternalCall;
 
