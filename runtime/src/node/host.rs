@@ -132,7 +132,7 @@ impl ContextHost {
             &dir,
             name,
             failed.clone(),
-            relay.clone(),
+            relay,
             commit_options(shared, replication),
         )
         .map_err(|e| NodeError::Other(e.to_string()))?;
@@ -149,7 +149,6 @@ impl ContextHost {
             health: shared.health.clone(),
             store: store.clone(),
             commit: commit.clone(),
-            relay,
             bus: bus.clone(),
             external,
             cfg: cfg.clone(),

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use super::commit::GroupCommit;
 use super::decide::{effects, split_tx, Decide};
-use super::relay::Relay;
 use crate::component::{Decision, HandleError};
 use crate::config::NodeConfig;
 use crate::resilience::external::ExternalCalls;
@@ -24,8 +23,6 @@ pub struct ContextRuntime {
     pub(crate) store: Store,
     /// The context's group commit.
     pub(crate) commit: GroupCommit,
-    /// The handle of the context's outbox relay.
-    pub relay: Relay,
     /// The node's NATS connection.
     pub(crate) bus: Bus,
     /// Calls to external systems, behind their circuit breakers.
