@@ -354,18 +354,27 @@ pub async fn invariants(bus: &Bus, running: &[RunningContext]) -> Vec<Invariant>
     declared.dedup();
     let mut out = Vec::new();
     for (context, name) in declared {
-        let query = format!("{}{name}", crate::context::INVARIANT_QUERY);
-        let outcome = match self::query(bus, context, &query, serde_json::json!({})).await {
-            Ok(v) => serde_json::from_value(v).map_err(|e| format!("unreadable answer: {e}")),
-            Err(e) => Err(e.to_string()),
-        };
         out.push(Invariant {
             context: context.to_string(),
             name: name.to_string(),
-            outcome,
+            outcome: invariant(bus, context, name).await,
         });
     }
     out
+}
+
+/// The invariant `name` of `context`, checked by whichever of its nodes answers: what it
+/// checked and found, or why it could not be checked.
+pub async fn invariant(
+    bus: &Bus,
+    context: &str,
+    name: &str,
+) -> Result<crate::context::Check, String> {
+    let query = format!("{}{name}", crate::context::INVARIANT_QUERY);
+    match self::query(bus, context, &query, serde_json::json!({})).await {
+        Ok(v) => serde_json::from_value(v).map_err(|e| format!("unreadable answer: {e}")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A context a running node hosts, as it registered itself with the NATS service API.
